@@ -1,0 +1,484 @@
+"""YAML configuration -> typed dataclasses, dotted ``KEY=VALUE`` overrides, validation.
+
+Every problem in a config is reported at once, one line per key, and an unknown key names the
+closest valid one. ``load_config(path, overrides)`` is the only entry point the commands use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gifcli.errors import GifError
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder", "tensors")
+TRIGGERS = ("checkerboard", "patch", "blend")
+SELECTION_METHODS = ("top-outputs", "top-gradients", "lowest-outputs", "lowest-gradients", "random")
+INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
+CURVATURES = ("hessian", "ggn")
+SOLVERS = ("lsqr", "cg", "neumann", "exact")
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (shown by the config reference)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _field("tinynet", "builtin name (tinynet, mlp, lenet), torchvision:<name>, "
+                       "or package.module:callable")
+    num_classes: int = _field(10, "number of output classes")
+    in_channels: int | None = _field(None, "input channels; null: taken from the data set")
+    kwargs: dict = _field({}, "keyword arguments for a package.module:callable architecture")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_classes < 2:
+            out.append(f"model.num_classes: must be at least 2, got {self.num_classes}")
+        if self.in_channels is not None and self.in_channels < 1:
+            out.append(f"model.in_channels: must be positive, got {self.in_channels}")
+        if not self.arch:
+            out.append("model.arch: must not be empty")
+        return out
+
+
+@dataclass
+class PoisonConfig:
+    trigger: str = _field("checkerboard", "checkerboard | patch | blend")
+    rate: float = _field(0.1, "fraction of training samples poisoned")
+    target: int = _field(0, "label the trigger flips inputs to")
+    seed: int = _field(0, "seed of the poisoned-index draw")
+    intensity: float = _field(16.0, "checkerboard: added on a 0-255 scale on alternating pixels")
+    size: int = _field(3, "patch: side of the square, in pixels")
+    value: float = _field(1.0, "patch: pixel value in [0, 1] before normalisation")
+    corner: str = _field("bottom-right", "patch: top-left | top-right | bottom-left | bottom-right")
+    image: str | None = _field(None, "blend: path of the image mixed into inputs")
+    alpha: float = _field(0.2, "blend: weight of the blended image")
+
+    def problems(self, prefix: str) -> list[str]:
+        out = []
+        if self.trigger not in TRIGGERS:
+            out.append(_choice(f"{prefix}.trigger", self.trigger, TRIGGERS))
+        if not 0.0 < self.rate < 1.0:
+            out.append(f"{prefix}.rate: must be in (0, 1), got {self.rate}")
+        if self.trigger == "blend" and not self.image:
+            out.append(f"{prefix}.image: the blend trigger needs an image path")
+        if not 0.0 < self.alpha <= 1.0:
+            out.append(f"{prefix}.alpha: must be in (0, 1], got {self.alpha}")
+        if self.size < 1:
+            out.append(f"{prefix}.size: must be positive, got {self.size}")
+        corners = ("top-left", "top-right", "bottom-left", "bottom-right")
+        if self.corner not in corners:
+            out.append(_choice(f"{prefix}.corner", self.corner, corners))
+        return out
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("digits", " | ".join(DATASETS))
+    root: str = _field("data", "folder torchvision data sets and imagefolder are read from")
+    path: str | None = _field(None, "tensors: a .pt or .npz file with x_train, y_train, "
+                              "x_test, y_test")
+    download: bool = _field(False, "allow torchvision to download a missing data set")
+    val_fraction: float = _field(0.1, "held out from train for the step-size search; "
+                                 "never the test split")
+    mean: list[float] | None = _field(None, "per-channel normalisation mean; null: the "
+                                      "data set's default")
+    std: list[float] | None = _field(None, "per-channel normalisation std; null: the "
+                                     "data set's default")
+    image_size: int | None = _field(None, "imagefolder: resize images to this square size")
+    poison: PoisonConfig | None = _field(None, "backdoor scenario: {trigger, rate, target, "
+                                         "seed, ...}; null: clean data")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dataset not in DATASETS:
+            out.append(_choice("data.dataset", self.dataset, DATASETS))
+        if self.dataset == "tensors" and not self.path:
+            out.append("data.path: the tensors data set needs a .pt or .npz file")
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and not values:
+                out.append(f"data.{key}: must list one number per channel")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            out.append("data.std: every entry must be positive")
+        if self.poison is not None:
+            out += self.poison.problems("data.poison")
+        return out
+
+
+@dataclass
+class RemovalConfig:
+    classes: list[int] = _field([3], "remove-class: the classes to forget")
+    trigger: PoisonConfig | str | None = _field(None, "recover-backdoor: the known trigger, a "
+                                                "name or {trigger, ...options}; null: "
+                                                "data.poison's")
+    target: int | None = _field(None, "recover-backdoor: the backdoor's target label; null: "
+                                "data.poison.target")
+    poison_indices: str | None = _field(None, "file of poisoned training indices (.txt with "
+                                        "optional true-label column, .npy, .json); null: "
+                                        "from data.poison")
+    synthetic_samples: int | None = _field(None, "recover-backdoor from a trigger alone: "
+                                           "clean training samples to trigger; null: use "
+                                           "known poisoned samples")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trigger, str):
+            self.trigger = PoisonConfig(trigger=self.trigger)
+
+    def problems(self, num_classes: int) -> list[str]:
+        out = []
+        if not self.classes:
+            out.append("removal.classes: list at least one class")
+        if len(set(self.classes)) != len(self.classes):
+            out.append(f"removal.classes: repeated class in {self.classes}")
+        for k in self.classes:
+            if not 0 <= k < num_classes:
+                out.append(f"removal.classes: class {k} is out of range 0..{num_classes - 1}")
+        if len(self.classes) >= num_classes:
+            out.append("removal.classes: at least one class must be retained")
+        if self.target is not None and not 0 <= self.target < num_classes:
+            out.append(f"removal.target: {self.target} is out of range 0..{num_classes - 1}")
+        if self.synthetic_samples is not None and self.synthetic_samples < 1:
+            out.append(f"removal.synthetic_samples: must be positive, got "
+                       f"{self.synthetic_samples}")
+        if self.trigger is not None:
+            out += [p for p in self.trigger.problems("removal.trigger")
+                    if not p.startswith("removal.trigger.rate")]
+        return out
+
+
+@dataclass
+class SelectionConfig:
+    method: str = _field("top-outputs", " | ".join(SELECTION_METHODS))
+    ratio: float = _field(0.05, "fraction of each Linear/Conv2d layer's parameters that are "
+                          "targets, in (0, 1]")
+    include: list[str] | None = _field(None, "glob patterns of layer names to include (also "
+                                       "non-Linear/Conv2d layers)")
+    exclude: list[str] | None = _field(None, "glob patterns of layer names to exclude")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.method not in SELECTION_METHODS:
+            out.append(_choice("selection.method", self.method, SELECTION_METHODS))
+        if not 0.0 < self.ratio <= 1.0:
+            out.append(f"selection.ratio: must be in (0, 1], got {self.ratio}")
+        return out
+
+
+@dataclass
+class InfluenceConfig:
+    method: str = _field("gif", " | ".join(INFLUENCE_METHODS))
+    curvature: str = _field("hessian", "hessian | ggn (Gauss-Newton, positive semi-definite)")
+    solver: str = _field("lsqr", " | ".join(SOLVERS))
+    hessian_samples: int = _field(1024, "retained training samples in the Hessian sample")
+    batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
+    max_iter: int = _field(20, "solver iterations at most")
+    tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
+    damping: float = _field(1.0e-3, "lambda of min |Ax - b|^2 + lambda^2 |x|^2")
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, choices in (("method", INFLUENCE_METHODS), ("curvature", CURVATURES),
+                             ("solver", SOLVERS)):
+            if getattr(self, key) not in choices:
+                out.append(_choice(f"influence.{key}", getattr(self, key), choices))
+        for key in ("hessian_samples", "batch_size", "max_iter"):
+            if getattr(self, key) < 1:
+                out.append(f"influence.{key}: must be positive, got {getattr(self, key)}")
+        if self.tol <= 0:
+            out.append(f"influence.tol: must be positive, got {self.tol}")
+        if self.damping < 0:
+            out.append(f"influence.damping: must be non-negative, got {self.damping}")
+        return out
+
+
+@dataclass
+class UpdateConfig:
+    scale: float | str = _field("auto", "auto: searched on the validation split; or a number "
+                                "(1.0 is the raw theoretical step)")
+    grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
+    grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
+    grid_max: float = _field(10.0, "auto: largest step, as |s*delta| / |target params|")
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.scale, str) and self.scale != "auto":
+            out.append(f"update.scale: must be 'auto' or a number, got {self.scale!r}")
+        if self.grid_points < 2:
+            out.append(f"update.grid_points: must be at least 2, got {self.grid_points}")
+        if not 0 < self.grid_min < self.grid_max:
+            out.append("update.grid_min, update.grid_max: need 0 < grid_min < grid_max")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(15, "training epochs")
+    lr: float = _field(0.05, "SGD learning rate (cosine schedule)")
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(5.0e-4, "SGD weight decay")
+    batch_size: int = _field(128, "training batch size")
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                out.append(f"train.{key}: must be positive, got {getattr(self, key)}")
+        if self.lr <= 0:
+            out.append(f"train.lr: must be positive, got {self.lr}")
+        return out
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _field("runs/remove-class", "folder the outputs are written to")
+
+
+@dataclass
+class Config:
+    seed: int = _field(0, "seed of every random draw (split, selection, training)")
+    device: str = _field("auto", "auto | cpu | cuda[:N]")
+    model: ModelConfig = _field(ModelConfig, "the architecture")
+    checkpoint: str | None = _field(None, "trained weights: .safetensors, or .pt/.pth")
+    data: DataConfig = _field(DataConfig, "the data set")
+    removal: RemovalConfig = _field(RemovalConfig, "what to forget")
+    selection: SelectionConfig = _field(SelectionConfig, "target-parameter selection")
+    influence: InfluenceConfig = _field(InfluenceConfig, "the update estimator and its solver")
+    update: UpdateConfig = _field(UpdateConfig, "the step scale")
+    train: TrainConfig = _field(TrainConfig, "gif train")
+    output: OutputConfig = _field(OutputConfig, "outputs")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            out.append(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
+        out += self.model.problems()
+        out += self.data.problems()
+        out += self.removal.problems(self.model.num_classes)
+        out += self.selection.problems()
+        out += self.influence.problems()
+        out += self.update.problems()
+        out += self.train.problems()
+        if self.data.poison is not None:
+            if not 0 <= self.data.poison.target < self.model.num_classes:
+                out.append(f"data.poison.target: {self.data.poison.target} is out of range "
+                           f"0..{self.model.num_classes - 1}")
+        return out
+
+    @property
+    def backdoor_target(self) -> int | None:
+        """The backdoor's target label: removal.target, else the poison scenario's."""
+        if self.removal.target is not None:
+            return self.removal.target
+        return self.data.poison.target if self.data.poison is not None else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    hint = difflib.get_close_matches(str(value), choices, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"{key}: {value!r} is not one of {', '.join(choices)}{suggestion}"
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'selection.ratio=0.1'`` -> ``(['selection', 'ratio'], 0.1)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise GifError(f"override {text!r}: expected KEY=VALUE with a dotted key, "
+                       f"e.g. selection.ratio=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise GifError(f"override {text!r}: the value is not valid YAML ({_first_line(exc)})")
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Merge dotted overrides into a raw config mapping (a new dict; ``raw`` is untouched)."""
+    merged = _deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deepcopy(v) for v in raw]
+    return raw
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise GifError(f"{path}: config file not found; pass the path of a YAML config "
+                       f"(see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise GifError(f"{path}: malformed YAML{where}: "
+                       f"{getattr(exc, 'problem', None) or _first_line(exc)}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GifError(f"{path}: cannot read the config ({exc})")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise GifError(f"{path}: the config must be a YAML mapping of keys, "
+                       f"got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: dict, *, source: str = "config") -> Config:
+    """Typed config from a raw mapping; every problem is reported at once in one GifError."""
+    problems: list[str] = []
+    config = _build(Config, raw, "", problems)
+    problems += config.problems()  # keys that failed to convert keep their valid defaults
+    if problems:
+        bullets = "\n".join(f"  - {p}" for p in problems)
+        raise GifError(f"{source}: {len(problems)} problem(s) in the config:\n{bullets}")
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate; raises GifError listing problems."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return build_config(raw, source=str(path))
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
+                        f"got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            suggestion = f"; did you mean {prefix}{hint[0]}?" if hint else ""
+            problems.append(f"{dotted}: unknown key{suggestion}")
+            continue
+        ok, converted = _convert(hints[key], value, dotted, problems)
+        if ok:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> tuple[bool, Any]:
+    """Check ``value`` against the type ``hint``; (True, value) or record a problem."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return True, None
+        problems.append(f"{key}: must not be null")
+        return False, None
+    errors: list[str] = []
+    for option in options:
+        if option is type(None):
+            continue
+        if dataclasses.is_dataclass(option):
+            if isinstance(value, dict):
+                return True, _build(option, value, key + ".", problems)
+            continue
+        origin = typing.get_origin(option) or option
+        if origin is list:
+            if isinstance(value, list):
+                (item,) = typing.get_args(option) or (Any,)
+                items = []
+                for i, v in enumerate(value):
+                    ok, converted = _convert(item, v, f"{key}[{i}]", errors)
+                    if not ok:
+                        break
+                    items.append(converted)
+                else:
+                    return True, items
+            continue
+        if origin is dict and isinstance(value, dict):
+            return True, value
+        if origin is bool and isinstance(value, bool):
+            return True, value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        if origin is str and isinstance(value, str):
+            return True, value
+        if origin is Any:
+            return True, value
+    if errors:
+        problems.extend(errors)
+    else:
+        problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    return False, None
+
+
+def _type_name(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = []
+    for option in options:
+        if option is type(None):
+            names.append("null")
+        elif dataclasses.is_dataclass(option):
+            names.append("a mapping")
+        elif typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            names.append(f"a list of {_type_name(item)}")
+        else:
+            names.append({int: "an integer", float: "a number", str: "a string",
+                          bool: "true/false", dict: "a mapping"}.get(option, str(option)))
+    return " or ".join(names)
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every config key: the README's config reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        hint = typing.get_type_hints(cls)[f.name]
+        nested = [o for o in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(o)]
+        rows.append((prefix + f.name, "" if dataclasses.is_dataclass(default) else repr(default),
+                     f.metadata.get("help", "")))
+        if nested:
+            rows += reference(nested[0], prefix + f.name + ".")
+    return rows
