@@ -274,9 +274,9 @@ class Config:
         out += self.influence.problems()
         out += self.update.problems()
         out += self.train.problems()
-        if self.data.poison is not None:
-            if not 0 <= self.data.poison.target < self.model.num_classes:
-                out.append(f"data.poison.target: {self.data.poison.target} is out of range "
+        poison = self.data.poison
+        if poison is not None and not 0 <= poison.target < self.model.num_classes:
+            out.append(f"data.poison.target: {self.data.poison.target} is out of range "
                            f"0..{self.model.num_classes - 1}")
         return out
 
@@ -304,7 +304,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'selection.ratio=0.1'`` -> ``(['selection', 'ratio'], 0.1)``; the value is parsed as YAML."""
+    """``'selection.ratio=0.1'`` -> ``(['selection', 'ratio'], 0.1)``; values parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise GifError(f"override {text!r}: expected KEY=VALUE with a dotted key, "
@@ -312,7 +312,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GifError(f"override {text!r}: the value is not valid YAML ({_first_line(exc)})")
+        raise GifError(f"override {text!r}: the value is not valid YAML "
+                       f"({_first_line(exc)})") from None
     return key.strip().split("."), value
 
 
@@ -355,9 +356,9 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise GifError(f"{path}: malformed YAML{where}: "
-                       f"{getattr(exc, 'problem', None) or _first_line(exc)}")
+                       f"{getattr(exc, 'problem', None) or _first_line(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise GifError(f"{path}: cannot read the config ({exc})")
+        raise GifError(f"{path}: cannot read the config ({exc})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

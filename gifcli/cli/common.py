@@ -1,0 +1,76 @@
+"""What every command shares: stderr console, error handling, config arguments, progress."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gifcli.config import Config, load_config
+from gifcli.errors import GifError
+
+console = Console(stderr=True)
+
+CONFIG_ARG = typer.Argument(..., help="YAML config (see configs/).", show_default=False)
+OVERRIDES_ARG = typer.Argument(None, metavar="[KEY=VALUE]...",
+                               help="Dotted config overrides, e.g. selection.ratio=0.1.",
+                               show_default=False)
+JSON_OPT = typer.Option(False, "--json", help="Print the report as JSON on stdout only.")
+FORCE_OPT = typer.Option(False, "--force", help="Overwrite existing outputs.")
+
+
+def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a GifError into one line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except GifError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def read_config(path: Path, overrides: list[str] | None) -> Config:
+    return load_config(path, overrides or [])
+
+
+def print_json(report: dict) -> None:
+    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, *,
+                 enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A Rich progress bar on stderr; yields ``advance(completed=None, **fields)``."""
+    if not enabled:
+        yield lambda *args, **kwargs: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(completed: int | None = None, info: str = "") -> None:
+            if completed is None:
+                bar.advance(task)
+            else:
+                bar.update(task, completed=completed)
+            if info:
+                bar.update(task, info=info)
+
+        yield advance

@@ -1,0 +1,34 @@
+"""``gif``: the Typer application; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from gifcli import __version__
+from gifcli.cli import evaluate, train
+
+app = typer.Typer(
+    name="gif",
+    help="Make a trained PyTorch classifier forget part of its training data with Generalized "
+         "Influence Functions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gif {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Exit codes: 0 success, 1 a problem with the inputs or the run, 2 usage error."""
+
+
+for module in (train, evaluate):
+    module.register(app)

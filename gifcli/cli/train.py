@@ -1,0 +1,59 @@
+"""``gif train``: train the base model, or the retrain oracle with ``--retrain``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from gifcli.cli.common import (
+    CONFIG_ARG,
+    FORCE_OPT,
+    JSON_OPT,
+    OVERRIDES_ARG,
+    console,
+    handle_errors,
+    print_json,
+    progress_bar,
+    read_config,
+)
+from gifcli.train import run_train
+
+EPILOG = """Examples:
+
+  gif train configs/digits.yaml -o runs/base.safetensors
+
+  gif train configs/digits.yaml --retrain -o runs/oracle.safetensors
+"""
+
+
+@handle_errors
+def train(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] = OVERRIDES_ARG,
+    output: Path = typer.Option(None, "-o", "--output", help="Checkpoint to write "
+                                "(.safetensors); default: the config's `checkpoint`."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train the retrain oracle: without "
+                                 "removal.classes, or with the poisoned labels corrected."),
+    force: bool = FORCE_OPT,
+    json_output: bool = JSON_OPT,
+) -> None:
+    """Train model.arch on the config's data set and write a safetensors checkpoint."""
+    cfg = read_config(config, overrides)
+    with progress_bar("train", cfg.train.epochs, enabled=not json_output) as advance:
+        report = run_train(config=cfg, output=output, retrain=retrain, force=force,
+                           progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"))
+    if json_output:
+        print_json(report)
+        return
+    table = Table(title=f"gif {report['task']}", show_header=False)
+    table.add_row("checkpoint", report["checkpoint"])
+    table.add_row("training samples", str(report["train_samples"]))
+    table.add_row("test accuracy", f"{report['acc_test']:.2f}%")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", epilog=EPILOG)(train)

@@ -1,0 +1,139 @@
+"""Accuracies in percent, the tasks' F1 scores, and the membership-inference efficacy.
+
+Metric names follow SPEC §5. Everything is computed with the model in ``eval()`` mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from gifcli.data import TensorSplit
+
+EVAL_BATCH = 512
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: TensorSplit, *, device: torch.device,
+            batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels [N] and the softmax probability of the given label [N], on CPU."""
+    was_training = model.training
+    model.eval()
+    labels, true_probs = [], []
+    for x, y in split.batches(batch_size):
+        logits = model(x.to(device)).float()
+        labels.append(logits.argmax(1).cpu())
+        probs = logits.softmax(1).cpu()
+        true_probs.append(probs.gather(1, y.view(-1, 1)).squeeze(1))
+    model.train(was_training)
+    if not labels:
+        return torch.empty(0, dtype=torch.long), torch.empty(0)
+    return torch.cat(labels), torch.cat(true_probs)
+
+
+def percent(hits: torch.Tensor) -> float:
+    """Mean of a boolean tensor, in percent; NaN for an empty tensor."""
+    return float(hits.float().mean() * 100) if hits.numel() else float("nan")
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> list[float]:
+    return [percent(predicted[labels == k] == k) for k in range(num_classes)]
+
+
+def classification_metrics(model: nn.Module, test: TensorSplit, *, num_classes: int,
+                           device: torch.device) -> dict:
+    """``acc_test`` and ``per_class_acc_test``."""
+    predicted, _ = predict(model, test, device=device)
+    return {"acc_test": percent(predicted == test.y),
+            "per_class_acc_test": per_class_accuracy(predicted, test.y, num_classes)}
+
+
+def forget_retain(predicted: torch.Tensor, labels: torch.Tensor,
+                  classes: list[int]) -> tuple[float, float]:
+    """Accuracy (%) on samples of the removed classes, and on the others."""
+    forget = torch.isin(labels, torch.tensor(classes))
+    return percent(predicted[forget] == labels[forget]), percent(
+        predicted[~forget] == labels[~forget])
+
+
+def remove_class_metrics(model: nn.Module, *, train: TensorSplit, test: TensorSplit,
+                         classes: list[int], num_classes: int, device: torch.device,
+                         seed: int = 0) -> dict:
+    """SPEC §5 remove-class metrics, in percent."""
+    test_pred, test_prob = predict(model, test, device=device)
+    train_pred, train_prob = predict(model, train, device=device)
+    forget_test, retain_test = forget_retain(test_pred, test.y, classes)
+    forget_train, retain_train = forget_retain(train_pred, train.y, classes)
+    removed = torch.isin(train.y, torch.tensor(classes))
+    retained_test = ~torch.isin(test.y, torch.tensor(classes))
+    mia = mia_efficacy(member=train_prob[~removed], non_member=test_prob[retained_test],
+                       target=train_prob[removed], seed=seed)
+    return {
+        "forget_acc_test": forget_test,
+        "retain_acc_test": retain_test,
+        "forget_acc_train": forget_train,
+        "retain_acc_train": retain_train,
+        "f1": harmonic_mean(100 - forget_test, retain_test),
+        "mia_efficacy": mia,
+        "acc_test": percent(test_pred == test.y),
+        "per_class_acc_test": per_class_accuracy(test_pred, test.y, num_classes),
+    }
+
+
+def backdoor_metrics(model: nn.Module, *, test: TensorSplit, triggered_test: TensorSplit,
+                     train: TensorSplit, poisoned: torch.Tensor, true_labels: torch.Tensor,
+                     target: int, num_classes: int, device: torch.device) -> dict:
+    """SPEC §5 recover-backdoor metrics, in percent.
+
+    ``triggered_test``: the test inputs whose true class is not ``target``, with the trigger,
+    labelled with their true class. ``train`` is the poisoned training split; ``poisoned``
+    indexes its poisoned samples, whose true labels are ``true_labels``.
+    """
+    test_pred, _ = predict(model, test, device=device)
+    triggered_pred, _ = predict(model, triggered_test, device=device)
+    train_pred, _ = predict(model, train, device=device)
+    clean = torch.ones(len(train), dtype=torch.bool)
+    clean[poisoned] = False
+    clean_test = percent(test_pred == test.y)
+    robust = percent(triggered_pred == triggered_test.y)
+    return {
+        "clean_acc_test": clean_test,
+        "asr_test": percent(triggered_pred == target),
+        "robust_acc_test": robust,
+        "relabel_acc_train": percent(train_pred[poisoned] == true_labels),
+        "corrupt_acc_train": percent(train_pred[poisoned] == target),
+        "clean_acc_train": percent(train_pred[clean] == train.y[clean]),
+        "f1": harmonic_mean(clean_test, robust),
+        "acc_test": clean_test,
+        "per_class_acc_test": per_class_accuracy(test_pred, test.y, num_classes),
+    }
+
+
+def mia_efficacy(*, member: torch.Tensor, non_member: torch.Tensor, target: torch.Tensor,
+                 seed: int = 0) -> float:
+    """Confidence-based membership inference efficacy, in percent.
+
+    Feature: the softmax probability of the true label. An RBF SVC (C=3, gamma='auto') is
+    trained on retained training samples (members) against test samples of retained classes
+    (non-members), equal counts drawn with ``seed``; the score is the percentage of removal-set
+    training samples (``target``) predicted non-member. A retrained model scores near 100.
+    """
+    from sklearn.svm import SVC
+
+    count = min(len(member), len(non_member))
+    if count == 0 or len(target) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    members = member.numpy()[rng.choice(len(member), count, replace=False)]
+    non_members = non_member.numpy()[rng.choice(len(non_member), count, replace=False)]
+    features = np.concatenate([members, non_members]).reshape(-1, 1)
+    labels = np.concatenate([np.ones(count), np.zeros(count)])
+    classifier = SVC(C=3, gamma="auto", kernel="rbf").fit(features, labels)
+    predicted = classifier.predict(target.numpy().reshape(-1, 1))
+    return float((predicted == 0).mean() * 100)
