@@ -13,9 +13,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError
+from gifcli.report import metrics_rows
 
 console = Console(stderr=True)
 
@@ -25,6 +27,10 @@ OVERRIDES_ARG = typer.Argument(None, metavar="[KEY=VALUE]...",
                                show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print the report as JSON on stdout only.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite existing outputs.")
+MASK_OPT = typer.Option(None, "--mask", help="Target mask saved by `gif select-params` "
+                        "(instead of selecting anew).")
+ORACLE_OPT = typer.Option(None, "--oracle", help="Retrain-oracle checkpoint (`gif train "
+                          "--retrain`): adds its metrics and the gap on each.")
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,3 +80,27 @@ def progress_bar(description: str, total: int | None, *,
                 bar.update(task, info=info)
 
         yield advance
+
+
+def progress_factory(enabled: bool) -> Callable[[str, int | None], Any]:
+    """The core's progress hook: ``factory(description, total)`` -> a progress context."""
+    return lambda description, total: progress_bar(description, total, enabled=enabled)
+
+
+def print_edit_report(report: dict) -> None:
+    """The before/after(/oracle/gap) table of an edit, and where its outputs are."""
+    header, rows = metrics_rows(report["metrics"])
+    table = Table(title=f"gif {report['task']} ({report['method']})")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    solver, update = report["solver"], report["update"]
+    console.print(
+        f"solver {solver['name']}: {solver['iterations']} iterations, {solver['hvps']} HVPs, "
+        f"relative residual {solver['relative_residual']:.3g}, converged {solver['converged']}; "
+        f"step scale {update['scale']:.4g} ({update['chosen_by']}); "
+        f"{report['params']['changed']} parameters changed "
+        f"({100 * report['params']['fraction']:.2f}%)", highlight=False)
+    console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)

@@ -1,0 +1,58 @@
+"""``gif remove-class``: forget one or more classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gifcli.cli.common import (
+    CONFIG_ARG,
+    FORCE_OPT,
+    JSON_OPT,
+    MASK_OPT,
+    ORACLE_OPT,
+    OVERRIDES_ARG,
+    handle_errors,
+    print_edit_report,
+    print_json,
+    progress_factory,
+    read_config,
+)
+from gifcli.tasks import REMOVE_CLASS
+from gifcli.unlearn import run_unlearning
+
+EPILOG = """Examples:
+
+  gif remove-class configs/digits.yaml
+
+  gif remove-class configs/digits.yaml --class 3 --class 5 --oracle runs/oracle.safetensors
+
+  gif remove-class configs/digits.yaml influence.method=fif selection.ratio=0.1 --force --json
+"""
+
+
+@handle_errors
+def remove_class(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] = OVERRIDES_ARG,
+    classes: list[int] = typer.Option(None, "--class", "-k", help="Class to forget "
+                                      "(repeatable); overrides removal.classes."),
+    mask: Path = MASK_OPT,
+    oracle: Path = ORACLE_OPT,
+    force: bool = FORCE_OPT,
+    json_output: bool = JSON_OPT,
+) -> None:
+    """Make the model forget the training samples of the given classes."""
+    extra = [f"removal.classes={list(classes)}"] if classes else []
+    cfg = read_config(config, [*(overrides or []), *extra])
+    report = run_unlearning(config=cfg, task=REMOVE_CLASS, mask_path=mask, oracle=oracle,
+                            force=force, progress=progress_factory(not json_output))
+    if json_output:
+        print_json(report)
+    else:
+        print_edit_report(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("remove-class", epilog=EPILOG)(remove_class)
