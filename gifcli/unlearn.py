@@ -28,8 +28,8 @@ from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
 from gifcli.report import OUTPUT_FILES, oracle_gap, write_outputs
-from gifcli.selection import load_mask, mask_to_flat, select_targets
-from gifcli.tasks import REMOVE_CLASS, backdoor_of, task_metrics, triggered_inputs
+from gifcli.selection import load_mask, mask_to_flat, save_mask, select_targets, summarize_mask
+from gifcli.tasks import REMOVE_CLASS, backdoor_of, task_metrics, task_of, triggered_inputs
 from gifcli.update import assign_flat, scale_grid, search_scale, updated
 
 Objective = Callable[[nn.Module], tuple[float, dict]]
@@ -251,3 +251,32 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     report["timing"]["total_seconds"] = time.perf_counter() - started
     write_outputs(paths=paths, report=report, model=model, mask=mask, config=config)
     return report
+
+
+def select_params(*, config: Config, output: Path | None = None, force: bool = False) -> dict:
+    """``gif select-params``: select the target parameters of the config's task and save the
+    mask (default: ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
+    output = output or output_paths(Path(config.output.dir))["mask"]
+    if output.exists() and not force:
+        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another "
+                       f"path")
+    ctx = prepare(config)
+    task = task_of(config)
+    removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
+    model = ctx.load_model()
+    started = time.perf_counter()
+    selection = select_targets(model, removal.x, removal.y, method=config.selection.method,
+                               ratio=config.selection.ratio, include=config.selection.include,
+                               exclude=config.selection.exclude, seed=config.seed,
+                               batch_size=config.influence.batch_size, device=ctx.device)
+    seconds = time.perf_counter() - started
+    save_mask(output, selection.mask, metadata={"task": task,
+                                                "selection": config.selection.method,
+                                                "ratio": str(config.selection.ratio)})
+    layers = summarize_mask(model, selection.mask, selection.units)
+    selected = sum(row["selected"] for row in layers)
+    total = sum(row["parameters"] for row in layers)
+    return {"task": task, "removal": removal.description,
+            "selection": {"method": config.selection.method, "ratio": config.selection.ratio},
+            "mask": str(output), "selected": selected, "parameters": total,
+            "fraction": selected / total, "seconds": seconds, "layers": layers}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from gifcli import __version__
-from gifcli.cli import evaluate, recover_backdoor, remove_class, train
+from gifcli.cli import evaluate, recover_backdoor, remove_class, select_params, train
 
 app = typer.Typer(
     name="gif",
@@ -30,5 +30,5 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Exit codes: 0 success, 1 a problem with the inputs or the run, 2 usage error."""
 
 
-for module in (train, remove_class, recover_backdoor, evaluate):
+for module in (train, select_params, remove_class, recover_backdoor, evaluate):
     module.register(app)
