@@ -172,3 +172,18 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically write ``path`` with ``writer(tmp_path)`` (e.g. a matplotlib savefig)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def check_writable(directory: str | Path) -> None:
+    """Fail early, before any work, when ``directory`` cannot be created or written to.
+
+    Creates nothing: the nearest existing ancestor must be a writable folder.
+    """
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise GifError(f"{directory}: cannot write here ({existing} {reason}); choose "
+                       f"another output path")

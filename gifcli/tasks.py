@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from gifcli.checkpoint import sha256_file
 from gifcli.config import Config, PoisonConfig
 from gifcli.context import RunContext, prepare
-from gifcli.data import TensorSplit, apply_trigger, read_poison_indices
+from gifcli.data import TensorSplit, apply_trigger, read_poison_indices, to_split_positions
 from gifcli.errors import GifError
 from gifcli.metrics import backdoor_metrics, remove_class_metrics
 
@@ -32,13 +32,25 @@ def task_of(config: Config) -> str:
 
 @dataclass
 class Backdoor:
-    """Poisoned training samples (indices into the training split), their true labels, the
-    backdoor's target label and its trigger."""
+    """Poisoned training samples (positions in the training split), their true labels, the
+    backdoor's target label and its trigger. ``val_poisoned``: positions in the validation
+    split of poisoned samples that the split put there (a user's own poisoned data); they are
+    left out of every validation measurement."""
 
     poisoned: torch.Tensor
     true_labels: torch.Tensor
     target: int
     trigger: PoisonConfig
+    val_poisoned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def apply_trigger(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor:
+        key = "removal.trigger" if ctx.config.removal.trigger else "data.poison"
+        return apply_trigger(x, self.trigger, mean=ctx.data.mean, std=ctx.data.std, key=key)
+
+    def clean_val(self, val: TensorSplit) -> TensorSplit:
+        keep = torch.ones(len(val), dtype=torch.bool)
+        keep[self.val_poisoned] = False
+        return val.subset(torch.nonzero(keep).squeeze(1))
 
 
 def backdoor_of(ctx: RunContext) -> Backdoor:
@@ -49,37 +61,51 @@ def backdoor_of(ctx: RunContext) -> Backdoor:
         raise GifError("data.poison: a backdoor task needs the trigger and target; set "
                        "data.poison, or removal.trigger and removal.target")
     if config.removal.poison_indices:
-        poisoned, true_labels = read_poison_indices(config.removal.poison_indices,
-                                                    len(data.train))
-        if true_labels is None:
-            true_labels = _known_true_labels(ctx, poisoned)
-    elif data.poison is not None:
-        poisoned, true_labels = data.poison.indices, data.poison.true_labels
-    else:
+        return _listed_backdoor(ctx, trigger, target)
+    if data.poison is None:
         raise GifError("removal.poison_indices: the poisoned samples are unknown; give a file "
                        "of poisoned training indices or a data.poison scenario")
-    return Backdoor(poisoned=poisoned, true_labels=true_labels, target=target, trigger=trigger)
+    return Backdoor(poisoned=data.poison.indices, true_labels=data.poison.true_labels,
+                    target=target, trigger=trigger)
 
 
-def _known_true_labels(ctx: RunContext, poisoned: torch.Tensor) -> torch.Tensor:
+def _listed_backdoor(ctx: RunContext, trigger: PoisonConfig, target: int) -> Backdoor:
+    """Poisoned samples from ``removal.poison_indices``: indices into the data set's full
+    training set (before the validation split), with or without a true-label column."""
+    data, path = ctx.data, ctx.config.removal.poison_indices
+    indices, true_labels = read_poison_indices(path, len(data.train) + len(data.val),
+                                               num_classes=ctx.config.model.num_classes)
+    positions = to_split_positions(indices, data.train_source)
+    if true_labels is None:
+        true_labels = _known_true_labels(ctx, positions)
+    in_train = positions >= 0
+    if not in_train.any():
+        raise GifError(f"{path}: every listed sample fell into the validation split; check the "
+                       f"indices (they count samples of the full training set from 0)")
+    return Backdoor(poisoned=positions[in_train], true_labels=true_labels[in_train],
+                    target=target, trigger=trigger,
+                    val_poisoned=to_split_positions(indices[~in_train], data.val_source))
+
+
+def _known_true_labels(ctx: RunContext, positions: torch.Tensor) -> torch.Tensor:
     poison = ctx.data.poison
+    path = ctx.config.removal.poison_indices
     if poison is None:
-        raise GifError(f"{ctx.config.removal.poison_indices}: no true-label column; add one "
-                       f"(`index label` per line) so the samples can be relabelled")
+        raise GifError(f"{path}: no true-label column; add one (`index label` per line) so the "
+                       f"samples can be relabelled")
     lookup = dict(zip(poison.indices.tolist(), poison.true_labels.tolist(), strict=True))
-    missing = [i for i in poisoned.tolist() if i not in lookup]
+    missing = [i for i in positions.tolist() if i not in lookup]
     if missing:
-        raise GifError(f"{ctx.config.removal.poison_indices}: index {missing[0]} is not a "
-                       f"poisoned sample of data.poison and the file has no true-label column")
-    return torch.tensor([lookup[i] for i in poisoned.tolist()])
+        raise GifError(f"{path}: a listed sample is not a poisoned sample of data.poison and "
+                       f"the file has no true-label column")
+    return torch.tensor([lookup[i] for i in positions.tolist()], dtype=torch.long)
 
 
 def triggered_inputs(ctx: RunContext, split: TensorSplit, backdoor: Backdoor) -> TensorSplit:
     """``split``'s samples whose true class is not the target, with the trigger applied,
     labelled with their true class (ASR and robust accuracy are measured on these)."""
     keep = split.y != backdoor.target
-    x = apply_trigger(split.x[keep], backdoor.trigger, mean=ctx.data.mean, std=ctx.data.std)
-    return TensorSplit(x=x, y=split.y[keep])
+    return TensorSplit(x=backdoor.apply_trigger(ctx, split.x[keep]), y=split.y[keep])
 
 
 def retrain_split(ctx: RunContext) -> TensorSplit:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gifcli.checkpoint import (
+    check_writable,
     checkpoint_metadata,
     save_checkpoint,
     sha256_file,
@@ -22,6 +23,7 @@ from gifcli.context import prepare
 from gifcli.data import TensorSplit
 from gifcli.errors import GifError
 from gifcli.metrics import classification_metrics
+from gifcli.progress import ProgressFactory, silent
 from gifcli.tasks import retrain_split, task_of
 
 
@@ -67,7 +69,7 @@ def output_paths(checkpoint: Path) -> dict[str, Path]:
 
 
 def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool,
-              progress: Callable[[int, float], None] | None = None) -> dict:
+              progress: ProgressFactory = silent) -> dict:
     """Train ``model.arch`` on the config's data (``retrain``: the retrain oracle's data) and
     write the checkpoint, a report with test accuracy, and the resolved config."""
     output = output or (Path(config.checkpoint) if config.checkpoint else None)
@@ -77,12 +79,15 @@ def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool
     if output.suffix != ".safetensors":
         raise GifError(f"{output}: gif writes .safetensors checkpoints; use that suffix")
     paths = output_paths(output)
+    check_writable(output.parent)
     refuse_overwrite(list(paths.values()), force)
     started = time.perf_counter()
     ctx = prepare(config)
     train = retrain_split(ctx) if retrain else ctx.data.train
-    model = train_model(ctx.new_model(), train, config=config.train, seed=config.seed,
-                        device=ctx.device, progress=progress)
+    with progress("train", config.train.epochs) as advance:
+        model = train_model(ctx.new_model(), train, config=config.train, seed=config.seed,
+                            device=ctx.device,
+                            progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"))
     seconds = time.perf_counter() - started
     report = {
         "task": "retrain" if retrain else "train",

@@ -11,29 +11,28 @@ points form the Hessian sample, and the validation objective of the step search.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gifcli.checkpoint import sha256_file
+from gifcli.checkpoint import check_writable, sha256_file
 from gifcli.config import Config
 from gifcli.context import RunContext, prepare
-from gifcli.data import TensorSplit, apply_trigger
+from gifcli.data import TensorSplit
 from gifcli.errors import GifError
 from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
+from gifcli.progress import ProgressFactory, silent
 from gifcli.report import OUTPUT_FILES, oracle_gap, write_outputs
 from gifcli.selection import load_mask, mask_to_flat, save_mask, select_targets, summarize_mask
 from gifcli.tasks import REMOVE_CLASS, backdoor_of, task_metrics, task_of, triggered_inputs
 from gifcli.update import assign_flat, scale_grid, search_scale, updated
 
 Objective = Callable[[nn.Module], tuple[float, dict]]
-ProgressFactory = Callable[[str, int | None], AbstractContextManager[Callable[..., None]]]
 
 
 @dataclass
@@ -79,8 +78,9 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
     """Known poisoned samples (mode 1) or, with ``removal.synthetic_samples``, clean training
     samples given the known trigger (mode 2): removed with the target label, re-added with
     their true labels. Retained: the clean training samples."""
-    train, val = ctx.data.train, ctx.data.val
+    train = ctx.data.train
     backdoor = backdoor_of(ctx)
+    val = backdoor.clean_val(ctx.data.val)
     clean = torch.ones(len(train), dtype=torch.bool)
     clean[backdoor.poisoned] = False
     count = ctx.config.removal.synthetic_samples
@@ -92,8 +92,7 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
         candidates = torch.nonzero(clean & (train.y != backdoor.target)).squeeze(1)
         generator = torch.Generator().manual_seed(ctx.config.seed)
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-        x = apply_trigger(train.x[chosen], backdoor.trigger, mean=ctx.data.mean,
-                          std=ctx.data.std)
+        x = backdoor.apply_trigger(ctx, train.x[chosen])
         y, true_y = torch.full((len(chosen),), backdoor.target), train.y[chosen]
         description = f"{len(chosen)} clean samples with the known trigger"
     triggered_val = triggered_inputs(ctx, val, backdoor)
@@ -113,11 +112,6 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
                       objective=objective, description=description)
 
 
-@contextmanager
-def _silent(description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    yield lambda *args, **kwargs: None
-
-
 def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
     """A seeded random subset of ``size`` retained training points (all when fewer)."""
     generator = torch.Generator().manual_seed(seed)
@@ -131,12 +125,13 @@ def output_paths(directory: Path) -> dict[str, Path]:
 
 def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
                    oracle: Path | None = None, force: bool = False,
-                   progress: ProgressFactory = _silent) -> dict:
+                   progress: ProgressFactory = silent) -> dict:
     """Edit ``config.checkpoint`` so that it forgets the task's removal set; write the outputs
     of SPEC §5 into ``output.dir`` and return the report."""
     started = time.perf_counter()
     timing: dict[str, float] = {}
     paths = output_paths(Path(config.output.dir))
+    check_writable(config.output.dir)
     existing = [p for p in paths.values() if p.exists()]
     if existing and not force:
         raise GifError(f"{existing[0]}: already exists; pass --force to overwrite the outputs "
@@ -257,6 +252,7 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     """``gif select-params``: select the target parameters of the config's task and save the
     mask (default: ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
     output = output or output_paths(Path(config.output.dir))["mask"]
+    check_writable(output.parent)
     if output.exists() and not force:
         raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another "
                        f"path")

@@ -15,7 +15,7 @@ from gifcli.cli.common import (
     console,
     handle_errors,
     print_json,
-    progress_bar,
+    progress_factory,
     read_config,
 )
 from gifcli.train import run_train
@@ -41,9 +41,8 @@ def train(
 ) -> None:
     """Train model.arch on the config's data set and write a safetensors checkpoint."""
     cfg = read_config(config, overrides)
-    with progress_bar("train", cfg.train.epochs, enabled=not json_output) as advance:
-        report = run_train(config=cfg, output=output, retrain=retrain, force=force,
-                           progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"))
+    report = run_train(config=cfg, output=output, retrain=retrain, force=force,
+                       progress=progress_factory(not json_output))
     if json_output:
         print_json(report)
         return

@@ -1,0 +1,37 @@
+"""The influence engine: curvature operators over HVPs, matrix-free solvers, estimators.
+
+- ``hvp``: ``CurvatureOperator`` (``H v`` of the retained risk via ``torch.func``, streamed),
+  ``loss_gradient``, the flat-vector helpers and ``reduce_sum``, the one reduction point.
+- ``solvers``: ``lsqr``, ``cg``, ``neumann``, ``exact`` behind one signature; ``SolveResult``.
+- ``estimators``: ``removal_gradient`` and ``estimate_update`` for gif, fif, pif, if, sif and
+  first-order.
+"""
+
+from gifcli.influence.estimators import METHODS, estimate_update, removal_gradient
+from gifcli.influence.hvp import (
+    CURVATURES,
+    CurvatureOperator,
+    flatten,
+    flatten_params,
+    loss_gradient,
+    reduce_sum,
+    trainable_parameters,
+    unflatten,
+)
+from gifcli.influence.solvers import SOLVERS, SolveResult
+
+__all__ = [
+    "CURVATURES",
+    "METHODS",
+    "SOLVERS",
+    "CurvatureOperator",
+    "SolveResult",
+    "estimate_update",
+    "flatten",
+    "flatten_params",
+    "loss_gradient",
+    "reduce_sum",
+    "removal_gradient",
+    "trainable_parameters",
+    "unflatten",
+]

@@ -32,6 +32,7 @@ not depend on the sample size, hence the default.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -176,6 +177,15 @@ def _ggn_product(loss: _FunctionalLoss, xb: Tensor, yb: Tensor, v: ParamDict) ->
     return vjp_fn(h_jv)[0]
 
 
+@functools.cache
+def _load_forward_ad() -> None:
+    """Run one tiny ``jvp`` so torch loads its forward-AD decompositions now, with the
+    deprecation warning that loading emits (about torch internals) silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
+
+
 def _forward_over_reverse(grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor,
                           v: ParamDict) -> ParamDict:
     return jvp(lambda p: grad_fn(p, xb, yb), (params,), (v,))[1]
@@ -255,6 +265,7 @@ class CurvatureOperator:
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode: unknown {hvp_mode!r}; use one of {HVP_MODES}")
         _check_sample(x, y, batch_size, "Hessian sample")
+        _load_forward_ad()
         self._loss = _FunctionalLoss(model, loss_scale)
         self._loss.params = {name: p.clone() for name, p in self._loss.params.items()}
         self._grad_fn = grad(self._loss.loss_sum)
@@ -297,15 +308,17 @@ class CurvatureOperator:
         if self.hvp_mode == "reverse-over-reverse":
             return _reverse_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
         if self.hvp_mode == "linearize":
-            tangent_fn = self._linearization(index, xb, yb)
-            if tangent_fn is not None:
-                return tangent_fn(v)
+            product = self._linearized_product(index, xb, yb, v)
+            if product is not None:
+                return product
         return _forward_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
 
-    def _linearization(self, index: int, xb: Tensor, yb: Tensor) -> Callable | None:
-        """The cached ``v ↦ ∇²ℓ_batch v`` of this batch, traced now if the budget allows."""
+    def _linearized_product(self, index: int, xb: Tensor, yb: Tensor,
+                            v: ParamDict) -> ParamDict | None:
+        """The product through this batch's cached linearisation, traced now if the budget
+        allows; ``None`` when the batch is not (and will not be) cached."""
         if index in self._linearized:
-            return self._linearized[index]
+            return self._linearized[index](v)
         if self.linearize_error is not None:
             return None
         if self._bytes_per_point is None:
@@ -315,12 +328,14 @@ class CurvatureOperator:
             return None
         try:
             with warnings.catch_warnings():
-                # linearize's constant folding warns about internals it handles itself.
+                # linearize's tracing and constant folding (run at the first call) warn about
+                # internals they handle themselves.
                 warnings.simplefilter("ignore")
                 _, tangent_fn = linearize(lambda p: self._grad_fn(p, xb, yb), self._loss.params)
+                product = tangent_fn(v)
         except Exception as error:  # an op without a traceable forward-mode rule
             self.linearize_error = f"{type(error).__name__}: {error}"
             return None
         self._linearized[index] = tangent_fn
         self._cached_bytes += cost
-        return tangent_fn
+        return product

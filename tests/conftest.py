@@ -1,0 +1,44 @@
+"""Shared fixtures: base checkpoints trained once per test session on scikit-learn's digits."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gifcli.config import load_config
+from gifcli.train import run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+DIGITS_BACKDOOR = ROOT / "configs" / "digits-backdoor.yaml"
+
+
+def train_checkpoint(config_path: Path, output: Path, *, retrain: bool = False) -> Path:
+    config = load_config(config_path, [f"checkpoint={output}"])
+    run_train(config=config, output=output, retrain=retrain, force=False)
+    return output
+
+
+@pytest.fixture(scope="session")
+def digits_base(tmp_path_factory) -> Path:
+    """TinyNet trained on digits with configs/digits.yaml (about 99% test accuracy)."""
+    return train_checkpoint(DIGITS, tmp_path_factory.mktemp("digits") / "base.safetensors")
+
+
+@pytest.fixture(scope="session")
+def digits_oracle(tmp_path_factory) -> Path:
+    """The retrain oracle of configs/digits.yaml: trained without class 3."""
+    return train_checkpoint(DIGITS, tmp_path_factory.mktemp("oracle") / "oracle.safetensors",
+                            retrain=True)
+
+
+@pytest.fixture(scope="session")
+def backdoor_base(tmp_path_factory) -> Path:
+    """TinyNet trained on the poisoned digits of configs/digits-backdoor.yaml."""
+    return train_checkpoint(DIGITS_BACKDOOR,
+                            tmp_path_factory.mktemp("backdoor") / "base.safetensors")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "NO_COLOR": "1"})
