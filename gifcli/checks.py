@@ -81,7 +81,7 @@ def parse_check(text: str) -> Check:
 
     def fail(expected: str) -> CheckError:
         if position < len(tokens):
-            kind, value, column = tokens[position]
+            _, value, column = tokens[position]
             return CheckError(f"{text!r}: expected {expected}, found {value!r} at column "
                               f"{column + 1}; {EXAMPLE}")
         return CheckError(f"{text!r}: expected {expected} at the end; {EXAMPLE}")
@@ -221,7 +221,8 @@ def _locate(path: ReportPath, root: dict) -> tuple[Any, ReportPath]:
             raise CheckError(f"unknown report path {str(path)!r}: {where} has no {part!r}; it "
                              f"has {_names(node)}")
         elif isinstance(node, list | ListOf | dict):
-            shape = (f"has indices 0 to {len(node) - 1}" if isinstance(node, list) else
+            shape = ((f"has indices 0 to {len(node) - 1}" if node else "is empty")
+                     if isinstance(node, list) else
                      "is a list; use an index" if isinstance(node, ListOf) else
                      "is a group of values; use a name")
             raise CheckError(f"unknown report path {str(path)!r}: {where} {shape}")
@@ -240,8 +241,8 @@ def _schema_kind(check: Check, term: ReportPath, schema: dict) -> str | None:
         return node.kind
     if node is OPEN:
         return None
-    shape = ("text" if node is TEXT else "a list; add an index, e.g. "
-             f"{path}.0" if isinstance(node, ListOf) else "a group of values; add a name")
+    shape = ("text" if node is TEXT else f"a list; add an index, e.g. {path}.0"
+             if isinstance(node, ListOf) else f"a group of values; add one of {_names(node)}")
     raise CheckError(f"report path {str(term)!r} is {shape}; checks compare numbers and "
                      f"booleans")
 
@@ -347,8 +348,9 @@ def edit_report_schema(task: str, *, oracle: bool) -> dict:
         "params": {"total": NUMBER, "changed": NUMBER, "fraction": NUMBER},
         "solver": {"name": TEXT, "curvature": TEXT, "damping": NUMBER, "iterations": NUMBER,
                    "hvps": NUMBER, "relative_residual": NUMBER, "normal_residual": NUMBER,
-                   "converged": BOOLEAN, "seconds": NUMBER,
-                   "residual_history": ListOf(NUMBER), "message": TEXT},
+                   "converged": BOOLEAN, "seconds": NUMBER, "residual_history": ListOf(NUMBER),
+                   "normal_history": ListOf(NUMBER),
+                   "message": TEXT},
         "update": {"scale": NUMBER, "chosen_by": TEXT, "norm": NUMBER, "raw_norm": NUMBER,
                    "relative_norm": NUMBER, "sweep": ListOf(OPEN)},
         "metrics": groups,

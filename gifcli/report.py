@@ -19,6 +19,7 @@ from gifcli.checkpoint import (
     write_text,
     write_with,
 )
+from gifcli.checks import format_value
 from gifcli.config import Config
 from gifcli.selection import save_mask
 
@@ -82,19 +83,20 @@ def plot_sweep(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def _cell(value: object) -> str:
+def format_cell(value: object, spec: str = ".2f") -> str:
     if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.2f}"
-    return "" if value is None else str(value)
+        return "n/a" if math.isnan(value) else format(value, spec)
+    return "n/a" if value is None else str(value)
 
 
 def metrics_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the before/after(/oracle/gap) table, one row per scalar metric."""
     columns = [c for c in ("before", "after", "oracle", "gap") if c in metrics]
     keys = list(scalar_metrics(metrics["before"]))
-    rows = [[key] + [_cell(metrics[c].get(key)) for c in columns] for key in keys]
+    rows = [[key] + [format_cell(metrics[c].get(key)) for c in columns] for key in keys]
     if "gap" in metrics:
-        rows.append(["mean gap"] + [""] * (len(columns) - 1) + [_cell(metrics["gap"]["mean"])])
+        mean = format_cell(metrics["gap"]["mean"])
+        rows.append(["mean gap"] + [""] * (len(columns) - 1) + [mean])
     return ["metric"] + columns, rows
 
 
@@ -116,7 +118,7 @@ def markdown(report: dict) -> str:
         f"- method: `{report['method']}`, curvature `{solver['curvature']}`, solver "
         f"`{solver['name']}` (damping {solver['damping']:g}): {solver['iterations']} "
         f"iterations, {solver['hvps']} HVPs, relative residual "
-        f"{solver['relative_residual']:.3g}, converged: {solver['converged']}",
+        f"{format_cell(solver['relative_residual'], '.3g')}, converged: {solver['converged']}",
         f"- selection: `{report['selection']['method']}` at ratio "
         f"{report['selection']['ratio']:g}; {params['changed']} of {params['total']} "
         f"parameters changed ({100 * params['fraction']:.2f}%)",
@@ -130,5 +132,18 @@ def markdown(report: dict) -> str:
         "",
         *table,
         "",
+        *checks_markdown(report.get("checks", [])),
     ]
     return "\n".join(lines)
+
+
+def checks_markdown(checks: list[dict]) -> list[str]:
+    """The ``--check`` gates of the run, one row each (nothing without checks)."""
+    if not checks:
+        return []
+    rows = [f"| `{c['expression']}` | {format_value(c['left'])} | {format_value(c['right'])} | "
+            f"{'pass' if c['passed'] else 'FAIL'} |" for c in checks]
+    failed = sum(not c["passed"] for c in checks)
+    verdict = f"{failed} of {len(checks)} failed" if failed else f"all {len(checks)} passed"
+    return ["## Checks", "", f"`--check` gates: {verdict}.", "",
+            "| check | left | right | result |", "|---|---|---|---|", *rows, ""]

@@ -11,7 +11,7 @@ points form the Hessian sample, and the validation objective of the step search.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from gifcli.checkpoint import check_writable, sha256_file
-from gifcli.config import Config
+from gifcli.checks import Check, evaluate_checks
+from gifcli.config import Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
 from gifcli.data import TensorSplit
 from gifcli.errors import GifError
@@ -119,15 +120,22 @@ def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSpli
     return retained.subset(order.sort().values)
 
 
+def _solver_report(solve: dict, influence: InfluenceConfig) -> dict:
+    """The solve's diagnostics under the SPEC's names (``name``: ``none`` for first-order)."""
+    return {"name": solve.pop("solver"), "curvature": influence.curvature,
+            "damping": influence.damping, **solve}
+
+
 def output_paths(directory: Path) -> dict[str, Path]:
     return {key: directory / name for key, name in OUTPUT_FILES.items()}
 
 
 def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
                    oracle: Path | None = None, force: bool = False,
-                   progress: ProgressFactory = silent) -> dict:
+                   progress: ProgressFactory = silent, checks: Sequence[Check] = ()) -> dict:
     """Edit ``config.checkpoint`` so that it forgets the task's removal set; write the outputs
-    of SPEC §5 into ``output.dir`` and return the report."""
+    of SPEC §5 into ``output.dir`` and return the report, with the result of each of
+    ``checks`` under ``checks``."""
     started = time.perf_counter()
     timing: dict[str, float] = {}
     paths = output_paths(Path(config.output.dir))
@@ -232,8 +240,7 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
                       "targets": int(target.sum()), "units": units},
         "params": {"total": theta.numel(), "changed": changed,
                    "fraction": changed / theta.numel()},
-        "solver": {"name": influence.solver, "curvature": influence.curvature,
-                   "damping": influence.damping, **solve.to_dict()},
+        "solver": _solver_report(solve.to_dict(), influence),
         "update": {"scale": scale, "chosen_by": "validation" if sweep else "config",
                    "norm": scale * delta_norm, "raw_norm": delta_norm,
                    "relative_norm": scale * delta_norm / target_norm if target_norm else None,
@@ -244,6 +251,7 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
                        "output": str(paths["model"]), "output_sha256": None},
     }
     report["timing"]["total_seconds"] = time.perf_counter() - started
+    report["checks"] = evaluate_checks(checks, report)
     write_outputs(paths=paths, report=report, model=model, mask=mask, config=config)
     return report
 

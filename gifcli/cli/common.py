@@ -12,14 +12,29 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gifcli.checks import (
+    Check,
+    CheckError,
+    failed_checks,
+    format_value,
+    parse_checks,
+    validate_checks,
+)
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError
-from gifcli.report import metrics_rows
+from gifcli.report import format_cell, metrics_rows
 
+# Rich prints plain text without escape codes when stderr is not a terminal, and honours
+# NO_COLOR and FORCE_COLOR.
 console = Console(stderr=True)
+
+EXIT_CODES = ("Exit codes: 0 success, every --check holds; 1 a problem with the inputs or the "
+              "run; 2 usage error (also a malformed --check or an unknown report path); 3 the "
+              "run finished and wrote its outputs, but a --check failed.")
 
 CONFIG_ARG = typer.Argument(..., help="YAML config (see configs/).", show_default=False)
 OVERRIDES_ARG = typer.Argument(None, metavar="[KEY=VALUE]...",
@@ -31,6 +46,11 @@ MASK_OPT = typer.Option(None, "--mask", help="Target mask saved by `gif select-p
                         "(instead of selecting anew).")
 ORACLE_OPT = typer.Option(None, "--oracle", help="Retrain-oracle checkpoint (`gif train "
                           "--retrain`): adds its metrics and the gap on each.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print only errors and failed checks.")
+CHECK_OPT = typer.Option(None, "--check", metavar="EXPR",
+                         help="Gate on the report (repeatable), e.g. 'after.forget_acc_test<=1', "
+                         "'gap.mean<=2', 'solver.converged==true': exit code 3 when one fails.",
+                         show_default=False)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,7 +83,7 @@ def print_json(report: dict) -> None:
 def progress_bar(description: str, total: int | None, *,
                  enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A Rich progress bar on stderr; yields ``advance(completed=None, **fields)``."""
-    if not enabled:
+    if not enabled or not console.is_terminal:  # no bars in CI logs or pipes
         yield lambda *args, **kwargs: None
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -99,8 +119,56 @@ def print_edit_report(report: dict) -> None:
     solver, update = report["solver"], report["update"]
     console.print(
         f"solver {solver['name']}: {solver['iterations']} iterations, {solver['hvps']} HVPs, "
-        f"relative residual {solver['relative_residual']:.3g}, converged {solver['converged']}; "
+        f"relative residual {format_cell(solver['relative_residual'], '.3g')}, "
+        f"converged {solver['converged']}; "
         f"step scale {update['scale']:.4g} ({update['chosen_by']}); "
         f"{report['params']['changed']} parameters changed "
         f"({100 * report['params']['fraction']:.2f}%)", highlight=False)
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
+
+
+def parse_check_options(texts: list[str] | None, schema: dict) -> list[Check]:
+    """Parse the --check options and find their paths in the report's schema, before the run:
+    a malformed check or an unknown path is a usage error (exit 2)."""
+    try:
+        checks = parse_checks(texts)
+        validate_checks(checks, schema)
+    except CheckError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--check'") from None
+    return checks
+
+
+def finish_checks(results: list[dict], *, table: bool) -> None:
+    """Print the checks (a table of all, or only the failed ones) and exit 3 when one failed,
+    2 when one names a path the report lacks."""
+    if not results:
+        return
+    failures = failed_checks(results)
+    if table:
+        checks = Table(title="checks")
+        for name in ("check", "left", "right", "result"):
+            checks.add_column(name, justify="left" if name == "check" else "right",
+                              overflow="fold")
+        for result in results:
+            verdict = "[green]pass[/]" if result["passed"] else "[bold red]FAIL[/]"
+            checks.add_row(escape(result["expression"]), format_value(result["left"]),
+                           format_value(result["right"]), verdict)
+        console.print(checks, highlight=False)
+    else:
+        for result in failures:
+            if "error" not in result:
+                console.print(f"check failed: {result['expression']} (left "
+                              f"{format_value(result['left'])}, right "
+                              f"{format_value(result['right'])})", highlight=False,
+                              markup=False, soft_wrap=True)
+    errors = [result["error"] for result in results if "error" in result]
+    for error in errors:
+        console.print(f"[bold red]error:[/] --check {escape(error)}", highlight=False,
+                      soft_wrap=True)
+    if errors:
+        raise typer.Exit(2)
+    if failures:
+        if table:
+            console.print(f"[bold red]{len(failures)} of {len(results)} checks failed[/]",
+                          highlight=False)
+        raise typer.Exit(3)

@@ -7,20 +7,28 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from gifcli.checks import evaluate_checks, evaluate_report_schema
 from gifcli.cli.common import (
+    CHECK_OPT,
     CONFIG_ARG,
+    EXIT_CODES,
     JSON_OPT,
     OVERRIDES_ARG,
+    QUIET_OPT,
     console,
+    finish_checks,
     handle_errors,
+    parse_check_options,
     print_json,
     read_config,
 )
-from gifcli.tasks import evaluate_checkpoint
+from gifcli.tasks import evaluate_checkpoint, task_of
 
 EPILOG = """Example:
 
   gif evaluate configs/digits.yaml --checkpoint runs/base.safetensors --json
+
+  gif evaluate configs/digits.yaml -c runs/base.safetensors --quiet --check 'acc_test>=95'
 """
 
 
@@ -31,13 +39,22 @@ def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint to evaluate "
                                     "(.safetensors, .pt, .pth).", show_default=False),
     json_output: bool = JSON_OPT,
+    checks: list[str] = CHECK_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
+    gates = parse_check_options(checks, evaluate_report_schema(task_of(cfg)))
     report = evaluate_checkpoint(config=cfg, checkpoint=checkpoint)
+    report["checks"] = evaluate_checks(gates, report)
     if json_output:
         print_json(report)
-        return
+    elif not quiet:
+        print_metrics(report)
+    finish_checks(report["checks"], table=not (json_output or quiet))
+
+
+def print_metrics(report: dict) -> None:
     table = Table(title=f"{report['checkpoint']} ({report['task']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -50,4 +67,4 @@ def evaluate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate", epilog=EPILOG)(evaluate)
+    app.command("evaluate", epilog=f"{EPILOG}\n{EXIT_CODES}")(evaluate)

@@ -6,11 +6,13 @@ import typer
 
 from gifcli import __version__
 from gifcli.cli import evaluate, recover_backdoor, remove_class, select_params, train
+from gifcli.cli.common import EXIT_CODES
 
 app = typer.Typer(
     name="gif",
     help="Make a trained PyTorch classifier forget part of its training data with Generalized "
          "Influence Functions.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +29,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Show the version and exit.")) -> None:
-    """Exit codes: 0 success, 1 a problem with the inputs or the run, 2 usage error."""
+    """Exit codes: 0 success (and every --check holds), 1 a problem with the inputs or the run,
+    2 usage error (also a malformed --check), 3 the run finished and wrote its outputs but a
+    --check failed."""
 
 
 for module in (train, select_params, remove_class, recover_backdoor, evaluate):

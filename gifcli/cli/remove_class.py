@@ -6,14 +6,20 @@ from pathlib import Path
 
 import typer
 
+from gifcli.checks import edit_report_schema
 from gifcli.cli.common import (
+    CHECK_OPT,
     CONFIG_ARG,
+    EXIT_CODES,
     FORCE_OPT,
     JSON_OPT,
     MASK_OPT,
     ORACLE_OPT,
     OVERRIDES_ARG,
+    QUIET_OPT,
+    finish_checks,
     handle_errors,
+    parse_check_options,
     print_edit_report,
     print_json,
     progress_factory,
@@ -29,6 +35,9 @@ EPILOG = """Examples:
   gif remove-class configs/digits.yaml --class 3 --class 5 --oracle runs/oracle.safetensors
 
   gif remove-class configs/digits.yaml influence.method=fif selection.ratio=0.1 --force --json
+
+  gif remove-class configs/digits.yaml --quiet --check 'after.forget_acc_test<=1' \\
+    --check 'after.retain_acc_test>=before.retain_acc_test-1'
 """
 
 
@@ -42,17 +51,23 @@ def remove_class(
     oracle: Path = ORACLE_OPT,
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
+    checks: list[str] = CHECK_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
     """Make the model forget the training samples of the given classes."""
     extra = [f"removal.classes={list(classes)}"] if classes else []
     cfg = read_config(config, [*(overrides or []), *extra])
+    schema = edit_report_schema(REMOVE_CLASS, oracle=oracle is not None)
+    gates = parse_check_options(checks, schema)
     report = run_unlearning(config=cfg, task=REMOVE_CLASS, mask_path=mask, oracle=oracle,
-                            force=force, progress=progress_factory(not json_output))
+                            force=force, progress=progress_factory(not (json_output or quiet)),
+                            checks=gates)
     if json_output:
         print_json(report)
-    else:
+    elif not quiet:
         print_edit_report(report)
+    finish_checks(report["checks"], table=not (json_output or quiet))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("remove-class", epilog=EPILOG)(remove_class)
+    app.command("remove-class", epilog=f"{EPILOG}\n{EXIT_CODES}")(remove_class)

@@ -41,6 +41,7 @@ class LinearOperator(Protocol):
 
     dim: int
     dtype: torch.dtype
+    device: torch.device
 
     def matvec(self, v: Tensor) -> Tensor: ...
 
@@ -115,14 +116,16 @@ def estimate_update(
             ``first-order``.
         removal_operator: ``H_U``, the curvature of the mean removal loss (``sif`` only).
         removal_fraction: ``p = m / n`` (``sif`` only), in ``(0, 1)``.
-        progress: ``progress(iteration, relative normal residual)`` after each iteration.
+        progress: ``progress(iteration, relative normal residual)`` after each iteration
+            (``exact``: after each column built; ``sif``: counts restart for its second solve).
         solver_options: extra keyword arguments of the solver (``neumann``: ``scale``,
             ``scale_step``, ``max_restarts``).
 
     Coordinates outside the target mask are exactly zero for the targeted methods.
     """
-    target = _check(method, operator, gradient, target_flat, solver)
-    g = gradient.to(operator.dtype)
+    _check(method, operator, gradient, target_flat, solver)
+    g = gradient.to(operator.device, operator.dtype)
+    target = target_flat.to(g.device)
     if method == "first-order":
         return torch.where(target, g, torch.zeros_like(g)), _first_order_result()
 
@@ -173,8 +176,8 @@ def _scatter(x: Tensor, index: Tensor, like: Tensor) -> Tensor:
 
 
 def _check(method: str, operator: LinearOperator, gradient: Tensor, target_flat: Tensor,
-           solver: str) -> Tensor:
-    """Validate the inputs; returns the target mask on the gradient's device."""
+           solver: str) -> None:
+    """Raise on inputs that cannot be estimated from."""
     if method not in METHODS:
         raise GifError(f"influence.method: unknown {method!r}; use one of {', '.join(METHODS)}")
     if method != "first-order" and solver not in SOLVERS:
@@ -191,7 +194,6 @@ def _check(method: str, operator: LinearOperator, gradient: Tensor, target_flat:
     if method in TARGETED and not target_flat.any():
         raise GifError("selection: the target mask selects no parameter; raise selection.ratio "
                        "or check selection.include / exclude")
-    return target_flat.to(gradient.device)
 
 
 def _first_order_result() -> SolveResult:

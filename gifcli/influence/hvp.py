@@ -16,18 +16,24 @@ becomes an all-reduce.
 
 HVP path. Three ``torch.func`` compositions give ``H v`` for one batch:
 
-- forward-over-reverse ``jvp(grad(L), θ, v)`` (the default): one forward pass carrying dual
-  numbers and one backward pass; no graph of the gradient is kept;
+- ``linearize(grad(L), θ)`` (the default): traced once per batch at the first product, then
+  each product replays only the tangent part — the forward and backward passes at ``θ̂`` are
+  constants of the trace, computed once. The trace keeps those intermediates alive (about
+  20 MB per 256 digits, 128 MB per 256 MNIST images for TinyNet), so the cache has a memory
+  budget (``cache_bytes``, default 1 GiB); batches beyond it use forward-over-reverse, and
+  memory stops growing with the sample size there;
+- forward-over-reverse ``jvp(grad(L), θ, v)``: one forward pass carrying dual numbers and one
+  backward pass per product, nothing kept between products: memory flat in the sample size;
 - reverse-over-reverse ``vjp(grad(L), θ)(v)``: builds and differentiates the graph of the
-  gradient, about twice the memory of forward-over-reverse;
-- ``linearize(grad(L), θ)`` traced once per batch and reused across products: saves the
-  re-tracing of the forward pass but keeps one linearised graph *per batch* alive, so its memory
-  grows with the Hessian sample size.
+  gradient per product.
 
-``benchmarks/solvers.py`` measures them against each other and against the double-backward
-HVP (``torch.autograd.grad`` twice); forward-over-reverse is the fastest on the measured models
-(numbers in ``benchmarks/BENCHMARKS.md``, section "Solvers") and the only one whose memory does
-not depend on the sample size, hence the default.
+Measured by ``benchmarks/solvers.py`` (TinyNet, one batch of 256, CPU, one thread; the table
+is in ``benchmarks/BENCHMARKS.md``, section "Solvers"): a replayed linearised product is about
+1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), while
+forward- and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.4 s per batch,
+repaid after roughly ten products, so even a 20-iteration LSQR solve (41+ products) is faster
+end to end. Hence the default; forward-over-reverse remains the fallback (cache full, or an
+operation linearize cannot trace).
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ CURVATURES = ("hessian", "ggn")
 HVP_MODES = ("forward-over-reverse", "reverse-over-reverse", "linearize")
 DEFAULT_HVP_MODE = "linearize"
 LINEARIZE_CACHE_BYTES = 1 << 30
+"""Default memory budget of the linearisation cache (1 GiB)."""
+KEPT_PER_ACTIVATION_BYTE = 10
+"""Fallback size of a linearised batch per byte of its leaf activations (measured 8-9 on
+TinyNet: the traced graph also keeps the backward pass's intermediates)."""
 
 ParamDict = dict[str, Tensor]
 
@@ -196,12 +206,39 @@ def _reverse_over_reverse(grad_fn: Callable, params: ParamDict, xb: Tensor, yb: 
     return vjp(lambda p: grad_fn(p, xb, yb), params)[1](v)[0]
 
 
-def _activation_bytes_per_point(loss: _FunctionalLoss, xb: Tensor) -> int:
-    """Bytes of all leaf-module outputs for one input: the size of a cached linearisation.
+def _kept_bytes(tangent_fn: Callable, loss: _FunctionalLoss, xb: Tensor) -> int:
+    """Bytes of the tensors a linearised batch keeps alive.
 
-    An estimate (it misses functional ops inside ``forward``) that measured within a factor of
-    about 1.5 of the resident-memory growth per cached batch on the builtin models.
+    Counted exactly from the traced graph module(s) that ``torch.func.linearize``'s function
+    closes over (its constants: the intermediate values of the forward and backward passes,
+    folded at the first call). Should a torch version hide them elsewhere, falls back to
+    ``KEPT_PER_ACTIVATION_BYTE ×`` the batch's leaf-module activation bytes.
     """
+    cells = getattr(tangent_fn, "__closure__", None) or ()
+    modules = [c.cell_contents for c in cells if isinstance(_cell_value(c), nn.Module)]
+    storages: dict[int, int] = {}
+    for module in modules:
+        for sub in module.modules():
+            tensors = [t for _, t in sub.named_parameters(recurse=False)]
+            tensors += [t for _, t in sub.named_buffers(recurse=False)]
+            tensors += [t for t in vars(sub).values() if isinstance(t, Tensor)]
+            for t in tensors:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    if storages:
+        return sum(storages.values())
+    return KEPT_PER_ACTIVATION_BYTE * _activation_bytes(loss, xb)
+
+
+def _cell_value(cell: object) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _activation_bytes(loss: _FunctionalLoss, xb: Tensor) -> int:
+    """Bytes of all leaf-module outputs for the batch ``xb``."""
     total = 0
 
     def count(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -213,7 +250,7 @@ def _activation_bytes_per_point(loss: _FunctionalLoss, xb: Tensor) -> int:
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
-            loss.logits(loss.params, xb[:1])
+            loss.logits(loss.params, xb)
     finally:
         for handle in handles:
             handle.remove()
@@ -240,9 +277,9 @@ class CurvatureOperator:
             to it when the removal gradient is scaled alike).
         hvp_mode: the Hessian path, one of ``HVP_MODES`` (module docstring); ignored for
             ``"ggn"``, whose product is a ``jvp`` then a ``vjp``.
-        cache_bytes: memory budget of the ``"linearize"`` cache (estimated as the batch's
-            activation bytes); batches beyond it use forward-over-reverse, so memory stops
-            growing with the sample size once the budget is reached.
+        cache_bytes: memory budget of the ``"linearize"`` cache (the tensors each linearised
+            batch keeps, counted after tracing); batches beyond it use forward-over-reverse,
+            so memory stops growing with the sample size once the budget is reached.
 
     ``matvec(v)`` maps a flat ``[dim]`` vector to ``H v`` ``[dim]`` in the parameters' dtype and
     device; ``hvp_count`` counts the products over the whole sample.
@@ -277,7 +314,7 @@ class CurvatureOperator:
         self.linearize_error: str | None = None
         self._linearized: dict[int, Callable[[ParamDict], ParamDict]] = {}
         self._cached_bytes = 0
-        self._bytes_per_point: int | None = None
+        self._cache_full = False
 
     @property
     def sample_size(self) -> int:
@@ -313,18 +350,19 @@ class CurvatureOperator:
                 return product
         return _forward_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes kept by the cached linearisations."""
+        return self._cached_bytes
+
     def _linearized_product(self, index: int, xb: Tensor, yb: Tensor,
                             v: ParamDict) -> ParamDict | None:
-        """The product through this batch's cached linearisation, traced now if the budget
-        allows; ``None`` when the batch is not (and will not be) cached."""
+        """The product through this batch's linearisation, traced now while the cache has
+        room; ``None`` when the batch is not cached (the caller then uses forward-over-reverse).
+        """
         if index in self._linearized:
             return self._linearized[index](v)
-        if self.linearize_error is not None:
-            return None
-        if self._bytes_per_point is None:
-            self._bytes_per_point = _activation_bytes_per_point(self._loss, xb)
-        cost = len(xb) * self._bytes_per_point
-        if self._cached_bytes + cost > self.cache_bytes:
+        if self._cache_full or self.linearize_error is not None:
             return None
         try:
             with warnings.catch_warnings():
@@ -336,6 +374,10 @@ class CurvatureOperator:
         except Exception as error:  # an op without a traceable forward-mode rule
             self.linearize_error = f"{type(error).__name__}: {error}"
             return None
-        self._linearized[index] = tangent_fn
-        self._cached_bytes += cost
+        kept = _kept_bytes(tangent_fn, self._loss, xb)
+        if self._cached_bytes + kept > self.cache_bytes:
+            self._cache_full = True  # later batches are as large (the last may be smaller)
+        else:
+            self._linearized[index] = tangent_fn
+            self._cached_bytes += kept
         return product

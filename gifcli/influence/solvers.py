@@ -138,6 +138,7 @@ def _finish(
     damping: float,
     tol: float,
     iterations: int,
+    exhausted: bool,
     started: float,
     history: tuple[list[float], list[float]],
     stop: str | None,
@@ -157,6 +158,13 @@ def _finish(
         message = stop
     elif converged:
         message = f"{name}: converged in {iterations} iterations"
+    elif not exhausted:
+        message = (
+            f"{name}: its recurrences reached tol {tol:.1e} after {iterations} iterations, but "
+            f"the returned solution has relative residual {relative:.2e} and relative normal "
+            f"residual {_ratio(normal, atb_norm):.2e}: rounding (a float32 model) limits the "
+            "accuracy; the solution is usable, or use a float64 model or a larger influence.tol"
+        )
     else:
         message = (
             f"{name}: stopped at max_iter={iterations} with relative residual {relative:.2e} and "
@@ -274,7 +282,8 @@ def lsqr(
         if stop or relative <= tol or normal_rel <= tol or beta == 0 or alpha == 0:
             break
     result = _finish("lsqr", op, b, x, damping=damping, tol=tol, iterations=iteration,
-                     started=started, history=history, stop=stop, atb_norm=atb_norm)
+                     exhausted=iteration == max_iter, started=started, history=history,
+                     stop=stop, atb_norm=atb_norm)
     return x, result
 
 
@@ -325,7 +334,8 @@ def cg(
             break
         p, gamma = s + (gamma_next / gamma) * p, gamma_next
     result = _finish("cg", op, b, x, damping=damping, tol=tol, iterations=iteration,
-                     started=started, history=history, stop=stop, atb_norm=atb_norm)
+                     exhausted=iteration == max_iter, started=started, history=history,
+                     stop=stop, atb_norm=atb_norm)
     return x, result
 
 
@@ -375,51 +385,47 @@ def neumann(
         return torch.zeros_like(atb), _trivial("neumann", b, atb, op, started)
     noise = math.sqrt(torch.finfo(b.dtype).eps)
     history: tuple[list[float], list[float]] = ([], [])
-    c, iterations, stop = scale, 0, None
+
+    def attempt(c: float) -> tuple[Tensor, str | None, bool]:
+        """One attempt at scale ``c``: ``(x, stop reason, grew)``; ``grew`` asks for a restart."""
+        v = atb / c**2
+        x = v.clone()  # x₁ = v: the first step from x₀ = 0 costs no product.
+        first_diff = previous = _norm(v)
+        for _ in range(max_iter):
+            r = b - op.A(x)
+            step = (op.At(r) - damping**2 * x) / c**2  # x_{k+1} − x_k
+            diff = _norm(step)
+            relative, normal_rel = _ratio(_norm(r), b_norm), diff * c**2 / atb_norm
+            history[0].append(relative)
+            history[1].append(normal_rel)
+            _report(progress, len(history[0]), normal_rel)
+            if not _finite(relative, normal_rel):
+                return x, _breakdown("neumann", len(history[0]), "NaN/Inf in the products"), False
+            if relative <= tol or normal_rel <= tol:
+                return x, None, False
+            if diff > previous and diff > noise * first_diff:
+                return x, None, True
+            x, previous = x + step, diff
+        return x, None, False
+
+    c = scale
     for restart in range(max_restarts + 1):
-        x, stop, grew = _neumann_attempt(op, atb, b, c, damping, max_iter, tol, noise,
-                                         history, b_norm, atb_norm, progress, iterations)
-        iterations = len(history[0])
+        before = len(history[0])
+        x, stop, grew = attempt(c)
         if not grew:
             break
         if restart == max_restarts:
-            stop = _breakdown("neumann", iterations, f"still diverging at scale c={c:g} after "
-                              f"{max_restarts} restarts; raise the scale")
+            stop = _breakdown("neumann", len(history[0]), f"still diverging at scale c={c:g} "
+                              f"after {max_restarts} restarts; raise the scale")
             break
         c += scale_step
+    iterations = len(history[0])
     result = _finish("neumann", op, b, x, damping=damping, tol=tol, iterations=iterations,
-                     started=started, history=history, stop=stop, atb_norm=atb_norm)
+                     exhausted=iterations - before >= max_iter, started=started,
+                     history=history, stop=stop, atb_norm=atb_norm)
     if stop is None:
         result.message += f" (final scale c={c:g}, {restart} restarts)"
     return x, result
-
-
-def _neumann_attempt(
-    op: _Counted, atb: Tensor, b: Tensor, c: float, damping: float, max_iter: int, tol: float,
-    noise: float, history: tuple[list[float], list[float]], b_norm: float, atb_norm: float,
-    progress: Progress | None, done: int,
-) -> tuple[Tensor, str | None, bool]:
-    """One attempt at scale ``c``: ``(x, stop reason, grew)``; ``grew`` asks for a restart."""
-    v = atb / c**2
-    x = v.clone()  # x₁ = v: the first step from x₀ = 0 costs no product.
-    first_diff = previous = _norm(v)
-    for _ in range(max_iter):
-        ax = op.A(x)
-        normal = op.At(b - ax) - damping**2 * x
-        diff_vec = normal / c**2
-        diff = _norm(diff_vec)
-        relative, normal_rel = _ratio(_norm(b - ax), b_norm), diff * c**2 / atb_norm
-        history[0].append(relative)
-        history[1].append(normal_rel)
-        _report(progress, done + len(history[0]), normal_rel)
-        if not _finite(relative, normal_rel):
-            return x, _breakdown("neumann", len(history[0]), "NaN/Inf in the products"), False
-        if relative <= tol or normal_rel <= tol:
-            return x, None, False
-        if diff > previous and diff > noise * first_diff:
-            return x, None, True
-        x, previous = x + diff_vec, diff
-    return x, None, False
 
 
 # --------------------------------------------------------------------------- exact
@@ -459,20 +465,21 @@ def exact(
             "this size"
         )
     dense = _dense_matrix(op, k, b, progress)
+    if not torch.isfinite(dense).all():
+        stop = f"exact: NaN/Inf in the Hessian-vector products; {_TRY}"
+        result = SolveResult(solver="exact", iterations=0, hvps=op.calls,
+                             relative_residual=float("nan"), normal_residual=float("nan"),
+                             converged=False, seconds=time.perf_counter() - started, message=stop)
+        return torch.zeros_like(atb), result
     x64 = _damped_pinv_solve(dense, b.double(), damping, torch.finfo(b.dtype).eps)
     r = b.double() - dense @ x64
     normal = _norm(dense.T @ r - damping**2 * x64)
     relative = _ratio(_norm(r), _norm(b.double()))
-    finite = _finite(relative, normal)
-    message = (
-        f"exact: dense float64 solve of a {n}x{k} matrix ({k} products)"
-        if finite else f"exact: the dense matrix holds NaN or Inf; {_TRY}"
-    )
     result = SolveResult(
         solver="exact", iterations=0, hvps=op.calls, relative_residual=relative,
-        normal_residual=normal, converged=finite, seconds=time.perf_counter() - started,
+        normal_residual=normal, converged=True, seconds=time.perf_counter() - started,
         residual_history=[relative], normal_history=[_ratio(normal, _norm(atb))],
-        message=message,
+        message=f"exact: dense float64 solve of a {n}x{k} matrix ({k} products)",
     )
     return x64.to(b.dtype), result
 

@@ -8,6 +8,7 @@ the Gauss-Newton matrix from the logits' Jacobian, solutions by ``torch.linalg.l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -63,6 +64,22 @@ class Problem:
     def theta(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
+    @functools.cached_property
+    def hessian(self) -> Tensor:
+        """Dense ``H`` of the mean loss over ``(x, y)``, ``[P, P]``."""
+        return dense_hessian(self.model, self.x, self.y)
+
+    @functools.cached_property
+    def removal_hessian(self) -> Tensor:
+        """Dense ``H_U`` of the mean loss over the removal set."""
+        return dense_hessian(self.model, self.removal_x, self.removal_y)
+
+    @functools.cached_property
+    def removal_gradient(self) -> Tensor:
+        """``g = m/(n − m) · ∇L_U``."""
+        m = len(self.removal_x)
+        return m / (self.n_train - m) * dense_gradient(self.model, self.removal_x, self.removal_y)
+
 
 def make_mlp(seed: int = 0) -> Problem:
     torch.manual_seed(seed)
@@ -104,7 +121,7 @@ def risk_fn(model: nn.Module, x: Tensor, y: Tensor, scale: float = 1.0):
 
 def dense_hessian(model: nn.Module, x: Tensor, y: Tensor, scale: float = 1.0) -> Tensor:
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return torch.autograd.functional.hessian(risk_fn(model, x, y, scale), theta, vectorize=True)
+    return torch.autograd.functional.hessian(risk_fn(model, x, y, scale), theta)
 
 
 def dense_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -132,6 +149,16 @@ def damped_lstsq(a: Tensor, b: Tensor, damping: float) -> Tensor:
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tiny models run several times faster than with threads
+    competing for shared cores. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
