@@ -322,8 +322,8 @@ def bench_damping(ctx: dict, args: argparse.Namespace) -> dict:
     operator = operator_for(ctx, args)
     theta_t = float(torch.cat([p.detach().reshape(-1) for p in ctx["model"].parameters()])
                     [ctx["target"]].norm())
-    out = {"sigma_max": ctx["sigma_max"], "target_norm": theta_t,
-           "runs": []}
+    atb_norm = float(operator.matvec(ctx["gradient"])[ctx["target"]].norm())
+    out = {"sigma_max": ctx["sigma_max"], "target_norm": theta_t, "runs": []}
     first_order = torch.where(ctx["target"], ctx["gradient"], 0.0)
     out["first_order"] = {"delta_norm": float(first_order.norm()),
                           **evaluate_update(ctx, first_order, args)}
@@ -334,7 +334,9 @@ def bench_damping(ctx: dict, args: argparse.Namespace) -> dict:
             out["runs"].append({
                 "damping": damping, "max_iter": max_iter, "iterations": result.iterations,
                 "converged": result.converged, "relative_residual": result.relative_residual,
-                "normal_residual": result.normal_residual, "delta_norm": float(delta.norm()),
+                "normal_residual": result.normal_residual,
+                "relative_normal_residual": result.normal_residual / atb_norm,
+                "delta_norm": float(delta.norm()),
                 **evaluate_update(ctx, delta, args)})
     return out
 
@@ -376,17 +378,18 @@ def markdown(results: dict) -> str:
     d = results["damping"]
     lines += ["", "### 4. Damping and max_iter (LSQR, GIF)", "",
               f"σ_max(H[:, t]) ≈ {d['sigma_max']:.3g}; ‖θ_t‖ = {d['target_norm']:.3g}", "",
-              "| damping | max_iter | iterations | converged | rel. residual | ‖Δ‖ | "
-              "best rel. step | F1 val | forget test % | retain test % | F1 test |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| damping | max_iter | iterations | converged | rel. residual | rel. normal res. | "
+              "‖Δ‖ | best rel. step | F1 val | forget test % | retain test % | F1 test |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["runs"]:
         lines.append(
             f"| {r['damping']:g} | {r['max_iter']} | {r['iterations']} | {r['converged']} | "
-            f"{r['relative_residual']:.3f} | {r['delta_norm']:.3g} | {r['relative_step']:.3g} | "
+            f"{r['relative_residual']:.3f} | {r['relative_normal_residual']:.1e} | "
+            f"{r['delta_norm']:.3g} | {r['relative_step']:.3g} | "
             f"{r['f1_val']:.1f} | {r['forget_test']:.1f} | {r['retain_test']:.1f} | "
             f"{r['f1_test']:.1f} |")
     fo = d["first_order"]
-    lines.append(f"| first-order | — | — | — | — | {fo['delta_norm']:.3g} | "
+    lines.append(f"| first-order | — | — | — | — | — | {fo['delta_norm']:.3g} | "
                  f"{fo['relative_step']:.3g} | {fo['f1_val']:.1f} | {fo['forget_test']:.1f} | "
                  f"{fo['retain_test']:.1f} | {fo['f1_test']:.1f} |")
     return "\n".join(lines)

@@ -27,13 +27,14 @@ HVP path. Three ``torch.func`` compositions give ``H v`` for one batch:
 - reverse-over-reverse ``vjp(grad(L), θ)(v)``: builds and differentiates the graph of the
   gradient per product.
 
-Measured by ``benchmarks/solvers.py`` (TinyNet, one batch of 256, CPU, one thread; the table
-is in ``benchmarks/BENCHMARKS.md``, section "Solvers"): a replayed linearised product is about
-1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), while
-forward- and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.4 s per batch,
-repaid after roughly ten products, so even a 20-iteration LSQR solve (41+ products) is faster
-end to end. Hence the default; forward-over-reverse remains the fallback (cache full, or an
-operation linearize cannot trace).
+Measured by ``benchmarks/solvers.py`` (TinyNet on digits, batches of 256, CPU, one thread;
+tables in ``benchmarks/BENCHMARKS.md``, section "Solvers"): a replayed linearised product is
+1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), forward-
+and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
+saving of some 20 products, so a 20-iteration LSQR solve (43 products) comes out about even
+with forward-over-reverse and longer solves (more iterations, ``neumann``, ``exact``, the two
+solves of ``sif``) gain up to the per-product factor. Hence the default; forward-over-reverse
+is the fallback (cache full, or an operation linearize cannot trace).
 """
 
 from __future__ import annotations
@@ -174,8 +175,11 @@ def loss_gradient(
 # --------------------------------------------------------------------------- products
 
 
-def _ggn_product(loss: _FunctionalLoss, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
-    """``Σ_i J_iᵀ H_out,i J_i v`` with ``H_out = s · (diag(p) − p pᵀ)``, p = softmax(logits)."""
+def _ggn_product(loss: _FunctionalLoss, xb: Tensor, v: ParamDict) -> ParamDict:
+    """``Σ_i J_iᵀ H_out,i J_i v`` with ``H_out = s · (diag(p) − p pᵀ)``, p = softmax(logits).
+
+    The labels do not enter: the cross-entropy's Hessian in the logits does not depend on them.
+    """
 
     def logits(params: ParamDict) -> Tensor:
         return loss.logits(params, xb)
@@ -341,7 +345,7 @@ class CurvatureOperator:
     def _batch_product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
         """``Σ_{i∈batch} ∇²ℓ_i v`` (or its Gauss-Newton part) as a parameter dict."""
         if self.curvature == "ggn":
-            return _ggn_product(self._loss, xb, yb, v)
+            return _ggn_product(self._loss, xb, v)
         if self.hvp_mode == "reverse-over-reverse":
             return _reverse_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
         if self.hvp_mode == "linearize":

@@ -35,10 +35,13 @@ def test_hessian_product_matches_dense_hessian(name, mode, request, reference):
     assert operator.hvp_count == 2
 
 
-def test_batch_size_does_not_change_the_product(cnn):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_size_does_not_change_the_product(dtype, reference):
+    problem = reference.make_cnn()
+    problem.model.to(dtype)
     torch.manual_seed(2)
-    v = torch.randn(sum(p.numel() for p in cnn.model.parameters()), dtype=torch.float64)
-    products = [_operator(cnn, batch_size=size).matvec(v) for size in (1, 7, len(cnn.x))]
+    v = torch.randn(sum(p.numel() for p in problem.model.parameters()), dtype=dtype)
+    products = [_operator(problem, batch_size=size).matvec(v) for size in (1, 7, len(problem.x))]
     for product in products[1:]:
         assert (product - products[0]).norm() <= 1e-6 * products[0].norm()
 
