@@ -57,6 +57,7 @@ def removal_gradient(
     n_train: int,
     batch_size: int,
     true_labels: Tensor | None = None,
+    removal_size: int | None = None,
 ) -> Tensor:
     """The removal gradient ``g`` (flat, ``[dim]``) of SPEC §1.
 
@@ -67,16 +68,21 @@ def removal_gradient(
     Backdoor relabelling (``true_labels`` given): the poisoned points are removed with their
     poisoned labels ``removal_y`` and re-added with their true labels,
     ``g = (m / (n − m)) · (∇θ L_U(θ̂; removal_y) − ∇θ L_U(θ̂; true_labels))``.
+
+    Under ``torchrun`` each rank passes its shard of the removal set and ``removal_size``, the
+    size ``m`` of the whole set: ``loss_gradient`` reduces the gradient sums and counts over the
+    ranks, so ``L_U`` is still the mean over the whole set.
     """
-    m = len(removal_x)
+    m = len(removal_x) if removal_size is None else removal_size
     if m == 0:
         raise GifError("removal set: it is empty; nothing to remove")
     if n_train <= m:
         raise GifError(f"removal set: {m} points of a training set of {n_train}; need m < n")
     grad_u = loss_gradient(model, removal_x, removal_y, batch_size=batch_size)
     if true_labels is not None:
-        if len(true_labels) != m:
-            raise GifError(f"removal set: {len(true_labels)} true labels for {m} points")
+        if len(true_labels) != len(removal_x):
+            raise GifError(f"removal set: {len(true_labels)} true labels for "
+                           f"{len(removal_x)} points")
         grad_u = grad_u - loss_gradient(model, removal_x, true_labels, batch_size=batch_size)
     if not torch.isfinite(grad_u).all():
         raise GifError(

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp
 
+from gifcli import distributed
 from gifcli.errors import GifError
 
 CURVATURES = ("hessian", "ggn")
@@ -99,11 +100,12 @@ def reduce_sum(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` across the processes that share the Hessian sample.
 
     The single reduction point of every batch accumulation (HVPs, GGN products, gradients and
-    sample counts). With one process it is the identity; under ``torch.distributed`` it becomes
-    an all-reduce (SUM), and because sums and counts are reduced separately before the division,
-    ranks may hold different numbers of samples.
+    sample counts). With one process it is the identity; under ``torchrun`` it is an all-reduce
+    (SUM, ``gifcli.distributed.all_reduce_sum``), and because sums and counts are reduced
+    separately before the division, ranks may hold different numbers of samples. Every rank
+    must reach it the same number of times, in the same order.
     """
-    return tensor
+    return distributed.all_reduce_sum(tensor)
 
 
 # --------------------------------------------------------------------------- the loss

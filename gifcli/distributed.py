@@ -1,0 +1,119 @@
+"""Several processes under ``torchrun``: the process group, who does what, and the all-reduce.
+
+Run as one process, nothing here does anything: every helper answers "rank 0 of 1" and
+``all_reduce_sum`` is the identity. Under ``torchrun --nproc_per_node N`` (which sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) with ``N > 1``:
+
+- ``init(device)`` joins the process group from those variables (``gloo`` for CPU tensors,
+  ``nccl`` for CUDA ones) and destroys it when the process exits;
+- ``shard(count)`` gives each rank its contiguous, balanced share of a sample that every rank
+  holds in full (the same seeded Hessian sample, the same removal set);
+- ``all_reduce_sum`` sums a tensor over the ranks: the reduction point of the influence engine
+  (``gifcli.influence.hvp.reduce_sum``) and of the selection statistics;
+- ``is_main()``: rank 0 alone writes outputs and talks to people.
+
+Every rank reads the same config and data and validates them identically before its first
+collective, so an input error stops every rank at the same point with the same message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().isdigit() else default
+
+
+def launched() -> bool:
+    """True when ``torchrun`` (or an equivalent launcher) started more than one process."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
+def active() -> bool:
+    """True once this process has joined a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes sharing the work (1 without ``torchrun``)."""
+    return dist.get_world_size() if active() else _env_int("WORLD_SIZE", 1)
+
+
+def rank() -> int:
+    """This process's rank, 0 to ``world_size() - 1``."""
+    return dist.get_rank() if active() else _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the CUDA device index it uses."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main() -> bool:
+    """True on rank 0, the one process that writes outputs and prints."""
+    return rank() == 0
+
+
+def init(device: torch.device) -> None:
+    """Join the process group described by the environment, once; a no-op for one process.
+
+    ``device`` is where this rank computes: CUDA tensors are reduced with ``nccl``, CPU tensors
+    with ``gloo``. Call it on every rank after the inputs are validated and before the first
+    collective.
+    """
+    if not launched() or active():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method="env://")
+    atexit.register(destroy)
+
+
+def destroy() -> None:
+    """Leave the process group (registered by ``init`` to run at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op for one process)."""
+    if active():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """``Σ_ranks tensor``, on every rank (``tensor`` itself is left unchanged).
+
+    The identity for one process. Every rank must call it, in the same order, with a tensor of
+    the same shape and dtype on its compute device; the result is bitwise the same on all ranks.
+    """
+    if not active():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def shard(count: int) -> Tensor:
+    """Indices ``[k]`` (int64) of this rank's share of ``count`` items that every rank holds.
+
+    Contiguous and balanced: rank ``r`` takes the ``r``-th of ``world_size()`` consecutive
+    blocks, the first ``count % world_size()`` blocks one item longer. With fewer items than
+    ranks every rank takes all of them: the engine reduces sums and counts together before
+    dividing, so a replicated sample gives the same mean, and no rank is left empty.
+    """
+    world = world_size()
+    if world == 1 or count < world:
+        return torch.arange(count)
+    base, extra = divmod(count, world)
+    r = rank()
+    start = r * base + min(r, extra)
+    return torch.arange(start, start + base + (r < extra))
