@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gifcli.checkpoint import check_writable, sha256_file
+from gifcli import distributed
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
@@ -152,6 +153,10 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     model = ctx.load_model()
     input_sha = sha256_file(config.checkpoint)
     influence = config.influence
+    # Under torchrun, each rank takes its share of the removal set and of the Hessian sample;
+    # every sum over them is all-reduced (the inputs were validated alike on every rank).
+    distributed.init(ctx.device)
+    mine = distributed.shard(len(removal.x))
 
     clock = time.perf_counter()
     units: dict[str, list[int]] = {}
@@ -161,31 +166,35 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     elif mask_path is not None:
         mask = load_mask(mask_path, model)
     else:
-        selection = select_targets(model, removal.x, removal.y,
+        selection = select_targets(model, removal.x[mine], removal.y[mine],
                                    method=config.selection.method, ratio=config.selection.ratio,
                                    include=config.selection.include,
                                    exclude=config.selection.exclude, seed=config.seed,
-                                   batch_size=influence.batch_size, device=ctx.device)
+                                   batch_size=influence.batch_size, device=ctx.device,
+                                   reduce=distributed.all_reduce_sum)
         mask, units = selection.mask, selection.units
     target = mask_to_flat(model, mask).to(ctx.device)
     timing["selection_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=config.seed)
-    operator = CurvatureOperator(model=model, x=sample.x, y=sample.y,
+    local_sample = sample.subset(distributed.shard(len(sample)))
+    operator = CurvatureOperator(model=model, x=local_sample.x, y=local_sample.y,
                                  batch_size=influence.batch_size,
                                  curvature=influence.curvature)
     with progress("removal gradient", None) as advance:
-        gradient = removal_gradient(model, removal_x=removal.x, removal_y=removal.y,
-                                    n_train=removal.n_train, batch_size=influence.batch_size,
-                                    true_labels=removal.true_y)
+        gradient = removal_gradient(
+            model, removal_x=removal.x[mine], removal_y=removal.y[mine],
+            n_train=removal.n_train, batch_size=influence.batch_size,
+            true_labels=None if removal.true_y is None else removal.true_y[mine],
+            removal_size=len(removal.x))
         advance(1)
     timing["gradient_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     removal_operator = None
     if influence.method == "sif":
-        removal_operator = CurvatureOperator(model=model, x=removal.x, y=removal.y,
+        removal_operator = CurvatureOperator(model=model, x=removal.x[mine], y=removal.y[mine],
                                              batch_size=influence.batch_size,
                                              curvature=influence.curvature)
     with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
@@ -252,7 +261,8 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     }
     report["timing"]["total_seconds"] = time.perf_counter() - started
     report["checks"] = evaluate_checks(checks, report)
-    write_outputs(paths=paths, report=report, model=model, mask=mask, config=config)
+    if distributed.is_main():  # every rank holds the same edit; one writes it
+        write_outputs(paths=paths, report=report, model=model, mask=mask, config=config)
     return report
 
 

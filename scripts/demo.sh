@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data set (scikit-learn's digits): train a base model,
-# train the retrain oracle, then make the model forget class 3 and compare with the oracle.
+# The main job on the embedded default data set (scikit-learn's digits, no download): train a
+# base model and its retrain oracle, make the model forget class 3 with GIF, and print the
+# report. Outputs go to runs/demo (or the folder given as the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,11 @@ fi
 
 GIF=.venv/bin/gif
 OUT=${1:-runs/demo}
+CONFIG=configs/digits.yaml
 mkdir -p "$OUT"
-$GIF train configs/digits.yaml -o "$OUT/base.safetensors" --force
-$GIF evaluate configs/digits.yaml --checkpoint "$OUT/base.safetensors"
+$GIF train "$CONFIG" -o "$OUT/base.safetensors" --force
+$GIF train "$CONFIG" --retrain -o "$OUT/oracle.safetensors" --force
+$GIF remove-class "$CONFIG" checkpoint="$OUT/base.safetensors" output.dir="$OUT/remove-class" \
+  --oracle "$OUT/oracle.safetensors" --force
+echo
+cat "$OUT/remove-class/report.md"
