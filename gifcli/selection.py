@@ -35,7 +35,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -48,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from gifcli.checkpoint import write_bytes
 from gifcli.errors import GifError
 
 SELECTION_METHODS: tuple[str, ...] = (
@@ -633,21 +633,6 @@ def _serialize(mask: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_mask(
     path: str | os.PathLike[str],
     mask: dict[str, Tensor],
@@ -668,7 +653,7 @@ def save_mask(
         raise ValueError("mask metadata keys and values must be strings")
     fixed = {"format": MASK_FORMAT, "format_version": MASK_FORMAT_VERSION}
     try:
-        _atomic_write(path, _serialize(mask, {**extra, **fixed}))
+        write_bytes(path, _serialize(mask, {**extra, **fixed}))
     except OSError as err:
         raise GifError(f"{path}: cannot write the mask ({err.strerror or err})") from err
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gifcli.checkpoint import check_writable, sha256_file
 from gifcli import distributed
+from gifcli.checkpoint import check_writable, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
@@ -278,15 +278,20 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     task = task_of(config)
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
     model = ctx.load_model()
+    distributed.init(ctx.device)
+    mine = distributed.shard(len(removal.x))
     started = time.perf_counter()
-    selection = select_targets(model, removal.x, removal.y, method=config.selection.method,
+    selection = select_targets(model, removal.x[mine], removal.y[mine],
+                               method=config.selection.method,
                                ratio=config.selection.ratio, include=config.selection.include,
                                exclude=config.selection.exclude, seed=config.seed,
-                               batch_size=config.influence.batch_size, device=ctx.device)
+                               batch_size=config.influence.batch_size, device=ctx.device,
+                               reduce=distributed.all_reduce_sum)
     seconds = time.perf_counter() - started
-    save_mask(output, selection.mask, metadata={"task": task,
-                                                "selection": config.selection.method,
-                                                "ratio": str(config.selection.ratio)})
+    if distributed.is_main():
+        save_mask(output, selection.mask, metadata={"task": task,
+                                                    "selection": config.selection.method,
+                                                    "ratio": str(config.selection.ratio)})
     layers = summarize_mask(model, selection.mask, selection.units)
     selected = sum(row["selected"] for row in layers)
     total = sum(row["parameters"] for row in layers)

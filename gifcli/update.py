@@ -16,11 +16,6 @@ import torch
 from torch import nn
 
 
-def flat_parameters(model: nn.Module) -> torch.Tensor:
-    """The trainable parameters, concatenated in ``named_parameters()`` order (a copy)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
 @torch.no_grad()
 def assign_flat(model: nn.Module, flat: torch.Tensor) -> None:
     """Write a flat vector back into the trainable parameters (in place)."""

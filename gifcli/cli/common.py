@@ -16,9 +16,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gifcli import distributed
 from gifcli.checks import (
     Check,
     CheckError,
+    edit_report_schema,
     failed_checks,
     format_value,
     parse_checks,
@@ -27,10 +29,14 @@ from gifcli.checks import (
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError
 from gifcli.report import format_cell, metrics_rows
+from gifcli.unlearn import run_unlearning
 
 # Rich prints plain text without escape codes when stderr is not a terminal, and honours
-# NO_COLOR and FORCE_COLOR.
-console = Console(stderr=True)
+# NO_COLOR and FORCE_COLOR. Under torchrun only rank 0 prints; the other ranks speak up only
+# to report an error (it may be theirs alone), naming their rank.
+console = Console(stderr=True, quiet=not distributed.is_main())
+error_console = console if distributed.is_main() else Console(stderr=True)
+ERROR_PREFIX = "error:" if distributed.is_main() else f"error (rank {distributed.rank()}):"
 
 EXIT_CODES = ("Exit codes: 0 success, every --check holds; 1 a problem with the inputs or the "
               "run; 2 usage error (also a malformed --check or an unknown report path); 3 the "
@@ -61,8 +67,8 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except GifError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
-                          soft_wrap=True)
+            error_console.print(f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False,
+                                markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: nothing was written")
@@ -76,6 +82,8 @@ def read_config(path: Path, overrides: list[str] | None) -> Config:
 
 
 def print_json(report: dict) -> None:
+    if not distributed.is_main():  # one report on stdout, however many ranks
+        return
     sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
 
 
@@ -83,7 +91,7 @@ def print_json(report: dict) -> None:
 def progress_bar(description: str, total: int | None, *,
                  enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A Rich progress bar on stderr; yields ``advance(completed=None, **fields)``."""
-    if not enabled or not console.is_terminal:  # no bars in CI logs or pipes
+    if not enabled or not console.is_terminal or console.quiet:  # CI logs, pipes, rank > 0
         yield lambda *args, **kwargs: None
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -172,3 +180,19 @@ def finish_checks(results: list[dict], *, table: bool) -> None:
             console.print(f"[bold red]{len(failures)} of {len(results)} checks failed[/]",
                           highlight=False)
         raise typer.Exit(3)
+
+
+def run_edit(*, task: str, config: Config, mask: Path | None, oracle: Path | None, force: bool,
+             json_output: bool, checks: list[str] | None, quiet: bool) -> None:
+    """The shared body of ``remove-class`` and ``recover-backdoor``: validate the checks, run
+    the edit, print the report, and exit by the checks' verdict."""
+    schema = edit_report_schema(task, oracle=oracle is not None)
+    gates = parse_check_options(checks, schema)
+    report = run_unlearning(config=config, task=task, mask_path=mask, oracle=oracle,
+                            force=force, progress=progress_factory(not (json_output or quiet)),
+                            checks=gates)
+    if json_output:
+        print_json(report)
+    elif not quiet:
+        print_edit_report(report)
+    finish_checks(report["checks"], table=not (json_output or quiet))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from gifcli.checks import edit_report_schema
 from gifcli.cli.common import (
     CHECK_OPT,
     CONFIG_ARG,
@@ -17,16 +16,11 @@ from gifcli.cli.common import (
     ORACLE_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
-    finish_checks,
     handle_errors,
-    parse_check_options,
-    print_edit_report,
-    print_json,
-    progress_factory,
     read_config,
+    run_edit,
 )
 from gifcli.tasks import RECOVER_BACKDOOR
-from gifcli.unlearn import run_unlearning
 
 EPILOG = """Examples:
 
@@ -55,16 +49,8 @@ def recover_backdoor(
     """Remove the backdoor: poisoned samples are removed with their poisoned labels and re-added
     with their true labels (known samples, or samples synthesised from the known trigger)."""
     cfg = read_config(config, overrides)
-    schema = edit_report_schema(RECOVER_BACKDOOR, oracle=oracle is not None)
-    gates = parse_check_options(checks, schema)
-    report = run_unlearning(config=cfg, task=RECOVER_BACKDOOR, mask_path=mask, oracle=oracle,
-                            force=force, progress=progress_factory(not (json_output or quiet)),
-                            checks=gates)
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_edit_report(report)
-    finish_checks(report["checks"], table=not (json_output or quiet))
+    run_edit(task=RECOVER_BACKDOOR, config=cfg, mask=mask, oracle=oracle, force=force,
+             json_output=json_output, checks=checks, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

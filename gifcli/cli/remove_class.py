@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from gifcli.checks import edit_report_schema
 from gifcli.cli.common import (
     CHECK_OPT,
     CONFIG_ARG,
@@ -17,16 +16,11 @@ from gifcli.cli.common import (
     ORACLE_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
-    finish_checks,
     handle_errors,
-    parse_check_options,
-    print_edit_report,
-    print_json,
-    progress_factory,
     read_config,
+    run_edit,
 )
 from gifcli.tasks import REMOVE_CLASS
-from gifcli.unlearn import run_unlearning
 
 EPILOG = """Examples:
 
@@ -57,16 +51,8 @@ def remove_class(
     """Make the model forget the training samples of the given classes."""
     extra = [f"removal.classes={list(classes)}"] if classes else []
     cfg = read_config(config, [*(overrides or []), *extra])
-    schema = edit_report_schema(REMOVE_CLASS, oracle=oracle is not None)
-    gates = parse_check_options(checks, schema)
-    report = run_unlearning(config=cfg, task=REMOVE_CLASS, mask_path=mask, oracle=oracle,
-                            force=force, progress=progress_factory(not (json_output or quiet)),
-                            checks=gates)
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_edit_report(report)
-    finish_checks(report["checks"], table=not (json_output or quiet))
+    run_edit(task=REMOVE_CLASS, config=cfg, mask=mask, oracle=oracle, force=force,
+             json_output=json_output, checks=checks, quiet=quiet)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,8 +11,10 @@ The retained risk over the Hessian sample ``{(x_i, y_i)}_{i=1..N}`` is
 and every product streams the sample in batches: each batch contributes the derivative of its
 *summed* loss, the sums and the sample count go through ``reduce_sum`` (the one reduction
 point), and the total is divided by the count. Batches of different sizes are therefore weighted
-by their size, and so are ranks holding different numbers of samples once ``reduce_sum``
-becomes an all-reduce.
+by their size, and so are ranks holding different numbers of samples: under ``torchrun`` each
+rank streams only its shard of the sample and ``reduce_sum`` is an all-reduce
+(``gifcli.distributed``). Memory is per process: one batch's forward and backward passes plus,
+on the default path, the linearisation cache below (its budget counts per rank).
 
 HVP path. Three ``torch.func`` compositions give ``H v`` for one batch:
 

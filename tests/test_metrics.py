@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gifcli.data import TensorSplit
+from gifcli.metrics import (
+    forget_retain,
+    harmonic_mean,
+    mia_efficacy,
+    per_class_accuracy,
+    predict,
+    remove_class_metrics,
+)
+from gifcli.report import oracle_gap
+
+
+class Fixed(nn.Module):
+    """Predicts the logits stored in the input itself (x[:, 0, 0, :])."""
+
+    def forward(self, x):
+        return x[:, 0, 0, :]
+
+
+def split(logits, labels):
+    return TensorSplit(x=torch.tensor(logits, dtype=torch.float32).view(len(labels), 1, 1, -1),
+                       y=torch.tensor(labels))
+
+
+def test_predict_returns_labels_and_true_label_probabilities():
+    data = split([[2.0, 0.0], [0.0, 0.0]], [0, 1])
+    labels, probs = predict(Fixed(), data, device=torch.device("cpu"), batch_size=1)
+    assert labels.tolist() == [0, 0]
+    assert probs[0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1))
+    assert probs[1].item() == pytest.approx(0.5)
+
+
+def test_forget_retain_and_per_class():
+    predicted = torch.tensor([0, 1, 1, 2, 2, 0])
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    assert forget_retain(predicted, labels, [2]) == (50.0, 75.0)
+    assert per_class_accuracy(predicted, labels, 4)[:3] == [100.0, 50.0, 50.0]
+    assert math.isnan(per_class_accuracy(predicted, labels, 4)[3])
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(100, 100) == 100
+    assert harmonic_mean(0, 100) == 0
+    assert harmonic_mean(50, 100) == pytest.approx(200 / 3)
+
+
+def test_mia_efficacy_flags_low_confidence_removal_samples_as_non_members():
+    generator = torch.Generator().manual_seed(0)
+    member = 0.95 + 0.05 * torch.rand(200, generator=generator)
+    non_member = 0.3 + 0.6 * torch.rand(200, generator=generator)
+    forgotten = 0.3 + 0.3 * torch.rand(50, generator=generator)
+    remembered = 0.97 + 0.03 * torch.rand(50, generator=generator)
+    assert mia_efficacy(member=member, non_member=non_member, target=forgotten) >= 95
+    assert mia_efficacy(member=member, non_member=non_member, target=remembered) <= 5
+
+
+def test_remove_class_metrics_on_a_fixed_model():
+    train = split([[5, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]], [0, 1, 2, 2])
+    test = split([[5, 0, 0], [0, 5, 0], [5, 0, 0]], [0, 1, 2])
+    metrics = remove_class_metrics(Fixed(), train=train, test=test, classes=[2], num_classes=3,
+                                   device=torch.device("cpu"))
+    assert metrics["forget_acc_test"] == 0.0 and metrics["retain_acc_test"] == 100.0
+    assert metrics["forget_acc_train"] == 50.0 and metrics["retain_acc_train"] == 100.0
+    assert metrics["f1"] == 100.0
+    assert metrics["acc_test"] == pytest.approx(200 / 3)
+
+
+def test_oracle_gap_is_absolute_with_a_mean():
+    gap = oracle_gap({"a": 1.0, "b": 5.0, "per_class": [1]}, {"a": 3.0, "b": 4.0})
+    assert gap == {"a": 2.0, "b": 1.0, "mean": 1.5}
