@@ -1,0 +1,318 @@
+"""What the two task benchmarks share (``remove_class.py``, ``recover_backdoor.py``).
+
+Per seed (the config ``seed``: it sets the training of the base model, the validation split,
+the selection and the Hessian sample), one base model and one retrain oracle are trained with
+``run_train`` into a work folder; every method of that seed then edits the same base model
+through ``run_unlearning`` (the step scale searched on the validation split, the oracle's
+metrics and gaps in the same report). Results keep every per-seed number; tables show the mean
+± sample standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from gifcli.config import Config, load_config
+from gifcli.tasks import REMOVE_CLASS
+from gifcli.report import scalar_metrics
+from gifcli.train import run_train
+from gifcli.unlearn import run_unlearning
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SOLVE_FIELDS = ("iterations", "hvps", "relative_residual", "converged", "seconds")
+MASKED_METHODS = ("gif", "fif", "pif", "first-order")  # the others edit every parameter
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def csv(cast: Callable = str) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list (``none``: the empty list)."""
+    def parse(text: str) -> list:
+        if text.strip().lower() == "none":
+            return []
+        return [cast(item) for item in text.split(",") if item.strip()]
+    return parse
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, config: str, results: str,
+                         methods: Sequence[str]) -> None:
+    add = parser.add_argument
+    add("--config", type=Path, default=ROOT / config, help=f"scenario (default {config})")
+    add("--data", type=Path, help="a tensors .npz/.pt file instead of the config's data set "
+        "(sets data.dataset=tensors data.path=FILE)")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="extra dotted config override, repeatable (e.g. influence.hessian_samples=512)")
+    add("--seeds", type=csv(int), default=[0, 1, 2], help="config seeds (default 0,1,2)")
+    add("--methods", type=csv(), default=list(methods),
+        help=f"influence methods, or none (default {','.join(methods)})")
+    add("--threads", type=int, default=1, help="torch intra-op threads (default 1: on 2 "
+        "shared cores, 2 threads made solves up to 10x slower under load)")
+    add("--work-dir", type=Path, help="keep checkpoints and run outputs here and reuse trained "
+        "models whose resolved config matches (default: a temporary folder, deleted)")
+    add("--output", type=Path, default=RESULTS / results, help="results JSON")
+    add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
+    add("--render", action="store_true", help="only render the markdown of --output")
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    data = ["data.dataset=tensors", f"data.path={args.data}"] if args.data else []
+    return data + list(args.overrides)
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([".venv/bin/python", f"benchmarks/{script}", *arguments])
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Log:
+    """Progress lines on stderr, stamped with the seconds since the start; samples the load."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.load: list[float] = [os.getloadavg()[0]]
+
+    def __call__(self, message: str) -> None:
+        self.load.append(os.getloadavg()[0])
+        print(f"[{self.elapsed():6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextmanager
+def work_folder(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="gif-bench-") as tmp:
+        yield Path(tmp)
+
+
+def seed_config(args: argparse.Namespace, seed: int, folder: Path,
+                extra: Sequence[str] = ()) -> Config:
+    overrides = [*base_overrides(args), f"seed={seed}",
+                 f"checkpoint={folder / 'base.safetensors'}", *extra]
+    return load_config(args.config, overrides)
+
+
+def train(config: Config, output: Path, *, retrain: bool) -> dict:
+    """``run_train`` into ``output``, or the report of an identical earlier training there."""
+    report_path = output.with_suffix(".report.json")
+    config_path = output.with_suffix(".config.yaml")
+    if (output.exists() and report_path.exists() and config_path.exists()
+            and config_path.read_text() == config.to_yaml()):
+        return {**json.loads(report_path.read_text()), "cached": True}
+    return {**run_train(config=config, output=output, retrain=retrain, force=True),
+            "cached": False}
+
+
+def train_pair(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dict:
+    """The base model and the retrain oracle of one seed."""
+    config = seed_config(args, seed, folder)
+    base = train(config, folder / "base.safetensors", retrain=False)
+    oracle = train(config, folder / "oracle.safetensors", retrain=True)
+    log(f"seed {seed}: base model {base['acc_test']:.1f}% test accuracy "
+        f"({base['seconds']:.1f} s), oracle {oracle['acc_test']:.1f}% "
+        f"({oracle['seconds']:.1f} s){' (cached)' if base['cached'] else ''}")
+    return {"base": _train_summary(base), "oracle": _train_summary(oracle),
+            "oracle_path": str(folder / "oracle.safetensors")}
+
+
+def _train_summary(report: dict) -> dict:
+    return {"acc_test": report["acc_test"], "seconds": report["seconds"],
+            "train_samples": report["train_samples"], "cached": report["cached"]}
+
+
+class SeedRuns:
+    """The unlearning runs of one seed; reuses a run with identical settings and the mask of an
+    earlier run with the same selection (so masked methods share one mask)."""
+
+    def __init__(self, args: argparse.Namespace, seed: int, folder: Path, oracle: Path,
+                 task: str, log: Log) -> None:
+        self.args, self.seed, self.folder, self.oracle = args, seed, folder, oracle
+        self.task, self.log = task, log
+        self.runs: dict[tuple, dict] = {}
+        self.masks: dict[tuple, Path] = {}
+        self.before: dict | None = None
+        self.oracle_metrics: dict | None = None
+        self.total: int | None = None  # trainable parameters of the model
+
+    def run(self, method: str, selection: str | None = None,
+            ratio: float | None = None) -> dict:
+        """One ``run_unlearning``; ``selection``/``ratio`` default to the config's."""
+        masked = method in MASKED_METHODS
+        config = seed_config(self.args, self.seed, self.folder)
+        selection = selection or config.selection.method
+        ratio = config.selection.ratio if ratio is None else ratio
+        if not masked:
+            key: tuple = (method,)
+        elif ratio == 1.0:  # every selection method takes every Linear/Conv2d parameter
+            key = (method, "all", 1.0)
+        else:
+            key = (method, selection, ratio)
+        if key in self.runs:
+            return self.runs[key]
+        name = "-".join(str(part) for part in key)
+        config = seed_config(self.args, self.seed, self.folder, [
+            f"influence.method={method}", f"selection.method={selection}",
+            f"selection.ratio={ratio}", f"output.dir={self.folder / 'runs' / name}"])
+        mask = self.masks.get(key[1:]) if masked else None
+        report = run_unlearning(config=config, task=self.task, mask_path=mask,
+                                oracle=self.oracle, force=True)
+        if masked and mask is None:
+            self.masks[key[1:]] = Path(report["checkpoint"]["output"]).parent / \
+                "mask.safetensors"
+        self.before = self.before or scalar_metrics(report["metrics"]["before"])
+        self.oracle_metrics = self.oracle_metrics or scalar_metrics(report["metrics"]["oracle"])
+        record = summarize(report, mask_from=str(mask) if mask else None)
+        self.total = record["total_params"]
+        self.runs[key] = record
+        self.log(f"seed {self.seed}: {name}: " + ", ".join(
+            f"{k} {record['metrics'][k]:.1f}" for k in self.headline()) +
+            f" ({record['seconds']:.1f} s)")
+        return record
+
+    def headline(self) -> tuple[str, ...]:
+        return (("forget_acc_test", "retain_acc_test") if self.task == REMOVE_CLASS
+                else ("clean_acc_test", "asr_test"))
+
+
+def run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None, *, script: str,
+                  task: str, body: Callable[[SeedRuns], dict], **fields) -> dict:
+    """Train each seed's base model and oracle, run ``body(runs)`` (the script's unlearning
+    runs, returning what to keep), and write the results JSON."""
+    log = Log()
+    torch.set_num_threads(args.threads)
+    results = {"benchmark": task, "command": command_line(script, argv),
+               "config": str(args.config.resolve().relative_to(ROOT)
+                             if args.config.resolve().is_relative_to(ROOT) else args.config),
+               "data": str(args.data) if args.data else None, "overrides": args.overrides,
+               "seeds": args.seeds, "methods": args.methods, **fields,
+               "machine": machine(args.threads), "per_seed": []}
+    with work_folder(args.work_dir) as work:
+        for seed in args.seeds:
+            folder = work / f"seed-{seed}"
+            folder.mkdir(exist_ok=True)
+            results["settings"] = settings(seed_config(args, seed, folder))
+            models = train_pair(args, seed, folder, log)
+            runs = SeedRuns(args, seed, folder, oracle=folder / "oracle.safetensors",
+                            task=task, log=log)
+            kept = body(runs)
+            results["settings"]["parameters"] = runs.total
+            results["per_seed"].append({"seed": seed, **models, "before": runs.before,
+                                        "oracle_metrics": runs.oracle_metrics, **kept})
+    finish(args, results, log)
+    return results
+
+
+def settings(config: Config) -> dict:
+    influence = config.influence
+    return {"classes": config.removal.classes, "dataset": config.data.dataset,
+            "poison": config.data.poison and config.to_dict()["data"]["poison"],
+            "arch": config.model.arch, "selection": config.selection.method,
+            "ratio": config.selection.ratio, "solver": influence.solver,
+            "curvature": influence.curvature, "damping": influence.damping,
+            "max_iter": influence.max_iter, "hessian_samples": influence.hessian_samples,
+            "batch_size": influence.batch_size, "grid_points": config.update.grid_points,
+            "scale": config.update.scale, "epochs": config.train.epochs}
+
+
+def summarize(report: dict, *, mask_from: str | None) -> dict:
+    """What a benchmark keeps of a ``run_unlearning`` report."""
+    solver = report["solver"]
+    return {
+        "metrics": scalar_metrics(report["metrics"]["after"]),
+        "oracle_gap_mean": report["metrics"]["gap"]["mean"],
+        "seconds": report["timing"]["total_seconds"],
+        "timing": report["timing"],
+        "targets": report["selection"]["targets"],
+        "changed": report["params"]["changed"],
+        "total_params": report["params"]["total"],
+        "mask_from": mask_from,
+        "scale": report["update"]["scale"],
+        "relative_step": report["update"]["relative_norm"],
+        "solver": {"name": solver["name"], **{k: solver.get(k) for k in SOLVE_FIELDS}},
+    }
+
+
+def machine(threads: int) -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def finish(args: argparse.Namespace, results: dict, log: Log) -> None:
+    load = log.load + [os.getloadavg()[0]]
+    results["wall_seconds"] = log.elapsed()
+    results["load_average_1min"] = {"min": min(load), "mean": statistics.fmean(load),
+                                    "max": max(load)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"wrote {args.output}")
+
+
+def emit(args: argparse.Namespace, text: str) -> None:
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    else:
+        print(text)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), NaNs dropped."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def cell(values: Sequence[float], digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean ± std over seeds of the per-seed difference ``a − b``."""
+    return mean_std([x - y for x, y in zip(a, b, strict=True)])
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def measured_on(results: dict) -> str:
+    """The sentence on how a run was measured: machine, seeds, wall time, load."""
+    m, load = results["machine"], results["load_average_1min"]
+    minutes, seconds = divmod(round(results["wall_seconds"]), 60)
+    busy = (f"; the machine was shared, 1-minute load average {load['min']:.1f}-"
+            f"{load['max']:.1f} (mean {load['mean']:.1f}) on {m['cpus']} cores, so the seconds "
+            f"are inflated and noisy" if load["mean"] > 1.5 else "")
+    return (f"Measured on {m['cpus']} CPU cores ({m['processor']}), {m['threads']} torch "
+            f"thread(s), torch {m['torch']}, Python {m['python']}; seeds "
+            f"{', '.join(map(str, results['seeds']))}; the whole run took {minutes} min "
+            f"{seconds:02d} s{busy}.")
