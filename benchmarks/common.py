@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from gifcli.config import Config, load_config
-from gifcli.tasks import REMOVE_CLASS
 from gifcli.report import scalar_metrics
+from gifcli.tasks import REMOVE_CLASS
 from gifcli.train import run_train
 from gifcli.unlearn import run_unlearning
 
@@ -133,8 +133,7 @@ def train_pair(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> d
     log(f"seed {seed}: base model {base['acc_test']:.1f}% test accuracy "
         f"({base['seconds']:.1f} s), oracle {oracle['acc_test']:.1f}% "
         f"({oracle['seconds']:.1f} s){' (cached)' if base['cached'] else ''}")
-    return {"base": _train_summary(base), "oracle": _train_summary(oracle),
-            "oracle_path": str(folder / "oracle.safetensors")}
+    return {"base": _train_summary(base), "oracle": _train_summary(oracle)}
 
 
 def _train_summary(report: dict) -> dict:
@@ -151,7 +150,7 @@ class SeedRuns:
         self.args, self.seed, self.folder, self.oracle = args, seed, folder, oracle
         self.task, self.log = task, log
         self.runs: dict[tuple, dict] = {}
-        self.masks: dict[tuple, Path] = {}
+        self.masks: dict[tuple, tuple[str, Path]] = {}
         self.before: dict | None = None
         self.oracle_metrics: dict | None = None
         self.total: int | None = None  # trainable parameters of the model
@@ -175,15 +174,15 @@ class SeedRuns:
         config = seed_config(self.args, self.seed, self.folder, [
             f"influence.method={method}", f"selection.method={selection}",
             f"selection.ratio={ratio}", f"output.dir={self.folder / 'runs' / name}"])
-        mask = self.masks.get(key[1:]) if masked else None
-        report = run_unlearning(config=config, task=self.task, mask_path=mask,
-                                oracle=self.oracle, force=True)
-        if masked and mask is None:
-            self.masks[key[1:]] = Path(report["checkpoint"]["output"]).parent / \
-                "mask.safetensors"
+        shared = self.masks.get(key[1:]) if masked else None  # (run name, mask file)
+        report = run_unlearning(config=config, task=self.task,
+                                mask_path=shared[1] if shared else None, oracle=self.oracle,
+                                force=True)
+        if masked and shared is None:
+            self.masks[key[1:]] = (name, Path(config.output.dir) / "mask.safetensors")
         self.before = self.before or scalar_metrics(report["metrics"]["before"])
         self.oracle_metrics = self.oracle_metrics or scalar_metrics(report["metrics"]["oracle"])
-        record = summarize(report, mask_from=str(mask) if mask else None)
+        record = summarize(report, mask_from=shared[0] if shared else None)
         self.total = record["total_params"]
         self.runs[key] = record
         self.log(f"seed {self.seed}: {name}: " + ", ".join(
@@ -316,3 +315,91 @@ def measured_on(results: dict) -> str:
             f"thread(s), torch {m['torch']}, Python {m['python']}; seeds "
             f"{', '.join(map(str, results['seeds']))}; the whole run took {minutes} min "
             f"{seconds:02d} s{busy}.")
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def how_measured(results: dict, result_file: str, scenario: str) -> list[str]:
+    """``scenario`` and the protocol in one paragraph, the exact command, the raw numbers."""
+    s, seeds = results["settings"], results["per_seed"]
+    source = ", ".join(filter(None, [f"`{results['config']}`", results["data"],
+                                     " ".join(results["overrides"])]))
+    return [
+        f"{scenario} ({source}). Model `{s['arch']}` ({s['parameters']:,} parameters); per "
+        f"seed one base model and one retrain oracle, each trained {s['epochs']} epochs with "
+        f"`run_train` (seed = config "
+        f"`seed`: training, validation split, selection, Hessian sample). Every edit: "
+        f"`{s['curvature']}` curvature, `{s['solver']}` solver (damping {s['damping']:g}, "
+        f"max_iter {s['max_iter']}), Hessian sample of {s['hessian_samples']} retained training "
+        f"points in batches of {s['batch_size']}, step scale `{s['scale']}` (searched over "
+        f"{s['grid_points']} points on the validation split, never on test). Metrics in %, "
+        f"mean ± sample std over {len(seeds)} seed(s); seconds: the whole `run_unlearning` call "
+        f"(data, selection, solve, step search, metrics), for the oracle its training time. "
+        + measured_on(results), "",
+        "```", results["command"], "```", "",
+        f"Raw per-seed numbers: `benchmarks/results/{result_file}`.", ""]
+
+
+def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """One row per method (mean ± std of ``columns``), framed by the base model and the
+    oracle, with the parameters edited, the mean gap to the oracle and the seconds."""
+    s, seeds = results["settings"], results["per_seed"]
+    total = s["parameters"]
+
+    def row(name: str, metrics: list[dict], edited: str, gap: str, seconds: str) -> list[str]:
+        return [name, edited, *(cell([m[k] for m in metrics]) for k in columns), gap, seconds]
+
+    rows = [row("base model (before)", [r["before"] for r in seeds], "—", "—", "—")]
+    for method in results["methods"]:
+        records = [r["methods"][method] for r in seeds]
+        targets = records[0]["targets"]
+        edited = (f"{targets:,} ({100 * targets / total:.1f}%, {s['selection']})"
+                  if targets < total else f"all {total:,}")
+        rows.append(row(f"`{method}`", [r["metrics"] for r in records], edited,
+                        cell([r["oracle_gap_mean"] for r in records]),
+                        cell([r["seconds"] for r in records])))
+    rows.append(row("retrain oracle", [r["oracle_metrics"] for r in seeds], "all (retrained)",
+                    "0", cell([r["oracle"]["seconds"] for r in seeds])))
+    header = ["method", "parameters edited", *labels, "mean gap to oracle", "seconds"]
+    return table(header, rows)
+
+
+def metric_of(results: dict, method: str, key: str) -> list[float]:
+    """Per-seed values of ``key`` for a method, ``before`` or ``oracle``."""
+    source = {"before": "before", "oracle": "oracle_metrics"}
+    if method in source:
+        return [r[source[method]][key] for r in results["per_seed"]]
+    return [r["methods"][method]["metrics"][key] for r in results["per_seed"]]
+
+
+def within(diff: float, std: float) -> str:
+    """A note when a paired difference is inside its seed-to-seed spread."""
+    return "; within the seed-to-seed spread" if abs(diff) <= std else ""
+
+
+def f1_verdict(results: dict) -> str:
+    """Which method wins by the task's F1, by how much (paired over seeds), and GIF against
+    every other method and the oracle."""
+    f1 = {m: metric_of(results, m, "f1") for m in results["methods"]}
+    oracle = metric_of(results, "oracle", "f1")
+    ranked = sorted(f1, key=lambda m: -mean_std(f1[m])[0])
+    best = ranked[0]
+    text = f"By F1, `{best}` wins ({cell(f1[best])})"
+    if len(ranked) > 1:
+        diff, std = paired(f1[best], f1[ranked[1]])
+        text += (f", ahead of `{ranked[1]}` by {diff:.1f} ± {std:.1f} points (paired over seeds"
+                 f"{within(diff, std)})")
+    diff, std = paired(f1[best], oracle)
+    text += (f", {abs(diff):.1f} ± {std:.1f} points {'above' if diff >= 0 else 'below'} the "
+             f"retrain oracle ({cell(oracle)}{within(diff, std)}).")
+    if "gif" in f1 and best != "gif":
+        diff, std = paired(f1[best], f1["gif"])
+        text += f" GIF loses to `{best}` by {diff:.1f} ± {std:.1f} F1 points{within(diff, std)}."
+    if "gif" in f1 and len(f1) > 1:
+        f1["the oracle"] = oracle
+        gaps = [f"{m if m == 'the oracle' else f'`{m}`'} "
+                f"{paired(f1['gif'], f1[m])[0]:+.1f} ± {paired(f1['gif'], f1[m])[1]:.1f}"
+                for m in [*ranked, "the oracle"] if m != "gif"]
+        text += " GIF's F1 minus that of: " + ", ".join(gaps) + "."
+    return text

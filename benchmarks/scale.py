@@ -116,6 +116,7 @@ def probe(job: dict) -> None:
             "rank_samples": len(mine),
             "hv_norm": float(hv.norm()),
         }))
+    distributed.finish()
 
 
 def free_port() -> int:

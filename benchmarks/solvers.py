@@ -1,4 +1,4 @@
-"""Solver and HVP benchmark of the influence engine (results: benchmarks/BENCHMARKS.md, "Solvers").
+"""Solver and HVP benchmark of the influence engine (results: BENCHMARKS.md, "Solvers").
 
 On a TinyNet trained on a data set (scikit-learn's digits by default, or any ``tensors`` .npz /
 .pt file), with one class removed and a 5% top-outputs target mask, it measures in one run:

@@ -5,7 +5,8 @@ Run as one process, nothing here does anything: every helper answers "rank 0 of 
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) with ``N > 1``:
 
 - ``init(device)`` joins the process group from those variables (``gloo`` for CPU tensors,
-  ``nccl`` for CUDA ones) and destroys it when the process exits;
+  ``nccl`` for CUDA ones); ``finish()`` leaves it after a run every rank completed, and a
+  process that stops on an error leaves it at exit;
 - ``shard(count)`` gives each rank its contiguous, balanced share of a sample that every rank
   holds in full (the same seeded Hessian sample, the same removal set);
 - ``all_reduce_sum`` sums a tensor over the ranks: the reduction point of the influence engine
@@ -24,6 +25,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+_joined = False
+"""True while this module's ``init`` holds the process group (a caller's own is left alone)."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -68,19 +72,35 @@ def init(device: torch.device) -> None:
     with ``gloo``. Call it on every rank after the inputs are validated and before the first
     collective.
     """
+    global _joined
     if not launched() or active():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, init_method="env://")
+    _joined = True
     atexit.register(destroy)
 
 
+def finish() -> None:
+    """The clean end of a run that every rank completed: wait for all, then leave the group.
+
+    Without the barrier a rank that leaves while another is still closing its connections can
+    abort at exit. Only for paths every rank takes: on a rank that stopped on its own, the
+    barrier would wait for ranks still computing.
+    """
+    if _joined and active():
+        dist.barrier()
+    destroy()
+
+
 def destroy() -> None:
-    """Leave the process group (registered by ``init`` to run at exit)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group ``init`` joined (registered to run at exit); no barrier."""
+    global _joined
+    if _joined and dist.is_initialized():
         dist.destroy_process_group()
+    _joined = False
 
 
 def barrier() -> None:

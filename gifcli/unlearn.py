@@ -30,7 +30,14 @@ from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
 from gifcli.progress import ProgressFactory, silent
 from gifcli.report import OUTPUT_FILES, oracle_gap, write_outputs
-from gifcli.selection import load_mask, mask_to_flat, save_mask, select_targets, summarize_mask
+from gifcli.selection import (
+    Selection,
+    load_mask,
+    mask_to_flat,
+    save_mask,
+    select_targets,
+    summarize_mask,
+)
 from gifcli.tasks import REMOVE_CLASS, backdoor_of, task_metrics, task_of, triggered_inputs
 from gifcli.update import assign_flat, scale_grid, search_scale, updated
 
@@ -114,6 +121,18 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
                       objective=objective, description=description)
 
 
+def select(ctx: RunContext, model: nn.Module, removal: RemovalSet) -> Selection:
+    """The target parameters from this rank's share of the removal set (statistics
+    all-reduced across ranks under torchrun)."""
+    config = ctx.config
+    mine = distributed.shard(len(removal.x))
+    return select_targets(model, removal.x[mine], removal.y[mine],
+                          method=config.selection.method, ratio=config.selection.ratio,
+                          include=config.selection.include, exclude=config.selection.exclude,
+                          seed=config.seed, batch_size=config.influence.batch_size,
+                          device=ctx.device, reduce=distributed.all_reduce_sum)
+
+
 def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
     """A seeded random subset of ``size`` retained training points (all when fewer)."""
     generator = torch.Generator().manual_seed(seed)
@@ -166,12 +185,7 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     elif mask_path is not None:
         mask = load_mask(mask_path, model)
     else:
-        selection = select_targets(model, removal.x[mine], removal.y[mine],
-                                   method=config.selection.method, ratio=config.selection.ratio,
-                                   include=config.selection.include,
-                                   exclude=config.selection.exclude, seed=config.seed,
-                                   batch_size=influence.batch_size, device=ctx.device,
-                                   reduce=distributed.all_reduce_sum)
+        selection = select(ctx, model, removal)
         mask, units = selection.mask, selection.units
     target = mask_to_flat(model, mask).to(ctx.device)
     timing["selection_seconds"] = time.perf_counter() - clock
@@ -279,14 +293,8 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
     model = ctx.load_model()
     distributed.init(ctx.device)
-    mine = distributed.shard(len(removal.x))
     started = time.perf_counter()
-    selection = select_targets(model, removal.x[mine], removal.y[mine],
-                               method=config.selection.method,
-                               ratio=config.selection.ratio, include=config.selection.include,
-                               exclude=config.selection.exclude, seed=config.seed,
-                               batch_size=config.influence.batch_size, device=ctx.device,
-                               reduce=distributed.all_reduce_sum)
+    selection = select(ctx, model, removal)
     seconds = time.perf_counter() - started
     if distributed.is_main():
         save_mask(output, selection.mask, metadata={"task": task,

@@ -65,7 +65,10 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+        except typer.Exit:  # a verdict (--check) that every torchrun rank reached alike
+            distributed.finish()
+            raise
         except GifError as exc:
             error_console.print(f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False,
                                 markup=True, soft_wrap=True)
@@ -73,6 +76,8 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
+        distributed.finish()
+        return result
 
     return wrapper
 

@@ -30,7 +30,7 @@ HVP path. Three ``torch.func`` compositions give ``H v`` for one batch:
   gradient per product.
 
 Measured by ``benchmarks/solvers.py`` (TinyNet on digits, batches of 256, CPU, one thread;
-tables in ``benchmarks/BENCHMARKS.md``, section "Solvers"): a replayed linearised product is
+tables in ``BENCHMARKS.md``, section "Solvers"): a replayed linearised product is
 1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), forward-
 and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
 saving of some 20 products, so a 20-iteration LSQR solve (43 products) comes out about even
