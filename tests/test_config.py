@@ -116,3 +116,9 @@ def test_reference_documents_every_key():
     keys = {key for key, _, _ in reference()}
     assert {"influence.damping", "selection.ratio", "data.poison", "train.epochs"} <= keys
     assert all(help for _, _, help in reference())
+
+
+def test_readme_config_reference_is_current():
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    missing = [key for key, _, _ in reference() if f"`{key}`" not in readme]
+    assert not missing, f"README.md lacks {missing}: run scripts/config_reference.py"
