@@ -48,14 +48,18 @@ def write_outputs(*, paths: dict[str, Path], report: dict, model: nn.Module,
                                    method=report["method"])
     save_checkpoint(paths["model"], model.state_dict(), metadata)
     report["checkpoint"]["output_sha256"] = sha256_file(paths["model"])
-    save_mask(paths["mask"], mask, metadata={"task": report["task"],
-                                             "selection": config.selection.method,
-                                             "ratio": str(config.selection.ratio)})
+    save_mask(paths["mask"], mask, metadata=mask_metadata(report["task"], config))
     if report["update"]["sweep"]:
         write_with(paths["plot"], lambda tmp: plot_sweep(report, tmp))
     write_text(paths["config"], config.to_yaml())
     write_text(paths["markdown"], markdown(report))
     write_json(paths["report"], report)
+
+
+def mask_metadata(task: str, config: Config) -> dict[str, str]:
+    """A mask file's metadata: the task, the selection and the resolved config."""
+    return {"task": task, "selection": config.selection.method,
+            "ratio": str(config.selection.ratio), "config": config.to_yaml()}
 
 
 def plot_sweep(report: dict, path: Path) -> None:

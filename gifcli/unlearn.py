@@ -29,7 +29,7 @@ from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
 from gifcli.progress import ProgressFactory, silent
-from gifcli.report import OUTPUT_FILES, oracle_gap, write_outputs
+from gifcli.report import OUTPUT_FILES, mask_metadata, oracle_gap, write_outputs
 from gifcli.selection import (
     Selection,
     load_mask,
@@ -297,9 +297,7 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     selection = select(ctx, model, removal)
     seconds = time.perf_counter() - started
     if distributed.is_main():
-        save_mask(output, selection.mask, metadata={"task": task,
-                                                    "selection": config.selection.method,
-                                                    "ratio": str(config.selection.ratio)})
+        save_mask(output, selection.mask, metadata=mask_metadata(task, config))
     layers = summarize_mask(model, selection.mask, selection.units)
     selected = sum(row["selected"] for row in layers)
     total = sum(row["parameters"] for row in layers)

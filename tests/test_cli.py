@@ -96,10 +96,13 @@ def test_select_params_writes_a_mask_and_a_summary(runner, tmp_path, digits_base
     report = json.loads(result.stdout)
     assert out.exists() and report["mask"] == str(out)
     assert 0.04 <= report["fraction"] <= 0.05
+    first = out.read_bytes()
     table = run(runner, "select-params", DIGITS, f"checkpoint={digits_base}", "-o", out,
                 "--force")
     assert table.exit_code == 0, table.output
     assert "features.0" in table.output and "classifier" in table.output
+    assert out.read_bytes() == first, "same inputs and seed give a byte-identical mask"
+    assert "selection:" in read_metadata(out)["config"]
 
 
 def _corrupt(tmp_path):
