@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from torch import Tensor
 
 _joined = False
 """True while this module's ``init`` holds the process group (a caller's own is left alone)."""
+_SETTLE_SECONDS = 0.2
 
 
 def _env_int(name: str, default: int) -> int:
@@ -86,9 +88,8 @@ def init(device: torch.device) -> None:
 def finish() -> None:
     """The clean end of a run that every rank completed: wait for all, then leave the group.
 
-    Without the barrier a rank that leaves while another is still closing its connections can
-    abort at exit. Only for paths every rank takes: on a rank that stopped on its own, the
-    barrier would wait for ranks still computing.
+    Only for paths every rank takes: on a rank that stopped on its own, the barrier would wait
+    for ranks still computing.
     """
     if _joined and active():
         dist.barrier()
@@ -96,9 +97,16 @@ def finish() -> None:
 
 
 def destroy() -> None:
-    """Leave the process group ``init`` joined (registered to run at exit); no barrier."""
+    """Leave the process group ``init`` joined (registered to run at exit); no barrier.
+
+    A gloo worker thread lets go of a finished collective's tensors only after the caller has
+    its result, and doing so takes the GIL: should the interpreter be shutting down by then, the
+    process aborts ("terminate called without an active exception"). A short pause with the GIL
+    released lets the workers finish first.
+    """
     global _joined
     if _joined and dist.is_initialized():
+        time.sleep(_SETTLE_SECONDS)
         dist.destroy_process_group()
     _joined = False
 
@@ -113,7 +121,7 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     """``Σ_ranks tensor``, on every rank (``tensor`` itself is left unchanged).
 
     The identity for one process. Every rank must call it, in the same order, with a tensor of
-    the same shape and dtype on its compute device; the result is bitwise the same on all ranks.
+    the same shape and dtype on its compute device; every rank gets the same result.
     """
     if not active():
         return tensor

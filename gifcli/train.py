@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gifcli import distributed
 from gifcli.checkpoint import (
     check_writable,
     checkpoint_metadata,
@@ -72,6 +73,8 @@ def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool
               progress: ProgressFactory = silent) -> dict:
     """Train ``model.arch`` on the config's data (``retrain``: the retrain oracle's data) and
     write the checkpoint, a report with test accuracy, and the resolved config."""
+    if distributed.launched():
+        raise GifError("gif train runs in one process; run it without torchrun")
     output = output or (Path(config.checkpoint) if config.checkpoint else None)
     if output is None:
         raise GifError("checkpoint: no output path; pass -o model.safetensors or set "
