@@ -196,7 +196,7 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     operator = CurvatureOperator(model=model, x=local_sample.x, y=local_sample.y,
                                  batch_size=influence.batch_size,
                                  curvature=influence.curvature)
-    with progress("removal gradient", None) as advance:
+    with progress("removal gradient", 1) as advance:
         gradient = removal_gradient(
             model, removal_x=removal.x[mine], removal_y=removal.y[mine],
             n_train=removal.n_train, batch_size=influence.batch_size,
