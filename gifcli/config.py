@@ -187,6 +187,9 @@ class InfluenceConfig:
     solver: str = _field("lsqr", " | ".join(SOLVERS))
     hessian_samples: int = _field(1024, "retained training samples in the Hessian sample")
     batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
+    cache_mb: int = _field(1024, "per-process budget (MiB) of the linearised-HVP cache that "
+                           "makes repeated products faster; 0 keeps nothing between products, "
+                           "so memory is bounded by batch_size alone")
     max_iter: int = _field(20, "solver iterations at most")
     tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
     damping: float = _field(1.0e-2, "lambda of min |Ax - b|^2 + lambda^2 |x|^2 (default "
@@ -201,6 +204,8 @@ class InfluenceConfig:
         for key in ("hessian_samples", "batch_size", "max_iter"):
             if getattr(self, key) < 1:
                 out.append(f"influence.{key}: must be positive, got {getattr(self, key)}")
+        if self.cache_mb < 0:
+            out.append(f"influence.cache_mb: must be 0 or more, got {self.cache_mb}")
         if self.tol <= 0:
             out.append(f"influence.tol: must be positive, got {self.tol}")
         if self.damping < 0:

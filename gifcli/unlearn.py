@@ -195,7 +195,8 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     local_sample = sample.subset(distributed.shard(len(sample)))
     operator = CurvatureOperator(model=model, x=local_sample.x, y=local_sample.y,
                                  batch_size=influence.batch_size,
-                                 curvature=influence.curvature)
+                                 curvature=influence.curvature,
+                                 cache_bytes=influence.cache_mb << 20)
     with progress("removal gradient", 1) as advance:
         gradient = removal_gradient(
             model, removal_x=removal.x[mine], removal_y=removal.y[mine],
@@ -210,7 +211,8 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     if influence.method == "sif":
         removal_operator = CurvatureOperator(model=model, x=removal.x[mine], y=removal.y[mine],
                                              batch_size=influence.batch_size,
-                                             curvature=influence.curvature)
+                                             curvature=influence.curvature,
+                                             cache_bytes=influence.cache_mb << 20)
     with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
         delta, solve = estimate_update(
             method=influence.method, operator=operator, gradient=gradient, target_flat=target,

@@ -167,3 +167,14 @@ def test_auto_scale_without_validation_split_is_a_clear_error(runner, tmp_path, 
                     "data.val_fraction=0", f"output.dir={tmp_path / 'x'}")
     assert result.exit_code == 1
     assert "data.val_fraction" in result.output
+
+
+def test_hvp_cache_budget_changes_speed_not_the_update(runner, tmp_path, tiny_mlp):
+    norms = []
+    for budget in (0, 1024):
+        result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
+                        "update.scale=1.0", f"influence.cache_mb={budget}",
+                        f"output.dir={tmp_path / str(budget)}", "--json")
+        assert result.exit_code == 0, result.output
+        norms.append(json.loads(result.stdout)["update"]["norm"])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
