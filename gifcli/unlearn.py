@@ -27,6 +27,7 @@ from gifcli.data import TensorSplit
 from gifcli.errors import GifError
 from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
+from gifcli.influence.solvers import SolveResult
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
 from gifcli.progress import ProgressFactory, silent
 from gifcli.report import OUTPUT_FILES, mask_metadata, oracle_gap, write_outputs
@@ -133,6 +134,56 @@ def select(ctx: RunContext, model: nn.Module, removal: RemovalSet) -> Selection:
                           device=ctx.device, reduce=distributed.all_reduce_sum)
 
 
+def target_selection(ctx: RunContext, model: nn.Module, removal: RemovalSet,
+                     mask_path: Path | None) -> Selection:
+    """Every parameter for ``if``/``sif``; else a saved mask, or a selection made anew."""
+    if ctx.config.influence.method in ("if", "sif"):
+        return Selection(mask={name: torch.ones_like(p, dtype=torch.bool, device="cpu")
+                               for name, p in model.named_parameters() if p.requires_grad})
+    if mask_path is not None:
+        return Selection(mask=load_mask(mask_path, model))
+    return select(ctx, model, removal)
+
+
+def estimate(ctx: RunContext, model: nn.Module, removal: RemovalSet, sample: TensorSplit,
+             target: torch.Tensor, progress: ProgressFactory) -> tuple[torch.Tensor, SolveResult]:
+    """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve.
+
+    Each rank streams its share of the Hessian sample and of the removal set; the engine
+    all-reduces every product and gradient.
+    """
+    influence = ctx.config.influence
+    mine = distributed.shard(len(removal.x))
+    local = sample.subset(distributed.shard(len(sample)))
+
+    def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
+        return CurvatureOperator(model=model, x=x, y=y, batch_size=influence.batch_size,
+                                 curvature=influence.curvature,
+                                 cache_bytes=influence.cache_mb << 20)
+
+    with progress("removal gradient", 1) as advance:
+        gradient = removal_gradient(
+            model, removal_x=removal.x[mine], removal_y=removal.y[mine],
+            n_train=removal.n_train, batch_size=influence.batch_size,
+            true_labels=None if removal.true_y is None else removal.true_y[mine],
+            removal_size=len(removal.x))
+        advance(1)
+    removal_operator = (curvature(removal.x[mine], removal.y[mine])
+                        if influence.method == "sif" else None)
+    with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
+        delta, solve = estimate_update(
+            method=influence.method, operator=curvature(local.x, local.y), gradient=gradient,
+            target_flat=target, solver=influence.solver, damping=influence.damping,
+            max_iter=influence.max_iter, tol=influence.tol, removal_operator=removal_operator,
+            removal_fraction=len(removal.x) / removal.n_train,
+            progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"))
+    if not torch.isfinite(delta).all():
+        raise GifError(f"influence.solver: the {influence.solver} solve produced NaN/Inf "
+                       f"({solve.message}); increase influence.damping or lower "
+                       f"influence.max_iter")
+    return delta, solve
+
+
 def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
     """A seeded random subset of ``size`` retained training points (all when fewer)."""
     generator = torch.Generator().manual_seed(seed)
@@ -175,56 +226,16 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     # Under torchrun, each rank takes its share of the removal set and of the Hessian sample;
     # every sum over them is all-reduced (the inputs were validated alike on every rank).
     distributed.init(ctx.device)
-    mine = distributed.shard(len(removal.x))
 
     clock = time.perf_counter()
-    units: dict[str, list[int]] = {}
-    if influence.method in ("if", "sif"):  # every parameter is a target
-        mask = {name: torch.ones_like(p, dtype=torch.bool, device="cpu")
-                for name, p in model.named_parameters() if p.requires_grad}
-    elif mask_path is not None:
-        mask = load_mask(mask_path, model)
-    else:
-        selection = select(ctx, model, removal)
-        mask, units = selection.mask, selection.units
-    target = mask_to_flat(model, mask).to(ctx.device)
+    selection = target_selection(ctx, model, removal, mask_path)
+    target = mask_to_flat(model, selection.mask).to(ctx.device)
     timing["selection_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=config.seed)
-    local_sample = sample.subset(distributed.shard(len(sample)))
-    operator = CurvatureOperator(model=model, x=local_sample.x, y=local_sample.y,
-                                 batch_size=influence.batch_size,
-                                 curvature=influence.curvature,
-                                 cache_bytes=influence.cache_mb << 20)
-    with progress("removal gradient", 1) as advance:
-        gradient = removal_gradient(
-            model, removal_x=removal.x[mine], removal_y=removal.y[mine],
-            n_train=removal.n_train, batch_size=influence.batch_size,
-            true_labels=None if removal.true_y is None else removal.true_y[mine],
-            removal_size=len(removal.x))
-        advance(1)
-    timing["gradient_seconds"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    removal_operator = None
-    if influence.method == "sif":
-        removal_operator = CurvatureOperator(model=model, x=removal.x[mine], y=removal.y[mine],
-                                             batch_size=influence.batch_size,
-                                             curvature=influence.curvature,
-                                             cache_bytes=influence.cache_mb << 20)
-    with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
-        delta, solve = estimate_update(
-            method=influence.method, operator=operator, gradient=gradient, target_flat=target,
-            solver=influence.solver, damping=influence.damping, max_iter=influence.max_iter,
-            tol=influence.tol, removal_operator=removal_operator,
-            removal_fraction=len(removal.x) / removal.n_train,
-            progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"))
+    delta, solve = estimate(ctx, model, removal, sample, target, progress)
     timing["solve_seconds"] = time.perf_counter() - clock
-    if not torch.isfinite(delta).all():
-        raise GifError(f"influence.solver: the {influence.solver} solve produced NaN/Inf "
-                       f"({solve.message}); increase influence.damping or lower "
-                       f"influence.max_iter")
 
     clock = time.perf_counter()
     theta = flatten_params(model)
@@ -262,7 +273,7 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
                     "train_samples": removal.n_train, "hessian_samples": len(sample)},
         "selection": {"method": config.selection.method, "ratio": config.selection.ratio,
                       "mask": str(mask_path) if mask_path else None,
-                      "targets": int(target.sum()), "units": units},
+                      "targets": int(target.sum()), "units": selection.units},
         "params": {"total": theta.numel(), "changed": changed,
                    "fraction": changed / theta.numel()},
         "solver": _solver_report(solve.to_dict(), influence),
@@ -278,7 +289,8 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     report["timing"]["total_seconds"] = time.perf_counter() - started
     report["checks"] = evaluate_checks(checks, report)
     if distributed.is_main():  # every rank holds the same edit; one writes it
-        write_outputs(paths=paths, report=report, model=model, mask=mask, config=config)
+        write_outputs(paths=paths, report=report, model=model, mask=selection.mask,
+                      config=config)
     return report
 
 
