@@ -42,28 +42,54 @@ MASKED_METHODS = ("gif", "fif", "pif", "first-order")  # the others edit every p
 
 def csv(cast: Callable = str) -> Callable[[str], list]:
     """An argparse type: a comma-separated list (``none``: the empty list)."""
+
     def parse(text: str) -> list:
         if text.strip().lower() == "none":
             return []
         return [cast(item) for item in text.split(",") if item.strip()]
+
     return parse
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, config: str, results: str,
-                         methods: Sequence[str]) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, config: str, results: str, methods: Sequence[str]
+) -> None:
     add = parser.add_argument
     add("--config", type=Path, default=ROOT / config, help=f"scenario (default {config})")
-    add("--data", type=Path, help="a tensors .npz/.pt file instead of the config's data set "
-        "(sets data.dataset=tensors data.path=FILE)")
-    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="extra dotted config override, repeatable (e.g. influence.hessian_samples=512)")
+    add(
+        "--data",
+        type=Path,
+        help="a tensors .npz/.pt file instead of the config's data set "
+        "(sets data.dataset=tensors data.path=FILE)",
+    )
+    add(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra dotted config override, repeatable (e.g. influence.hessian_samples=512)",
+    )
     add("--seeds", type=csv(int), default=[0, 1, 2], help="config seeds (default 0,1,2)")
-    add("--methods", type=csv(), default=list(methods),
-        help=f"influence methods, or none (default {','.join(methods)})")
-    add("--threads", type=int, default=1, help="torch intra-op threads (default 1: on 2 "
-        "shared cores, 2 threads made solves up to 10x slower under load)")
-    add("--work-dir", type=Path, help="keep checkpoints and run outputs here and reuse trained "
-        "models whose resolved config matches (default: a temporary folder, deleted)")
+    add(
+        "--methods",
+        type=csv(),
+        default=list(methods),
+        help=f"influence methods, or none (default {','.join(methods)})",
+    )
+    add(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on 2 "
+        "shared cores, 2 threads made solves up to 10x slower under load)",
+    )
+    add(
+        "--work-dir",
+        type=Path,
+        help="keep checkpoints and run outputs here and reuse trained "
+        "models whose resolved config matches (default: a temporary folder, deleted)",
+    )
     add("--output", type=Path, default=RESULTS / results, help="results JSON")
     add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
     add("--render", action="store_true", help="only render the markdown of --output")
@@ -107,10 +133,15 @@ def work_folder(path: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def seed_config(args: argparse.Namespace, seed: int, folder: Path,
-                extra: Sequence[str] = ()) -> Config:
-    overrides = [*base_overrides(args), f"seed={seed}",
-                 f"checkpoint={folder / 'base.safetensors'}", *extra]
+def seed_config(
+    args: argparse.Namespace, seed: int, folder: Path, extra: Sequence[str] = ()
+) -> Config:
+    overrides = [
+        *base_overrides(args),
+        f"seed={seed}",
+        f"checkpoint={folder / 'base.safetensors'}",
+        *extra,
+    ]
     return load_config(args.config, overrides)
 
 
@@ -118,11 +149,14 @@ def train(config: Config, output: Path, *, retrain: bool) -> dict:
     """``run_train`` into ``output``, or the report of an identical earlier training there."""
     report_path = output.with_suffix(".report.json")
     config_path = output.with_suffix(".config.yaml")
-    if (output.exists() and report_path.exists() and config_path.exists()
-            and config_path.read_text() == config.to_yaml()):
+    if (
+        output.exists()
+        and report_path.exists()
+        and config_path.exists()
+        and config_path.read_text() == config.to_yaml()
+    ):
         return {**json.loads(report_path.read_text()), "cached": True}
-    return {**run_train(config=config, output=output, retrain=retrain, force=True),
-            "cached": False}
+    return {**run_train(config=config, output=output, retrain=retrain, force=True), "cached": False}
 
 
 def train_pair(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dict:
@@ -130,23 +164,30 @@ def train_pair(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> d
     config = seed_config(args, seed, folder)
     base = train(config, folder / "base.safetensors", retrain=False)
     oracle = train(config, folder / "oracle.safetensors", retrain=True)
-    log(f"seed {seed}: base model {base['acc_test']:.1f}% test accuracy "
+    log(
+        f"seed {seed}: base model {base['acc_test']:.1f}% test accuracy "
         f"({base['seconds']:.1f} s), oracle {oracle['acc_test']:.1f}% "
-        f"({oracle['seconds']:.1f} s){' (cached)' if base['cached'] else ''}")
+        f"({oracle['seconds']:.1f} s){' (cached)' if base['cached'] else ''}"
+    )
     return {"base": _train_summary(base), "oracle": _train_summary(oracle)}
 
 
 def _train_summary(report: dict) -> dict:
-    return {"acc_test": report["acc_test"], "seconds": report["seconds"],
-            "train_samples": report["train_samples"], "cached": report["cached"]}
+    return {
+        "acc_test": report["acc_test"],
+        "seconds": report["seconds"],
+        "train_samples": report["train_samples"],
+        "cached": report["cached"],
+    }
 
 
 class SeedRuns:
     """The unlearning runs of one seed; reuses a run with identical settings and the mask of an
     earlier run with the same selection (so masked methods share one mask)."""
 
-    def __init__(self, args: argparse.Namespace, seed: int, folder: Path, oracle: Path,
-                 task: str, log: Log) -> None:
+    def __init__(
+        self, args: argparse.Namespace, seed: int, folder: Path, oracle: Path, task: str, log: Log
+    ) -> None:
         self.args, self.seed, self.folder, self.oracle = args, seed, folder, oracle
         self.task, self.log = task, log
         self.runs: dict[tuple, dict] = {}
@@ -155,8 +196,7 @@ class SeedRuns:
         self.oracle_metrics: dict | None = None
         self.total: int | None = None  # trainable parameters of the model
 
-    def run(self, method: str, selection: str | None = None,
-            ratio: float | None = None) -> dict:
+    def run(self, method: str, selection: str | None = None, ratio: float | None = None) -> dict:
         """One ``run_unlearning``; ``selection``/``ratio`` default to the config's."""
         masked = method in MASKED_METHODS
         config = seed_config(self.args, self.seed, self.folder)
@@ -171,13 +211,25 @@ class SeedRuns:
         if key in self.runs:
             return self.runs[key]
         name = "-".join(str(part) for part in key)
-        config = seed_config(self.args, self.seed, self.folder, [
-            f"influence.method={method}", f"selection.method={selection}",
-            f"selection.ratio={ratio}", f"output.dir={self.folder / 'runs' / name}"])
+        config = seed_config(
+            self.args,
+            self.seed,
+            self.folder,
+            [
+                f"influence.method={method}",
+                f"selection.method={selection}",
+                f"selection.ratio={ratio}",
+                f"output.dir={self.folder / 'runs' / name}",
+            ],
+        )
         shared = self.masks.get(key[1:]) if masked else None  # (run name, mask file)
-        report = run_unlearning(config=config, task=self.task,
-                                mask_path=shared[1] if shared else None, oracle=self.oracle,
-                                force=True)
+        report = run_unlearning(
+            config=config,
+            task=self.task,
+            mask_path=shared[1] if shared else None,
+            oracle=self.oracle,
+            force=True,
+        )
         if masked and shared is None:
             self.masks[key[1:]] = (name, Path(config.output.dir) / "mask.safetensors")
         self.before = self.before or scalar_metrics(report["metrics"]["before"])
@@ -185,54 +237,93 @@ class SeedRuns:
         record = summarize(report, mask_from=shared[0] if shared else None)
         self.total = record["total_params"]
         self.runs[key] = record
-        self.log(f"seed {self.seed}: {name}: " + ", ".join(
-            f"{k} {record['metrics'][k]:.1f}" for k in self.headline()) +
-            f" ({record['seconds']:.1f} s)")
+        self.log(
+            f"seed {self.seed}: {name}: "
+            + ", ".join(f"{k} {record['metrics'][k]:.1f}" for k in self.headline())
+            + f" ({record['seconds']:.1f} s)"
+        )
         return record
 
     def headline(self) -> tuple[str, ...]:
-        return (("forget_acc_test", "retain_acc_test") if self.task == REMOVE_CLASS
-                else ("clean_acc_test", "asr_test"))
+        return (
+            ("forget_acc_test", "retain_acc_test")
+            if self.task == REMOVE_CLASS
+            else ("clean_acc_test", "asr_test")
+        )
 
 
-def run_benchmark(args: argparse.Namespace, argv: Sequence[str] | None, *, script: str,
-                  task: str, body: Callable[[SeedRuns], dict], **fields) -> dict:
+def run_benchmark(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    *,
+    script: str,
+    task: str,
+    body: Callable[[SeedRuns], dict],
+    **fields,
+) -> dict:
     """Train each seed's base model and oracle, run ``body(runs)`` (the script's unlearning
     runs, returning what to keep), and write the results JSON."""
     log = Log()
     torch.set_num_threads(args.threads)
-    results = {"benchmark": task, "command": command_line(script, argv),
-               "config": str(args.config.resolve().relative_to(ROOT)
-                             if args.config.resolve().is_relative_to(ROOT) else args.config),
-               "data": str(args.data) if args.data else None, "overrides": args.overrides,
-               "seeds": args.seeds, "methods": args.methods, **fields,
-               "machine": machine(args.threads), "per_seed": []}
+    results = {
+        "benchmark": task,
+        "command": command_line(script, argv),
+        "config": str(
+            args.config.resolve().relative_to(ROOT)
+            if args.config.resolve().is_relative_to(ROOT)
+            else args.config
+        ),
+        "data": str(args.data) if args.data else None,
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "methods": args.methods,
+        **fields,
+        "machine": machine(args.threads),
+        "per_seed": [],
+    }
     with work_folder(args.work_dir) as work:
         for seed in args.seeds:
             folder = work / f"seed-{seed}"
             folder.mkdir(exist_ok=True)
             results["settings"] = settings(seed_config(args, seed, folder))
             models = train_pair(args, seed, folder, log)
-            runs = SeedRuns(args, seed, folder, oracle=folder / "oracle.safetensors",
-                            task=task, log=log)
+            runs = SeedRuns(
+                args, seed, folder, oracle=folder / "oracle.safetensors", task=task, log=log
+            )
             kept = body(runs)
             results["settings"]["parameters"] = runs.total
-            results["per_seed"].append({"seed": seed, **models, "before": runs.before,
-                                        "oracle_metrics": runs.oracle_metrics, **kept})
+            results["per_seed"].append(
+                {
+                    "seed": seed,
+                    **models,
+                    "before": runs.before,
+                    "oracle_metrics": runs.oracle_metrics,
+                    **kept,
+                }
+            )
     finish(args, results, log)
     return results
 
 
 def settings(config: Config) -> dict:
     influence = config.influence
-    return {"classes": config.removal.classes, "dataset": config.data.dataset,
-            "poison": config.data.poison and config.to_dict()["data"]["poison"],
-            "arch": config.model.arch, "selection": config.selection.method,
-            "ratio": config.selection.ratio, "solver": influence.solver,
-            "curvature": influence.curvature, "damping": influence.damping,
-            "max_iter": influence.max_iter, "hessian_samples": influence.hessian_samples,
-            "batch_size": influence.batch_size, "grid_points": config.update.grid_points,
-            "scale": config.update.scale, "epochs": config.train.epochs}
+    return {
+        "classes": config.removal.classes,
+        "dataset": config.data.dataset,
+        "poison": config.data.poison and config.to_dict()["data"]["poison"],
+        "arch": config.model.arch,
+        "selection": config.selection.method,
+        "ratio": config.selection.ratio,
+        "solver": influence.solver,
+        "curvature": influence.curvature,
+        "damping": influence.damping,
+        "max_iter": influence.max_iter,
+        "hessian_samples": influence.hessian_samples,
+        "batch_size": influence.batch_size,
+        "grid_points": config.update.grid_points,
+        "scale": config.update.scale,
+        "epochs": config.train.epochs,
+    }
 
 
 def summarize(report: dict, *, mask_from: str | None) -> dict:
@@ -254,16 +345,24 @@ def summarize(report: dict, *, mask_from: str | None) -> dict:
 
 
 def machine(threads: int) -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine()}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def finish(args: argparse.Namespace, results: dict, log: Log) -> None:
     load = log.load + [os.getloadavg()[0]]
     results["wall_seconds"] = log.elapsed()
-    results["load_average_1min"] = {"min": min(load), "mean": statistics.fmean(load),
-                                    "max": max(load)}
+    results["load_average_1min"] = {
+        "min": min(load),
+        "mean": statistics.fmean(load),
+        "max": max(load),
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     log(f"wrote {args.output}")
@@ -300,21 +399,30 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def measured_on(results: dict) -> str:
     """The sentence on how a run was measured: machine, seeds, wall time, load."""
     m, load = results["machine"], results["load_average_1min"]
     minutes, seconds = divmod(round(results["wall_seconds"]), 60)
-    busy = (f"; the machine was shared, 1-minute load average {load['min']:.1f}-"
-            f"{load['max']:.1f} (mean {load['mean']:.1f}) on {m['cpus']} cores, so the seconds "
-            f"are inflated and noisy" if load["mean"] > 1.5 else "")
-    return (f"Measured on {m['cpus']} CPU cores ({m['processor']}), {m['threads']} torch "
-            f"thread(s), torch {m['torch']}, Python {m['python']}; seeds "
-            f"{', '.join(map(str, results['seeds']))}; the whole run took {minutes} min "
-            f"{seconds:02d} s{busy}.")
+    busy = (
+        f"; the machine was shared, 1-minute load average {load['min']:.1f}-"
+        f"{load['max']:.1f} (mean {load['mean']:.1f}) on {m['cpus']} cores, so the seconds "
+        f"are inflated and noisy"
+        if load["mean"] > 1.5
+        else ""
+    )
+    return (
+        f"Measured on {m['cpus']} CPU cores ({m['processor']}), {m['threads']} torch "
+        f"thread(s), torch {m['torch']}, Python {m['python']}; seeds "
+        f"{', '.join(map(str, results['seeds']))}; the whole run took {minutes} min "
+        f"{seconds:02d} s{busy}."
+    )
 
 
 # --------------------------------------------------------------------------- markdown
@@ -323,8 +431,9 @@ def measured_on(results: dict) -> str:
 def how_measured(results: dict, result_file: str, scenario: str) -> list[str]:
     """``scenario`` and the protocol in one paragraph, the exact command, the raw numbers."""
     s, seeds = results["settings"], results["per_seed"]
-    source = ", ".join(filter(None, [f"`{results['config']}`", results["data"],
-                                     " ".join(results["overrides"])]))
+    source = ", ".join(
+        filter(None, [f"`{results['config']}`", results["data"], " ".join(results["overrides"])])
+    )
     return [
         f"{scenario} ({source}). Model `{s['arch']}` ({s['parameters']:,} parameters); per "
         f"seed one base model and one retrain oracle, each trained {s['epochs']} epochs with "
@@ -336,9 +445,15 @@ def how_measured(results: dict, result_file: str, scenario: str) -> list[str]:
         f"{s['grid_points']} points on the validation split, never on test). Metrics in %, "
         f"mean ± sample std over {len(seeds)} seed(s); seconds: the whole `run_unlearning` call "
         f"(data, selection, solve, step search, metrics), for the oracle its training time. "
-        + measured_on(results), "",
-        "```", results["command"], "```", "",
-        f"Raw per-seed numbers: `benchmarks/results/{result_file}`.", ""]
+        + measured_on(results),
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"Raw per-seed numbers: `benchmarks/results/{result_file}`.",
+        "",
+    ]
 
 
 def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -> list[str]:
@@ -354,13 +469,29 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
     for method in results["methods"]:
         records = [r["methods"][method] for r in seeds]
         targets = records[0]["targets"]
-        edited = (f"{targets:,} ({100 * targets / total:.1f}%, {s['selection']})"
-                  if targets < total else f"all {total:,}")
-        rows.append(row(f"`{method}`", [r["metrics"] for r in records], edited,
-                        cell([r["oracle_gap_mean"] for r in records]),
-                        cell([r["seconds"] for r in records])))
-    rows.append(row("retrain oracle", [r["oracle_metrics"] for r in seeds], "all (retrained)",
-                    "0", cell([r["oracle"]["seconds"] for r in seeds])))
+        edited = (
+            f"{targets:,} ({100 * targets / total:.1f}%, {s['selection']})"
+            if targets < total
+            else f"all {total:,}"
+        )
+        rows.append(
+            row(
+                f"`{method}`",
+                [r["metrics"] for r in records],
+                edited,
+                cell([r["oracle_gap_mean"] for r in records]),
+                cell([r["seconds"] for r in records]),
+            )
+        )
+    rows.append(
+        row(
+            "retrain oracle",
+            [r["oracle_metrics"] for r in seeds],
+            "all (retrained)",
+            "0",
+            cell([r["oracle"]["seconds"] for r in seeds]),
+        )
+    )
     header = ["method", "parameters edited", *labels, "mean gap to oracle", "seconds"]
     return table(header, rows)
 
@@ -388,18 +519,25 @@ def f1_verdict(results: dict) -> str:
     text = f"By F1, `{best}` wins ({cell(f1[best])})"
     if len(ranked) > 1:
         diff, std = paired(f1[best], f1[ranked[1]])
-        text += (f", ahead of `{ranked[1]}` by {diff:.1f} ± {std:.1f} points (paired over seeds"
-                 f"{within(diff, std)})")
+        text += (
+            f", ahead of `{ranked[1]}` by {diff:.1f} ± {std:.1f} points (paired over seeds"
+            f"{within(diff, std)})"
+        )
     diff, std = paired(f1[best], oracle)
-    text += (f", {abs(diff):.1f} ± {std:.1f} points {'above' if diff >= 0 else 'below'} the "
-             f"retrain oracle ({cell(oracle)}{within(diff, std)}).")
+    text += (
+        f", {abs(diff):.1f} ± {std:.1f} points {'above' if diff >= 0 else 'below'} the "
+        f"retrain oracle ({cell(oracle)}{within(diff, std)})."
+    )
     if "gif" in f1 and best != "gif":
         diff, std = paired(f1[best], f1["gif"])
         text += f" GIF loses to `{best}` by {diff:.1f} ± {std:.1f} F1 points{within(diff, std)}."
     if "gif" in f1 and len(f1) > 1:
         f1["the oracle"] = oracle
-        gaps = [f"{m if m == 'the oracle' else f'`{m}`'} "
-                f"{paired(f1['gif'], f1[m])[0]:+.1f} ± {paired(f1['gif'], f1[m])[1]:.1f}"
-                for m in [*ranked, "the oracle"] if m != "gif"]
+        gaps = [
+            f"{m if m == 'the oracle' else f'`{m}`'} "
+            f"{paired(f1['gif'], f1[m])[0]:+.1f} ± {paired(f1['gif'], f1[m])[1]:.1f}"
+            for m in [*ranked, "the oracle"]
+            if m != "gif"
+        ]
         text += " GIF's F1 minus that of: " + ", ".join(gaps) + "."
     return text

@@ -40,16 +40,34 @@ from common import (
 from gifcli.tasks import RECOVER_BACKDOOR
 
 METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")  # masked ones share gif's mask
-COLUMNS = ("clean_acc_test", "asr_test", "robust_acc_test", "relabel_acc_train",
-           "corrupt_acc_train", "clean_acc_train", "f1")
-LABELS = ("clean acc test", "ASR test", "robust acc test", "relabel acc train",
-          "corrupt acc train", "clean acc train", "F1")
+COLUMNS = (
+    "clean_acc_test",
+    "asr_test",
+    "robust_acc_test",
+    "relabel_acc_train",
+    "corrupt_acc_train",
+    "clean_acc_train",
+    "f1",
+)
+LABELS = (
+    "clean acc test",
+    "ASR test",
+    "robust acc test",
+    "relabel acc train",
+    "corrupt acc train",
+    "clean acc train",
+    "F1",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, config="configs/digits-backdoor.yaml",
-                         results="recover_backdoor.json", methods=METHODS)
+    add_common_arguments(
+        parser,
+        config="configs/digits-backdoor.yaml",
+        results="recover_backdoor.json",
+        methods=METHODS,
+    )
     return parser.parse_args(argv)
 
 
@@ -57,8 +75,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     def body(runs: SeedRuns) -> dict:
         return {"methods": {method: runs.run(method) for method in args.methods}}
 
-    return run_benchmark(args, argv, script="recover_backdoor.py", task=RECOVER_BACKDOOR,
-                         body=body)
+    return run_benchmark(args, argv, script="recover_backdoor.py", task=RECOVER_BACKDOOR, body=body)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -67,23 +84,35 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
 def markdown(results: dict) -> str:
     s = results["settings"]
     poison = s["poison"] or {}
-    scenario = (f"Repair a backdoored model on `{s['dataset']}`"
-                + (f": {100 * poison['rate']:g}% of the training samples carry the "
-                   f"`{poison['trigger']}` trigger and label {poison['target']} (drawn from "
-                   f"each seed's training split with poison seed {poison['seed']})"
-                   if poison else ""))
-    lines = ["## Recover from a backdoor", "",
-             *how_measured(results, "recover_backdoor.json", scenario)]
+    scenario = f"Repair a backdoored model on `{s['dataset']}`" + (
+        f": {100 * poison['rate']:g}% of the training samples carry the "
+        f"`{poison['trigger']}` trigger and label {poison['target']} (drawn from "
+        f"each seed's training split with poison seed {poison['seed']})"
+        if poison
+        else ""
+    )
+    lines = [
+        "## Recover from a backdoor",
+        "",
+        *how_measured(results, "recover_backdoor.json", scenario),
+    ]
     if results["methods"]:
-        lines += [f"### Table 3 rows ({s['selection']}, ratio {s['ratio']:g} for the masked "
-                  "methods)", "", *method_table(results, COLUMNS, LABELS), "",
-                  "Test split: clean accuracy; ASR, % of triggered test inputs of the other "
-                  "classes predicted as the target; robust accuracy, % of them predicted as "
-                  "their true class. Training split: relabel acc, % of the poisoned samples "
-                  "predicted as their true label; corrupt acc, as the target; clean acc, "
-                  "accuracy on the clean samples. F1: harmonic mean of clean and robust test "
-                  "accuracy (the task's objective); mean gap: mean |edit − oracle| over these "
-                  "metrics.", "", f1_verdict(results) + " " + asr_verdict(results), ""]
+        lines += [
+            f"### Table 3 rows ({s['selection']}, ratio {s['ratio']:g} for the masked methods)",
+            "",
+            *method_table(results, COLUMNS, LABELS),
+            "",
+            "Test split: clean accuracy; ASR, % of triggered test inputs of the other "
+            "classes predicted as the target; robust accuracy, % of them predicted as "
+            "their true class. Training split: relabel acc, % of the poisoned samples "
+            "predicted as their true label; corrupt acc, as the target; clean acc, "
+            "accuracy on the clean samples. F1: harmonic mean of clean and robust test "
+            "accuracy (the task's objective); mean gap: mean |edit − oracle| over these "
+            "metrics.",
+            "",
+            f1_verdict(results) + " " + asr_verdict(results),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -91,18 +120,22 @@ def asr_verdict(results: dict) -> str:
     """The lowest ASR, and what it cost in clean test accuracy (paired over seeds)."""
     asr = {m: metric_of(results, m, "asr_test") for m in results["methods"]}
     before_clean = metric_of(results, "before", "clean_acc_test")
-    cost = {m: paired(before_clean, metric_of(results, m, "clean_acc_test"))
-            for m in results["methods"]}
+    cost = {
+        m: paired(before_clean, metric_of(results, m, "clean_acc_test")) for m in results["methods"]
+    }
     ranked = sorted(asr, key=lambda m: mean_std(asr[m])[0])
     best = ranked[0]
 
     def describe(method: str) -> str:
-        return (f"`{method}` ASR {cell(asr[method])}% at a clean-accuracy cost of "
-                f"{cost[method][0]:.1f} ± {cost[method][1]:.1f} points")
+        return (
+            f"`{method}` ASR {cell(asr[method])}% at a clean-accuracy cost of "
+            f"{cost[method][0]:.1f} ± {cost[method][1]:.1f} points"
+        )
 
-    text = (f"By ASR (from {cell(metric_of(results, 'before', 'asr_test'))}% before; oracle "
-            f"{cell(metric_of(results, 'oracle', 'asr_test'))}%), the lowest is "
-            + describe(best))
+    text = (
+        f"By ASR (from {cell(metric_of(results, 'before', 'asr_test'))}% before; oracle "
+        f"{cell(metric_of(results, 'oracle', 'asr_test'))}%), the lowest is " + describe(best)
+    )
     if len(ranked) > 1:
         text += "; next " + describe(ranked[1])
     if "gif" in asr and "gif" not in ranked[:2]:

@@ -78,14 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_splits(data: str, seed: int):
-    config = DataConfig(dataset="digits") if data == "digits" else DataConfig(
-        dataset="tensors", path=data)
+    config = (
+        DataConfig(dataset="digits")
+        if data == "digits"
+        else DataConfig(dataset="tensors", path=data)
+    )
     return load_dataset(config, seed=seed)
 
 
 def build_tinynet(splits) -> nn.Module:
-    return TinyNet(in_channels=splits.in_channels, image_size=splits.image_size,
-                   num_classes=splits.num_classes)
+    return TinyNet(
+        in_channels=splits.in_channels, image_size=splits.image_size, num_classes=splits.num_classes
+    )
 
 
 def setup(args: argparse.Namespace) -> dict:
@@ -94,67 +98,111 @@ def setup(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = build_tinynet(splits)
     started = time.perf_counter()
-    train_model(model, splits.train, config=TrainConfig(epochs=args.epochs, batch_size=32),
-                seed=args.seed, device=torch.device("cpu"))
+    train_model(
+        model,
+        splits.train,
+        config=TrainConfig(epochs=args.epochs, batch_size=32),
+        seed=args.seed,
+        device=torch.device("cpu"),
+    )
     train_seconds = time.perf_counter() - started
     forget = splits.train.y == args.remove_class
     removal, retained = splits.train.subset(forget), splits.train.subset(~forget)
     order = torch.randperm(len(retained), generator=torch.Generator().manual_seed(args.seed))
     sample = retained.subset(order[: args.hessian_samples])
-    mask = select_target_mask(model, removal.x, removal.y, method="top-outputs",
-                              ratio=args.ratio, seed=args.seed)
+    mask = select_target_mask(
+        model, removal.x, removal.y, method="top-outputs", ratio=args.ratio, seed=args.seed
+    )
     target = mask_to_flat(model, mask)
-    g = removal_gradient(model, removal_x=removal.x, removal_y=removal.y,
-                         n_train=len(splits.train), batch_size=args.batch_size)
-    return {"splits": splits, "model": model, "removal": removal, "sample": sample,
-            "target": target, "gradient": g, "train_seconds": train_seconds}
+    g = removal_gradient(
+        model,
+        removal_x=removal.x,
+        removal_y=removal.y,
+        n_train=len(splits.train),
+        batch_size=args.batch_size,
+    )
+    return {
+        "splits": splits,
+        "model": model,
+        "removal": removal,
+        "sample": sample,
+        "target": target,
+        "gradient": g,
+        "train_seconds": train_seconds,
+    }
 
 
 def operator_for(ctx: dict, args: argparse.Namespace, **kwargs) -> CurvatureOperator:
     sample = ctx["sample"]
-    return CurvatureOperator(model=ctx["model"], x=sample.x, y=sample.y,
-                             batch_size=args.batch_size, **kwargs)
+    return CurvatureOperator(
+        model=ctx["model"], x=sample.x, y=sample.y, batch_size=args.batch_size, **kwargs
+    )
 
 
-def gif(ctx: dict, operator, *, solver: str, damping: float, max_iter: int, tol: float = 0.0,
-        **options):
-    return estimate_update(method="gif", operator=operator, gradient=ctx["gradient"],
-                           target_flat=ctx["target"], solver=solver, damping=damping,
-                           max_iter=max_iter, tol=tol, solver_options=options or None)
+def gif(
+    ctx: dict, operator, *, solver: str, damping: float, max_iter: int, tol: float = 0.0, **options
+):
+    return estimate_update(
+        method="gif",
+        operator=operator,
+        gradient=ctx["gradient"],
+        target_flat=ctx["target"],
+        solver=solver,
+        damping=damping,
+        max_iter=max_iter,
+        tol=tol,
+        solver_options=options or None,
+    )
 
 
 # --------------------------------------------------------------------------- 1. solvers
 
 
-def bench_solvers(ctx: dict, args: argparse.Namespace, damping: float, scale: float | None,
-                  operator: CurvatureOperator) -> dict:
+def bench_solvers(
+    ctx: dict,
+    args: argparse.Namespace,
+    damping: float,
+    scale: float | None,
+    operator: CurvatureOperator,
+) -> dict:
     """``scale=None``: the paper's Neumann settings; else Neumann started at that ``c``."""
     atb_norm = float(operator.matvec(ctx["gradient"])[ctx["target"]].norm())
     options = {} if scale is None else {"scale": scale}
-    _, neumann = gif(ctx, operator, solver="neumann", damping=damping,
-                     max_iter=args.neumann_iter, **options)
+    _, neumann = gif(
+        ctx, operator, solver="neumann", damping=damping, max_iter=args.neumann_iter, **options
+    )
     level = neumann.normal_residual / atb_norm
-    out = {"damping": damping, "neumann_scale": "paper (c=1, step 0.5)" if scale is None
-           else f"tuned c={scale:.3g}",
-           "neumann": {**_brief(neumann, atb_norm), "message": neumann.message}}
+    out = {
+        "damping": damping,
+        "neumann_scale": "paper (c=1, step 0.5)" if scale is None else f"tuned c={scale:.3g}",
+        "neumann": {**_brief(neumann, atb_norm), "message": neumann.message},
+    }
     for name in ("lsqr", "cg"):
         # tol = Neumann's level: the solver stops as soon as its normal residual reaches it
         # (its relative residual stays far above that level on this inconsistent system).
-        _, run = gif(ctx, operator, solver=name, damping=damping, max_iter=args.compare_iter,
-                     tol=level)
+        _, run = gif(
+            ctx, operator, solver=name, damping=damping, max_iter=args.compare_iter, tol=level
+        )
         reached = run.normal_residual / atb_norm <= level * 1.01
         # HVP totals as reported, both including the 2-product residual check at the end.
-        out[name] = {**_brief(run, atb_norm), "reached": reached,
-                     "hvps_to_reach": run.hvps if reached else None,
-                     "neumann_hvps_per_hvp": neumann.hvps / run.hvps if reached else None}
+        out[name] = {
+            **_brief(run, atb_norm),
+            "reached": reached,
+            "hvps_to_reach": run.hvps if reached else None,
+            "neumann_hvps_per_hvp": neumann.hvps / run.hvps if reached else None,
+        }
     return out
 
 
 def _brief(result, atb_norm: float) -> dict:
-    return {"iterations": result.iterations, "hvps": result.hvps,
-            "relative_residual": result.relative_residual,
-            "relative_normal_residual": result.normal_residual / atb_norm,
-            "converged": result.converged, "seconds": result.seconds}
+    return {
+        "iterations": result.iterations,
+        "hvps": result.hvps,
+        "relative_residual": result.relative_residual,
+        "relative_normal_residual": result.normal_residual / atb_norm,
+        "converged": result.converged,
+        "seconds": result.seconds,
+    }
 
 
 # --------------------------------------------------------------------------- 2. throughput
@@ -189,19 +237,22 @@ def bench_throughput(ctx: dict, args: argparse.Namespace) -> dict:
         operator.matvec(v)
         if mode == "linearize":
             out["linearize_setup_seconds"] = time.perf_counter() - started
-        out["seconds_per_product"][mode] = median_seconds(lambda o=operator: o.matvec(v),
-                                                          args.repeats)
+        out["seconds_per_product"][mode] = median_seconds(
+            lambda o=operator: o.matvec(v), args.repeats
+        )
     ggn = CurvatureOperator(model=model, x=x, y=y, batch_size=len(x), curvature="ggn")
-    out["seconds_per_product"]["ggn (jvp + vjp)"] = median_seconds(lambda: ggn.matvec(v),
-                                                                   args.repeats)
+    out["seconds_per_product"]["ggn (jvp + vjp)"] = median_seconds(
+        lambda: ggn.matvec(v), args.repeats
+    )
     model.eval()
     out["seconds_per_product"]["double-backward (paper)"] = median_seconds(
-        lambda: double_backward_hvp(model, x, y, v), args.repeats)
+        lambda: double_backward_hvp(model, x, y, v), args.repeats
+    )
     base = out["seconds_per_product"]["double-backward (paper)"]
     out["speedup_vs_double_backward"] = {
-        mode: base / seconds for mode, seconds in out["seconds_per_product"].items()}
-    out["lsqr_20_iterations_seconds"] = {
-        mode: _timed_solve(ctx, args, mode) for mode in HVP_MODES}
+        mode: base / seconds for mode, seconds in out["seconds_per_product"].items()
+    }
+    out["lsqr_20_iterations_seconds"] = {mode: _timed_solve(ctx, args, mode) for mode in HVP_MODES}
     return out
 
 
@@ -226,22 +277,37 @@ def memory_probe(path: Path) -> None:
     """Child process: peak resident memory of three products, above the state before them."""
     job = torch.load(path, weights_only=True)
     torch.set_num_threads(job["threads"])
-    model = TinyNet(in_channels=job["in_channels"], image_size=tuple(job["image_size"]),
-                    num_classes=job["num_classes"])
+    model = TinyNet(
+        in_channels=job["in_channels"],
+        image_size=tuple(job["image_size"]),
+        num_classes=job["num_classes"],
+    )
     model.load_state_dict(job["state"])
     v = torch.randn(sum(p.numel() for p in model.parameters()))
     # One product on one point first, so torch's one-off initialisation is not measured.
-    CurvatureOperator(model=model, x=job["x"][:1], y=job["y"][:1], batch_size=1,
-                      hvp_mode=job["mode"]).matvec(v)
+    CurvatureOperator(
+        model=model, x=job["x"][:1], y=job["y"][:1], batch_size=1, hvp_mode=job["mode"]
+    ).matvec(v)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     baseline = _status_kib("VmRSS")
-    operator = CurvatureOperator(model=model, x=job["x"], y=job["y"],
-                                 batch_size=job["batch_size"], hvp_mode=job["mode"],
-                                 cache_bytes=job["cache_bytes"])
+    operator = CurvatureOperator(
+        model=model,
+        x=job["x"],
+        y=job["y"],
+        batch_size=job["batch_size"],
+        hvp_mode=job["mode"],
+        cache_bytes=job["cache_bytes"],
+    )
     for _ in range(3):
         operator.matvec(v)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - baseline) / 1024,
-                      "cached_batches": operator.cached_batches}))
+    print(
+        json.dumps(
+            {
+                "peak_mib": (_status_kib("VmHWM") - baseline) / 1024,
+                "cached_batches": operator.cached_batches,
+            }
+        )
+    )
 
 
 def bench_memory(ctx: dict, args: argparse.Namespace) -> dict:
@@ -255,15 +321,26 @@ def bench_memory(ctx: dict, args: argparse.Namespace) -> dict:
             for size in sizes:
                 if size > len(pool):
                     continue
-                job = {"state": model.state_dict(), "x": pool.x[:size], "y": pool.y[:size],
-                       "batch_size": args.batch_size, "mode": mode, "cache_bytes": cap,
-                       "threads": args.threads,
-                       "in_channels": splits.in_channels, "image_size": list(splits.image_size),
-                       "num_classes": splits.num_classes}
+                job = {
+                    "state": model.state_dict(),
+                    "x": pool.x[:size],
+                    "y": pool.y[:size],
+                    "batch_size": args.batch_size,
+                    "mode": mode,
+                    "cache_bytes": cap,
+                    "threads": args.threads,
+                    "in_channels": splits.in_channels,
+                    "image_size": list(splits.image_size),
+                    "num_classes": splits.num_classes,
+                }
                 path = Path(tmp) / "job.pt"
                 torch.save(job, path)
-                done = subprocess.run([sys.executable, __file__, "--memory-probe", str(path)],
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--memory-probe", str(path)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 out["peak_mib"][variant][size] = json.loads(done.stdout.splitlines()[-1])
     return out
 
@@ -290,21 +367,32 @@ def evaluate_update(ctx: dict, delta: Tensor, args: argparse.Namespace) -> dict:
     """Best scale on the validation split (SPEC §4 grid), then the test metrics there."""
     model, target, splits = ctx["model"], ctx["target"], ctx["splits"]
     theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
-    grid = scale_grid(delta_norm=float(delta.norm()), target_norm=float(theta[target].norm()),
-                      points=48, smallest=1e-3, largest=10.0)
+    grid = scale_grid(
+        delta_norm=float(delta.norm()),
+        target_norm=float(theta[target].norm()),
+        points=48,
+        smallest=1e-3,
+        largest=10.0,
+    )
 
     def objective(m: nn.Module) -> tuple[float, dict]:
         forget, retain = accuracies(m, splits.val, args.remove_class)
         return f1(forget, retain), {"forget_val": forget, "retain_val": retain}
 
-    scale, sweep = search_scale(model, theta=theta, delta=delta, target=target, grid=grid,
-                                objective=objective)
+    scale, sweep = search_scale(
+        model, theta=theta, delta=delta, target=target, grid=grid, objective=objective
+    )
     best = next(p for p in sweep if p.scale == scale)
     assign_flat(model, updated(theta, delta, target, scale))
     forget, retain = accuracies(model, splits.test, args.remove_class)
     assign_flat(model, theta)
-    return {"relative_step": best.relative_step, "f1_val": best.objective,
-            "forget_test": forget, "retain_test": retain, "f1_test": f1(forget, retain)}
+    return {
+        "relative_step": best.relative_step,
+        "f1_val": best.objective,
+        "forget_test": forget,
+        "retain_test": retain,
+        "f1_test": f1(forget, retain),
+    }
 
 
 def top_singular_value(operator, target: Tensor, iterations: int = 15) -> float:
@@ -320,24 +408,34 @@ def top_singular_value(operator, target: Tensor, iterations: int = 15) -> float:
 
 def bench_damping(ctx: dict, args: argparse.Namespace) -> dict:
     operator = operator_for(ctx, args)
-    theta_t = float(torch.cat([p.detach().reshape(-1) for p in ctx["model"].parameters()])
-                    [ctx["target"]].norm())
+    theta_t = float(
+        torch.cat([p.detach().reshape(-1) for p in ctx["model"].parameters()])[ctx["target"]].norm()
+    )
     atb_norm = float(operator.matvec(ctx["gradient"])[ctx["target"]].norm())
     out = {"sigma_max": ctx["sigma_max"], "target_norm": theta_t, "runs": []}
     first_order = torch.where(ctx["target"], ctx["gradient"], 0.0)
-    out["first_order"] = {"delta_norm": float(first_order.norm()),
-                          **evaluate_update(ctx, first_order, args)}
+    out["first_order"] = {
+        "delta_norm": float(first_order.norm()),
+        **evaluate_update(ctx, first_order, args),
+    }
     for max_iter in (int(m) for m in args.max_iters.split(",")):
         for damping in (float(d) for d in args.dampings.split(",")):
-            delta, result = gif(ctx, operator, solver="lsqr", damping=damping,
-                                max_iter=max_iter, tol=1e-6)
-            out["runs"].append({
-                "damping": damping, "max_iter": max_iter, "iterations": result.iterations,
-                "converged": result.converged, "relative_residual": result.relative_residual,
-                "normal_residual": result.normal_residual,
-                "relative_normal_residual": result.normal_residual / atb_norm,
-                "delta_norm": float(delta.norm()),
-                **evaluate_update(ctx, delta, args)})
+            delta, result = gif(
+                ctx, operator, solver="lsqr", damping=damping, max_iter=max_iter, tol=1e-6
+            )
+            out["runs"].append(
+                {
+                    "damping": damping,
+                    "max_iter": max_iter,
+                    "iterations": result.iterations,
+                    "converged": result.converged,
+                    "relative_residual": result.relative_residual,
+                    "normal_residual": result.normal_residual,
+                    "relative_normal_residual": result.normal_residual / atb_norm,
+                    "delta_norm": float(delta.norm()),
+                    **evaluate_update(ctx, delta, args),
+                }
+            )
     return out
 
 
@@ -346,52 +444,80 @@ def bench_damping(ctx: dict, args: argparse.Namespace) -> dict:
 
 def markdown(results: dict) -> str:
     s, t = results["solvers"], results["throughput"]
-    lines = ["### 1. HVPs to reach the residual of the paper's Neumann solver", "",
-             "| Neumann scale | damping | Neumann HVPs (iterations) | its relative normal "
-             "residual | LSQR HVPs | CG HVPs | Neumann / LSQR |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### 1. HVPs to reach the residual of the paper's Neumann solver",
+        "",
+        "| Neumann scale | damping | Neumann HVPs (iterations) | its relative normal "
+        "residual | LSQR HVPs | CG HVPs | Neumann / LSQR |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in s:
         n = run["neumann"]
         lines.append(
             f"| {run['neumann_scale']} | {run['damping']:g} | {n['hvps']} ({n['iterations']}) | "
             f"{n['relative_normal_residual']:.2e} | {run['lsqr']['hvps_to_reach'] or '—'} | "
             f"{run['cg']['hvps_to_reach'] or '—'} | "
-            f"{run['lsqr']['neumann_hvps_per_hvp'] or float('nan'):.1f}× |")
-    lines += ["", f"### 2. HVP throughput, one batch of {t['batch']}", "",
-              "| path | ms / product | vs double-backward | LSQR 20 it. incl. setup, s |",
-              "|---|---|---|---|"]
+            f"{run['lsqr']['neumann_hvps_per_hvp'] or float('nan'):.1f}× |"
+        )
+    lines += [
+        "",
+        f"### 2. HVP throughput, one batch of {t['batch']}",
+        "",
+        "| path | ms / product | vs double-backward | LSQR 20 it. incl. setup, s |",
+        "|---|---|---|---|",
+    ]
     for mode, seconds in t["seconds_per_product"].items():
         solve = t["lsqr_20_iterations_seconds"].get(mode)
-        lines.append(f"| {mode} | {seconds * 1e3:.2f} | "
-                     f"{t['speedup_vs_double_backward'][mode]:.2f}× | "
-                     f"{'' if solve is None else f'{solve:.2f}'} |")
-    lines.append(f"\nlinearize setup (trace + first product): "
-                 f"{t['linearize_setup_seconds']:.2f} s per batch")
+        lines.append(
+            f"| {mode} | {seconds * 1e3:.2f} | "
+            f"{t['speedup_vs_double_backward'][mode]:.2f}× | "
+            f"{'' if solve is None else f'{solve:.2f}'} |"
+        )
+    lines.append(
+        f"\nlinearize setup (trace + first product): {t['linearize_setup_seconds']:.2f} s per batch"
+    )
     m = results["memory"]
-    lines += ["", f"### 3. Peak memory above baseline (MiB), batch size {m['batch_size']}", "",
-              "| Hessian samples | " + " | ".join(m["peak_mib"]) + " |",
-              "|---|" + "---|" * len(m["peak_mib"])]
+    lines += [
+        "",
+        f"### 3. Peak memory above baseline (MiB), batch size {m['batch_size']}",
+        "",
+        "| Hessian samples | " + " | ".join(m["peak_mib"]) + " |",
+        "|---|" + "---|" * len(m["peak_mib"]),
+    ]
     sizes = sorted({size for runs in m["peak_mib"].values() for size in runs}, key=int)
     for size in sizes:
-        cells = [f"{runs[size]['peak_mib']:.1f} ({runs[size]['cached_batches']} cached)"
-                 if size in runs else "" for runs in m["peak_mib"].values()]
+        cells = [
+            f"{runs[size]['peak_mib']:.1f} ({runs[size]['cached_batches']} cached)"
+            if size in runs
+            else ""
+            for runs in m["peak_mib"].values()
+        ]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     d = results["damping"]
-    lines += ["", "### 4. Damping and max_iter (LSQR, GIF)", "",
-              f"σ_max(H[:, t]) ≈ {d['sigma_max']:.3g}; ‖θ_t‖ = {d['target_norm']:.3g}", "",
-              "| damping | max_iter | iterations | converged | rel. residual | rel. normal res. | "
-              "‖Δ‖ | best rel. step | F1 val | forget test % | retain test % | F1 test |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### 4. Damping and max_iter (LSQR, GIF)",
+        "",
+        f"σ_max(H[:, t]) ≈ {d['sigma_max']:.3g}; ‖θ_t‖ = {d['target_norm']:.3g}",
+        "",
+        "| damping | max_iter | iterations | converged | rel. residual | rel. normal res. | "
+        "‖Δ‖ | best rel. step | F1 val | forget test % | retain test % | F1 test |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in d["runs"]:
         lines.append(
             f"| {r['damping']:g} | {r['max_iter']} | {r['iterations']} | {r['converged']} | "
             f"{r['relative_residual']:.3f} | {r['relative_normal_residual']:.1e} | "
             f"{r['delta_norm']:.3g} | {r['relative_step']:.3g} | "
             f"{r['f1_val']:.1f} | {r['forget_test']:.1f} | {r['retain_test']:.1f} | "
-            f"{r['f1_test']:.1f} |")
+            f"{r['f1_test']:.1f} |"
+        )
     fo = d["first_order"]
-    lines.append(f"| first-order | — | — | — | — | — | {fo['delta_norm']:.3g} | "
-                 f"{fo['relative_step']:.3g} | {fo['f1_val']:.1f} | {fo['forget_test']:.1f} | "
-                 f"{fo['retain_test']:.1f} | {fo['f1_test']:.1f} |")
+    lines.append(
+        f"| first-order | — | — | — | — | — | {fo['delta_norm']:.3g} | "
+        f"{fo['relative_step']:.3g} | {fo['f1_val']:.1f} | {fo['forget_test']:.1f} | "
+        f"{fo['retain_test']:.1f} | {fo['f1_test']:.1f} |"
+    )
     return "\n".join(lines)
 
 
@@ -403,25 +529,39 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     ctx = setup(args)
-    print(f"trained TinyNet in {ctx['train_seconds']:.1f} s; |t| = {int(ctx['target'].sum())} "
-          f"of {len(ctx['target'])}", file=sys.stderr)
-    results = {"command": " ".join(["benchmarks/solvers.py", *(argv or sys.argv[1:])]),
-               "args": {k: str(v) for k, v in vars(args).items()},
-               "machine": {"torch": torch.__version__, "python": platform.python_version(),
-                           "threads": args.threads, "processor": platform.processor()},
-               "setup": {"train_seconds": ctx["train_seconds"], "params": len(ctx["target"]),
-                         "targets": int(ctx["target"].sum()), "removal": len(ctx["removal"]),
-                         "hessian_samples": len(ctx["sample"]),
-                         "test_acc": accuracies(ctx["model"], ctx["splits"].test, -1)[1]}}
+    print(
+        f"trained TinyNet in {ctx['train_seconds']:.1f} s; |t| = {int(ctx['target'].sum())} "
+        f"of {len(ctx['target'])}",
+        file=sys.stderr,
+    )
+    results = {
+        "command": " ".join(["benchmarks/solvers.py", *(argv or sys.argv[1:])]),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": args.threads,
+            "processor": platform.processor(),
+        },
+        "setup": {
+            "train_seconds": ctx["train_seconds"],
+            "params": len(ctx["target"]),
+            "targets": int(ctx["target"].sum()),
+            "removal": len(ctx["removal"]),
+            "hessian_samples": len(ctx["sample"]),
+            "test_acc": accuracies(ctx["model"], ctx["splits"].test, -1)[1],
+        },
+    }
     operator = operator_for(ctx, args)
     ctx["sigma_max"] = top_singular_value(operator, ctx["target"])
     tuned = 0.75 * ctx["sigma_max"]  # c² = 0.56 σ_max² > σ_max² / 2: no restart needed
     solver_runs = ((None, 0.0), (tuned, 0.0), (tuned, 1e-2))  # (Neumann scale, damping)
-    sections = (("solvers", lambda: [bench_solvers(ctx, args, d, c, operator)
-                                     for c, d in solver_runs]),
-                ("throughput", lambda: bench_throughput(ctx, args)),
-                ("memory", lambda: bench_memory(ctx, args)),
-                ("damping", lambda: bench_damping(ctx, args)))
+    sections = (
+        ("solvers", lambda: [bench_solvers(ctx, args, d, c, operator) for c, d in solver_runs]),
+        ("throughput", lambda: bench_throughput(ctx, args)),
+        ("memory", lambda: bench_memory(ctx, args)),
+        ("damping", lambda: bench_damping(ctx, args)),
+    )
     for name, run in sections:
         section_started = time.perf_counter()
         results[name] = run()

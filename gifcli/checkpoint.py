@@ -39,8 +39,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, on CPU, ``module.`` prefixes stripped."""
     path = Path(path)
     if not path.is_file():
-        raise GifError(f"{path}: checkpoint not found; train one with `gif train CONFIG -o "
-                       f"{path}` or set `checkpoint:` in the config")
+        raise GifError(
+            f"{path}: checkpoint not found; train one with `gif train CONFIG -o "
+            f"{path}` or set `checkpoint:` in the config"
+        )
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path), device="cpu")
@@ -49,8 +51,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif path.suffix in (".pt", ".pth"):
         state = _load_torch(path)
     else:
-        raise GifError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, "
-                       f".pt or .pth")
+        raise GifError(
+            f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, .pt or .pth"
+        )
     return {_strip(k): v for k, v in state.items()}
 
 
@@ -58,22 +61,28 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        raise GifError(f"{path}: cannot load with weights_only=True ({_short(exc)}); save a "
-                       f"plain state dict with torch.save(model.state_dict(), path)") from None
+        raise GifError(
+            f"{path}: cannot load with weights_only=True ({_short(exc)}); save a "
+            f"plain state dict with torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        raise GifError(f"{path}: expected a state dict of tensors (or one under "
-                       f"{', '.join(WRAPPER_KEYS)})")
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
+        raise GifError(
+            f"{path}: expected a state dict of tensors (or one under {', '.join(WRAPPER_KEYS)})"
+        )
     return obj
 
 
 def _strip(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
+    return key[len("module.") :] if key.startswith("module.") else key
 
 
 def _short(exc: Exception) -> str:
@@ -90,14 +99,25 @@ def load_into(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {_listing(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                 if keys]
-        raise GifError(f"{path}: checkpoint does not fit model.arch ({'; '.join(parts)}); check "
-                       f"model.arch, model.num_classes and the data set")
+        parts = [
+            f"{label}: {_listing(keys)}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", misshaped),
+            )
+            if keys
+        ]
+        raise GifError(
+            f"{path}: checkpoint does not fit model.arch ({'; '.join(parts)}); check "
+            f"model.arch, model.num_classes and the data set"
+        )
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items()})
     return state
 
@@ -107,8 +127,9 @@ def _listing(keys: list[str], most: int = 5) -> str:
     return ", ".join(keys[:most]) + more
 
 
-def checkpoint_metadata(*, task: str, config_yaml: str, input_sha256: str | None = None,
-                        **extra: str) -> dict[str, str]:
+def checkpoint_metadata(
+    *, task: str, config_yaml: str, input_sha256: str | None = None, **extra: str
+) -> dict[str, str]:
     """Safetensors metadata: tool version, task, resolved config and the input's sha256."""
     metadata = {"tool": "gif", "version": __version__, "task": task, "config": config_yaml}
     if input_sha256:
@@ -117,8 +138,9 @@ def checkpoint_metadata(*, task: str, config_yaml: str, input_sha256: str | None
     return metadata
 
 
-def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor],
-                    metadata: dict[str, str]) -> None:
+def save_checkpoint(
+    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Save CPU, contiguous tensors as safetensors, atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
@@ -140,8 +162,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise GifError(f"{path.parent}: cannot write here ({exc.strerror}); choose another "
-                       f"output path") from None
+        raise GifError(
+            f"{path.parent}: cannot write here ({exc.strerror}); choose another output path"
+        ) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -190,5 +213,6 @@ def check_writable(directory: str | Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         reason = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise GifError(f"{directory}: cannot write here ({existing} {reason}); choose "
-                       f"another output path")
+        raise GifError(
+            f"{directory}: cannot write here ({existing} {reason}); choose another output path"
+        )

@@ -30,17 +30,26 @@ from typing import Any
 from gifcli.errors import GifError
 from gifcli.tasks import REMOVE_CLASS
 
-COMPARISONS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-               "==": operator.eq, "!=": operator.ne}
+COMPARISONS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 EXAMPLE = "a check looks like 'after.forget_acc_test<=1'"
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<space>\s+)
   | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<path>[A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|\d+))*)
   | (?P<op><=|>=|==|!=|<|>)
   | (?P<sign>[+-])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 class CheckError(GifError):
@@ -74,6 +83,7 @@ class Check:
 
 # -- parsing ------------------------------------------------------------------------------------
 
+
 def parse_check(text: str) -> Check:
     """Parse one ``--check`` expression; raises CheckError naming it and the column at fault."""
     tokens = _tokenize(text)
@@ -82,8 +92,9 @@ def parse_check(text: str) -> Check:
     def fail(expected: str) -> CheckError:
         if position < len(tokens):
             _, value, column = tokens[position]
-            return CheckError(f"{text!r}: expected {expected}, found {value!r} at column "
-                              f"{column + 1}; {EXAMPLE}")
+            return CheckError(
+                f"{text!r}: expected {expected}, found {value!r} at column {column + 1}; {EXAMPLE}"
+            )
         return CheckError(f"{text!r}: expected {expected} at the end; {EXAMPLE}")
 
     def accept(kind: str) -> str | None:
@@ -119,8 +130,10 @@ def parse_check(text: str) -> Check:
     if position < len(tokens):
         raise fail("the end of the check")
     check = Check(expression=text.strip(), left=left, op=op, right=right)
-    _compare_kinds(check, *(_side_kind(check, [(s, _literal_kind(t)) for s, t in side])
-                             for side in (left, right)))
+    _compare_kinds(
+        check,
+        *(_side_kind(check, [(s, _literal_kind(t)) for s, t in side]) for side in (left, right)),
+    )
     return check
 
 
@@ -136,8 +149,9 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
         if match is None or (match.lastgroup == "op" and text.startswith("=", match.end())):
             column = position if match is None else match.end()
             hint = "; compare with '=='" if text[column] == "=" and match is None else ""
-            raise CheckError(f"{text!r}: unexpected {text[column]!r} at column {column + 1}"
-                             f"{hint}; {EXAMPLE}")
+            raise CheckError(
+                f"{text!r}: unexpected {text[column]!r} at column {column + 1}{hint}; {EXAMPLE}"
+            )
         if match.lastgroup != "space":
             tokens.append((match.lastgroup, match.group(), position))
         position = match.end()
@@ -147,6 +161,7 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
 
 
 # -- kinds: 'number', 'boolean', or None (not known before the run) ---------------------------
+
 
 def _literal_kind(term: Term) -> str | None:
     if isinstance(term, ReportPath):
@@ -177,6 +192,7 @@ def _compare_kinds(check: Check, left: str | None, right: str | None) -> None:
 
 # -- report structure ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Leaf:
     """A schema's value: 'number', 'boolean', 'text', or 'open' (anything, checked after)."""
@@ -202,9 +218,11 @@ def _locate(path: ReportPath, root: dict) -> tuple[Any, ReportPath]:
         if not isinstance(metrics, dict) or first not in metrics:
             hint = " (oracle and gap need --oracle)" if first in ("oracle", "gap") else ""
             groups = f"; metrics has {_names(metrics)}" if isinstance(metrics, dict) else ""
-            raise CheckError(f"unknown report path {str(path)!r}: neither the report nor its "
-                             f"metrics have {first!r}{hint}; the report has {_names(root)}"
-                             f"{groups}")
+            raise CheckError(
+                f"unknown report path {str(path)!r}: neither the report nor its "
+                f"metrics have {first!r}{hint}; the report has {_names(root)}"
+                f"{groups}"
+            )
         path = ReportPath(("metrics", *path.parts))
     node = root
     for depth, part in enumerate(path.parts):
@@ -218,13 +236,17 @@ def _locate(path: ReportPath, root: dict) -> tuple[Any, ReportPath]:
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         elif isinstance(node, dict) and isinstance(part, str):
-            raise CheckError(f"unknown report path {str(path)!r}: {where} has no {part!r}; it "
-                             f"has {_names(node)}")
+            raise CheckError(
+                f"unknown report path {str(path)!r}: {where} has no {part!r}; it has {_names(node)}"
+            )
         elif isinstance(node, list | ListOf | dict):
-            shape = ((f"has indices 0 to {len(node) - 1}" if node else "is empty")
-                     if isinstance(node, list) else
-                     "is a list; use an index" if isinstance(node, ListOf) else
-                     "is a group of values; use a name")
+            shape = (
+                (f"has indices 0 to {len(node) - 1}" if node else "is empty")
+                if isinstance(node, list)
+                else "is a list; use an index"
+                if isinstance(node, ListOf)
+                else "is a group of values; use a name"
+            )
             raise CheckError(f"unknown report path {str(path)!r}: {where} {shape}")
         else:
             raise CheckError(f"unknown report path {str(path)!r}: {where} is a single value")
@@ -241,10 +263,14 @@ def _schema_kind(check: Check, term: ReportPath, schema: dict) -> str | None:
         return node.kind
     if node is OPEN:
         return None
-    shape = ("text" if node is TEXT else f"a list; add an index, e.g. {path}.0"
-             if isinstance(node, ListOf) else f"a group of values; add one of {_names(node)}")
-    raise CheckError(f"report path {str(term)!r} is {shape}; checks compare numbers and "
-                     f"booleans")
+    shape = (
+        "text"
+        if node is TEXT
+        else f"a list; add an index, e.g. {path}.0"
+        if isinstance(node, ListOf)
+        else f"a group of values; add one of {_names(node)}"
+    )
+    raise CheckError(f"report path {str(term)!r} is {shape}; checks compare numbers and booleans")
 
 
 def validate_checks(checks: Sequence[Check], schema: dict) -> None:
@@ -252,15 +278,25 @@ def validate_checks(checks: Sequence[Check], schema: dict) -> None:
     ``evaluate_report_schema``) and each check compares like with like; raises CheckError."""
     for check in checks:
         try:
-            sides = [[(sign, _schema_kind(check, term, schema) if isinstance(term, ReportPath)
-                       else _literal_kind(term)) for sign, term in side]
-                     for side in (check.left, check.right)]
+            sides = [
+                [
+                    (
+                        sign,
+                        _schema_kind(check, term, schema)
+                        if isinstance(term, ReportPath)
+                        else _literal_kind(term),
+                    )
+                    for sign, term in side
+                ]
+                for side in (check.left, check.right)
+            ]
         except CheckError as exc:
             raise CheckError(f"{check.expression!r}: {exc}") from None
         _compare_kinds(check, *(_side_kind(check, side) for side in sides))
 
 
 # -- evaluation ----------------------------------------------------------------------------------
+
 
 def evaluate_checks(checks: Sequence[Check], report: dict) -> list[dict]:
     """Evaluate each check on ``report``: ``{expression, left, right, passed}`` with the value of
@@ -271,14 +307,21 @@ def evaluate_checks(checks: Sequence[Check], report: dict) -> list[dict]:
     for check in checks:
         result = {"expression": check.expression, "left": None, "right": None, "passed": False}
         try:
-            left, right = _side_value(check, check.left, report), \
-                _side_value(check, check.right, report)
+            left, right = (
+                _side_value(check, check.left, report),
+                _side_value(check, check.right, report),
+            )
             _compare_kinds(check, _value_kind(left), _value_kind(right))
         except CheckError as exc:
             result["error"] = str(exc)
         else:
-            result.update(left=left, right=right, passed=left is not None and right is not None
-                          and bool(COMPARISONS[check.op](left, right)))
+            result.update(
+                left=left,
+                right=right,
+                passed=left is not None
+                and right is not None
+                and bool(COMPARISONS[check.op](left, right)),
+            )
         results.append(result)
     return results
 
@@ -293,8 +336,10 @@ def _side_value(check: Check, side: Sum, report: dict) -> int | float | bool | N
             except CheckError as exc:
                 raise CheckError(f"{check.expression!r}: {exc}") from None
             if value is not None and not isinstance(value, int | float | bool):
-                raise CheckError(f"{check.expression!r}: report path {str(term)!r} is "
-                                 f"{type(value).__name__}, not a number or boolean")
+                raise CheckError(
+                    f"{check.expression!r}: report path {str(term)!r} is "
+                    f"{type(value).__name__}, not a number or boolean"
+                )
         signed.append((sign, value))
     _side_kind(check, [(sign, _value_kind(value)) for sign, value in signed])
     if any(value is None for _, value in signed):
@@ -320,10 +365,25 @@ def format_value(value: Any) -> str:
 # -- report schemas ------------------------------------------------------------------------------
 
 # SPEC §5 metric keys; the end-to-end tests compare these with real reports.
-REMOVE_CLASS_METRICS = ("forget_acc_test", "retain_acc_test", "forget_acc_train",
-                        "retain_acc_train", "f1", "mia_efficacy", "acc_test")
-RECOVER_BACKDOOR_METRICS = ("clean_acc_test", "asr_test", "robust_acc_test", "relabel_acc_train",
-                            "corrupt_acc_train", "clean_acc_train", "f1", "acc_test")
+REMOVE_CLASS_METRICS = (
+    "forget_acc_test",
+    "retain_acc_test",
+    "forget_acc_train",
+    "retain_acc_train",
+    "f1",
+    "mia_efficacy",
+    "acc_test",
+)
+RECOVER_BACKDOOR_METRICS = (
+    "clean_acc_test",
+    "asr_test",
+    "robust_acc_test",
+    "relabel_acc_train",
+    "corrupt_acc_train",
+    "clean_acc_train",
+    "f1",
+    "acc_test",
+)
 
 
 def metrics_schema(task: str) -> dict:
@@ -341,22 +401,45 @@ def edit_report_schema(task: str, *, oracle: bool) -> dict:
     return {
         "task": TEXT,
         "method": TEXT,
-        "removal": {"description": TEXT, "samples": NUMBER, "train_samples": NUMBER,
-                    "hessian_samples": NUMBER},
-        "selection": {"method": TEXT, "ratio": NUMBER, "mask": TEXT, "targets": NUMBER,
-                      "units": OPEN},
+        "removal": {
+            "description": TEXT,
+            "samples": NUMBER,
+            "train_samples": NUMBER,
+            "hessian_samples": NUMBER,
+        },
+        "selection": {
+            "method": TEXT,
+            "ratio": NUMBER,
+            "mask": TEXT,
+            "targets": NUMBER,
+            "units": OPEN,
+        },
         "params": {"total": NUMBER, "changed": NUMBER, "fraction": NUMBER},
-        "solver": {"name": TEXT, "curvature": TEXT, "damping": NUMBER, "iterations": NUMBER,
-                   "hvps": NUMBER, "relative_residual": NUMBER, "normal_residual": NUMBER,
-                   "converged": BOOLEAN, "seconds": NUMBER, "residual_history": ListOf(NUMBER),
-                   "normal_history": ListOf(NUMBER),
-                   "message": TEXT},
-        "update": {"scale": NUMBER, "chosen_by": TEXT, "norm": NUMBER, "raw_norm": NUMBER,
-                   "relative_norm": NUMBER, "sweep": ListOf(OPEN)},
+        "solver": {
+            "name": TEXT,
+            "curvature": TEXT,
+            "damping": NUMBER,
+            "iterations": NUMBER,
+            "hvps": NUMBER,
+            "relative_residual": NUMBER,
+            "normal_residual": NUMBER,
+            "converged": BOOLEAN,
+            "seconds": NUMBER,
+            "residual_history": ListOf(NUMBER),
+            "normal_history": ListOf(NUMBER),
+            "message": TEXT,
+        },
+        "update": {
+            "scale": NUMBER,
+            "chosen_by": TEXT,
+            "norm": NUMBER,
+            "raw_norm": NUMBER,
+            "relative_norm": NUMBER,
+            "sweep": ListOf(OPEN),
+        },
         "metrics": groups,
         "timing": OPEN,
-        "checkpoint": {"input": TEXT, "input_sha256": TEXT, "output": TEXT,
-                       "output_sha256": TEXT},
+        "checkpoint": {"input": TEXT, "input_sha256": TEXT, "output": TEXT, "output_sha256": TEXT},
     }
 
 

@@ -37,8 +37,10 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    arch: str = _field("tinynet", "builtin name (tinynet, mlp, lenet), torchvision:<name>, "
-                       "or package.module:callable")
+    arch: str = _field(
+        "tinynet",
+        "builtin name (tinynet, mlp, lenet), torchvision:<name>, or package.module:callable",
+    )
     num_classes: int = _field(10, "number of output classes")
     in_channels: int | None = _field(None, "input channels; null: taken from the data set")
     kwargs: dict = _field({}, "keyword arguments for a package.module:callable architecture")
@@ -89,18 +91,23 @@ class PoisonConfig:
 class DataConfig:
     dataset: str = _field("digits", " | ".join(DATASETS))
     root: str = _field("data", "folder torchvision data sets and imagefolder are read from")
-    path: str | None = _field(None, "tensors: a .pt or .npz file with x_train, y_train, "
-                              "x_test, y_test")
+    path: str | None = _field(
+        None, "tensors: a .pt or .npz file with x_train, y_train, x_test, y_test"
+    )
     download: bool = _field(False, "allow torchvision to download a missing data set")
-    val_fraction: float = _field(0.1, "held out from train for the step-size search; "
-                                 "never the test split")
-    mean: list[float] | None = _field(None, "per-channel normalisation mean; null: the "
-                                      "data set's default")
-    std: list[float] | None = _field(None, "per-channel normalisation std; null: the "
-                                     "data set's default")
+    val_fraction: float = _field(
+        0.1, "held out from train for the step-size search; never the test split"
+    )
+    mean: list[float] | None = _field(
+        None, "per-channel normalisation mean; null: the data set's default"
+    )
+    std: list[float] | None = _field(
+        None, "per-channel normalisation std; null: the data set's default"
+    )
     image_size: int | None = _field(None, "imagefolder: resize images to this square size")
-    poison: PoisonConfig | None = _field(None, "backdoor scenario: {trigger, rate, target, "
-                                         "seed, ...}; null: clean data")
+    poison: PoisonConfig | None = _field(
+        None, "backdoor scenario: {trigger, rate, target, seed, ...}; null: clean data"
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -124,17 +131,25 @@ class DataConfig:
 @dataclass
 class RemovalConfig:
     classes: list[int] = _field([3], "remove-class: the classes to forget")
-    trigger: PoisonConfig | str | None = _field(None, "recover-backdoor: the known trigger, a "
-                                                "name or {trigger, ...options}; null: "
-                                                "data.poison's")
-    target: int | None = _field(None, "recover-backdoor: the backdoor's target label; null: "
-                                "data.poison.target")
-    poison_indices: str | None = _field(None, "file of poisoned training indices (.txt with "
-                                        "optional true-label column, .npy, .json); null: "
-                                        "from data.poison")
-    synthetic_samples: int | None = _field(None, "recover-backdoor from a trigger alone: "
-                                           "clean training samples to trigger; null: use "
-                                           "known poisoned samples")
+    trigger: PoisonConfig | str | None = _field(
+        None,
+        "recover-backdoor: the known trigger, a name or {trigger, ...options}; null: data.poison's",
+    )
+    target: int | None = _field(
+        None, "recover-backdoor: the backdoor's target label; null: data.poison.target"
+    )
+    poison_indices: str | None = _field(
+        None,
+        "file of poisoned training indices (.txt with "
+        "optional true-label column, .npy, .json); null: "
+        "from data.poison",
+    )
+    synthetic_samples: int | None = _field(
+        None,
+        "recover-backdoor from a trigger alone: "
+        "clean training samples to trigger; null: use "
+        "known poisoned samples",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.trigger, str):
@@ -154,21 +169,25 @@ class RemovalConfig:
         if self.target is not None and not 0 <= self.target < num_classes:
             out.append(f"removal.target: {self.target} is out of range 0..{num_classes - 1}")
         if self.synthetic_samples is not None and self.synthetic_samples < 1:
-            out.append(f"removal.synthetic_samples: must be positive, got "
-                       f"{self.synthetic_samples}")
+            out.append(f"removal.synthetic_samples: must be positive, got {self.synthetic_samples}")
         if self.trigger is not None:
-            out += [p for p in self.trigger.problems("removal.trigger")
-                    if not p.startswith("removal.trigger.rate")]
+            out += [
+                p
+                for p in self.trigger.problems("removal.trigger")
+                if not p.startswith("removal.trigger.rate")
+            ]
         return out
 
 
 @dataclass
 class SelectionConfig:
     method: str = _field("top-outputs", " | ".join(SELECTION_METHODS))
-    ratio: float = _field(0.05, "fraction of each Linear/Conv2d layer's parameters that are "
-                          "targets, in (0, 1]")
-    include: list[str] | None = _field(None, "glob patterns of layer names to include (also "
-                                       "non-Linear/Conv2d layers)")
+    ratio: float = _field(
+        0.05, "fraction of each Linear/Conv2d layer's parameters that are targets, in (0, 1]"
+    )
+    include: list[str] | None = _field(
+        None, "glob patterns of layer names to include (also non-Linear/Conv2d layers)"
+    )
     exclude: list[str] | None = _field(None, "glob patterns of layer names to exclude")
 
     def problems(self) -> list[str]:
@@ -187,18 +206,25 @@ class InfluenceConfig:
     solver: str = _field("lsqr", " | ".join(SOLVERS))
     hessian_samples: int = _field(1024, "retained training samples in the Hessian sample")
     batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
-    cache_mb: int = _field(1024, "per-process budget (MiB) of the linearised-HVP cache that "
-                           "makes repeated products faster; 0 keeps nothing between products, "
-                           "so memory is bounded by batch_size alone")
+    cache_mb: int = _field(
+        1024,
+        "per-process budget (MiB) of the linearised-HVP cache that "
+        "makes repeated products faster; 0 keeps nothing between products, "
+        "so memory is bounded by batch_size alone",
+    )
     max_iter: int = _field(20, "solver iterations at most")
     tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
-    damping: float = _field(1.0e-2, "lambda of min |Ax - b|^2 + lambda^2 |x|^2 (default "
-                            "measured: see BENCHMARKS.md)")
+    damping: float = _field(
+        1.0e-2, "lambda of min |Ax - b|^2 + lambda^2 |x|^2 (default measured: see BENCHMARKS.md)"
+    )
 
     def problems(self) -> list[str]:
         out = []
-        for key, choices in (("method", INFLUENCE_METHODS), ("curvature", CURVATURES),
-                             ("solver", SOLVERS)):
+        for key, choices in (
+            ("method", INFLUENCE_METHODS),
+            ("curvature", CURVATURES),
+            ("solver", SOLVERS),
+        ):
             if getattr(self, key) not in choices:
                 out.append(_choice(f"influence.{key}", getattr(self, key), choices))
         for key in ("hessian_samples", "batch_size", "max_iter"):
@@ -215,8 +241,10 @@ class InfluenceConfig:
 
 @dataclass
 class UpdateConfig:
-    scale: float | str = _field("auto", "auto: searched on the validation split; or a number "
-                                "(1.0 is the raw theoretical step)")
+    scale: float | str = _field(
+        "auto",
+        "auto: searched on the validation split; or a number (1.0 is the raw theoretical step)",
+    )
     grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
     grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
     grid_max: float = _field(10.0, "auto: largest step, as |s*delta| / |target params|")
@@ -282,8 +310,10 @@ class Config:
         out += self.train.problems()
         poison = self.data.poison
         if poison is not None and not 0 <= poison.target < self.model.num_classes:
-            out.append(f"data.poison.target: {self.data.poison.target} is out of range "
-                           f"0..{self.model.num_classes - 1}")
+            out.append(
+                f"data.poison.target: {self.data.poison.target} is out of range "
+                f"0..{self.model.num_classes - 1}"
+            )
         return out
 
     @property
@@ -313,13 +343,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``'selection.ratio=0.1'`` -> ``(['selection', 'ratio'], 0.1)``; values parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise GifError(f"override {text!r}: expected KEY=VALUE with a dotted key, "
-                       f"e.g. selection.ratio=0.1")
+        raise GifError(
+            f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. selection.ratio=0.1"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GifError(f"override {text!r}: the value is not valid YAML "
-                       f"({_first_line(exc)})") from None
+        raise GifError(
+            f"override {text!r}: the value is not valid YAML ({_first_line(exc)})"
+        ) from None
     return key.strip().split("."), value
 
 
@@ -354,22 +386,25 @@ def _first_line(exc: Exception) -> str:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise GifError(f"{path}: config file not found; pass the path of a YAML config "
-                       f"(see configs/)")
+        raise GifError(
+            f"{path}: config file not found; pass the path of a YAML config (see configs/)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise GifError(f"{path}: malformed YAML{where}: "
-                       f"{getattr(exc, 'problem', None) or _first_line(exc)}") from None
+        raise GifError(
+            f"{path}: malformed YAML{where}: {getattr(exc, 'problem', None) or _first_line(exc)}"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise GifError(f"{path}: cannot read the config ({exc})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise GifError(f"{path}: the config must be a YAML mapping of keys, "
-                       f"got {type(raw).__name__}")
+        raise GifError(
+            f"{path}: the config must be a YAML mapping of keys, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -392,8 +427,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
-                        f"got {raw!r}")
+        problems.append(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}"
+        )
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -471,8 +507,15 @@ def _type_name(hint: Any) -> str:
             (item,) = typing.get_args(option)
             names.append(f"a list of {_type_name(item)}")
         else:
-            names.append({int: "an integer", float: "a number", str: "a string",
-                          bool: "true/false", dict: "a mapping"}.get(option, str(option)))
+            names.append(
+                {
+                    int: "an integer",
+                    float: "a number",
+                    str: "a string",
+                    bool: "true/false",
+                    dict: "a mapping",
+                }.get(option, str(option))
+            )
     return " or ".join(names)
 
 
@@ -480,12 +523,16 @@ def reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]
     """(dotted key, default, help) for every config key: the README's config reference."""
     rows = []
     for f in dataclasses.fields(cls):
-        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                   else f.default)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         hint = typing.get_type_hints(cls)[f.name]
         nested = [o for o in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(o)]
-        rows.append((prefix + f.name, "" if dataclasses.is_dataclass(default) else repr(default),
-                     f.metadata.get("help", "")))
+        rows.append(
+            (
+                prefix + f.name,
+                "" if dataclasses.is_dataclass(default) else repr(default),
+                f.metadata.get("help", ""),
+            )
+        )
         if nested:
             rows += reference(nested[0], prefix + f.name + ".")
     return rows

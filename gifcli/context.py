@@ -25,18 +25,22 @@ class RunContext:
     def new_model(self) -> nn.Module:
         """A freshly initialised ``model.arch`` for this data set (seeded by ``config.seed``)."""
         torch.manual_seed(self.config.seed)
-        model = build_model(self.config.model, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size)
+        model = build_model(
+            self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
+        )
         return model.to(self.device)
 
     def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
         """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval()."""
         path = checkpoint or self.config.checkpoint
         if not path:
-            raise GifError("checkpoint: no checkpoint given; set `checkpoint:` in the config or "
-                           "pass one (train it with `gif train CONFIG -o model.safetensors`)")
-        model = build_model(self.config.model, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size)
+            raise GifError(
+                "checkpoint: no checkpoint given; set `checkpoint:` in the config or "
+                "pass one (train it with `gif train CONFIG -o model.safetensors`)"
+            )
+        model = build_model(
+            self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
+        )
         load_into(model, path)
         return model.to(self.device).eval()
 
@@ -46,7 +50,9 @@ def prepare(config: Config) -> RunContext:
     device = resolve_device(config.device)
     data = load_dataset(config.data, seed=config.seed)
     if data.num_classes > config.model.num_classes:
-        raise GifError(f"model.num_classes: the data set has {data.num_classes} classes but the "
-                       f"model has {config.model.num_classes}; set model.num_classes="
-                       f"{data.num_classes}")
+        raise GifError(
+            f"model.num_classes: the data set has {data.num_classes} classes but the "
+            f"model has {config.model.num_classes}; set model.num_classes="
+            f"{data.num_classes}"
+        )
     return RunContext(config=config, device=device, data=data)

@@ -15,8 +15,9 @@ EVAL_BATCH = 512
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: TensorSplit, *, device: torch.device,
-            batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = EVAL_BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels [N] and the softmax probability of the given label [N], on CPU."""
     was_training = model.training
     model.eval()
@@ -41,30 +42,43 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
 
 
-def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor,
-                       num_classes: int) -> list[float]:
+def per_class_accuracy(
+    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> list[float]:
     return [percent(predicted[labels == k] == k) for k in range(num_classes)]
 
 
-def classification_metrics(model: nn.Module, test: TensorSplit, *, num_classes: int,
-                           device: torch.device) -> dict:
+def classification_metrics(
+    model: nn.Module, test: TensorSplit, *, num_classes: int, device: torch.device
+) -> dict:
     """``acc_test`` and ``per_class_acc_test``."""
     predicted, _ = predict(model, test, device=device)
-    return {"acc_test": percent(predicted == test.y),
-            "per_class_acc_test": per_class_accuracy(predicted, test.y, num_classes)}
+    return {
+        "acc_test": percent(predicted == test.y),
+        "per_class_acc_test": per_class_accuracy(predicted, test.y, num_classes),
+    }
 
 
-def forget_retain(predicted: torch.Tensor, labels: torch.Tensor,
-                  classes: list[int]) -> tuple[float, float]:
+def forget_retain(
+    predicted: torch.Tensor, labels: torch.Tensor, classes: list[int]
+) -> tuple[float, float]:
     """Accuracy (%) on samples of the removed classes, and on the others."""
     forget = torch.isin(labels, torch.tensor(classes))
     return percent(predicted[forget] == labels[forget]), percent(
-        predicted[~forget] == labels[~forget])
+        predicted[~forget] == labels[~forget]
+    )
 
 
-def remove_class_metrics(model: nn.Module, *, train: TensorSplit, test: TensorSplit,
-                         classes: list[int], num_classes: int, device: torch.device,
-                         seed: int = 0) -> dict:
+def remove_class_metrics(
+    model: nn.Module,
+    *,
+    train: TensorSplit,
+    test: TensorSplit,
+    classes: list[int],
+    num_classes: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict:
     """SPEC §5 remove-class metrics, in percent."""
     test_pred, test_prob = predict(model, test, device=device)
     train_pred, train_prob = predict(model, train, device=device)
@@ -72,8 +86,12 @@ def remove_class_metrics(model: nn.Module, *, train: TensorSplit, test: TensorSp
     forget_train, retain_train = forget_retain(train_pred, train.y, classes)
     removed = torch.isin(train.y, torch.tensor(classes))
     retained_test = ~torch.isin(test.y, torch.tensor(classes))
-    mia = mia_efficacy(member=train_prob[~removed], non_member=test_prob[retained_test],
-                       target=train_prob[removed], seed=seed)
+    mia = mia_efficacy(
+        member=train_prob[~removed],
+        non_member=test_prob[retained_test],
+        target=train_prob[removed],
+        seed=seed,
+    )
     return {
         "forget_acc_test": forget_test,
         "retain_acc_test": retain_test,
@@ -86,9 +104,18 @@ def remove_class_metrics(model: nn.Module, *, train: TensorSplit, test: TensorSp
     }
 
 
-def backdoor_metrics(model: nn.Module, *, test: TensorSplit, triggered_test: TensorSplit,
-                     train: TensorSplit, poisoned: torch.Tensor, true_labels: torch.Tensor,
-                     target: int, num_classes: int, device: torch.device) -> dict:
+def backdoor_metrics(
+    model: nn.Module,
+    *,
+    test: TensorSplit,
+    triggered_test: TensorSplit,
+    train: TensorSplit,
+    poisoned: torch.Tensor,
+    true_labels: torch.Tensor,
+    target: int,
+    num_classes: int,
+    device: torch.device,
+) -> dict:
     """SPEC §5 recover-backdoor metrics, in percent.
 
     ``triggered_test``: the test inputs whose true class is not ``target``, with the trigger,
@@ -115,8 +142,9 @@ def backdoor_metrics(model: nn.Module, *, test: TensorSplit, triggered_test: Ten
     }
 
 
-def mia_efficacy(*, member: torch.Tensor, non_member: torch.Tensor, target: torch.Tensor,
-                 seed: int = 0) -> float:
+def mia_efficacy(
+    *, member: torch.Tensor, non_member: torch.Tensor, target: torch.Tensor, seed: int = 0
+) -> float:
     """Confidence-based membership inference efficacy, in percent.
 
     Feature: the softmax probability of the true label. An RBF SVC (C=3, gamma='auto') is

@@ -23,9 +23,14 @@ from gifcli.checks import format_value
 from gifcli.config import Config
 from gifcli.selection import save_mask
 
-OUTPUT_FILES = {"model": "model.safetensors", "mask": "mask.safetensors",
-                "report": "report.json", "markdown": "report.md", "config": "config.yaml",
-                "plot": "sweep.png"}
+OUTPUT_FILES = {
+    "model": "model.safetensors",
+    "mask": "mask.safetensors",
+    "report": "report.json",
+    "markdown": "report.md",
+    "config": "config.yaml",
+    "plot": "sweep.png",
+}
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
@@ -40,12 +45,16 @@ def oracle_gap(after: dict, oracle: dict) -> dict[str, float]:
     return gap
 
 
-def write_outputs(*, paths: dict[str, Path], report: dict, model: nn.Module,
-                  mask: dict, config: Config) -> None:
+def write_outputs(
+    *, paths: dict[str, Path], report: dict, model: nn.Module, mask: dict, config: Config
+) -> None:
     """Write every output of an edit; fills ``report['checkpoint']['output_sha256']``."""
-    metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml(),
-                                   input_sha256=report["checkpoint"]["input_sha256"],
-                                   method=report["method"])
+    metadata = checkpoint_metadata(
+        task=report["task"],
+        config_yaml=config.to_yaml(),
+        input_sha256=report["checkpoint"]["input_sha256"],
+        method=report["method"],
+    )
     save_checkpoint(paths["model"], model.state_dict(), metadata)
     report["checkpoint"]["output_sha256"] = sha256_file(paths["model"])
     save_mask(paths["mask"], mask, metadata=mask_metadata(report["task"], config))
@@ -58,8 +67,12 @@ def write_outputs(*, paths: dict[str, Path], report: dict, model: nn.Module,
 
 def mask_metadata(task: str, config: Config) -> dict[str, str]:
     """A mask file's metadata: the task, the selection and the resolved config."""
-    return {"task": task, "selection": config.selection.method,
-            "ratio": str(config.selection.ratio), "config": config.to_yaml()}
+    return {
+        "task": task,
+        "selection": config.selection.method,
+        "ratio": str(config.selection.ratio),
+        "config": config.to_yaml(),
+    }
 
 
 def plot_sweep(report: dict, path: Path) -> None:
@@ -75,8 +88,12 @@ def plot_sweep(report: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
     for key in keys:
         axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
-    axis.axvline(report["update"]["scale"], color="black", linestyle="--",
-                 label=f"chosen s={report['update']['scale']:.3g}")
+    axis.axvline(
+        report["update"]["scale"],
+        color="black",
+        linestyle="--",
+        label=f"chosen s={report['update']['scale']:.3g}",
+    )
     axis.set_xscale("log")
     axis.set_xlabel("step scale s")
     axis.set_ylabel("validation metric (%)")
@@ -110,9 +127,12 @@ def markdown(report: dict) -> str:
     header, rows = metrics_rows(report["metrics"])
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
-    chosen = ("searched on the validation split (best harmonic-mean objective, ties to the "
-              f"smaller step) over {len(update['sweep'])} log-spaced scales"
-              if update["sweep"] else "given in the config")
+    chosen = (
+        "searched on the validation split (best harmonic-mean objective, ties to the "
+        f"smaller step) over {len(update['sweep'])} log-spaced scales"
+        if update["sweep"]
+        else "given in the config"
+    )
     lines = [
         f"# gif {report['task']}",
         "",
@@ -145,9 +165,20 @@ def checks_markdown(checks: list[dict]) -> list[str]:
     """The ``--check`` gates of the run, one row each (nothing without checks)."""
     if not checks:
         return []
-    rows = [f"| `{c['expression']}` | {format_value(c['left'])} | {format_value(c['right'])} | "
-            f"{'pass' if c['passed'] else 'FAIL'} |" for c in checks]
+    rows = [
+        f"| `{c['expression']}` | {format_value(c['left'])} | {format_value(c['right'])} | "
+        f"{'pass' if c['passed'] else 'FAIL'} |"
+        for c in checks
+    ]
     failed = sum(not c["passed"] for c in checks)
     verdict = f"{failed} of {len(checks)} failed" if failed else f"all {len(checks)} passed"
-    return ["## Checks", "", f"`--check` gates: {verdict}.", "",
-            "| check | left | right | result |", "|---|---|---|---|", *rows, ""]
+    return [
+        "## Checks",
+        "",
+        f"`--check` gates: {verdict}.",
+        "",
+        "| check | left | right | result |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]

@@ -58,46 +58,65 @@ def backdoor_of(ctx: RunContext) -> Backdoor:
     trigger = config.removal.trigger or config.data.poison
     target = config.backdoor_target
     if trigger is None or target is None:
-        raise GifError("data.poison: a backdoor task needs the trigger and target; set "
-                       "data.poison, or removal.trigger and removal.target")
+        raise GifError(
+            "data.poison: a backdoor task needs the trigger and target; set "
+            "data.poison, or removal.trigger and removal.target"
+        )
     if config.removal.poison_indices:
         return _listed_backdoor(ctx, trigger, target)
     if data.poison is None:
-        raise GifError("removal.poison_indices: the poisoned samples are unknown; give a file "
-                       "of poisoned training indices or a data.poison scenario")
-    return Backdoor(poisoned=data.poison.indices, true_labels=data.poison.true_labels,
-                    target=target, trigger=trigger)
+        raise GifError(
+            "removal.poison_indices: the poisoned samples are unknown; give a file "
+            "of poisoned training indices or a data.poison scenario"
+        )
+    return Backdoor(
+        poisoned=data.poison.indices,
+        true_labels=data.poison.true_labels,
+        target=target,
+        trigger=trigger,
+    )
 
 
 def _listed_backdoor(ctx: RunContext, trigger: PoisonConfig, target: int) -> Backdoor:
     """Poisoned samples from ``removal.poison_indices``: indices into the data set's full
     training set (before the validation split), with or without a true-label column."""
     data, path = ctx.data, ctx.config.removal.poison_indices
-    indices, true_labels = read_poison_indices(path, len(data.train) + len(data.val),
-                                               num_classes=ctx.config.model.num_classes)
+    indices, true_labels = read_poison_indices(
+        path, len(data.train) + len(data.val), num_classes=ctx.config.model.num_classes
+    )
     positions = to_split_positions(indices, data.train_source)
     if true_labels is None:
         true_labels = _known_true_labels(ctx, positions)
     in_train = positions >= 0
     if not in_train.any():
-        raise GifError(f"{path}: every listed sample fell into the validation split; check the "
-                       f"indices (they count samples of the full training set from 0)")
-    return Backdoor(poisoned=positions[in_train], true_labels=true_labels[in_train],
-                    target=target, trigger=trigger,
-                    val_poisoned=to_split_positions(indices[~in_train], data.val_source))
+        raise GifError(
+            f"{path}: every listed sample fell into the validation split; check the "
+            f"indices (they count samples of the full training set from 0)"
+        )
+    return Backdoor(
+        poisoned=positions[in_train],
+        true_labels=true_labels[in_train],
+        target=target,
+        trigger=trigger,
+        val_poisoned=to_split_positions(indices[~in_train], data.val_source),
+    )
 
 
 def _known_true_labels(ctx: RunContext, positions: torch.Tensor) -> torch.Tensor:
     poison = ctx.data.poison
     path = ctx.config.removal.poison_indices
     if poison is None:
-        raise GifError(f"{path}: no true-label column; add one (`index label` per line) so the "
-                       f"samples can be relabelled")
+        raise GifError(
+            f"{path}: no true-label column; add one (`index label` per line) so the "
+            f"samples can be relabelled"
+        )
     lookup = dict(zip(poison.indices.tolist(), poison.true_labels.tolist(), strict=True))
     missing = [i for i in positions.tolist() if i not in lookup]
     if missing:
-        raise GifError(f"{path}: a listed sample is not a poisoned sample of data.poison and "
-                       f"the file has no true-label column")
+        raise GifError(
+            f"{path}: a listed sample is not a poisoned sample of data.poison and "
+            f"the file has no true-label column"
+        )
     return torch.tensor([lookup[i] for i in positions.tolist()], dtype=torch.long)
 
 
@@ -121,26 +140,42 @@ def retrain_split(ctx: RunContext) -> TensorSplit:
     return TensorSplit(x=train.x, y=y)
 
 
-def task_metrics(ctx: RunContext, model: torch.nn.Module, *,
-                 backdoor: Backdoor | None = None) -> dict:
+def task_metrics(
+    ctx: RunContext, model: torch.nn.Module, *, backdoor: Backdoor | None = None
+) -> dict:
     """SPEC §5 metrics of ``model`` for the config's task."""
     data, config = ctx.data, ctx.config
     if task_of(config) == REMOVE_CLASS:
-        return remove_class_metrics(model, train=data.train, test=data.test,
-                                    classes=config.removal.classes,
-                                    num_classes=config.model.num_classes, device=ctx.device,
-                                    seed=config.seed)
+        return remove_class_metrics(
+            model,
+            train=data.train,
+            test=data.test,
+            classes=config.removal.classes,
+            num_classes=config.model.num_classes,
+            device=ctx.device,
+            seed=config.seed,
+        )
     backdoor = backdoor or backdoor_of(ctx)
-    return backdoor_metrics(model, test=data.test,
-                            triggered_test=triggered_inputs(ctx, data.test, backdoor),
-                            train=data.train, poisoned=backdoor.poisoned,
-                            true_labels=backdoor.true_labels, target=backdoor.target,
-                            num_classes=config.model.num_classes, device=ctx.device)
+    return backdoor_metrics(
+        model,
+        test=data.test,
+        triggered_test=triggered_inputs(ctx, data.test, backdoor),
+        train=data.train,
+        poisoned=backdoor.poisoned,
+        true_labels=backdoor.true_labels,
+        target=backdoor.target,
+        num_classes=config.model.num_classes,
+        device=ctx.device,
+    )
 
 
 def evaluate_checkpoint(*, config: Config, checkpoint: Path) -> dict:
     """``gif evaluate``: overall and per-class test accuracy plus the task's metrics."""
     ctx = prepare(config)
     model = ctx.load_model(checkpoint)
-    return {"task": task_of(config), "checkpoint": str(checkpoint),
-            "sha256": sha256_file(checkpoint), "metrics": task_metrics(ctx, model)}
+    return {
+        "task": task_of(config),
+        "checkpoint": str(checkpoint),
+        "sha256": sha256_file(checkpoint),
+        "metrics": task_metrics(ctx, model),
+    }

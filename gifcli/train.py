@@ -28,26 +28,34 @@ from gifcli.progress import ProgressFactory, silent
 from gifcli.tasks import retrain_split, task_of
 
 
-def train_model(model: nn.Module, train: TensorSplit, *, config: TrainConfig, seed: int,
-                device: torch.device,
-                progress: Callable[[int, float], None] | None = None) -> nn.Module:
+def train_model(
+    model: nn.Module,
+    train: TensorSplit,
+    *,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[int, float], None] | None = None,
+) -> nn.Module:
     """Train ``model`` in place on ``train`` (shuffled each epoch with a seeded generator).
 
     ``progress(epoch, mean_loss)`` is called after every epoch.
     """
     torch.manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     steps_per_epoch = -(-len(train) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs * steps_per_epoch)
+        optimizer, T_max=config.epochs * steps_per_epoch
+    )
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(config.epochs):
         order = torch.randperm(len(train), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(train), config.batch_size):
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             x, y = train.x[batch].to(device), train.y[batch].to(device)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -65,20 +73,31 @@ def train_model(model: nn.Module, train: TensorSplit, *, config: TrainConfig, se
 def output_paths(checkpoint: Path) -> dict[str, Path]:
     """A trained checkpoint and what is written beside it: its report and resolved config."""
     stem = checkpoint.with_suffix("")
-    return {"checkpoint": checkpoint, "report": Path(f"{stem}.report.json"),
-            "config": Path(f"{stem}.config.yaml")}
+    return {
+        "checkpoint": checkpoint,
+        "report": Path(f"{stem}.report.json"),
+        "config": Path(f"{stem}.config.yaml"),
+    }
 
 
-def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool,
-              progress: ProgressFactory = silent) -> dict:
+def run_train(
+    *,
+    config: Config,
+    output: Path | None,
+    retrain: bool,
+    force: bool,
+    progress: ProgressFactory = silent,
+) -> dict:
     """Train ``model.arch`` on the config's data (``retrain``: the retrain oracle's data) and
     write the checkpoint, a report with test accuracy, and the resolved config."""
     if distributed.launched():
         raise GifError("gif train runs in one process; run it without torchrun")
     output = output or (Path(config.checkpoint) if config.checkpoint else None)
     if output is None:
-        raise GifError("checkpoint: no output path; pass -o model.safetensors or set "
-                       "`checkpoint:` in the config")
+        raise GifError(
+            "checkpoint: no output path; pass -o model.safetensors or set "
+            "`checkpoint:` in the config"
+        )
     if output.suffix != ".safetensors":
         raise GifError(f"{output}: gif writes .safetensors checkpoints; use that suffix")
     paths = output_paths(output)
@@ -88,9 +107,14 @@ def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool
     ctx = prepare(config)
     train = retrain_split(ctx) if retrain else ctx.data.train
     with progress("train", config.train.epochs) as advance:
-        model = train_model(ctx.new_model(), train, config=config.train, seed=config.seed,
-                            device=ctx.device,
-                            progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"))
+        model = train_model(
+            ctx.new_model(),
+            train,
+            config=config.train,
+            seed=config.seed,
+            device=ctx.device,
+            progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
+        )
     seconds = time.perf_counter() - started
     report = {
         "task": "retrain" if retrain else "train",
@@ -98,8 +122,9 @@ def run_train(*, config: Config, output: Path | None, retrain: bool, force: bool
         "train_samples": len(train),
         "epochs": config.train.epochs,
         "seconds": seconds,
-        **classification_metrics(model, ctx.data.test, num_classes=config.model.num_classes,
-                                 device=ctx.device),
+        **classification_metrics(
+            model, ctx.data.test, num_classes=config.model.num_classes, device=ctx.device
+        ),
         "checkpoint": str(output),
     }
     metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
@@ -114,5 +139,6 @@ def refuse_overwrite(paths: list[Path], force: bool) -> None:
     """Existing outputs are only replaced with ``--force``."""
     existing = [p for p in paths if p.exists()]
     if existing and not force:
-        raise GifError(f"{existing[0]}: already exists; pass --force to overwrite it or choose "
-                       f"another output")
+        raise GifError(
+            f"{existing[0]}: already exists; pass --force to overwrite it or choose another output"
+        )

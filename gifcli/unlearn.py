@@ -76,12 +76,20 @@ def class_removal(ctx: RunContext) -> RemovalSet:
     def objective(model: nn.Module) -> tuple[float, dict]:
         predicted, _ = predict(model, val, device=ctx.device)
         forget, retain = forget_retain(predicted, val.y, classes)
-        return harmonic_mean(100 - forget, retain), {"forget_acc_val": forget,
-                                                      "retain_acc_val": retain}
+        return harmonic_mean(100 - forget, retain), {
+            "forget_acc_val": forget,
+            "retain_acc_val": retain,
+        }
 
-    return RemovalSet(x=train.x[removed], y=train.y[removed], true_y=None, n_train=len(train),
-                      retained=train.subset(torch.nonzero(~removed).squeeze(1)),
-                      objective=objective, description=f"classes {classes}")
+    return RemovalSet(
+        x=train.x[removed],
+        y=train.y[removed],
+        true_y=None,
+        n_train=len(train),
+        retained=train.subset(torch.nonzero(~removed).squeeze(1)),
+        objective=objective,
+        description=f"classes {classes}",
+    )
 
 
 def backdoor_removal(ctx: RunContext) -> RemovalSet:
@@ -95,8 +103,7 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
     clean[backdoor.poisoned] = False
     count = ctx.config.removal.synthetic_samples
     if count is None:
-        x, y, true_y = train.x[backdoor.poisoned], train.y[backdoor.poisoned], \
-            backdoor.true_labels
+        x, y, true_y = train.x[backdoor.poisoned], train.y[backdoor.poisoned], backdoor.true_labels
         description = f"{len(backdoor.poisoned)} known poisoned samples"
     else:
         candidates = torch.nonzero(clean & (train.y != backdoor.target)).squeeze(1)
@@ -112,14 +119,21 @@ def backdoor_removal(ctx: RunContext) -> RemovalSet:
         triggered_pred, _ = predict(model, triggered_val, device=ctx.device)
         clean_acc = percent(clean_pred == val.y)
         robust = percent(triggered_pred == triggered_val.y)
-        return harmonic_mean(clean_acc, robust), {"clean_acc_val": clean_acc,
-                                                  "robust_acc_val": robust,
-                                                  "asr_val": percent(
-                                                      triggered_pred == backdoor.target)}
+        return harmonic_mean(clean_acc, robust), {
+            "clean_acc_val": clean_acc,
+            "robust_acc_val": robust,
+            "asr_val": percent(triggered_pred == backdoor.target),
+        }
 
-    return RemovalSet(x=x, y=y, true_y=true_y, n_train=len(train),
-                      retained=train.subset(torch.nonzero(clean).squeeze(1)),
-                      objective=objective, description=description)
+    return RemovalSet(
+        x=x,
+        y=y,
+        true_y=true_y,
+        n_train=len(train),
+        retained=train.subset(torch.nonzero(clean).squeeze(1)),
+        objective=objective,
+        description=description,
+    )
 
 
 def select(ctx: RunContext, model: nn.Module, removal: RemovalSet) -> Selection:
@@ -127,26 +141,46 @@ def select(ctx: RunContext, model: nn.Module, removal: RemovalSet) -> Selection:
     all-reduced across ranks under torchrun)."""
     config = ctx.config
     mine = distributed.shard(len(removal.x))
-    return select_targets(model, removal.x[mine], removal.y[mine],
-                          method=config.selection.method, ratio=config.selection.ratio,
-                          include=config.selection.include, exclude=config.selection.exclude,
-                          seed=config.seed, batch_size=config.influence.batch_size,
-                          device=ctx.device, reduce=distributed.all_reduce_sum)
+    return select_targets(
+        model,
+        removal.x[mine],
+        removal.y[mine],
+        method=config.selection.method,
+        ratio=config.selection.ratio,
+        include=config.selection.include,
+        exclude=config.selection.exclude,
+        seed=config.seed,
+        batch_size=config.influence.batch_size,
+        device=ctx.device,
+        reduce=distributed.all_reduce_sum,
+    )
 
 
-def target_selection(ctx: RunContext, model: nn.Module, removal: RemovalSet,
-                     mask_path: Path | None) -> Selection:
+def target_selection(
+    ctx: RunContext, model: nn.Module, removal: RemovalSet, mask_path: Path | None
+) -> Selection:
     """Every parameter for ``if``/``sif``; else a saved mask, or a selection made anew."""
     if ctx.config.influence.method in ("if", "sif"):
-        return Selection(mask={name: torch.ones_like(p, dtype=torch.bool, device="cpu")
-                               for name, p in model.named_parameters() if p.requires_grad})
+        return Selection(
+            mask={
+                name: torch.ones_like(p, dtype=torch.bool, device="cpu")
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
     if mask_path is not None:
         return Selection(mask=load_mask(mask_path, model))
     return select(ctx, model, removal)
 
 
-def estimate(ctx: RunContext, model: nn.Module, removal: RemovalSet, sample: TensorSplit,
-             target: torch.Tensor, progress: ProgressFactory) -> tuple[torch.Tensor, SolveResult]:
+def estimate(
+    ctx: RunContext,
+    model: nn.Module,
+    removal: RemovalSet,
+    sample: TensorSplit,
+    target: torch.Tensor,
+    progress: ProgressFactory,
+) -> tuple[torch.Tensor, SolveResult]:
     """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve.
 
     Each rank streams its share of the Hessian sample and of the removal set; the engine
@@ -157,30 +191,49 @@ def estimate(ctx: RunContext, model: nn.Module, removal: RemovalSet, sample: Ten
     local = sample.subset(distributed.shard(len(sample)))
 
     def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
-        return CurvatureOperator(model=model, x=x, y=y, batch_size=influence.batch_size,
-                                 curvature=influence.curvature,
-                                 cache_bytes=influence.cache_mb << 20)
+        return CurvatureOperator(
+            model=model,
+            x=x,
+            y=y,
+            batch_size=influence.batch_size,
+            curvature=influence.curvature,
+            cache_bytes=influence.cache_mb << 20,
+        )
 
     with progress("removal gradient", 1) as advance:
         gradient = removal_gradient(
-            model, removal_x=removal.x[mine], removal_y=removal.y[mine],
-            n_train=removal.n_train, batch_size=influence.batch_size,
+            model,
+            removal_x=removal.x[mine],
+            removal_y=removal.y[mine],
+            n_train=removal.n_train,
+            batch_size=influence.batch_size,
             true_labels=None if removal.true_y is None else removal.true_y[mine],
-            removal_size=len(removal.x))
+            removal_size=len(removal.x),
+        )
         advance(1)
-    removal_operator = (curvature(removal.x[mine], removal.y[mine])
-                        if influence.method == "sif" else None)
+    removal_operator = (
+        curvature(removal.x[mine], removal.y[mine]) if influence.method == "sif" else None
+    )
     with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
         delta, solve = estimate_update(
-            method=influence.method, operator=curvature(local.x, local.y), gradient=gradient,
-            target_flat=target, solver=influence.solver, damping=influence.damping,
-            max_iter=influence.max_iter, tol=influence.tol, removal_operator=removal_operator,
+            method=influence.method,
+            operator=curvature(local.x, local.y),
+            gradient=gradient,
+            target_flat=target,
+            solver=influence.solver,
+            damping=influence.damping,
+            max_iter=influence.max_iter,
+            tol=influence.tol,
+            removal_operator=removal_operator,
             removal_fraction=len(removal.x) / removal.n_train,
-            progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"))
+            progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"),
+        )
     if not torch.isfinite(delta).all():
-        raise GifError(f"influence.solver: the {influence.solver} solve produced NaN/Inf "
-                       f"({solve.message}); increase influence.damping or lower "
-                       f"influence.max_iter")
+        raise GifError(
+            f"influence.solver: the {influence.solver} solve produced NaN/Inf "
+            f"({solve.message}); increase influence.damping or lower "
+            f"influence.max_iter"
+        )
     return delta, solve
 
 
@@ -193,17 +246,28 @@ def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSpli
 
 def _solver_report(solve: dict, influence: InfluenceConfig) -> dict:
     """The solve's diagnostics under the SPEC's names (``name``: ``none`` for first-order)."""
-    return {"name": solve.pop("solver"), "curvature": influence.curvature,
-            "damping": influence.damping, **solve}
+    return {
+        "name": solve.pop("solver"),
+        "curvature": influence.curvature,
+        "damping": influence.damping,
+        **solve,
+    }
 
 
 def output_paths(directory: Path) -> dict[str, Path]:
     return {key: directory / name for key, name in OUTPUT_FILES.items()}
 
 
-def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
-                   oracle: Path | None = None, force: bool = False,
-                   progress: ProgressFactory = silent, checks: Sequence[Check] = ()) -> dict:
+def run_unlearning(
+    *,
+    config: Config,
+    task: str,
+    mask_path: Path | None = None,
+    oracle: Path | None = None,
+    force: bool = False,
+    progress: ProgressFactory = silent,
+    checks: Sequence[Check] = (),
+) -> dict:
     """Edit ``config.checkpoint`` so that it forgets the task's removal set; write the outputs
     of SPEC §5 into ``output.dir`` and return the report, with the result of each of
     ``checks`` under ``checks``."""
@@ -213,13 +277,17 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     check_writable(config.output.dir)
     existing = [p for p in paths.values() if p.exists()]
     if existing and not force:
-        raise GifError(f"{existing[0]}: already exists; pass --force to overwrite the outputs "
-                       f"in {config.output.dir} or set output.dir")
+        raise GifError(
+            f"{existing[0]}: already exists; pass --force to overwrite the outputs "
+            f"in {config.output.dir} or set output.dir"
+        )
     ctx = prepare(config)
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
     if config.update.scale == "auto" and len(ctx.data.val) == 0:
-        raise GifError("data.val_fraction: update.scale auto searches the step on the "
-                       "validation split; set data.val_fraction > 0 or a numeric update.scale")
+        raise GifError(
+            "data.val_fraction: update.scale auto searches the step on the "
+            "validation split; set data.val_fraction > 0 or a numeric update.scale"
+        )
     model = ctx.load_model()
     input_sha = sha256_file(config.checkpoint)
     influence = config.influence
@@ -243,13 +311,23 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     target_norm = float(theta[target].norm())
     sweep = []
     if config.update.scale == "auto":
-        grid = scale_grid(delta_norm=delta_norm, target_norm=target_norm,
-                          points=config.update.grid_points, smallest=config.update.grid_min,
-                          largest=config.update.grid_max)
+        grid = scale_grid(
+            delta_norm=delta_norm,
+            target_norm=target_norm,
+            points=config.update.grid_points,
+            smallest=config.update.grid_min,
+            largest=config.update.grid_max,
+        )
         with progress("step search", len(grid)) as advance:
-            scale, sweep = search_scale(model, theta=theta, delta=delta, target=target,
-                                        grid=grid, objective=removal.objective,
-                                        advance=advance)
+            scale, sweep = search_scale(
+                model,
+                theta=theta,
+                delta=delta,
+                target=target,
+                grid=grid,
+                objective=removal.objective,
+                advance=advance,
+            )
     else:
         scale = float(config.update.scale)
     timing["sweep_seconds"] = time.perf_counter() - clock
@@ -269,28 +347,42 @@ def run_unlearning(*, config: Config, task: str, mask_path: Path | None = None,
     report = {
         "task": task,
         "method": influence.method,
-        "removal": {"description": removal.description, "samples": len(removal.x),
-                    "train_samples": removal.n_train, "hessian_samples": len(sample)},
-        "selection": {"method": config.selection.method, "ratio": config.selection.ratio,
-                      "mask": str(mask_path) if mask_path else None,
-                      "targets": int(target.sum()), "units": selection.units},
-        "params": {"total": theta.numel(), "changed": changed,
-                   "fraction": changed / theta.numel()},
+        "removal": {
+            "description": removal.description,
+            "samples": len(removal.x),
+            "train_samples": removal.n_train,
+            "hessian_samples": len(sample),
+        },
+        "selection": {
+            "method": config.selection.method,
+            "ratio": config.selection.ratio,
+            "mask": str(mask_path) if mask_path else None,
+            "targets": int(target.sum()),
+            "units": selection.units,
+        },
+        "params": {"total": theta.numel(), "changed": changed, "fraction": changed / theta.numel()},
         "solver": _solver_report(solve.to_dict(), influence),
-        "update": {"scale": scale, "chosen_by": "validation" if sweep else "config",
-                   "norm": scale * delta_norm, "raw_norm": delta_norm,
-                   "relative_norm": scale * delta_norm / target_norm if target_norm else None,
-                   "sweep": [p.to_dict() for p in sweep]},
+        "update": {
+            "scale": scale,
+            "chosen_by": "validation" if sweep else "config",
+            "norm": scale * delta_norm,
+            "raw_norm": delta_norm,
+            "relative_norm": scale * delta_norm / target_norm if target_norm else None,
+            "sweep": [p.to_dict() for p in sweep],
+        },
         "metrics": metrics,
         "timing": timing,
-        "checkpoint": {"input": str(config.checkpoint), "input_sha256": input_sha,
-                       "output": str(paths["model"]), "output_sha256": None},
+        "checkpoint": {
+            "input": str(config.checkpoint),
+            "input_sha256": input_sha,
+            "output": str(paths["model"]),
+            "output_sha256": None,
+        },
     }
     report["timing"]["total_seconds"] = time.perf_counter() - started
     report["checks"] = evaluate_checks(checks, report)
     if distributed.is_main():  # every rank holds the same edit; one writes it
-        write_outputs(paths=paths, report=report, model=model, mask=selection.mask,
-                      config=config)
+        write_outputs(paths=paths, report=report, model=model, mask=selection.mask, config=config)
     return report
 
 
@@ -300,8 +392,7 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     output = output or output_paths(Path(config.output.dir))["mask"]
     check_writable(output.parent)
     if output.exists() and not force:
-        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another "
-                       f"path")
+        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another path")
     ctx = prepare(config)
     task = task_of(config)
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
@@ -315,7 +406,14 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     layers = summarize_mask(model, selection.mask, selection.units)
     selected = sum(row["selected"] for row in layers)
     total = sum(row["parameters"] for row in layers)
-    return {"task": task, "removal": removal.description,
-            "selection": {"method": config.selection.method, "ratio": config.selection.ratio},
-            "mask": str(output), "selected": selected, "parameters": total,
-            "fraction": selected / total, "seconds": seconds, "layers": layers}
+    return {
+        "task": task,
+        "removal": removal.description,
+        "selection": {"method": config.selection.method, "ratio": config.selection.ratio},
+        "mask": str(output),
+        "selected": selected,
+        "parameters": total,
+        "fraction": selected / total,
+        "seconds": seconds,
+        "layers": layers,
+    }

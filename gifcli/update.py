@@ -22,12 +22,13 @@ def assign_flat(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
     for p in model.parameters():
         if p.requires_grad:
-            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
 
-def updated(theta: torch.Tensor, delta: torch.Tensor, target: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def updated(
+    theta: torch.Tensor, delta: torch.Tensor, target: torch.Tensor, scale: float
+) -> torch.Tensor:
     """``θ + s·Δ`` on the target coordinates; every other coordinate is bit-identical to ``θ``
     (a plain ``θ + 0`` would turn ``-0.0`` into ``+0.0``)."""
     return torch.where(target, theta + scale * delta, theta)
@@ -41,25 +42,37 @@ class SweepPoint:
     metrics: dict
 
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "relative_step": self.relative_step,
-                "objective": self.objective, **self.metrics}
+        return {
+            "scale": self.scale,
+            "relative_step": self.relative_step,
+            "objective": self.objective,
+            **self.metrics,
+        }
 
 
-def scale_grid(*, delta_norm: float, target_norm: float, points: int, smallest: float,
-               largest: float) -> list[tuple[float, float]]:
+def scale_grid(
+    *, delta_norm: float, target_norm: float, points: int, smallest: float, largest: float
+) -> list[tuple[float, float]]:
     """(scale, relative step) pairs, log-spaced in the relative step ``|s·Δ| / |θ_t|``."""
     if delta_norm == 0 or not math.isfinite(delta_norm):
         return []
     reference = target_norm if target_norm > 0 else 1.0
-    steps = torch.logspace(math.log10(smallest), math.log10(largest), points,
-                           dtype=torch.float64).tolist()
+    steps = torch.logspace(
+        math.log10(smallest), math.log10(largest), points, dtype=torch.float64
+    ).tolist()
     return [(r * reference / delta_norm, r) for r in steps]
 
 
-def search_scale(model: nn.Module, *, theta: torch.Tensor, delta: torch.Tensor,
-                 target: torch.Tensor, grid: list[tuple[float, float]],
-                 objective: Callable[[nn.Module], tuple[float, dict]],
-                 advance: Callable[[], None] | None = None) -> tuple[float, list[SweepPoint]]:
+def search_scale(
+    model: nn.Module,
+    *,
+    theta: torch.Tensor,
+    delta: torch.Tensor,
+    target: torch.Tensor,
+    grid: list[tuple[float, float]],
+    objective: Callable[[nn.Module], tuple[float, dict]],
+    advance: Callable[[], None] | None = None,
+) -> tuple[float, list[SweepPoint]]:
     """Score every grid point with ``objective(model) -> (value, metrics)`` (higher is better);
     return the best scale (ties to the smaller step) and the sweep. The model is left at
     ``theta``."""

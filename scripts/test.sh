@@ -10,4 +10,5 @@ fi
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"

@@ -28,15 +28,17 @@ def digits_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_oracle(tmp_path_factory) -> Path:
     """The retrain oracle of configs/digits.yaml: trained without class 3."""
-    return train_checkpoint(DIGITS, tmp_path_factory.mktemp("oracle") / "oracle.safetensors",
-                            retrain=True)
+    return train_checkpoint(
+        DIGITS, tmp_path_factory.mktemp("oracle") / "oracle.safetensors", retrain=True
+    )
 
 
 @pytest.fixture(scope="session")
 def backdoor_base(tmp_path_factory) -> Path:
     """TinyNet trained on the poisoned digits of configs/digits-backdoor.yaml."""
-    return train_checkpoint(DIGITS_BACKDOOR,
-                            tmp_path_factory.mktemp("backdoor") / "base.safetensors")
+    return train_checkpoint(
+        DIGITS_BACKDOOR, tmp_path_factory.mktemp("backdoor") / "base.safetensors"
+    )
 
 
 @pytest.fixture

@@ -19,16 +19,20 @@ def small_model(out=3):
 
 
 def assert_same_state(model, other):
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items(),
-                                strict=True):
+    for (k, v), (k2, v2) in zip(
+        model.state_dict().items(), other.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2)
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
     model = small_model()
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, model.state_dict(),
-                    checkpoint_metadata(task="train", config_yaml="seed: 0\n", input_sha256="ab"))
+    save_checkpoint(
+        path,
+        model.state_dict(),
+        checkpoint_metadata(task="train", config_yaml="seed: 0\n", input_sha256="ab"),
+    )
     other = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     load_into(other, path)
     assert_same_state(model, other)
@@ -71,11 +75,14 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys(tmp_path):
     assert "wrong shape: 2.weight (4, 5) vs model (3, 5)" in message
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("m.safetensors", b"not a safetensors file", "not a readable safetensors"),
-    ("m.pt", b"garbage", "cannot load"),
-    ("m.ckpt", b"", "unknown checkpoint format"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("m.safetensors", b"not a safetensors file", "not a readable safetensors"),
+        ("m.pt", b"garbage", "cannot load"),
+        ("m.ckpt", b"", "unknown checkpoint format"),
+    ],
+)
 def test_corrupt_or_unknown_files(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_bytes(content)
@@ -91,5 +98,4 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path):
 def test_sha256_is_stable(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(b"abc")
-    assert sha256_file(path) == (
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert sha256_file(path) == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -28,20 +28,37 @@ EDIT_REPORT = {
     "task": "remove-class",
     "method": "gif",
     "params": {"total": 1000, "changed": 40, "fraction": 0.04},
-    "solver": {"name": "lsqr", "iterations": 20, "converged": True, "relative_residual": 0.01,
-               "residual_history": [1.0, 0.1, 0.01]},
+    "solver": {
+        "name": "lsqr",
+        "iterations": 20,
+        "converged": True,
+        "relative_residual": 0.01,
+        "residual_history": [1.0, 0.1, 0.01],
+    },
     "update": {"scale": 2.5, "relative_norm": None, "sweep": [{"scale": 0.1, "objective": 50.0}]},
     "metrics": {
-        "before": {"forget_acc_test": 99.0, "retain_acc_test": 98.0, "f1": 1.0,
-                   "per_class_acc_test": [97.0, 99.0, 98.0, 99.0]},
-        "after": {"forget_acc_test": 0.5, "retain_acc_test": 97.5, "f1": 98.7,
-                  "per_class_acc_test": [96.0, 98.0, 97.0, 0.0]},
+        "before": {
+            "forget_acc_test": 99.0,
+            "retain_acc_test": 98.0,
+            "f1": 1.0,
+            "per_class_acc_test": [97.0, 99.0, 98.0, 99.0],
+        },
+        "after": {
+            "forget_acc_test": 0.5,
+            "retain_acc_test": 97.5,
+            "f1": 98.7,
+            "per_class_acc_test": [96.0, 98.0, 97.0, 0.0],
+        },
         "oracle": {"forget_acc_test": 0.0, "retain_acc_test": 98.5, "f1": 99.2},
         "gap": {"forget_acc_test": 0.5, "retain_acc_test": 1.0, "f1": 0.5, "mean": 0.6667},
     },
 }
-EVALUATE_REPORT = {"task": "remove-class", "checkpoint": "m.safetensors", "sha256": "ab",
-                   "metrics": {"acc_test": 96.5, "per_class_acc_test": [95.0, 98.0]}}
+EVALUATE_REPORT = {
+    "task": "remove-class",
+    "checkpoint": "m.safetensors",
+    "sha256": "ab",
+    "metrics": {"acc_test": 96.5, "per_class_acc_test": [95.0, 98.0]},
+}
 
 
 def check(text, report=EDIT_REPORT):
@@ -52,14 +69,24 @@ def check(text, report=EDIT_REPORT):
 
 # -- operators, arithmetic, literals ---------------------------------------------------------------
 
-@pytest.mark.parametrize("text, passed", [
-    ("after.f1 < 99", True), ("after.f1 < 98.7", False),
-    ("after.f1 <= 98.7", True), ("after.f1 <= 98", False),
-    ("after.f1 > 98", True), ("after.f1 > 98.7", False),
-    ("after.f1 >= 98.7", True), ("after.f1 >= 99", False),
-    ("params.changed == 40", True), ("params.changed == 41", False),
-    ("params.changed != 41", True), ("params.changed != 40", False),
-])
+
+@pytest.mark.parametrize(
+    "text, passed",
+    [
+        ("after.f1 < 99", True),
+        ("after.f1 < 98.7", False),
+        ("after.f1 <= 98.7", True),
+        ("after.f1 <= 98", False),
+        ("after.f1 > 98", True),
+        ("after.f1 > 98.7", False),
+        ("after.f1 >= 98.7", True),
+        ("after.f1 >= 99", False),
+        ("params.changed == 40", True),
+        ("params.changed == 41", False),
+        ("params.changed != 41", True),
+        ("params.changed != 40", False),
+    ],
+)
 def test_each_operator(text, passed):
     assert check(text)["passed"] is passed
 
@@ -67,17 +94,23 @@ def test_each_operator(text, passed):
 def test_result_holds_both_sides_and_the_expression_as_written():
     assert check("after.retain_acc_test>=before.retain_acc_test-1") == {
         "expression": "after.retain_acc_test>=before.retain_acc_test-1",
-        "left": 97.5, "right": 97.0, "passed": True}
+        "left": 97.5,
+        "right": 97.0,
+        "passed": True,
+    }
 
 
-@pytest.mark.parametrize("text, left, right", [
-    ("after.f1 - before.f1 >= 90", 97.7, 90),
-    ("params.changed + 10 - 5 == 45", 45, 45),
-    ("-params.changed < -39", -40, -39),
-    ("params.fraction <= 5e-2", 0.04, 0.05),
-    ("params.fraction<=.05", 0.04, 0.05),
-    ("  gap.mean   <=   2  ", 0.6667, 2),
-])
+@pytest.mark.parametrize(
+    "text, left, right",
+    [
+        ("after.f1 - before.f1 >= 90", 97.7, 90),
+        ("params.changed + 10 - 5 == 45", 45, 45),
+        ("-params.changed < -39", -40, -39),
+        ("params.fraction <= 5e-2", 0.04, 0.05),
+        ("params.fraction<=.05", 0.04, 0.05),
+        ("  gap.mean   <=   2  ", 0.6667, 2),
+    ],
+)
 def test_arithmetic_and_number_forms(text, left, right):
     result = check(text)
     assert result["left"] == pytest.approx(left) and result["right"] == pytest.approx(right)
@@ -93,49 +126,58 @@ def test_booleans_compare_with_equality():
 
 # -- path forms ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [
-    ("after.forget_acc_test<=1", 0.5),                       # metrics shorthand
-    ("before.forget_acc_test<=100", 99.0),
-    ("oracle.retain_acc_test<=100", 98.5),
-    ("gap.mean<=2", 0.6667),
-    ("metrics.after.forget_acc_test<=1", 0.5),               # the full path
-    ("params.fraction<=0.05", 0.04),                         # from the root
-    ("update.scale<=10", 2.5),
-    ("after.per_class_acc_test.3<=1", 0.0),                  # a list index
-    ("solver.residual_history.2<=1", 0.01),
-    ("update.sweep.0.objective<=100", 50.0),
-])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("after.forget_acc_test<=1", 0.5),  # metrics shorthand
+        ("before.forget_acc_test<=100", 99.0),
+        ("oracle.retain_acc_test<=100", 98.5),
+        ("gap.mean<=2", 0.6667),
+        ("metrics.after.forget_acc_test<=1", 0.5),  # the full path
+        ("params.fraction<=0.05", 0.04),  # from the root
+        ("update.scale<=10", 2.5),
+        ("after.per_class_acc_test.3<=1", 0.0),  # a list index
+        ("solver.residual_history.2<=1", 0.01),
+        ("update.sweep.0.objective<=100", 50.0),
+    ],
+)
 def test_edit_report_paths(text, value):
     assert check(text)["left"] == value
 
 
-@pytest.mark.parametrize("text", ["acc_test>=90", "metrics.acc_test>=90",
-                                  "per_class_acc_test.1>=90"])
+@pytest.mark.parametrize(
+    "text", ["acc_test>=90", "metrics.acc_test>=90", "per_class_acc_test.1>=90"]
+)
 def test_evaluate_report_paths(text):
     assert check(text, EVALUATE_REPORT)["passed"]
 
 
 # -- malformed checks: usage errors that name the expression -------------------------------------
 
-@pytest.mark.parametrize("text, message", [
-    ("", "empty check"),
-    ("after.f1", "expected a comparison"),
-    ("after.f1 <=", "expected a number, true, false or a report path at the end"),
-    ("after.f1 = 1", "compare with '=='"),
-    ("after.f1 =< 1", "compare with '=='"),
-    ("after.f1 <== 1", "unexpected '='"),
-    ("1 < after.f1 < 2", "expected the end of the check, found '<' at column 14"),
-    ("after.f1 <= 1 2", "found '2'"),
-    ("after..f1 <= 1", "unexpected '.' at column 6"),
-    ("after.f1 <= 1%", "unexpected '%'"),
-    ("len(after) > 1", "unexpected '('"),
-    ("__import__('os') == 1", "unexpected '('"),
-    ("after.f1 * 2 <= 1", "unexpected '*'"),
-    ("true <= false", "booleans compare only with == or !="),
-    ("true + 1 == 2", "booleans take no arithmetic"),
-    ("-true == false", "cannot be negated"),
-    ("1 == true", "compares a boolean with a number"),
-])
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty check"),
+        ("after.f1", "expected a comparison"),
+        ("after.f1 <=", "expected a number, true, false or a report path at the end"),
+        ("after.f1 = 1", "compare with '=='"),
+        ("after.f1 =< 1", "compare with '=='"),
+        ("after.f1 <== 1", "unexpected '='"),
+        ("1 < after.f1 < 2", "expected the end of the check, found '<' at column 14"),
+        ("after.f1 <= 1 2", "found '2'"),
+        ("after..f1 <= 1", "unexpected '.' at column 6"),
+        ("after.f1 <= 1%", "unexpected '%'"),
+        ("len(after) > 1", "unexpected '('"),
+        ("__import__('os') == 1", "unexpected '('"),
+        ("after.f1 * 2 <= 1", "unexpected '*'"),
+        ("true <= false", "booleans compare only with == or !="),
+        ("true + 1 == 2", "booleans take no arithmetic"),
+        ("-true == false", "cannot be negated"),
+        ("1 == true", "compares a boolean with a number"),
+    ],
+)
 def test_malformed_checks_are_rejected(text, message):
     with pytest.raises(CheckError) as error:
         parse_check(text)
@@ -145,36 +187,55 @@ def test_malformed_checks_are_rejected(text, message):
 
 # -- paths checked against the report's structure before a run -----------------------------------
 
+
 def validate(text, schema=None):
     schema = schema or edit_report_schema(REMOVE_CLASS, oracle=False)
     validate_checks([parse_check(text)], schema)
 
 
-@pytest.mark.parametrize("text", [
-    "after.forget_acc_test<=1", "after.retain_acc_test>=before.retain_acc_test-1",
-    "params.fraction<=0.05", "solver.converged==true", "update.scale<=10",
-    "after.per_class_acc_test.3<=1", "update.sweep.4.objective>0", "timing.solve_seconds<60",
-    "metrics.before.mia_efficacy<=10",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "after.forget_acc_test<=1",
+        "after.retain_acc_test>=before.retain_acc_test-1",
+        "params.fraction<=0.05",
+        "solver.converged==true",
+        "update.scale<=10",
+        "after.per_class_acc_test.3<=1",
+        "update.sweep.4.objective>0",
+        "timing.solve_seconds<60",
+        "metrics.before.mia_efficacy<=10",
+    ],
+)
 def test_known_paths_pass_validation(text):
     validate(text)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("after.forget_acc<=1", "unknown report path 'metrics.after.forget_acc': metrics.after has "
-                            "no 'forget_acc'; it has forget_acc_test"),
-    ("parms.fraction<=1", "unknown report path 'parms.fraction': neither the report nor its "
-                          "metrics have 'parms'"),
-    ("gap.mean<=2", "(oracle and gap need --oracle)"),
-    ("after.per_class_acc_test<=1", "is a list; add an index, e.g. "
-                                    "metrics.after.per_class_acc_test.0"),
-    ("after<=1", "is a group of values; add one of forget_acc_test"),
-    ("task==1", "'task' is text"),
-    ("params.fraction.x<=1", "params.fraction is a single value"),
-    ("solver.converged>=1", "booleans compare only with == or !="),
-    ("solver.converged==1", "compares a boolean with a number"),
-    ("after.asr_test<=5", "metrics.after has no 'asr_test'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "after.forget_acc<=1",
+            "unknown report path 'metrics.after.forget_acc': metrics.after has "
+            "no 'forget_acc'; it has forget_acc_test",
+        ),
+        (
+            "parms.fraction<=1",
+            "unknown report path 'parms.fraction': neither the report nor its metrics have 'parms'",
+        ),
+        ("gap.mean<=2", "(oracle and gap need --oracle)"),
+        (
+            "after.per_class_acc_test<=1",
+            "is a list; add an index, e.g. metrics.after.per_class_acc_test.0",
+        ),
+        ("after<=1", "is a group of values; add one of forget_acc_test"),
+        ("task==1", "'task' is text"),
+        ("params.fraction.x<=1", "params.fraction is a single value"),
+        ("solver.converged>=1", "booleans compare only with == or !="),
+        ("solver.converged==1", "compares a boolean with a number"),
+        ("after.asr_test<=5", "metrics.after has no 'asr_test'"),
+    ],
+)
 def test_unknown_paths_and_kinds_fail_validation(text, message):
     with pytest.raises(CheckError) as error:
         validate(text)
@@ -194,6 +255,7 @@ def test_schemas_follow_task_and_oracle():
 
 # -- after a run: what the schema cannot know ------------------------------------------------------
 
+
 def test_out_of_range_index_is_an_error_in_the_result():
     [result] = evaluate_checks([parse_check("after.per_class_acc_test.9<=1")], EDIT_REPORT)
     assert result["passed"] is False
@@ -202,8 +264,12 @@ def test_out_of_range_index_is_an_error_in_the_result():
 
 def test_missing_value_fails_the_check():
     result = check("update.relative_norm<=1")
-    assert result == {"expression": "update.relative_norm<=1", "left": None, "right": 1,
-                      "passed": False}
+    assert result == {
+        "expression": "update.relative_norm<=1",
+        "left": None,
+        "right": 1,
+        "passed": False,
+    }
 
 
 def test_nan_fails_every_comparison_but_not_equal():
@@ -213,10 +279,17 @@ def test_nan_fails_every_comparison_but_not_equal():
 
 
 def test_values_and_markdown_read_like_checks():
-    assert [format_value(v) for v in (True, False, 3, 0.0401234567, None, math.nan)] == \
-        ["true", "false", "3", "0.0401235", "n/a", "nan"]
-    results = evaluate_checks([parse_check("after.f1>=99"), parse_check("gap.mean<=2")],
-                              EDIT_REPORT)
+    assert [format_value(v) for v in (True, False, 3, 0.0401234567, None, math.nan)] == [
+        "true",
+        "false",
+        "3",
+        "0.0401235",
+        "n/a",
+        "nan",
+    ]
+    results = evaluate_checks(
+        [parse_check("after.f1>=99"), parse_check("gap.mean<=2")], EDIT_REPORT
+    )
     text = "\n".join(checks_markdown(results))
     assert "1 of 2 failed" in text
     assert "| `after.f1>=99` | 98.7 | 99 | FAIL |" in text
@@ -244,6 +317,7 @@ def assert_report_matches_schema(report: dict, schema: dict, where: str = "repor
 
 # -- through the CLI -------------------------------------------------------------------------------
 
+
 def run(runner, *args):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -261,12 +335,26 @@ def test_help_documents_check_and_exit_codes(runner, command):
         assert "--check" in text and "--quiet" in text
 
 
-@pytest.mark.parametrize("command", [["remove-class", DIGITS], ["recover-backdoor", DIGITS],
-                                     ["evaluate", DIGITS, "-c", "none.safetensors"]],
-                         ids=["remove-class", "recover-backdoor", "evaluate"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["remove-class", DIGITS],
+        ["recover-backdoor", DIGITS],
+        ["evaluate", DIGITS, "-c", "none.safetensors"],
+    ],
+    ids=["remove-class", "recover-backdoor", "evaluate"],
+)
 def test_malformed_check_exits_2_before_any_work(runner, tmp_path, command):
-    result = run(runner, *command, "checkpoint=none.safetensors", f"output.dir={tmp_path}/out",
-                 "--check", "after.forget_acc_test<=1", "--check", "after.f1 =< 1")
+    result = run(
+        runner,
+        *command,
+        "checkpoint=none.safetensors",
+        f"output.dir={tmp_path}/out",
+        "--check",
+        "after.forget_acc_test<=1",
+        "--check",
+        "after.f1 =< 1",
+    )
     assert result.exit_code == 2, result.output
     assert "Invalid value" in result.output and "after.f1 =< 1" in result.output
     assert not (tmp_path / "out").exists()
@@ -274,8 +362,15 @@ def test_malformed_check_exits_2_before_any_work(runner, tmp_path, command):
 
 def test_unknown_path_exits_2_before_the_run(runner, tmp_path):
     # the checkpoint does not exist: had the run started, it would have exited 1
-    result = run(runner, "remove-class", DIGITS, f"checkpoint={tmp_path}/none.safetensors",
-                 f"output.dir={tmp_path}/out", "--check", "oracle.f1>=90")
+    result = run(
+        runner,
+        "remove-class",
+        DIGITS,
+        f"checkpoint={tmp_path}/none.safetensors",
+        f"output.dir={tmp_path}/out",
+        "--check",
+        "oracle.f1>=90",
+    )
     assert result.exit_code == 2, result.output
     assert "oracle.f1" in result.output and "need --oracle" in result.output
 
@@ -286,8 +381,9 @@ def test_evaluate_checks_pass_fail_and_json(runner, digits_base):
     assert passed.exit_code == 0, passed.output
     assert "checks" in passed.stderr and "pass" in passed.stderr
 
-    failed = run(runner, *args, "--json", "--check", "metrics.acc_test>=90",
-                 "--check", "forget_acc_test<=1")
+    failed = run(
+        runner, *args, "--json", "--check", "metrics.acc_test>=90", "--check", "forget_acc_test<=1"
+    )
     assert failed.exit_code == 3, failed.output
     report = json.loads(failed.stdout)
     assert [c["passed"] for c in report["checks"]] == [True, False]
@@ -308,8 +404,9 @@ def test_evaluate_quiet_prints_only_failed_checks(runner, digits_base):
 
 
 def test_evaluate_index_out_of_range_exits_2_naming_it(runner, digits_base):
-    result = run(runner, "evaluate", DIGITS, "-c", digits_base, "--check",
-                 "per_class_acc_test.10>=0")
+    result = run(
+        runner, "evaluate", DIGITS, "-c", digits_base, "--check", "per_class_acc_test.10>=0"
+    )
     assert result.exit_code == 2, result.output
     assert "metrics.per_class_acc_test.10" in result.output
     assert "indices 0 to 9" in result.output
@@ -318,14 +415,32 @@ def test_evaluate_index_out_of_range_exits_2_naming_it(runner, digits_base):
 @pytest.mark.slow
 def test_failed_check_exits_3_with_outputs_written(runner, tmp_path, digits_base):
     out = tmp_path / "out"
-    result = run(runner, "remove-class", DIGITS, f"checkpoint={digits_base}",
-                 f"output.dir={out}", *FAST_EDIT, "--oracle", digits_base,
-                 "--check", "after.forget_acc_test<=100", "--check", "gap.mean>=0",
-                 "--check", "params.fraction<=0",
-                 "--check", "after.retain_acc_test>=before.retain_acc_test-100")
+    result = run(
+        runner,
+        "remove-class",
+        DIGITS,
+        f"checkpoint={digits_base}",
+        f"output.dir={out}",
+        *FAST_EDIT,
+        "--oracle",
+        digits_base,
+        "--check",
+        "after.forget_acc_test<=100",
+        "--check",
+        "gap.mean>=0",
+        "--check",
+        "params.fraction<=0",
+        "--check",
+        "after.retain_acc_test>=before.retain_acc_test-100",
+    )
     assert result.exit_code == 3, result.output
-    for name in ("model.safetensors", "mask.safetensors", "report.json", "report.md",
-                 "config.yaml"):
+    for name in (
+        "model.safetensors",
+        "mask.safetensors",
+        "report.json",
+        "report.md",
+        "config.yaml",
+    ):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert [c["passed"] for c in report["checks"]] == [True, True, False, True]

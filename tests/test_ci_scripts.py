@@ -17,22 +17,44 @@ from tests.test_checks import assert_report_matches_schema
 
 SCRIPTS = ROOT / "scripts" / "ci"
 # Small enough for a test: a barely trained model and a short solve; the gates are what is tested.
-FAST = ["train.epochs=1", "train.batch_size=128", "influence.hessian_samples=128",
-        "influence.max_iter=5", "update.grid_points=12"]
+FAST = [
+    "train.epochs=1",
+    "train.batch_size=128",
+    "influence.hessian_samples=128",
+    "influence.max_iter=5",
+    "update.grid_points=12",
+]
 
 
 def run_script(name: str, **settings: str) -> subprocess.CompletedProcess:
     gif_bin = Path(sys.executable).parent  # the environment's `gif`
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("FORCE_COLOR", "NO_COLOR", "CONFIG")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("FORCE_COLOR", "NO_COLOR", "CONFIG")
+    }
     env.update(PATH=f"{gif_bin}{os.pathsep}{env.get('PATH', '')}", **settings)
-    return subprocess.run(["bash", str(SCRIPTS / name), *FAST], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(SCRIPTS / name), *FAST],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def outputs_written(out: Path) -> bool:
-    return all((out / name).exists() for name in ("model.safetensors", "mask.safetensors",
-                                                  "report.json", "report.md", "config.yaml"))
+    return all(
+        (out / name).exists()
+        for name in (
+            "model.safetensors",
+            "mask.safetensors",
+            "report.json",
+            "report.md",
+            "config.yaml",
+        )
+    )
 
 
 @pytest.mark.parametrize("name", ["unlearn-class.sh", "repair-backdoor.sh"])
@@ -42,17 +64,31 @@ def test_scripts_are_executable_bash(name):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
-@pytest.mark.parametrize("settings, colour, escapes", [
-    ({}, False, False),                                  # a pipe: plain text
-    ({"FORCE_COLOR": "1"}, True, True),                  # the probe sees colour when forced
-    ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, False, True),  # NO_COLOR: bold, but no colour
-], ids=["pipe", "FORCE_COLOR", "NO_COLOR"])
+@pytest.mark.parametrize(
+    "settings, colour, escapes",
+    [
+        ({}, False, False),  # a pipe: plain text
+        ({"FORCE_COLOR": "1"}, True, True),  # the probe sees colour when forced
+        ({"FORCE_COLOR": "1", "NO_COLOR": "1"}, False, True),  # NO_COLOR: bold, but no colour
+    ],
+    ids=["pipe", "FORCE_COLOR", "NO_COLOR"],
+)
 def test_log_output_is_plain_unless_forced(tmp_path, settings, colour, escapes):
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     gif = Path(sys.executable).parent / "gif"
-    result = subprocess.run([str(gif), "evaluate", str(ROOT / "configs" / "digits.yaml"), "-c",
-                             str(tmp_path / "missing.safetensors")], env={**env, **settings},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(gif),
+            "evaluate",
+            str(ROOT / "configs" / "digits.yaml"),
+            "-c",
+            str(tmp_path / "missing.safetensors"),
+        ],
+        env={**env, **settings},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     assert "checkpoint not found" in result.stderr
     assert ("\x1b[" in result.stderr) is escapes
@@ -61,24 +97,38 @@ def test_log_output_is_plain_unless_forced(tmp_path, settings, colour, escapes):
 
 @pytest.mark.slow
 def test_unlearn_class_trains_gates_and_keeps_artefacts(tmp_path):
-    base, oracle, out = tmp_path / "base.safetensors", tmp_path / "oracle.safetensors", \
-        tmp_path / "out"
+    base, oracle, out = (
+        tmp_path / "base.safetensors",
+        tmp_path / "oracle.safetensors",
+        tmp_path / "out",
+    )
     settings = {"BASE": str(base), "ORACLE": str(oracle), "OUT_DIR": str(out), "CLASS": "5"}
 
-    lenient = run_script("unlearn-class.sh", **settings, MAX_FORGET_ACC="100",
-                         MAX_RETAIN_DROP="100", MAX_PARAMS_FRACTION="1", MAX_ORACLE_GAP="100")
+    lenient = run_script(
+        "unlearn-class.sh",
+        **settings,
+        MAX_FORGET_ACC="100",
+        MAX_RETAIN_DROP="100",
+        MAX_PARAMS_FRACTION="1",
+        MAX_ORACLE_GAP="100",
+    )
     assert lenient.returncode == 0, lenient.stdout + lenient.stderr
     assert base.exists() and oracle.exists() and outputs_written(out)
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == REMOVE_CLASS and report["removal"]["description"] == "classes [5]"
     assert [c["expression"] for c in report["checks"]] == [
-        "after.forget_acc_test<=100", "after.retain_acc_test>=before.retain_acc_test-100",
-        "params.fraction<=1", "gap.mean<=100"]
+        "after.forget_acc_test<=100",
+        "after.retain_acc_test>=before.retain_acc_test-100",
+        "params.fraction<=1",
+        "gap.mean<=100",
+    ]
     assert all(c["passed"] for c in report["checks"])
     assert f"artefacts: {out}" in lenient.stdout
     assert "\x1b[" not in lenient.stdout + lenient.stderr, "plain text when not a terminal"
-    assert_report_matches_schema({k: v for k, v in report.items() if k != "checks"},
-                                 edit_report_schema(REMOVE_CLASS, oracle=True))
+    assert_report_matches_schema(
+        {k: v for k, v in report.items() if k != "checks"},
+        edit_report_schema(REMOVE_CLASS, oracle=True),
+    )
 
     base_bytes = base.read_bytes()
     strict = run_script("unlearn-class.sh", **settings, MAX_FORGET_ACC="-1")
@@ -93,17 +143,27 @@ def test_unlearn_class_trains_gates_and_keeps_artefacts(tmp_path):
 @pytest.mark.slow
 def test_repair_backdoor_trains_gates_and_keeps_artefacts(tmp_path):
     base, out = tmp_path / "base.safetensors", tmp_path / "out"
-    result = run_script("repair-backdoor.sh", BASE=str(base), OUT_DIR=str(out), MAX_ASR="100",
-                        MAX_CLEAN_DROP="100", MAX_PARAMS_FRACTION="1")
+    result = run_script(
+        "repair-backdoor.sh",
+        BASE=str(base),
+        OUT_DIR=str(out),
+        MAX_ASR="100",
+        MAX_CLEAN_DROP="100",
+        MAX_PARAMS_FRACTION="1",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert base.exists() and outputs_written(out)
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == RECOVER_BACKDOOR
     assert [c["expression"] for c in report["checks"]] == [
-        "after.asr_test<=100", "after.clean_acc_test>=before.clean_acc_test-100",
-        "params.fraction<=1"]
+        "after.asr_test<=100",
+        "after.clean_acc_test>=before.clean_acc_test-100",
+        "params.fraction<=1",
+    ]
     assert all(c["passed"] for c in report["checks"])
     assert "## Checks" in (out / "report.md").read_text()
     assert "\x1b[" not in result.stdout + result.stderr
-    assert_report_matches_schema({k: v for k, v in report.items() if k != "checks"},
-                                 edit_report_schema(RECOVER_BACKDOOR, oracle=False))
+    assert_report_matches_schema(
+        {k: v for k, v in report.items() if k != "checks"},
+        edit_report_schema(RECOVER_BACKDOOR, oracle=False),
+    )

@@ -57,8 +57,16 @@ def test_evaluate_reports_class_removal_metrics(runner, digits_base):
     report = json.loads(result.stdout)
     metrics = report["metrics"]
     assert report["task"] == "remove-class"
-    for key in ("acc_test", "per_class_acc_test", "forget_acc_test", "retain_acc_test",
-                "forget_acc_train", "retain_acc_train", "f1", "mia_efficacy"):
+    for key in (
+        "acc_test",
+        "per_class_acc_test",
+        "forget_acc_test",
+        "retain_acc_test",
+        "forget_acc_train",
+        "retain_acc_train",
+        "f1",
+        "mia_efficacy",
+    ):
         assert key in metrics
     assert len(metrics["per_class_acc_test"]) == 10
     assert metrics["acc_test"] >= 90 and metrics["forget_acc_test"] >= 90
@@ -68,8 +76,15 @@ def test_evaluate_reports_backdoor_metrics(runner, backdoor_base):
     result = run(runner, "evaluate", DIGITS_BACKDOOR, "--checkpoint", backdoor_base, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
-    for key in ("clean_acc_test", "asr_test", "robust_acc_test", "relabel_acc_train",
-                "corrupt_acc_train", "clean_acc_train", "f1"):
+    for key in (
+        "clean_acc_test",
+        "asr_test",
+        "robust_acc_test",
+        "relabel_acc_train",
+        "corrupt_acc_train",
+        "clean_acc_train",
+        "f1",
+    ):
         assert key in metrics
     assert metrics["asr_test"] >= 90, "the shipped backdoor scenario must be learnable"
 
@@ -90,15 +105,13 @@ def test_evaluate_accepts_pt_checkpoints(runner, tmp_path, digits_base):
 
 def test_select_params_writes_a_mask_and_a_summary(runner, tmp_path, digits_base):
     out = tmp_path / "mask.safetensors"
-    result = run(runner, "select-params", DIGITS, f"checkpoint={digits_base}", "-o", out,
-                 "--json")
+    result = run(runner, "select-params", DIGITS, f"checkpoint={digits_base}", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert out.exists() and report["mask"] == str(out)
     assert 0.04 <= report["fraction"] <= 0.05
     first = out.read_bytes()
-    table = run(runner, "select-params", DIGITS, f"checkpoint={digits_base}", "-o", out,
-                "--force")
+    table = run(runner, "select-params", DIGITS, f"checkpoint={digits_base}", "-o", out, "--force")
     assert table.exit_code == 0, table.output
     assert "features.0" in table.output and "classifier" in table.output
     assert out.read_bytes() == first, "same inputs and seed give a byte-identical mask"
@@ -118,30 +131,59 @@ def _misfit(tmp_path):
 
 
 BAD_INPUTS = {
-    "missing config": (lambda tmp, ckpt: ["evaluate", tmp / "none.yaml", "-c", ckpt],
-                       "config file not found"),
-    "malformed yaml": (lambda tmp, ckpt: ["evaluate", _write(tmp, "x.yaml", "a: [1,"), "-c",
-                                          ckpt], "malformed YAML"),
-    "unknown key": (lambda tmp, ckpt: ["evaluate", DIGITS, "selection.rato=0.1", "-c", ckpt],
-                    "did you mean selection.ratio"),
-    "ill-typed key": (lambda tmp, ckpt: ["evaluate", DIGITS, "train.epochs=many", "-c", ckpt],
-                      "train.epochs: expected an integer"),
-    "missing checkpoint": (lambda tmp, ckpt: ["evaluate", DIGITS, "-c",
-                                              tmp / "none.safetensors"],
-                           "checkpoint not found"),
-    "corrupt checkpoint": (lambda tmp, ckpt: ["evaluate", DIGITS, "-c", _corrupt(tmp)],
-                           "not a readable safetensors file"),
-    "checkpoint misfit": (lambda tmp, ckpt: ["evaluate", DIGITS, "-c", _misfit(tmp)],
-                          "does not fit model.arch"),
-    "data set missing": (lambda tmp, ckpt: ["evaluate", DIGITS, "data.dataset=mnist",
-                                            f"data.root={tmp / 'nodata'}", "-c", ckpt],
-                         "data.download"),
-    "class out of range": (lambda tmp, ckpt: ["evaluate", DIGITS, "removal.classes=[10]", "-c",
-                                              ckpt], "removal.classes: class 10 is out of "
-                                                     "range"),
-    "unwritable output": (lambda tmp, ckpt: ["train", DIGITS, "train.epochs=1", "-o",
-                                             _write(tmp, "file", "x") / "sub" / "m.safetensors"],
-                          "cannot write here"),
+    "missing config": (
+        lambda tmp, ckpt: ["evaluate", tmp / "none.yaml", "-c", ckpt],
+        "config file not found",
+    ),
+    "malformed yaml": (
+        lambda tmp, ckpt: ["evaluate", _write(tmp, "x.yaml", "a: [1,"), "-c", ckpt],
+        "malformed YAML",
+    ),
+    "unknown key": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "selection.rato=0.1", "-c", ckpt],
+        "did you mean selection.ratio",
+    ),
+    "ill-typed key": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "train.epochs=many", "-c", ckpt],
+        "train.epochs: expected an integer",
+    ),
+    "missing checkpoint": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "-c", tmp / "none.safetensors"],
+        "checkpoint not found",
+    ),
+    "corrupt checkpoint": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "-c", _corrupt(tmp)],
+        "not a readable safetensors file",
+    ),
+    "checkpoint misfit": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "-c", _misfit(tmp)],
+        "does not fit model.arch",
+    ),
+    "data set missing": (
+        lambda tmp, ckpt: [
+            "evaluate",
+            DIGITS,
+            "data.dataset=mnist",
+            f"data.root={tmp / 'nodata'}",
+            "-c",
+            ckpt,
+        ],
+        "data.download",
+    ),
+    "class out of range": (
+        lambda tmp, ckpt: ["evaluate", DIGITS, "removal.classes=[10]", "-c", ckpt],
+        "removal.classes: class 10 is out of range",
+    ),
+    "unwritable output": (
+        lambda tmp, ckpt: [
+            "train",
+            DIGITS,
+            "train.epochs=1",
+            "-o",
+            _write(tmp, "file", "x") / "sub" / "m.safetensors",
+        ],
+        "cannot write here",
+    ),
 }
 
 
@@ -166,7 +208,14 @@ def test_bad_input_exits_1_with_one_clear_message(runner, tmp_path, digits_base,
     assert before is not None
 
 
-@pytest.mark.parametrize("args", [["train"], ["evaluate", str(DIGITS)], ["nonsense"],
-                                  ["train", str(DIGITS), "--no-such-option"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train"],
+        ["evaluate", str(DIGITS)],
+        ["nonsense"],
+        ["train", str(DIGITS), "--no-such-option"],
+    ],
+)
 def test_usage_errors_exit_2(runner, args):
     assert run(runner, *args).exit_code == 2

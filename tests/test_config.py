@@ -32,8 +32,15 @@ def test_defaults_match_the_spec():
 def test_dotted_overrides_parse_values_as_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("selection: {ratio: 0.05}\n")
-    config = load_config(path, ["selection.ratio=0.1", "removal.classes=[1,2]",
-                                "influence.solver=cg", "data.poison.rate=0.2"])
+    config = load_config(
+        path,
+        [
+            "selection.ratio=0.1",
+            "removal.classes=[1,2]",
+            "influence.solver=cg",
+            "data.poison.rate=0.2",
+        ],
+    )
     assert config.selection.ratio == 0.1
     assert config.removal.classes == [1, 2]
     assert config.influence.solver == "cg"
@@ -56,9 +63,14 @@ def test_malformed_override_is_an_error_naming_it(tmp_path, override):
 
 def test_every_problem_is_reported_at_once_with_suggestions():
     with pytest.raises(GifError) as info:
-        build_config({"modle": {}, "selection": {"ratio": 2.0, "methd": "random"},
-                      "influence": {"solver": "lsq", "max_iter": "many"},
-                      "removal": {"classes": [12]}})
+        build_config(
+            {
+                "modle": {},
+                "selection": {"ratio": 2.0, "methd": "random"},
+                "influence": {"solver": "lsq", "max_iter": "many"},
+                "removal": {"classes": [12]},
+            }
+        )
     message = str(info.value)
     assert "modle: unknown key; did you mean model?" in message
     assert "selection.methd: unknown key; did you mean selection.method?" in message

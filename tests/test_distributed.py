@@ -35,10 +35,23 @@ from gifcli.train import run_train
 from gifcli.unlearn import run_unlearning
 from tests.conftest import DIGITS
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
-SMALL = ["influence.hessian_samples=256", "influence.batch_size=64", "influence.max_iter=5",
-         "update.grid_points=8", "device=cpu"]
+TORCHRUN_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+)
+SMALL = [
+    "influence.hessian_samples=256",
+    "influence.batch_size=64",
+    "influence.max_iter=5",
+    "update.grid_points=8",
+    "device=cpu",
+]
 """A small, fast remove-class run: each of 2 ranks streams 2 batches of its 128 points."""
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -129,19 +142,31 @@ def _problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def _engine(x: torch.Tensor, y: torch.Tensor, model: nn.Module, *, m: int) -> dict:
     """HVP, removal gradient and unit statistics of ``(x, y)``; ``m`` the whole set's size."""
     v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    hv = CurvatureOperator(model=model, x=x, y=y, batch_size=5,
-                           hvp_mode="forward-over-reverse").matvec(v)
-    g = removal_gradient(model, removal_x=x, removal_y=y, n_train=100, batch_size=4,
-                         removal_size=m)
-    selection = select_targets(model, x, y, method="top-gradients", ratio=0.3, batch_size=3,
-                               reduce=distributed.all_reduce_sum)
+    hv = CurvatureOperator(
+        model=model, x=x, y=y, batch_size=5, hvp_mode="forward-over-reverse"
+    ).matvec(v)
+    g = removal_gradient(model, removal_x=x, removal_y=y, n_train=100, batch_size=4, removal_size=m)
+    selection = select_targets(
+        model,
+        x,
+        y,
+        method="top-gradients",
+        ratio=0.3,
+        batch_size=3,
+        reduce=distributed.all_reduce_sum,
+    )
     return {"hv": hv, "g": g, "mask": selection.mask}
 
 
 def _gloo_rank(rank: int, world: int, port: int, out: str) -> None:
     """One spawned rank: join the group from torchrun's variables, compute on its shard."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     distributed.init(torch.device("cpu"))
     model, x, y = _problem()
@@ -177,9 +202,19 @@ def torchrun(*args: object, timeout: float = 120) -> subprocess.CompletedProcess
         pytest.skip("the gif console script is not installed")
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="120")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), gif,
-               *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        gif,
+        *map(str, args),
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -205,8 +240,9 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, quick_base):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_unlearning(config=load_config(DIGITS, [*overrides, f"output.dir={one}"]),
-                       task=REMOVE_CLASS)
+        run_unlearning(
+            config=load_config(DIGITS, [*overrides, f"output.dir={one}"]), task=REMOVE_CLASS
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -233,9 +269,15 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, quick_base):
 
 @pytest.mark.distributed
 def test_an_input_error_stops_every_rank_with_its_message(tmp_path, quick_base):
-    done = torchrun("remove-class", DIGITS, f"checkpoint={quick_base}", *SMALL,
-                    "selection.include=[no_such_layer]", f"output.dir={tmp_path / 'out'}",
-                    timeout=90)
+    done = torchrun(
+        "remove-class",
+        DIGITS,
+        f"checkpoint={quick_base}",
+        *SMALL,
+        "selection.include=[no_such_layer]",
+        f"output.dir={tmp_path / 'out'}",
+        timeout=90,
+    )
     assert done.returncode != 0
     assert done.stdout == ""
     # Rank 0 says what is wrong (the others do too, unless torchrun stopped them first).
@@ -251,8 +293,15 @@ def test_an_input_error_stops_every_rank_with_its_message(tmp_path, quick_base):
 def test_cuda_edit_matches_cpu_and_writes_cpu_tensors(tmp_path, quick_base):
     reports = {}
     for device in ("cpu", "cuda"):
-        config = load_config(DIGITS, [f"checkpoint={quick_base}", *SMALL, f"device={device}",
-                                      f"output.dir={tmp_path / device}"])
+        config = load_config(
+            DIGITS,
+            [
+                f"checkpoint={quick_base}",
+                *SMALL,
+                f"device={device}",
+                f"output.dir={tmp_path / device}",
+            ],
+        )
         reports[device] = run_unlearning(config=config, task=REMOVE_CLASS)
     cpu, cuda = reports["cpu"], reports["cuda"]
     # Not to rounding: cuDNN may run the convolutions in TF32.

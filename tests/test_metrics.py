@@ -24,8 +24,10 @@ class Fixed(nn.Module):
 
 
 def split(logits, labels):
-    return TensorSplit(x=torch.tensor(logits, dtype=torch.float32).view(len(labels), 1, 1, -1),
-                       y=torch.tensor(labels))
+    return TensorSplit(
+        x=torch.tensor(logits, dtype=torch.float32).view(len(labels), 1, 1, -1),
+        y=torch.tensor(labels),
+    )
 
 
 def test_predict_returns_labels_and_true_label_probabilities():
@@ -63,8 +65,9 @@ def test_mia_efficacy_flags_low_confidence_removal_samples_as_non_members():
 def test_remove_class_metrics_on_a_fixed_model():
     train = split([[5, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]], [0, 1, 2, 2])
     test = split([[5, 0, 0], [0, 5, 0], [5, 0, 0]], [0, 1, 2])
-    metrics = remove_class_metrics(Fixed(), train=train, test=test, classes=[2], num_classes=3,
-                                   device=torch.device("cpu"))
+    metrics = remove_class_metrics(
+        Fixed(), train=train, test=test, classes=[2], num_classes=3, device=torch.device("cpu")
+    )
     assert metrics["forget_acc_test"] == 0.0 and metrics["retain_acc_test"] == 100.0
     assert metrics["forget_acc_train"] == 50.0 and metrics["retain_acc_train"] == 100.0
     assert metrics["f1"] == 100.0

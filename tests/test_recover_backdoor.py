@@ -15,8 +15,15 @@ def invoke(runner, *args):
 
 
 def recover(runner, checkpoint, out, *extra):
-    result = invoke(runner, "recover-backdoor", DIGITS_BACKDOOR, f"checkpoint={checkpoint}",
-                    f"output.dir={out}", *extra, "--json")
+    result = invoke(
+        runner,
+        "recover-backdoor",
+        DIGITS_BACKDOOR,
+        f"checkpoint={checkpoint}",
+        f"output.dir={out}",
+        *extra,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -31,23 +38,33 @@ def assert_repaired(report):
 
 @pytest.fixture(scope="module")
 def backdoor_oracle(tmp_path_factory):
-    return train_checkpoint(DIGITS_BACKDOOR, tmp_path_factory.mktemp("bd-oracle") / "o.safetensors",
-                            retrain=True)
+    return train_checkpoint(
+        DIGITS_BACKDOOR, tmp_path_factory.mktemp("bd-oracle") / "o.safetensors", retrain=True
+    )
 
 
 @pytest.mark.slow
-def test_known_poisoned_samples_repair_the_backdoor(runner, tmp_path, backdoor_base,
-                                                    backdoor_oracle):
+def test_known_poisoned_samples_repair_the_backdoor(
+    runner, tmp_path, backdoor_base, backdoor_oracle
+):
     report = recover(runner, backdoor_base, tmp_path / "out", "--oracle", backdoor_oracle)
     assert_repaired(report)
     metrics = report["metrics"]
-    for key in ("clean_acc_test", "asr_test", "robust_acc_test", "relabel_acc_train",
-                "corrupt_acc_train", "clean_acc_train", "f1"):
+    for key in (
+        "clean_acc_test",
+        "asr_test",
+        "robust_acc_test",
+        "relabel_acc_train",
+        "corrupt_acc_train",
+        "clean_acc_train",
+        "f1",
+    ):
         assert key in metrics["after"] and key in metrics["gap"]
     assert metrics["oracle"]["asr_test"] <= 20, "the oracle never learnt the backdoor"
     assert metrics["after"]["corrupt_acc_train"] < metrics["before"]["corrupt_acc_train"]
     assert report["removal"]["samples"] == len(
-        load_dataset(load_config(DIGITS_BACKDOOR).data, seed=0).poison.indices)
+        load_dataset(load_config(DIGITS_BACKDOOR).data, seed=0).poison.indices
+    )
     assert (tmp_path / "out" / "sweep.png").exists()
 
 
@@ -64,12 +81,21 @@ def test_poison_index_file_with_true_labels(runner, tmp_path, backdoor_base):
     data = load_dataset(load_config(DIGITS_BACKDOOR).data, seed=0)
     original = data.train_source[data.poison.indices]
     listing = tmp_path / "poisoned.txt"
-    listing.write_text("# index true-label\n" + "".join(
-        f"{i} {y}\n" for i, y in zip(original.tolist(), data.poison.true_labels.tolist(),
-                                     strict=True)))
-    report = recover(runner, backdoor_base, tmp_path / "out",
-                     f"removal.poison_indices={listing}", "update.grid_points=8",
-                     "influence.max_iter=5")
+    listing.write_text(
+        "# index true-label\n"
+        + "".join(
+            f"{i} {y}\n"
+            for i, y in zip(original.tolist(), data.poison.true_labels.tolist(), strict=True)
+        )
+    )
+    report = recover(
+        runner,
+        backdoor_base,
+        tmp_path / "out",
+        f"removal.poison_indices={listing}",
+        "update.grid_points=8",
+        "influence.max_iter=5",
+    )
     assert report["removal"]["samples"] == len(data.poison.indices)
     assert report["metrics"]["after"]["asr_test"] < report["metrics"]["before"]["asr_test"]
 
@@ -77,8 +103,14 @@ def test_poison_index_file_with_true_labels(runner, tmp_path, backdoor_base):
 def test_unknown_poisoned_samples_are_a_clear_error(runner, tmp_path, backdoor_base):
     listing = tmp_path / "bad.txt"
     listing.write_text("99999\n")
-    result = invoke(runner, "recover-backdoor", DIGITS_BACKDOOR, f"checkpoint={backdoor_base}",
-                    f"removal.poison_indices={listing}", f"output.dir={tmp_path / 'out'}")
+    result = invoke(
+        runner,
+        "recover-backdoor",
+        DIGITS_BACKDOOR,
+        f"checkpoint={backdoor_base}",
+        f"removal.poison_indices={listing}",
+        f"output.dir={tmp_path / 'out'}",
+    )
     assert result.exit_code == 1
     assert "bad.txt" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()

@@ -10,8 +10,17 @@ from gifcli.cli.main import app
 from gifcli.report import OUTPUT_FILES
 from tests.conftest import DIGITS
 
-REPORT_KEYS = {"task", "method", "selection", "params", "solver", "update", "metrics", "timing",
-               "checkpoint"}
+REPORT_KEYS = {
+    "task",
+    "method",
+    "selection",
+    "params",
+    "solver",
+    "update",
+    "metrics",
+    "timing",
+    "checkpoint",
+}
 
 
 def invoke(runner, *args):
@@ -25,8 +34,16 @@ def removal(tmp_path_factory, digits_base, digits_oracle):
 
     out = tmp_path_factory.mktemp("remove-class") / "out"
     input_sha = sha256_file(digits_base)
-    result = invoke(CliRunner(), "remove-class", DIGITS, f"checkpoint={digits_base}",
-                    f"output.dir={out}", "--oracle", digits_oracle, "--json")
+    result = invoke(
+        CliRunner(),
+        "remove-class",
+        DIGITS,
+        f"checkpoint={digits_base}",
+        f"output.dir={out}",
+        "--oracle",
+        digits_oracle,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), out, input_sha
 
@@ -46,17 +63,26 @@ def test_report_has_every_key_and_the_oracle_gap(removal):
     report, out, input_sha = removal
     assert set(report) >= REPORT_KEYS
     assert {"total", "changed", "fraction"} <= set(report["params"])
-    assert {"name", "iterations", "hvps", "relative_residual", "converged",
-            "seconds"} <= set(report["solver"])
+    assert {"name", "iterations", "hvps", "relative_residual", "converged", "seconds"} <= set(
+        report["solver"]
+    )
     assert {"scale", "norm", "sweep"} <= set(report["update"])
     assert len(report["update"]["sweep"]) >= 40
     metrics = report["metrics"]
     assert set(metrics) == {"before", "after", "oracle", "gap"}
-    for key in ("forget_acc_test", "retain_acc_test", "forget_acc_train", "retain_acc_train",
-                "f1", "mia_efficacy", "per_class_acc_test"):
+    for key in (
+        "forget_acc_test",
+        "retain_acc_test",
+        "forget_acc_train",
+        "retain_acc_train",
+        "f1",
+        "mia_efficacy",
+        "per_class_acc_test",
+    ):
         assert key in metrics["after"] and key in metrics["oracle"]
     assert metrics["gap"]["forget_acc_test"] == pytest.approx(
-        abs(metrics["after"]["forget_acc_test"] - metrics["oracle"]["forget_acc_test"]))
+        abs(metrics["after"]["forget_acc_test"] - metrics["oracle"]["forget_acc_test"])
+    )
     assert "mean" in metrics["gap"]
     assert report["checkpoint"]["input_sha256"] == input_sha
     assert report["checkpoint"]["output_sha256"] == sha256_file(out / "model.safetensors")
@@ -86,8 +112,9 @@ def test_outputs_are_complete_and_only_masked_parameters_change(removal, digits_
 def test_existing_outputs_need_force(runner, removal, digits_base):
     _, out, _ = removal
     stamp = (out / "report.json").stat().st_mtime_ns
-    result = invoke(runner, "remove-class", DIGITS, f"checkpoint={digits_base}",
-                    f"output.dir={out}")
+    result = invoke(
+        runner, "remove-class", DIGITS, f"checkpoint={digits_base}", f"output.dir={out}"
+    )
     assert result.exit_code == 1
     assert "--force" in result.output
     assert (out / "report.json").stat().st_mtime_ns == stamp
@@ -100,28 +127,46 @@ def tiny_mlp(tmp_path_factory):
     from gifcli.config import load_config
     from gifcli.train import run_train
 
-    config = load_config(DIGITS, ["model.arch=mlp", "model.kwargs={hidden: 8}",
-                                  f"checkpoint={path}"])
+    config = load_config(
+        DIGITS, ["model.arch=mlp", "model.kwargs={hidden: 8}", f"checkpoint={path}"]
+    )
     run_train(config=config, output=path, retrain=False, force=False)
     return path
 
 
-FAST = ["model.arch=mlp", "model.kwargs={hidden: 8}", "influence.hessian_samples=256",
-        "influence.max_iter=5", "update.grid_points=8"]
+FAST = [
+    "model.arch=mlp",
+    "model.kwargs={hidden: 8}",
+    "influence.hessian_samples=256",
+    "influence.max_iter=5",
+    "update.grid_points=8",
+]
 
 
-METHOD_SOLVER = [(method, "lsqr") for method in ("gif", "fif", "pif", "if", "sif",
-                                                   "first-order")]
+METHOD_SOLVER = [(method, "lsqr") for method in ("gif", "fif", "pif", "if", "sif", "first-order")]
 METHOD_SOLVER += [("gif", solver) for solver in ("cg", "neumann", "exact")]
 
 
 @pytest.mark.parametrize("method,solver", METHOD_SOLVER)
-def test_every_method_and_solver_runs_through_the_command(runner, tmp_path, tiny_mlp, method,
-                                                          solver):
+def test_every_method_and_solver_runs_through_the_command(
+    runner, tmp_path, tiny_mlp, method, solver
+):
     out = tmp_path / "out"
-    result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
-                    f"influence.method={method}", f"influence.solver={solver}",
-                    f"output.dir={out}", "--class", "1", "--class", "7", "--json")
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        f"influence.method={method}",
+        f"influence.solver={solver}",
+        f"output.dir={out}",
+        "--class",
+        "1",
+        "--class",
+        "7",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"] == method
@@ -133,29 +178,53 @@ def test_every_method_and_solver_runs_through_the_command(runner, tmp_path, tiny
     assert (out / "model.safetensors").exists()
 
 
-def test_saved_mask_is_reused_and_a_misfit_mask_is_an_error(runner, tmp_path, tiny_mlp,
-                                                            digits_base):
+def test_saved_mask_is_reused_and_a_misfit_mask_is_an_error(
+    runner, tmp_path, tiny_mlp, digits_base
+):
     mask = tmp_path / "mask.safetensors"
     result = invoke(runner, "select-params", DIGITS, *FAST, f"checkpoint={tiny_mlp}", "-o", mask)
     assert result.exit_code == 0, result.output
-    result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
-                    f"output.dir={tmp_path / 'a'}", "--mask", mask, "--json")
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        f"output.dir={tmp_path / 'a'}",
+        "--mask",
+        mask,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["selection"]["mask"] == str(mask)
-    assert load_file(str(tmp_path / "a" / "mask.safetensors")).keys() == load_file(
-        str(mask)).keys()
-    result = invoke(runner, "remove-class", DIGITS, f"checkpoint={digits_base}",
-                    f"output.dir={tmp_path / 'b'}", "--mask", mask)
+    assert load_file(str(tmp_path / "a" / "mask.safetensors")).keys() == load_file(str(mask)).keys()
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        f"checkpoint={digits_base}",
+        f"output.dir={tmp_path / 'b'}",
+        "--mask",
+        mask,
+    )
     assert result.exit_code == 1
     assert "does not fit the model" in result.output
     assert not (tmp_path / "b").exists()
 
 
 def test_numeric_scale_skips_the_search(runner, tmp_path, tiny_mlp):
-    result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
-                    "update.scale=1.0", "data.val_fraction=0", f"output.dir={tmp_path}",
-                    "--json")
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        "update.scale=1.0",
+        "data.val_fraction=0",
+        f"output.dir={tmp_path}",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     update = json.loads(result.stdout)["update"]
     assert update["scale"] == 1.0 and update["sweep"] == []
@@ -163,8 +232,15 @@ def test_numeric_scale_skips_the_search(runner, tmp_path, tiny_mlp):
 
 
 def test_auto_scale_without_validation_split_is_a_clear_error(runner, tmp_path, tiny_mlp):
-    result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
-                    "data.val_fraction=0", f"output.dir={tmp_path / 'x'}")
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        "data.val_fraction=0",
+        f"output.dir={tmp_path / 'x'}",
+    )
     assert result.exit_code == 1
     assert "data.val_fraction" in result.output
 
@@ -172,9 +248,17 @@ def test_auto_scale_without_validation_split_is_a_clear_error(runner, tmp_path, 
 def test_hvp_cache_budget_changes_speed_not_the_update(runner, tmp_path, tiny_mlp):
     norms = []
     for budget in (0, 1024):
-        result = invoke(runner, "remove-class", DIGITS, *FAST, f"checkpoint={tiny_mlp}",
-                        "update.scale=1.0", f"influence.cache_mb={budget}",
-                        f"output.dir={tmp_path / str(budget)}", "--json")
+        result = invoke(
+            runner,
+            "remove-class",
+            DIGITS,
+            *FAST,
+            f"checkpoint={tiny_mlp}",
+            "update.scale=1.0",
+            f"influence.cache_mb={budget}",
+            f"output.dir={tmp_path / str(budget)}",
+            "--json",
+        )
         assert result.exit_code == 0, result.output
         norms.append(json.loads(result.stdout)["update"]["norm"])
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)

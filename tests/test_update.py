@@ -24,8 +24,7 @@ def test_grid_is_log_spaced_in_the_relative_step():
     assert all(r == pytest.approx(ratios[0]) for r in ratios)
     for scale, r in grid:
         assert scale * 2.0 / 4.0 == pytest.approx(r)
-    assert scale_grid(delta_norm=0.0, target_norm=1.0, points=5, smallest=1e-3,
-                      largest=10.0) == []
+    assert scale_grid(delta_norm=0.0, target_norm=1.0, points=5, smallest=1e-3, largest=10.0) == []
 
 
 def test_search_keeps_the_best_and_breaks_ties_towards_the_smaller_step():
@@ -40,8 +39,9 @@ def test_search_keeps_the_best_and_breaks_ties_towards_the_smaller_step():
         return min(w, 2.0) - (w > 4.0) * 10, {"w": w}
 
     assign_flat(model, theta)
-    best, sweep = search_scale(model, theta=theta, delta=delta, target=target, grid=grid,
-                               objective=objective)
+    best, sweep = search_scale(
+        model, theta=theta, delta=delta, target=target, grid=grid, objective=objective
+    )
     assert best == 2.0
     assert [p.metrics["w"] for p in sweep] == [0.5, 1.0, 2.0, 4.0, 8.0]
     assert model.weight.item() == 0.0, "the model is left at theta"
@@ -51,7 +51,12 @@ def test_non_finite_objectives_never_win():
     model = nn.Linear(1, 1, bias=False)
     grid = [(1.0, 1.0), (2.0, 2.0)]
     values = iter([float("nan"), 0.0])
-    best, _ = search_scale(model, theta=torch.zeros(1), delta=torch.ones(1),
-                           target=torch.ones(1, dtype=torch.bool), grid=grid,
-                           objective=lambda m: (next(values), {}))
+    best, _ = search_scale(
+        model,
+        theta=torch.zeros(1),
+        delta=torch.ones(1),
+        target=torch.ones(1, dtype=torch.bool),
+        grid=grid,
+        objective=lambda m: (next(values), {}),
+    )
     assert best == 2.0

@@ -38,25 +38,38 @@ console = Console(stderr=True, quiet=not distributed.is_main())
 error_console = console if distributed.is_main() else Console(stderr=True)
 ERROR_PREFIX = "error:" if distributed.is_main() else f"error (rank {distributed.rank()}):"
 
-EXIT_CODES = ("Exit codes: 0 success, every --check holds; 1 a problem with the inputs or the "
-              "run; 2 usage error (also a malformed --check or an unknown report path); 3 the "
-              "run finished and wrote its outputs, but a --check failed.")
+EXIT_CODES = (
+    "Exit codes: 0 success, every --check holds; 1 a problem with the inputs or the "
+    "run; 2 usage error (also a malformed --check or an unknown report path); 3 the "
+    "run finished and wrote its outputs, but a --check failed."
+)
 
 CONFIG_ARG = typer.Argument(..., help="YAML config (see configs/).", show_default=False)
-OVERRIDES_ARG = typer.Argument(None, metavar="[KEY=VALUE]...",
-                               help="Dotted config overrides, e.g. selection.ratio=0.1.",
-                               show_default=False)
+OVERRIDES_ARG = typer.Argument(
+    None,
+    metavar="[KEY=VALUE]...",
+    help="Dotted config overrides, e.g. selection.ratio=0.1.",
+    show_default=False,
+)
 JSON_OPT = typer.Option(False, "--json", help="Print the report as JSON on stdout only.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite existing outputs.")
-MASK_OPT = typer.Option(None, "--mask", help="Target mask saved by `gif select-params` "
-                        "(instead of selecting anew).")
-ORACLE_OPT = typer.Option(None, "--oracle", help="Retrain-oracle checkpoint (`gif train "
-                          "--retrain`): adds its metrics and the gap on each.")
+MASK_OPT = typer.Option(
+    None, "--mask", help="Target mask saved by `gif select-params` (instead of selecting anew)."
+)
+ORACLE_OPT = typer.Option(
+    None,
+    "--oracle",
+    help="Retrain-oracle checkpoint (`gif train --retrain`): adds its metrics and the gap on each.",
+)
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print only errors and failed checks.")
-CHECK_OPT = typer.Option(None, "--check", metavar="EXPR",
-                         help="Gate on the report (repeatable), e.g. 'after.forget_acc_test<=1', "
-                         "'gap.mean<=2', 'solver.converged==true': exit code 3 when one fails.",
-                         show_default=False)
+CHECK_OPT = typer.Option(
+    None,
+    "--check",
+    metavar="EXPR",
+    help="Gate on the report (repeatable), e.g. 'after.forget_acc_test<=1', "
+    "'gap.mean<=2', 'solver.converged==true': exit code 3 when one fails.",
+    show_default=False,
+)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,8 +83,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             distributed.finish()
             raise
         except GifError as exc:
-            error_console.print(f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False,
-                                markup=True, soft_wrap=True)
+            error_console.print(
+                f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False, markup=True, soft_wrap=True
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: nothing was written")
@@ -93,14 +107,20 @@ def print_json(report: dict) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None, *,
-                 enabled: bool = True) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    description: str, total: int | None, *, enabled: bool = True
+) -> Iterator[Callable[..., None]]:
     """A Rich progress bar on stderr; yields ``advance(completed=None, **fields)``."""
     if not enabled or not console.is_terminal or console.quiet:  # CI logs, pipes, rank > 0
         yield lambda *args, **kwargs: None
         return
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total, info="")
 
@@ -136,7 +156,9 @@ def print_edit_report(report: dict) -> None:
         f"converged {solver['converged']}; "
         f"step scale {update['scale']:.4g} ({update['chosen_by']}); "
         f"{report['params']['changed']} parameters changed "
-        f"({100 * report['params']['fraction']:.2f}%)", highlight=False)
+        f"({100 * report['params']['fraction']:.2f}%)",
+        highlight=False,
+    )
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
 
 
@@ -160,42 +182,66 @@ def finish_checks(results: list[dict], *, table: bool) -> None:
     if table:
         checks = Table(title="checks")
         for name in ("check", "left", "right", "result"):
-            checks.add_column(name, justify="left" if name == "check" else "right",
-                              overflow="fold")
+            checks.add_column(name, justify="left" if name == "check" else "right", overflow="fold")
         for result in results:
             verdict = "[green]pass[/]" if result["passed"] else "[bold red]FAIL[/]"
-            checks.add_row(escape(result["expression"]), format_value(result["left"]),
-                           format_value(result["right"]), verdict)
+            checks.add_row(
+                escape(result["expression"]),
+                format_value(result["left"]),
+                format_value(result["right"]),
+                verdict,
+            )
         console.print(checks, highlight=False)
     else:
         for result in failures:
             if "error" not in result:
-                console.print(f"check failed: {result['expression']} (left "
-                              f"{format_value(result['left'])}, right "
-                              f"{format_value(result['right'])})", highlight=False,
-                              markup=False, soft_wrap=True)
+                console.print(
+                    f"check failed: {result['expression']} (left "
+                    f"{format_value(result['left'])}, right "
+                    f"{format_value(result['right'])})",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
     errors = [result["error"] for result in results if "error" in result]
     for error in errors:
-        console.print(f"[bold red]error:[/] --check {escape(error)}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] --check {escape(error)}", highlight=False, soft_wrap=True
+        )
     if errors:
         raise typer.Exit(2)
     if failures:
         if table:
-            console.print(f"[bold red]{len(failures)} of {len(results)} checks failed[/]",
-                          highlight=False)
+            console.print(
+                f"[bold red]{len(failures)} of {len(results)} checks failed[/]", highlight=False
+            )
         raise typer.Exit(3)
 
 
-def run_edit(*, task: str, config: Config, mask: Path | None, oracle: Path | None, force: bool,
-             json_output: bool, checks: list[str] | None, quiet: bool) -> None:
+def run_edit(
+    *,
+    task: str,
+    config: Config,
+    mask: Path | None,
+    oracle: Path | None,
+    force: bool,
+    json_output: bool,
+    checks: list[str] | None,
+    quiet: bool,
+) -> None:
     """The shared body of ``remove-class`` and ``recover-backdoor``: validate the checks, run
     the edit, print the report, and exit by the checks' verdict."""
     schema = edit_report_schema(task, oracle=oracle is not None)
     gates = parse_check_options(checks, schema)
-    report = run_unlearning(config=config, task=task, mask_path=mask, oracle=oracle,
-                            force=force, progress=progress_factory(not (json_output or quiet)),
-                            checks=gates)
+    report = run_unlearning(
+        config=config,
+        task=task,
+        mask_path=mask,
+        oracle=oracle,
+        force=force,
+        progress=progress_factory(not (json_output or quiet)),
+        checks=gates,
+    )
     if json_output:
         print_json(report)
     elif not quiet:

@@ -36,8 +36,13 @@ EPILOG = """Example:
 def evaluate(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint to evaluate "
-                                    "(.safetensors, .pt, .pth).", show_default=False),
+    checkpoint: Path = typer.Option(
+        ...,
+        "--checkpoint",
+        "-c",
+        help="Checkpoint to evaluate (.safetensors, .pt, .pth).",
+        show_default=False,
+    ),
     json_output: bool = JSON_OPT,
     checks: list[str] = CHECK_OPT,
     quiet: bool = QUIET_OPT,

@@ -11,7 +11,7 @@ from gifcli.cli.common import EXIT_CODES
 app = typer.Typer(
     name="gif",
     help="Make a trained PyTorch classifier forget part of its training data with Generalized "
-         "Influence Functions.",
+    "Influence Functions.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
@@ -27,8 +27,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Show the version and exit.")) -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
     """Exit codes: 0 success (and every --check holds), 1 a problem with the inputs or the run,
     2 usage error (also a malformed --check), 3 the run finished and wrote its outputs but a
     --check failed."""

@@ -49,8 +49,16 @@ def recover_backdoor(
     """Remove the backdoor: poisoned samples are removed with their poisoned labels and re-added
     with their true labels (known samples, or samples synthesised from the known trigger)."""
     cfg = read_config(config, overrides)
-    run_edit(task=RECOVER_BACKDOOR, config=cfg, mask=mask, oracle=oracle, force=force,
-             json_output=json_output, checks=checks, quiet=quiet)
+    run_edit(
+        task=RECOVER_BACKDOOR,
+        config=cfg,
+        mask=mask,
+        oracle=oracle,
+        force=force,
+        json_output=json_output,
+        checks=checks,
+        quiet=quiet,
+    )
 
 
 def register(app: typer.Typer) -> None:

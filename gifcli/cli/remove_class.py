@@ -39,8 +39,9 @@ EPILOG = """Examples:
 def remove_class(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    classes: list[int] = typer.Option(None, "--class", "-k", help="Class to forget "
-                                      "(repeatable); overrides removal.classes."),
+    classes: list[int] = typer.Option(
+        None, "--class", "-k", help="Class to forget (repeatable); overrides removal.classes."
+    ),
     mask: Path = MASK_OPT,
     oracle: Path = ORACLE_OPT,
     force: bool = FORCE_OPT,
@@ -51,8 +52,16 @@ def remove_class(
     """Make the model forget the training samples of the given classes."""
     extra = [f"removal.classes={list(classes)}"] if classes else []
     cfg = read_config(config, [*(overrides or []), *extra])
-    run_edit(task=REMOVE_CLASS, config=cfg, mask=mask, oracle=oracle, force=force,
-             json_output=json_output, checks=checks, quiet=quiet)
+    run_edit(
+        task=REMOVE_CLASS,
+        config=cfg,
+        mask=mask,
+        oracle=oracle,
+        force=force,
+        json_output=json_output,
+        checks=checks,
+        quiet=quiet,
+    )
 
 
 def register(app: typer.Typer) -> None:

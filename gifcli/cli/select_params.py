@@ -31,8 +31,9 @@ EPILOG = """Examples:
 def select_params(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    output: Path = typer.Option(None, "-o", "--output", help="Mask to write; default: "
-                                "output.dir/mask.safetensors."),
+    output: Path = typer.Option(
+        None, "-o", "--output", help="Mask to write; default: output.dir/mask.safetensors."
+    ),
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
 ) -> None:
@@ -42,16 +43,30 @@ def select_params(
     if json_output:
         print_json(report)
         return
-    table = Table(title=f"{report['selection']['method']} at ratio "
-                        f"{report['selection']['ratio']:g} ({report['removal']})")
+    table = Table(
+        title=f"{report['selection']['method']} at ratio "
+        f"{report['selection']['ratio']:g} ({report['removal']})"
+    )
     for name in ("layer", "type", "parameters", "selected", "fraction", "units"):
         table.add_column(name, justify="left" if name in ("layer", "type") else "right")
     for row in report["layers"]:
-        table.add_row(row["layer"], row["type"], str(row["parameters"]), str(row["selected"]),
-                      f"{100 * row['fraction']:.2f}%",
-                      "" if row["units"] is None else str(row["units"]))
-    table.add_row("total", "", str(report["parameters"]), str(report["selected"]),
-                  f"{100 * report['fraction']:.2f}%", "", style="bold")
+        table.add_row(
+            row["layer"],
+            row["type"],
+            str(row["parameters"]),
+            str(row["selected"]),
+            f"{100 * row['fraction']:.2f}%",
+            "" if row["units"] is None else str(row["units"]),
+        )
+    table.add_row(
+        "total",
+        "",
+        str(report["parameters"]),
+        str(report["selected"]),
+        f"{100 * report['fraction']:.2f}%",
+        "",
+        style="bold",
+    )
     console.print(table)
     console.print(f"mask: {report['mask']}", highlight=False)
 

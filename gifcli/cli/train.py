@@ -32,17 +32,30 @@ EPILOG = """Examples:
 def train(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    output: Path = typer.Option(None, "-o", "--output", help="Checkpoint to write "
-                                "(.safetensors); default: the config's `checkpoint`."),
-    retrain: bool = typer.Option(False, "--retrain", help="Train the retrain oracle: without "
-                                 "removal.classes, or with the poisoned labels corrected."),
+    output: Path = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Checkpoint to write (.safetensors); default: the config's `checkpoint`.",
+    ),
+    retrain: bool = typer.Option(
+        False,
+        "--retrain",
+        help="Train the retrain oracle: without "
+        "removal.classes, or with the poisoned labels corrected.",
+    ),
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
 ) -> None:
     """Train model.arch on the config's data set and write a safetensors checkpoint."""
     cfg = read_config(config, overrides)
-    report = run_train(config=cfg, output=output, retrain=retrain, force=force,
-                       progress=progress_factory(not json_output))
+    report = run_train(
+        config=cfg,
+        output=output,
+        retrain=retrain,
+        force=force,
+        progress=progress_factory(not json_output),
+    )
     if json_output:
         print_json(report)
         return

@@ -68,7 +68,7 @@ class TensorSplit:
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Consecutive ``(x, y)`` batches in order, without shuffling; the last may be short."""
         for start in range(0, len(self), batch_size):
-            yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
 
     def to(self, device: torch.device | str) -> TensorSplit:
         return TensorSplit(self.x.to(device), self.y.to(device))
@@ -114,10 +114,11 @@ class _Source:
 def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
     """Read, split, normalise and (with ``data.poison``) poison the configured data set."""
     if data.image_size is not None and data.dataset != "imagefolder":
-        raise GifError(f"data.image_size: only the imagefolder data set is resized, not "
-                       f"{data.dataset}; remove data.image_size")
-    readers = {"digits": _read_digits, "imagefolder": _read_imagefolder,
-               "tensors": _read_tensors}
+        raise GifError(
+            f"data.image_size: only the imagefolder data set is resized, not "
+            f"{data.dataset}; remove data.image_size"
+        )
+    readers = {"digits": _read_digits, "imagefolder": _read_imagefolder, "tensors": _read_tensors}
     reader = readers.get(data.dataset, _read_torchvision)
     source = reader(data)
 
@@ -135,10 +136,20 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
     if data.poison is not None:
         train, poisoning = poison_split(train, data.poison, mean=mean, std=std)
 
-    return DataSplits(train=train, val=val, test=test, num_classes=source.num_classes,
-                      in_channels=channels, image_size=tuple(source.x_train.shape[2:]),
-                      mean=mean, std=std, poison=poisoning, class_names=source.class_names,
-                      train_source=train_source, val_source=val_source)
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=source.num_classes,
+        in_channels=channels,
+        image_size=tuple(source.x_train.shape[2:]),
+        mean=mean,
+        std=std,
+        poison=poisoning,
+        class_names=source.class_names,
+        train_source=train_source,
+        val_source=val_source,
+    )
 
 
 def stratified_split(y: Tensor, fraction: float, *, seed: int) -> tuple[Tensor, Tensor]:
@@ -157,7 +168,7 @@ def stratified_split(y: Tensor, fraction: float, *, seed: int) -> tuple[Tensor, 
     remainders = quotas - per_class
     # ties go to the lower label: a stable sort keeps label order
     extra = torch.sort(remainders, descending=True, stable=True).indices
-    per_class[extra[:max(total - int(per_class.sum()), 0)]] += 1
+    per_class[extra[: max(total - int(per_class.sum()), 0)]] += 1
 
     generator = torch.Generator().manual_seed(seed)
     held = [torch.zeros(0, dtype=torch.long)]
@@ -173,13 +184,16 @@ def stratified_split(y: Tensor, fraction: float, *, seed: int) -> tuple[Tensor, 
 
 def _normalisation(data: DataConfig, channels: int) -> tuple[tuple[float, ...], ...]:
     default_mean, default_std = DEFAULT_NORMALISATION.get(
-        data.dataset, ((0.0,) * channels, (1.0,) * channels))
+        data.dataset, ((0.0,) * channels, (1.0,) * channels)
+    )
     out = []
     for key, given, default in (("mean", data.mean, default_mean), ("std", data.std, default_std)):
         values = tuple(float(v) for v in (given if given is not None else default))
         if len(values) != channels:
-            raise GifError(f"data.{key}: lists {len(values)} value(s) but the {data.dataset} "
-                           f"images have {channels} channel(s); list one number per channel")
+            raise GifError(
+                f"data.{key}: lists {len(values)} value(s) but the {data.dataset} "
+                f"images have {channels} channel(s); list one number per channel"
+            )
         out.append(values)
     return tuple(out)
 
@@ -205,8 +219,14 @@ def _read_digits(data: DataConfig) -> _Source:
     x = torch.from_numpy(digits.images).to(torch.float32).div_(16.0).unsqueeze(1)
     y = torch.from_numpy(digits.target).long()
     train, test = stratified_split(y, DIGITS_TEST_FRACTION, seed=DIGITS_SPLIT_SEED)
-    return _Source(x[train], y[train], x[test], y[test], num_classes=10,
-                   class_names=tuple(str(k) for k in range(10)))
+    return _Source(
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        num_classes=10,
+        class_names=tuple(str(k) for k in range(10)),
+    )
 
 
 # data set -> (torchvision class, folder under data.root its files are read from)
@@ -226,8 +246,9 @@ def _read_torchvision(data: DataConfig) -> _Source:
     dataset_cls = getattr(torchvision.datasets, class_name)
 
     def open_split(train: bool):
-        split = {"split": "train" if train else "test"} if data.dataset == "svhn" else {
-            "train": train}
+        split = (
+            {"split": "train" if train else "test"} if data.dataset == "svhn" else {"train": train}
+        )
         try:
             # torchvision prints download progress with print(): keep stdout for machine output
             with contextlib.redirect_stdout(sys.stderr):
@@ -235,16 +256,22 @@ def _read_torchvision(data: DataConfig) -> _Source:
         except (RuntimeError, OSError, ValueError, TypeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if data.download:
-                raise GifError(f"data.root: downloading {data.dataset} into {folder} failed "
-                               f"({reason}); check the network connection, or put the data "
-                               f"set's files in {folder} by hand") from exc
+                raise GifError(
+                    f"data.root: downloading {data.dataset} into {folder} failed "
+                    f"({reason}); check the network connection, or put the data "
+                    f"set's files in {folder} by hand"
+                ) from exc
             if isinstance(exc, RuntimeError):  # torchvision's "Dataset not found"
-                raise GifError(f"data.root: {data.dataset} not found in {folder}; put the "
-                               f"data set's files there, or set data.download: true to "
-                               f"download them") from exc
-            raise GifError(f"data.root: cannot read {data.dataset} from {folder} ({reason}); "
-                           f"replace the files, or delete them and set data.download: "
-                           f"true") from exc
+                raise GifError(
+                    f"data.root: {data.dataset} not found in {folder}; put the "
+                    f"data set's files there, or set data.download: true to "
+                    f"download them"
+                ) from exc
+            raise GifError(
+                f"data.root: cannot read {data.dataset} from {folder} ({reason}); "
+                f"replace the files, or delete them and set data.download: "
+                f"true"
+            ) from exc
 
     train, test = open_split(True), open_split(False)
     if data.dataset == "svhn":
@@ -255,7 +282,8 @@ def _read_torchvision(data: DataConfig) -> _Source:
         class_names = tuple(train.classes)
     (x_train, y_train), (x_test, y_test) = [
         (_channels_first(x, data.dataset), torch.as_tensor(np.asarray(y), dtype=torch.long))
-        for x, y in arrays]
+        for x, y in arrays
+    ]
     return _Source(x_train, y_train, x_test, y_test, num_classes=10, class_names=class_names)
 
 
@@ -276,14 +304,18 @@ def _read_imagefolder(data: DataConfig) -> _Source:
             raise GifError(f"data.root: {split_dir} is not a folder; imagefolder reads {layout}")
     classes = _class_folders(root / "train")
     if len(classes) < 2:
-        raise GifError(f"data.root: {root / 'train'} holds {len(classes)} class folder(s); "
-                       f"imagefolder needs one folder per class, at least two ({layout})")
+        raise GifError(
+            f"data.root: {root / 'train'} holds {len(classes)} class folder(s); "
+            f"imagefolder needs one folder per class, at least two ({layout})"
+        )
     train_files = _image_files(root / "train", classes, require_every_class=True)
     test_classes = _class_folders(root / "test")
     for name in test_classes:
         if name not in classes:
-            raise GifError(f"data.root: {root / 'test' / name} is a class with no folder in "
-                           f"{root / 'train'}; every test class needs training images")
+            raise GifError(
+                f"data.root: {root / 'test' / name} is a class with no folder in "
+                f"{root / 'train'}; every test class needs training images"
+            )
     test_files = _image_files(root / "test", classes, require_every_class=False)
     if not test_files:
         raise GifError(f"data.root: {root / 'test'} holds no images; imagefolder reads {layout}")
@@ -292,8 +324,7 @@ def _read_imagefolder(data: DataConfig) -> _Source:
         try:
             return Image.open(path)
         except (OSError, UnidentifiedImageError) as exc:
-            raise GifError(f"{path}: cannot read the image ({exc}); remove or replace "
-                           f"it") from exc
+            raise GifError(f"{path}: cannot read the image ({exc}); remove or replace it") from exc
 
     # the header tells the mode: grey only if every image has one channel
     grey = True
@@ -313,17 +344,20 @@ def _read_imagefolder(data: DataConfig) -> _Source:
                 try:
                     image = opened.convert(mode)
                 except OSError as exc:
-                    raise GifError(f"{path}: cannot read the image ({exc}); remove or "
-                                   f"replace it") from exc
+                    raise GifError(
+                        f"{path}: cannot read the image ({exc}); remove or replace it"
+                    ) from exc
             if data.image_size is not None:
                 if image.size != size:
                     image = image.resize(size, Image.Resampling.BILINEAR)
             elif size is None:
                 size, first = image.size, path
             elif image.size != size:
-                raise GifError(f"{path}: image is {image.size[0]}x{image.size[1]} but {first} "
-                               f"is {size[0]}x{size[1]}; set data.image_size to resize every "
-                               f"image to one square size")
+                raise GifError(
+                    f"{path}: image is {image.size[0]}x{image.size[1]} but {first} "
+                    f"is {size[0]}x{size[1]}; set data.image_size to resize every "
+                    f"image to one square size"
+                )
             array = np.asarray(image, dtype=np.uint8)
             arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
         labels = torch.tensor([label for _, label in files], dtype=torch.long)
@@ -331,8 +365,9 @@ def _read_imagefolder(data: DataConfig) -> _Source:
 
     x_train, y_train = read(train_files)
     x_test, y_test = read(test_files)
-    return _Source(x_train, y_train, x_test, y_test, num_classes=len(classes),
-                   class_names=tuple(classes))
+    return _Source(
+        x_train, y_train, x_test, y_test, num_classes=len(classes), class_names=tuple(classes)
+    )
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -340,17 +375,24 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(split_dir: Path, classes: list[str], *, require_every_class: bool
-                 ) -> list[tuple[Path, int]]:
+def _image_files(
+    split_dir: Path, classes: list[str], *, require_every_class: bool
+) -> list[tuple[Path, int]]:
     files = []
     for label, name in enumerate(classes):
         folder = split_dir / name
-        found = sorted(p for p in folder.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       ) if folder.is_dir() else []
+        found = (
+            sorted(
+                p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if folder.is_dir()
+            else []
+        )
         if require_every_class and not found:
-            raise GifError(f"data.root: {folder} holds no {', '.join(IMAGE_SUFFIXES)} images; "
-                           f"add images or remove the class folder")
+            raise GifError(
+                f"data.root: {folder} holds no {', '.join(IMAGE_SUFFIXES)} images; "
+                f"add images or remove the class folder"
+            )
         files += [(path, label) for path in found]
     return files
 
@@ -358,45 +400,64 @@ def _image_files(split_dir: Path, classes: list[str], *, require_every_class: bo
 def _read_tensors(data: DataConfig) -> _Source:
     path = Path(data.path or "")
     if not path.is_file():
-        raise GifError(f"data.path: {path} not found; point it at a .pt or .npz file with "
-                       f"{', '.join(TENSOR_KEYS)}")
+        raise GifError(
+            f"data.path: {path} not found; point it at a .pt or .npz file with "
+            f"{', '.join(TENSOR_KEYS)}"
+        )
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise GifError(f"{path}: cannot read the .npz file ({exc}); save it with "
-                           f"numpy.savez") from exc
+            raise GifError(
+                f"{path}: cannot read the .npz file ({exc}); save it with numpy.savez"
+            ) from exc
     elif suffix in (".pt", ".pth"):
         try:
             arrays = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad or unsafe file
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise GifError(f"{path}: cannot load with weights_only=True ({reason}); save a "
-                           f"dict of tensors with torch.save") from exc
+            raise GifError(
+                f"{path}: cannot load with weights_only=True ({reason}); save a "
+                f"dict of tensors with torch.save"
+            ) from exc
         if not isinstance(arrays, dict):
-            raise GifError(f"{path}: holds a {type(arrays).__name__}; save a dict with keys "
-                           f"{', '.join(TENSOR_KEYS)}")
+            raise GifError(
+                f"{path}: holds a {type(arrays).__name__}; save a dict with keys "
+                f"{', '.join(TENSOR_KEYS)}"
+            )
     else:
-        raise GifError(f"data.path: {path} is not a .pt or .npz file; save x_train, y_train, "
-                       f"x_test, y_test with torch.save or numpy.savez")
+        raise GifError(
+            f"data.path: {path} is not a .pt or .npz file; save x_train, y_train, "
+            f"x_test, y_test with torch.save or numpy.savez"
+        )
 
     for key in TENSOR_KEYS:
         if key not in arrays:
             found = ", ".join(sorted(map(str, arrays))) or "nothing"
-            raise GifError(f"{path}: missing key {key!r}; the file needs "
-                           f"{', '.join(TENSOR_KEYS)} (found: {found})")
+            raise GifError(
+                f"{path}: missing key {key!r}; the file needs "
+                f"{', '.join(TENSOR_KEYS)} (found: {found})"
+            )
     x_train = _tensor_images(arrays["x_train"], path, "x_train")
     x_test = _tensor_images(arrays["x_test"], path, "x_test")
     if x_test.shape[1:] != x_train.shape[1:]:
-        raise GifError(f"{path}: x_test images are {_shape(x_test.shape[1:])} but x_train "
-                       f"images are {_shape(x_train.shape[1:])}; both need one C x H x W shape")
+        raise GifError(
+            f"{path}: x_test images are {_shape(x_test.shape[1:])} but x_train "
+            f"images are {_shape(x_train.shape[1:])}; both need one C x H x W shape"
+        )
     y_train = _tensor_labels(arrays["y_train"], path, "y_train", len(x_train))
     y_test = _tensor_labels(arrays["y_test"], path, "y_test", len(x_test))
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return _Source(x_train, y_train, x_test, y_test, num_classes=num_classes,
-                   class_names=tuple(str(k) for k in range(num_classes)))
+    return _Source(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes=num_classes,
+        class_names=tuple(str(k) for k in range(num_classes)),
+    )
 
 
 def _as_tensor(value: object, path: Path, key: str) -> Tensor:
@@ -412,13 +473,21 @@ def _as_tensor(value: object, path: Path, key: str) -> Tensor:
 def _tensor_images(value: object, path: Path, key: str) -> Tensor:
     x = _as_tensor(value, path, key)
     if x.ndim not in (3, 4) or x.shape[0] == 0:
-        raise GifError(f"{path}: {key} has shape {_shape(x.shape)}; store images shaped "
-                       f"N x H x W or N x C x H x W (N > 0)")
-    channels_last = (x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3)
-                     and x.shape[1] == x.shape[2])  # e.g. N x 32 x 32 x 3
+        raise GifError(
+            f"{path}: {key} has shape {_shape(x.shape)}; store images shaped "
+            f"N x H x W or N x C x H x W (N > 0)"
+        )
+    channels_last = (
+        x.ndim == 4
+        and x.shape[3] in (1, 3)
+        and x.shape[1] not in (1, 3)
+        and x.shape[1] == x.shape[2]
+    )  # e.g. N x 32 x 32 x 3
     if channels_last:
-        raise GifError(f"{path}: {key} has shape {_shape(x.shape)}, channels last; store "
-                       f"N x C x H x W (e.g. x.transpose(0, 3, 1, 2))")
+        raise GifError(
+            f"{path}: {key} has shape {_shape(x.shape)}, channels last; store "
+            f"N x C x H x W (e.g. x.transpose(0, 3, 1, 2))"
+        )
     if x.dtype == torch.uint8:
         x = _unit_images(x)
     elif x.is_floating_point():
@@ -426,19 +495,25 @@ def _tensor_images(value: object, path: Path, key: str) -> Tensor:
         if not torch.isfinite(x).all():
             raise GifError(f"{path}: {key} holds NaN or infinite values")
     else:
-        raise GifError(f"{path}: {key} has dtype {str(x.dtype).removeprefix('torch.')}; store "
-                       f"images as uint8 (0-255, scaled to [0, 1]) or float (taken as is)")
+        raise GifError(
+            f"{path}: {key} has dtype {str(x.dtype).removeprefix('torch.')}; store "
+            f"images as uint8 (0-255, scaled to [0, 1]) or float (taken as is)"
+        )
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 def _tensor_labels(value: object, path: Path, key: str, count: int) -> Tensor:
     y = _as_tensor(value, path, key)
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise GifError(f"{path}: {key} has dtype {str(y.dtype).removeprefix('torch.')}; store "
-                       f"integer class labels")
+        raise GifError(
+            f"{path}: {key} has dtype {str(y.dtype).removeprefix('torch.')}; store "
+            f"integer class labels"
+        )
     if y.ndim != 1 or y.shape[0] != count:
-        raise GifError(f"{path}: {key} has shape {_shape(y.shape)}; store one integer label "
-                       f"per image ({count})")
+        raise GifError(
+            f"{path}: {key} has shape {_shape(y.shape)}; store one integer label "
+            f"per image ({count})"
+        )
     if (y < 0).any():
         raise GifError(f"{path}: {key} holds negative labels; labels are 0..num_classes-1")
     return y.long()

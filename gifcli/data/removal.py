@@ -31,15 +31,17 @@ def class_removal_indices(train: TensorSplit, classes: Iterable[int]) -> tuple[T
     classes = [int(k) for k in classes]
     for k in classes:
         if not bool((train.y == k).any()):
-            raise GifError(f"removal.classes: class {k} has no samples in the training split; "
-                           f"list classes the data set has")
-    forget = torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype,
-                                              device=train.y.device))
+            raise GifError(
+                f"removal.classes: class {k} has no samples in the training split; "
+                f"list classes the data set has"
+            )
+    forget = torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype, device=train.y.device))
     return torch.nonzero(forget).flatten(), torch.nonzero(~forget).flatten()
 
 
-def read_poison_indices(path: str | Path, n_train: int, *, num_classes: int | None = None
-                        ) -> tuple[Tensor, Tensor | None]:
+def read_poison_indices(
+    path: str | Path, n_train: int, *, num_classes: int | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Indices (int64, sorted) of known poisoned training samples and, when the file gives
     them, their true labels (aligned; else None).
 
@@ -48,8 +50,10 @@ def read_poison_indices(path: str | Path, n_train: int, *, num_classes: int | No
     """
     path = Path(path)
     if not path.is_file():
-        raise GifError(f"removal.poison_indices: {path} not found; point it at a .txt, .npy or "
-                       f".json file of training indices")
+        raise GifError(
+            f"removal.poison_indices: {path} not found; point it at a .txt, .npy or "
+            f".json file of training indices"
+        )
     suffix = path.suffix.lower()
     if suffix == ".txt":
         entries = _read_txt(path)
@@ -70,8 +74,10 @@ def to_split_positions(indices: Tensor, split_source: Tensor) -> Tensor:
     """
     indices = indices.long().cpu()
     split_source = split_source.long().cpu()
-    size = 1 + max(int(indices.max()) if len(indices) else -1,
-                   int(split_source.max()) if len(split_source) else -1)
+    size = 1 + max(
+        int(indices.max()) if len(indices) else -1,
+        int(split_source.max()) if len(split_source) else -1,
+    )
     lookup = torch.full((size,), -1, dtype=torch.long)
     lookup[split_source] = torch.arange(len(split_source))
     return lookup[indices]
@@ -86,13 +92,17 @@ def _read_txt(path: Path) -> list[_Entry]:
             continue
         where = f"line {number}"
         if len(tokens) > 2:
-            raise GifError(f"{path}: {where}: expected an index and an optional true label, "
-                           f"got {line.strip()!r}")
+            raise GifError(
+                f"{path}: {where}: expected an index and an optional true label, "
+                f"got {line.strip()!r}"
+            )
         try:
             values = [int(token) for token in tokens]
         except ValueError as exc:
-            raise GifError(f"{path}: {where}: {line.strip()!r} is not an integer index "
-                           f"(and optional integer true label)") from exc
+            raise GifError(
+                f"{path}: {where}: {line.strip()!r} is not an integer index "
+                f"(and optional integer true label)"
+            ) from exc
         entries.append((where, values[0], values[1] if len(values) == 2 else None))
     return entries
 
@@ -101,17 +111,21 @@ def _read_npy(path: Path) -> list[_Entry]:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise GifError(f"{path}: cannot read the .npy file ({exc}); save it with "
-                       f"numpy.save") from exc
+        raise GifError(
+            f"{path}: cannot read the .npy file ({exc}); save it with numpy.save"
+        ) from exc
     if not np.issubdtype(array.dtype, np.integer):
         raise GifError(f"{path}: holds {array.dtype} values; store integer indices")
     if array.ndim == 1:
         return [(f"entry {i}", int(v), None) for i, v in enumerate(array.tolist())]
     if array.ndim == 2 and array.shape[1] == 2:
-        return [(f"row {i}", int(index), int(label))
-                for i, (index, label) in enumerate(array.tolist())]
-    raise GifError(f"{path}: array has shape {array.shape}; store a 1-D array of indices or an "
-                   f"N x 2 array of (index, true label) rows")
+        return [
+            (f"row {i}", int(index), int(label)) for i, (index, label) in enumerate(array.tolist())
+        ]
+    raise GifError(
+        f"{path}: array has shape {array.shape}; store a 1-D array of indices or an "
+        f"N x 2 array of (index, true label) rows"
+    )
 
 
 def _read_json(path: Path) -> list[_Entry]:
@@ -120,11 +134,13 @@ def _read_json(path: Path) -> list[_Entry]:
     except json.JSONDecodeError as exc:
         raise GifError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
     if isinstance(content, list):
-        return [(f"entry {i}", _json_int(v, path, f"entry {i}"), None)
-                for i, v in enumerate(content)]
+        return [
+            (f"entry {i}", _json_int(v, path, f"entry {i}"), None) for i, v in enumerate(content)
+        ]
     if not isinstance(content, dict) or "indices" not in content:
-        raise GifError(f"{path}: expected a list of indices or "
-                       f'{{"indices": [...], "true_labels": [...]}}')
+        raise GifError(
+            f'{path}: expected a list of indices or {{"indices": [...], "true_labels": [...]}}'
+        )
     unknown = sorted(set(content) - {"indices", "true_labels"})
     if unknown:
         raise GifError(f"{path}: unknown key {unknown[0]!r}; use indices and true_labels")
@@ -134,11 +150,18 @@ def _read_json(path: Path) -> list[_Entry]:
         if values is not None and not isinstance(values, list):
             raise GifError(f"{path}: {key} must be a list of integers")
     if labels is not None and len(labels) != len(indices):
-        raise GifError(f"{path}: {len(indices)} indices but {len(labels)} true_labels; give "
-                       f"one true label per index")
-    return [(f"indices[{i}]", _json_int(v, path, f"indices[{i}]"),
-             None if labels is None else _json_int(labels[i], path, f"true_labels[{i}]"))
-            for i, v in enumerate(indices)]
+        raise GifError(
+            f"{path}: {len(indices)} indices but {len(labels)} true_labels; give "
+            f"one true label per index"
+        )
+    return [
+        (
+            f"indices[{i}]",
+            _json_int(v, path, f"indices[{i}]"),
+            None if labels is None else _json_int(labels[i], path, f"true_labels[{i}]"),
+        )
+        for i, v in enumerate(indices)
+    ]
 
 
 def _json_int(value: object, path: Path, where: str) -> int:
@@ -154,26 +177,32 @@ def _read_text(path: Path) -> str:
         raise GifError(f"{path}: cannot read the file ({exc})") from exc
 
 
-def _check(entries: list[_Entry], path: Path, n_train: int, num_classes: int | None
-           ) -> tuple[Tensor, Tensor | None]:
+def _check(
+    entries: list[_Entry], path: Path, n_train: int, num_classes: int | None
+) -> tuple[Tensor, Tensor | None]:
     if not entries:
         raise GifError(f"{path}: lists no indices; give at least one poisoned training index")
     labelled = entries[0][2] is not None
     first_seen: dict[int, str] = {}
     for where, index, label in entries:
         if (label is not None) != labelled:
-            raise GifError(f"{path}: {where}: {'has no' if labelled else 'has a'} true label "
-                           f"but {entries[0][0]} {'has one' if labelled else 'has none'}; give a "
-                           f"true label for every index or for none")
+            raise GifError(
+                f"{path}: {where}: {'has no' if labelled else 'has a'} true label "
+                f"but {entries[0][0]} {'has one' if labelled else 'has none'}; give a "
+                f"true label for every index or for none"
+            )
         if not 0 <= index < n_train:
-            raise GifError(f"{path}: {where}: index {index} is out of range 0..{n_train - 1} "
-                           f"(the training set has {n_train} samples)")
+            raise GifError(
+                f"{path}: {where}: index {index} is out of range 0..{n_train - 1} "
+                f"(the training set has {n_train} samples)"
+            )
         if index in first_seen:
-            raise GifError(f"{path}: {where}: index {index} is repeated (first at "
-                           f"{first_seen[index]}); list each poisoned sample once")
+            raise GifError(
+                f"{path}: {where}: index {index} is repeated (first at "
+                f"{first_seen[index]}); list each poisoned sample once"
+            )
         first_seen[index] = where
-        if label is not None and (label < 0 or (num_classes is not None
-                                                 and label >= num_classes)):
+        if label is not None and (label < 0 or (num_classes is not None and label >= num_classes)):
             bound = f"0..{num_classes - 1}" if num_classes is not None else "non-negative"
             raise GifError(f"{path}: {where}: true label {label} is out of range ({bound})")
     indices = torch.tensor([index for _, index, _ in entries], dtype=torch.long)

@@ -46,9 +46,14 @@ class Poisoning:
     trigger: PoisonConfig
 
 
-def apply_trigger(x_normalised: Tensor, trigger: PoisonConfig, *,
-                  mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
-                  key: str = "data.poison") -> Tensor:
+def apply_trigger(
+    x_normalised: Tensor,
+    trigger: PoisonConfig,
+    *,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    key: str = "data.poison",
+) -> Tensor:
     """Triggered copy of a batch of normalised images.
 
     x_normalised: float [N, C, H, W]; mean, std: per channel (or one value for all channels).
@@ -56,8 +61,9 @@ def apply_trigger(x_normalised: Tensor, trigger: PoisonConfig, *,
     ``key`` names the config section in error messages (``removal.trigger`` for a known trigger).
     """
     if x_normalised.ndim != 4:
-        raise ValueError(f"apply_trigger expects images shaped [N, C, H, W], got "
-                         f"{tuple(x_normalised.shape)}")
+        raise ValueError(
+            f"apply_trigger expects images shaped [N, C, H, W], got {tuple(x_normalised.shape)}"
+        )
     _, channels, height, width = x_normalised.shape
     mean_t = _per_channel(mean, x_normalised)
     std_t = _per_channel(std, x_normalised)
@@ -76,17 +82,22 @@ def apply_trigger(x_normalised: Tensor, trigger: PoisonConfig, *,
         image = image.to(device=x_normalised.device, dtype=x_normalised.dtype)
         triggered = ((1.0 - trigger.alpha) * pixels + trigger.alpha * image).clamp(0.0, 1.0)
     else:
-        raise GifError(f"{key}.trigger: {trigger.trigger!r} is not one of checkerboard, patch, "
-                       f"blend")
+        raise GifError(
+            f"{key}.trigger: {trigger.trigger!r} is not one of checkerboard, patch, blend"
+        )
     out = (triggered - mean_t) / std_t
     if mask is None:
         return out
     return torch.where(mask, out, x_normalised)
 
 
-def poison_split(train: TensorSplit, poison: PoisonConfig, *,
-                 mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
-                 ) -> tuple[TensorSplit, Poisoning]:
+def poison_split(
+    train: TensorSplit,
+    poison: PoisonConfig,
+    *,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+) -> tuple[TensorSplit, Poisoning]:
     """Plant a backdoor: ``floor(rate * n)`` samples whose label is not ``target``, drawn with
     ``poison.seed``, get the trigger and the label ``target``.
 
@@ -96,12 +107,15 @@ def poison_split(train: TensorSplit, poison: PoisonConfig, *,
     count = math.floor(poison.rate * n + 1e-9)  # 0.29 * 100 is 28.999...: still 29 samples
     candidates = torch.nonzero(train.y != poison.target).flatten()
     if count == 0:
-        raise GifError(f"data.poison.rate: {poison.rate} of {n} training samples poisons none; "
-                       f"raise the rate")
+        raise GifError(
+            f"data.poison.rate: {poison.rate} of {n} training samples poisons none; raise the rate"
+        )
     if count > len(candidates):
-        raise GifError(f"data.poison.rate: {poison.rate} asks for {count} poisoned samples but "
-                       f"only {len(candidates)} training samples are not of the target class "
-                       f"{poison.target}; lower the rate")
+        raise GifError(
+            f"data.poison.rate: {poison.rate} asks for {count} poisoned samples but "
+            f"only {len(candidates)} training samples are not of the target class "
+            f"{poison.target}; lower the rate"
+        )
     generator = torch.Generator().manual_seed(poison.seed)
     order = torch.randperm(len(candidates), generator=generator)[:count]
     indices = candidates[order.to(candidates.device)].sort().values
@@ -111,35 +125,35 @@ def poison_split(train: TensorSplit, poison: PoisonConfig, *,
     x[indices] = apply_trigger(train.x[indices], poison, mean=mean, std=std)
     true_labels = train.y[indices].clone()
     y[indices] = poison.target
-    poisoning = Poisoning(indices=indices.cpu(), true_labels=true_labels.cpu(),
-                          target=poison.target, trigger=poison)
+    poisoning = Poisoning(
+        indices=indices.cpu(), true_labels=true_labels.cpu(), target=poison.target, trigger=poison
+    )
     return dataclasses.replace(train, x=x, y=y), poisoning
 
 
-def blend_image(trigger: PoisonConfig, *, channels: int, height: int, width: int,
-                key: str = "data.poison") -> Tensor:
+def blend_image(
+    trigger: PoisonConfig, *, channels: int, height: int, width: int, key: str = "data.poison"
+) -> Tensor:
     """The blend trigger's image as float32 [1, C, H, W] in [0, 1] (cached; do not modify)."""
     if not trigger.image:
         raise GifError(f"{key}.image: the blend trigger needs an image path")
     path = Path(trigger.image)
     if not path.is_file():
-        raise GifError(f"{key}.image: {path} not found; point it at an image file "
-                       f"(.png, .jpg)")
-    return _read_blend_image(str(path.resolve()), path.stat().st_mtime_ns, channels, height,
-                             width)
+        raise GifError(f"{key}.image: {path} not found; point it at an image file (.png, .jpg)")
+    return _read_blend_image(str(path.resolve()), path.stat().st_mtime_ns, channels, height, width)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_blend_image(path: str, mtime_ns: int, channels: int, height: int, width: int
-                      ) -> Tensor:
+def _read_blend_image(path: str, mtime_ns: int, channels: int, height: int, width: int) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB" if channels == 3 else "L")
     except (OSError, UnidentifiedImageError) as exc:
-        raise GifError(f"{path}: cannot read the blend image ({exc}); use a .png or .jpg "
-                       f"file") from exc
+        raise GifError(
+            f"{path}: cannot read the blend image ({exc}); use a .png or .jpg file"
+        ) from exc
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
@@ -159,18 +173,23 @@ def _checkerboard_mask(height: int, width: int, device: torch.device) -> Tensor:
     return ((rows + cols) % 2 == 0).reshape(1, 1, height, width)
 
 
-def _patch_mask(height: int, width: int, trigger: PoisonConfig, key: str,
-                device: torch.device) -> Tensor:
+def _patch_mask(
+    height: int, width: int, trigger: PoisonConfig, key: str, device: torch.device
+) -> Tensor:
     size = trigger.size
     if size > min(height, width):
-        raise GifError(f"{key}.size: a {size}x{size} patch does not fit {height}x{width} "
-                       f"images; choose a size up to {min(height, width)}")
+        raise GifError(
+            f"{key}.size: a {size}x{size} patch does not fit {height}x{width} "
+            f"images; choose a size up to {min(height, width)}"
+        )
     vertical, _, horizontal = trigger.corner.partition("-")
     if vertical not in ("top", "bottom") or horizontal not in ("left", "right"):
-        raise GifError(f"{key}.corner: {trigger.corner!r} is not one of top-left, top-right, "
-                       f"bottom-left, bottom-right")
+        raise GifError(
+            f"{key}.corner: {trigger.corner!r} is not one of top-left, top-right, "
+            f"bottom-left, bottom-right"
+        )
     top = 0 if vertical == "top" else height - size
     left = 0 if horizontal == "left" else width - size
     mask = torch.zeros(1, 1, height, width, dtype=torch.bool, device=device)
-    mask[..., top:top + size, left:left + size] = True
+    mask[..., top : top + size, left : left + size] = True
     return mask

@@ -81,8 +81,9 @@ def removal_gradient(
     grad_u = loss_gradient(model, removal_x, removal_y, batch_size=batch_size)
     if true_labels is not None:
         if len(true_labels) != len(removal_x):
-            raise GifError(f"removal set: {len(true_labels)} true labels for "
-                           f"{len(removal_x)} points")
+            raise GifError(
+                f"removal set: {len(true_labels)} true labels for {len(removal_x)} points"
+            )
         grad_u = grad_u - loss_gradient(model, removal_x, true_labels, batch_size=batch_size)
     if not torch.isfinite(grad_u).all():
         raise GifError(
@@ -136,8 +137,16 @@ def estimate_update(
         return torch.where(target, g, torch.zeros_like(g)), _first_order_result()
 
     def solve(matvec: Callable, rmatvec: Callable, b: Tensor) -> tuple[Tensor, SolveResult]:
-        return SOLVERS[solver](matvec, rmatvec, b, damping=damping, max_iter=max_iter, tol=tol,
-                               progress=progress, **dict(solver_options or {}))
+        return SOLVERS[solver](
+            matvec,
+            rmatvec,
+            b,
+            damping=damping,
+            max_iter=max_iter,
+            tol=tol,
+            progress=progress,
+            **dict(solver_options or {}),
+        )
 
     h = operator.matvec
     index = target.nonzero().squeeze(1)
@@ -145,6 +154,7 @@ def estimate_update(
         x, result = solve(lambda x: h(_scatter(x, index, g)), lambda y: h(y)[index], g)
         return _scatter(x, index, g), result
     if method == "fif":
+
         def restricted(x: Tensor) -> Tensor:  # H[t, t] is symmetric: its own transpose
             return h(_scatter(x, index, g))[index]
 
@@ -157,7 +167,10 @@ def estimate_update(
 
 
 def _second_order(
-    solve: Callable, h: Callable, g: Tensor, removal_operator: LinearOperator | None,
+    solve: Callable,
+    h: Callable,
+    g: Tensor,
+    removal_operator: LinearOperator | None,
     p: float | None,
 ) -> tuple[Tensor, SolveResult]:
     """``sif`` (Basu et al. 2020): ``Δ = Δ₁ + p/(1−p) · H⁻¹ (H − H_U) Δ₁``, ``Δ₁ = H⁻¹ g``."""
@@ -181,8 +194,9 @@ def _scatter(x: Tensor, index: Tensor, like: Tensor) -> Tensor:
     return full
 
 
-def _check(method: str, operator: LinearOperator, gradient: Tensor, target_flat: Tensor,
-           solver: str) -> None:
+def _check(
+    method: str, operator: LinearOperator, gradient: Tensor, target_flat: Tensor, solver: str
+) -> None:
     """Raise on inputs that cannot be estimated from."""
     if method not in METHODS:
         raise GifError(f"influence.method: unknown {method!r}; use one of {', '.join(METHODS)}")
@@ -198,15 +212,24 @@ def _check(method: str, operator: LinearOperator, gradient: Tensor, target_flat:
             "removal set"
         )
     if method in TARGETED and not target_flat.any():
-        raise GifError("selection: the target mask selects no parameter; raise selection.ratio "
-                       "or check selection.include / exclude")
+        raise GifError(
+            "selection: the target mask selects no parameter; raise selection.ratio "
+            "or check selection.include / exclude"
+        )
 
 
 def _first_order_result() -> SolveResult:
     nan = float("nan")
-    return SolveResult(solver="none", iterations=0, hvps=0, relative_residual=nan,
-                       normal_residual=nan, converged=True, seconds=0.0,
-                       message="first-order: Δ = g on the target parameters, no curvature solve")
+    return SolveResult(
+        solver="none",
+        iterations=0,
+        hvps=0,
+        relative_residual=nan,
+        normal_residual=nan,
+        converged=True,
+        seconds=0.0,
+        message="first-order: Δ = g on the target parameters, no curvature solve",
+    )
 
 
 def _merge(first: SolveResult, second: SolveResult, *, extra_hvps: int) -> SolveResult:

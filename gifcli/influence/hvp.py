@@ -169,8 +169,9 @@ def loss_gradient(
     _check_sample(x, y, batch_size, "loss gradient")
     loss = _FunctionalLoss(model, loss_scale)
     grad_fn = grad(loss.loss_sum)
-    total = torch.zeros(sum(p.numel() for p in loss.params.values()), dtype=loss.dtype,
-                        device=loss.device)
+    total = torch.zeros(
+        sum(p.numel() for p in loss.params.values()), dtype=loss.dtype, device=loss.device
+    )
     for xb, yb in loss.batches(x, y, batch_size):
         total += flatten(grad_fn(loss.params, xb, yb).values())
     return reduce_sum(total) / reduce_sum(loss.count(len(x)))
@@ -204,13 +205,15 @@ def _load_forward_ad() -> None:
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
-def _forward_over_reverse(grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor,
-                          v: ParamDict) -> ParamDict:
+def _forward_over_reverse(
+    grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor, v: ParamDict
+) -> ParamDict:
     return jvp(lambda p: grad_fn(p, xb, yb), (params,), (v,))[1]
 
 
-def _reverse_over_reverse(grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor,
-                          v: ParamDict) -> ParamDict:
+def _reverse_over_reverse(
+    grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor, v: ParamDict
+) -> ParamDict:
     return vjp(lambda p: grad_fn(p, xb, yb), params)[1](v)[0]
 
 
@@ -363,8 +366,9 @@ class CurvatureOperator:
         """Bytes kept by the cached linearisations."""
         return self._cached_bytes
 
-    def _linearized_product(self, index: int, xb: Tensor, yb: Tensor,
-                            v: ParamDict) -> ParamDict | None:
+    def _linearized_product(
+        self, index: int, xb: Tensor, yb: Tensor, v: ParamDict
+    ) -> ParamDict | None:
         """The product through this batch's linearisation, traced now while the cache has
         room; ``None`` when the batch is not cached (the caller then uses forward-over-reverse).
         """

@@ -189,8 +189,13 @@ def _finish(
 def _trivial(name: str, b: Tensor, atb: Tensor, op: _Counted, started: float) -> SolveResult:
     """``Aᵀ b = 0``: ``x = 0`` is the (minimum-norm) solution."""
     return SolveResult(
-        solver=name, iterations=0, hvps=op.calls, relative_residual=1.0 if _norm(b) else 0.0,
-        normal_residual=_norm(atb), converged=True, seconds=time.perf_counter() - started,
+        solver=name,
+        iterations=0,
+        hvps=op.calls,
+        relative_residual=1.0 if _norm(b) else 0.0,
+        normal_residual=_norm(atb),
+        converged=True,
+        seconds=time.perf_counter() - started,
         message=f"{name}: Aᵀb = 0, so x = 0 solves the least-squares problem",
     )
 
@@ -281,9 +286,20 @@ def lsqr(
         stop = _step_check("lsqr", iteration, relative, normal_rel)
         if stop or relative <= tol or normal_rel <= tol or beta == 0 or alpha == 0:
             break
-    result = _finish("lsqr", op, b, x, damping=damping, tol=tol, iterations=iteration,
-                     exhausted=iteration == max_iter, started=started, history=history,
-                     stop=stop, atb_norm=atb_norm)
+    result = _finish(
+        "lsqr",
+        op,
+        b,
+        x,
+        damping=damping,
+        tol=tol,
+        iterations=iteration,
+        exhausted=iteration == max_iter,
+        started=started,
+        history=history,
+        stop=stop,
+        atb_norm=atb_norm,
+    )
     return x, result
 
 
@@ -333,9 +349,20 @@ def cg(
         if stop or relative <= tol or normal_rel <= tol:
             break
         p, gamma = s + (gamma_next / gamma) * p, gamma_next
-    result = _finish("cg", op, b, x, damping=damping, tol=tol, iterations=iteration,
-                     exhausted=iteration == max_iter, started=started, history=history,
-                     stop=stop, atb_norm=atb_norm)
+    result = _finish(
+        "cg",
+        op,
+        b,
+        x,
+        damping=damping,
+        tol=tol,
+        iterations=iteration,
+        exhausted=iteration == max_iter,
+        started=started,
+        history=history,
+        stop=stop,
+        atb_norm=atb_norm,
+    )
     return x, result
 
 
@@ -415,14 +442,28 @@ def neumann(
         if not grew:
             break
         if restart == max_restarts:
-            stop = _breakdown("neumann", len(history[0]), f"still diverging at scale c={c:g} "
-                              f"after {max_restarts} restarts; raise the scale")
+            stop = _breakdown(
+                "neumann",
+                len(history[0]),
+                f"still diverging at scale c={c:g} after {max_restarts} restarts; raise the scale",
+            )
             break
         c += scale_step
     iterations = len(history[0])
-    result = _finish("neumann", op, b, x, damping=damping, tol=tol, iterations=iterations,
-                     exhausted=iterations - before >= max_iter, started=started,
-                     history=history, stop=stop, atb_norm=atb_norm)
+    result = _finish(
+        "neumann",
+        op,
+        b,
+        x,
+        damping=damping,
+        tol=tol,
+        iterations=iterations,
+        exhausted=iterations - before >= max_iter,
+        started=started,
+        history=history,
+        stop=stop,
+        atb_norm=atb_norm,
+    )
     if stop is None:
         result.message += f" (final scale c={c:g}, {restart} restarts)"
     return x, result
@@ -467,18 +508,31 @@ def exact(
     dense = _dense_matrix(op, k, b, progress)
     if not torch.isfinite(dense).all():
         stop = f"exact: NaN/Inf in the Hessian-vector products; {_TRY}"
-        result = SolveResult(solver="exact", iterations=0, hvps=op.calls,
-                             relative_residual=float("nan"), normal_residual=float("nan"),
-                             converged=False, seconds=time.perf_counter() - started, message=stop)
+        result = SolveResult(
+            solver="exact",
+            iterations=0,
+            hvps=op.calls,
+            relative_residual=float("nan"),
+            normal_residual=float("nan"),
+            converged=False,
+            seconds=time.perf_counter() - started,
+            message=stop,
+        )
         return torch.zeros_like(atb), result
     x64 = _damped_pinv_solve(dense, b.double(), damping, torch.finfo(b.dtype).eps)
     r = b.double() - dense @ x64
     normal = _norm(dense.T @ r - damping**2 * x64)
     relative = _ratio(_norm(r), _norm(b.double()))
     result = SolveResult(
-        solver="exact", iterations=0, hvps=op.calls, relative_residual=relative,
-        normal_residual=normal, converged=True, seconds=time.perf_counter() - started,
-        residual_history=[relative], normal_history=[_ratio(normal, _norm(atb))],
+        solver="exact",
+        iterations=0,
+        hvps=op.calls,
+        relative_residual=relative,
+        normal_residual=normal,
+        converged=True,
+        seconds=time.perf_counter() - started,
+        residual_history=[relative],
+        normal_history=[_ratio(normal, _norm(atb))],
         message=f"exact: dense float64 solve of a {n}x{k} matrix ({k} products)",
     )
     return x64.to(b.dtype), result

@@ -76,8 +76,7 @@ def test_digits_splits_are_deterministic(digits):
     other = load_dataset(DataConfig(dataset="digits", val_fraction=0.1), seed=1)
     assert torch.equal(other.test.x, digits.test.x)  # the test split ignores the config seed
     assert not torch.equal(other.val_source, digits.val_source)
-    assert sorted(torch.cat([digits.train_source, digits.val_source]).tolist()) == list(
-        range(1438))
+    assert sorted(torch.cat([digits.train_source, digits.val_source]).tolist()) == list(range(1438))
 
 
 def test_digits_val_fraction_zero_gives_empty_val():
@@ -113,23 +112,24 @@ def _arrays(rng, x_shape, dtype):
     else:
         x_train = rng.random((12, *x_shape)).astype(dtype)
         x_test = rng.random((5, *x_shape)).astype(dtype)
-    return dict(x_train=x_train, y_train=np.arange(12) % 3, x_test=x_test,
-                y_test=np.array([0, 1, 2, 3, 0]))
+    return dict(
+        x_train=x_train, y_train=np.arange(12) % 3, x_test=x_test, y_test=np.array([0, 1, 2, 3, 0])
+    )
 
 
 def test_tensors_npz_uint8_nhw(tmp_path):
     arrays = _arrays(np.random.default_rng(0), (4, 5), np.uint8)
     path = tmp_path / "data.npz"
     np.savez(path, **arrays)
-    splits = load_dataset(DataConfig(dataset="tensors", path=str(path), val_fraction=0.0),
-                          seed=0)
+    splits = load_dataset(DataConfig(dataset="tensors", path=str(path), val_fraction=0.0), seed=0)
     assert splits.in_channels == 1 and splits.image_size == (4, 5) and splits.num_classes == 4
     assert splits.mean == (0.0,) and splits.std == (1.0,)
     expected = torch.from_numpy(arrays["x_train"]).float().unsqueeze(1) / 255.0
     assert torch.equal(splits.train.x, expected)
     assert splits.train.y.tolist() == arrays["y_train"].tolist()
-    assert torch.equal(splits.test.x, torch.from_numpy(arrays["x_test"]).float().unsqueeze(1)
-                       / 255.0)
+    assert torch.equal(
+        splits.test.x, torch.from_numpy(arrays["x_test"]).float().unsqueeze(1) / 255.0
+    )
     assert splits.class_names == ("0", "1", "2", "3")
 
 
@@ -138,8 +138,7 @@ def test_tensors_pt_float_nchw_taken_as_is(tmp_path):
     arrays["x_train"][0, 0, 0, 0] = 2.5  # floats are not clipped or rescaled
     path = tmp_path / "data.pt"
     torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
-    splits = load_dataset(DataConfig(dataset="tensors", path=str(path), val_fraction=0.25),
-                          seed=0)
+    splits = load_dataset(DataConfig(dataset="tensors", path=str(path), val_fraction=0.25), seed=0)
     assert splits.in_channels == 3 and len(splits.train) == 9 and len(splits.val) == 3
     x = torch.from_numpy(arrays["x_train"])
     assert torch.equal(splits.train.x, x[splits.train_source])
@@ -151,8 +150,9 @@ def test_tensors_normalisation(tmp_path):
     arrays = _arrays(np.random.default_rng(2), (2, 3, 3), np.float32)
     path = tmp_path / "data.npz"
     np.savez(path, **arrays)
-    config = DataConfig(dataset="tensors", path=str(path), val_fraction=0.0,
-                        mean=[0.5, 0.25], std=[0.5, 2.0])
+    config = DataConfig(
+        dataset="tensors", path=str(path), val_fraction=0.0, mean=[0.5, 0.25], std=[0.5, 2.0]
+    )
     splits = load_dataset(config, seed=0)
     x = torch.from_numpy(arrays["x_test"])
     expected = torch.stack([(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 2.0], dim=1)
@@ -240,8 +240,9 @@ def _grey_folder(root, size=(5, 6)):
 
 def test_imagefolder_grey(tmp_path):
     images = _grey_folder(tmp_path)
-    splits = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path),
-                                     val_fraction=0.0), seed=0)
+    splits = load_dataset(
+        DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.0), seed=0
+    )
     assert splits.class_names == ("cat", "dog") and splits.num_classes == 2
     assert splits.in_channels == 1 and splits.image_size == (5, 6)
     assert splits.train.y.tolist() == [0, 0, 0, 1, 1, 1]
@@ -255,8 +256,9 @@ def test_imagefolder_mixed_modes_become_rgb(tmp_path):
     rgb = np.zeros((5, 6, 3), np.uint8)
     rgb[..., 0] = 255
     _write_png(tmp_path / "test" / "cat" / "9.jpg", rgb, "RGB")  # jpg: approximately red
-    splits = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path),
-                                     val_fraction=0.0), seed=0)
+    splits = load_dataset(
+        DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.0), seed=0
+    )
     assert splits.in_channels == 3 and splits.mean == (0.0, 0.0, 0.0)
     first = splits.train.x[0]
     assert torch.equal(first[0], first[1]) and torch.equal(first[1], first[2])
@@ -268,8 +270,9 @@ def test_imagefolder_sizes(tmp_path):
     _write_png(odd, np.zeros((7, 7), np.uint8), "L")
     with pytest.raises(GifError, match=r"odd.png: image is 7x7 .* data.image_size"):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), seed=0)
-    splits = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=4),
-                          seed=0)
+    splits = load_dataset(
+        DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=4), seed=0
+    )
     assert splits.image_size == (4, 4) and splits.test.x.shape == (5, 1, 4, 4)
 
 
@@ -282,8 +285,9 @@ def test_imagefolder_layout_errors(tmp_path):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), seed=0)
     (tmp_path / "test" / "bird").rmdir()
     (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
-    assert load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)),
-                        seed=0).num_classes == 2
+    assert (
+        load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), seed=0).num_classes == 2
+    )
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(GifError, match="broken.png: cannot read"):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), seed=0)
@@ -292,10 +296,15 @@ def test_imagefolder_layout_errors(tmp_path):
 # ------------------------------------------------------------------------------ torchvision
 
 
-@pytest.mark.parametrize(("dataset", "folder"), [("mnist", "MNIST/raw"),
-                                                 ("fashion-mnist", "FashionMNIST/raw"),
-                                                 ("cifar10", "cifar-10-batches-py"),
-                                                 ("svhn", "")])
+@pytest.mark.parametrize(
+    ("dataset", "folder"),
+    [
+        ("mnist", "MNIST/raw"),
+        ("fashion-mnist", "FashionMNIST/raw"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("svhn", ""),
+    ],
+)
 def test_torchvision_missing_on_disk(tmp_path, dataset, folder):
     with pytest.raises(GifError) as info:
         load_dataset(DataConfig(dataset=dataset, root=str(tmp_path)), seed=0)
@@ -304,8 +313,7 @@ def test_torchvision_missing_on_disk(tmp_path, dataset, folder):
 
 
 def _write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
@@ -318,8 +326,7 @@ def test_mnist_from_raw_files(tmp_path):
     _write_idx(raw / "train-labels-idx1-ubyte", np.arange(20) % 10)
     _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 28, 28), np.uint8))
     _write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(10))
-    splits = load_dataset(DataConfig(dataset="mnist", root=str(tmp_path), val_fraction=0.0),
-                          seed=0)
+    splits = load_dataset(DataConfig(dataset="mnist", root=str(tmp_path), val_fraction=0.0), seed=0)
     assert splits.num_classes == 10 and splits.in_channels == 1 and splits.image_size == (28, 28)
     assert len(splits.train) == 20 and len(splits.test) == 10
     assert splits.mean == (0.1307,) and splits.std == (0.3081,)

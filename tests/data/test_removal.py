@@ -21,8 +21,9 @@ def test_class_removal_indices():
 
 def test_txt_with_comments_labels_and_order(tmp_path):
     path = tmp_path / "poison.txt"
-    path.write_text("# poisoned samples: index, true label\n\n7 3\n  2 1  # trailing comment\n"
-                    "5\t0\n")
+    path.write_text(
+        "# poisoned samples: index, true label\n\n7 3\n  2 1  # trailing comment\n5\t0\n"
+    )
     indices, labels = read_poison_indices(path, 10)
     assert indices.tolist() == [2, 5, 7] and labels.tolist() == [1, 0, 3]
     assert indices.dtype == labels.dtype == torch.int64

@@ -19,9 +19,7 @@ def test_checkerboard_exact():
     x[0, 0, 0, 0] = 0.99  # clamped at 1
     out = apply_trigger(x, PoisonConfig(trigger="checkerboard"), mean=[0.0], std=[1.0])
     a = A.item()
-    expected = torch.tensor([[[[1.0, 0.0, a, 0.0],
-                               [0.0, a, 0.0, a],
-                               [a, 0.0, a, 0.0]]]])
+    expected = torch.tensor([[[[1.0, 0.0, a, 0.0], [0.0, a, 0.0, a], [a, 0.0, a, 0.0]]]])
     assert torch.equal(out, expected)
     assert x[0, 0, 0, 0] == 0.99  # the input is untouched
 
@@ -44,11 +42,15 @@ def test_checkerboard_all_channels_with_normalisation():
     assert torch.equal(out[..., odd], x[..., odd])  # untouched pixels are bit-identical
 
 
-@pytest.mark.parametrize(("corner", "rows", "cols"), [("top-left", slice(0, 2), slice(0, 2)),
-                                                      ("top-right", slice(0, 2), slice(4, 6)),
-                                                      ("bottom-left", slice(3, 5), slice(0, 2)),
-                                                      ("bottom-right", slice(3, 5),
-                                                       slice(4, 6))])
+@pytest.mark.parametrize(
+    ("corner", "rows", "cols"),
+    [
+        ("top-left", slice(0, 2), slice(0, 2)),
+        ("top-right", slice(0, 2), slice(4, 6)),
+        ("bottom-left", slice(3, 5), slice(0, 2)),
+        ("bottom-right", slice(3, 5), slice(4, 6)),
+    ],
+)
 def test_patch_exact(corner, rows, cols):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 5, 6)
@@ -70,25 +72,35 @@ def test_patch_with_normalisation_and_value():
 
 def test_patch_too_large():
     with pytest.raises(GifError, match="data.poison.size: a 5x5 patch does not fit 4x4"):
-        apply_trigger(torch.zeros(1, 1, 4, 4), PoisonConfig(trigger="patch", size=5),
-                      mean=[0.0], std=[1.0])
+        apply_trigger(
+            torch.zeros(1, 1, 4, 4), PoisonConfig(trigger="patch", size=5), mean=[0.0], std=[1.0]
+        )
     with pytest.raises(GifError, match="removal.trigger.size"):
-        apply_trigger(torch.zeros(1, 1, 4, 4), PoisonConfig(trigger="patch", size=5),
-                      mean=[0.0], std=[1.0], key="removal.trigger")
+        apply_trigger(
+            torch.zeros(1, 1, 4, 4),
+            PoisonConfig(trigger="patch", size=5),
+            mean=[0.0],
+            std=[1.0],
+            key="removal.trigger",
+        )
 
 
 def test_blend_rgb_exact(tmp_path):
-    image = np.array([[[255, 0, 51], [0, 0, 0]],
-                      [[102, 204, 255], [51, 51, 51]]], dtype=np.uint8)  # 2 x 2 RGB
+    image = np.array(
+        [[[255, 0, 51], [0, 0, 0]], [[102, 204, 255], [51, 51, 51]]], dtype=np.uint8
+    )  # 2 x 2 RGB
     path = tmp_path / "pattern.png"
     Image.fromarray(image, mode="RGB").save(path)
     torch.manual_seed(0)
     x = torch.rand(3, 3, 2, 2)
     trigger = PoisonConfig(trigger="blend", image=str(path), alpha=0.25)
     out = apply_trigger(x, trigger, mean=[0.0] * 3, std=[1.0] * 3)
-    pattern = torch.tensor([[[255, 0], [102, 51]],
-                            [[0, 0], [204, 51]],
-                            [[51, 0], [255, 51]]], dtype=torch.float32) / 255.0  # C x H x W
+    pattern = (
+        torch.tensor(
+            [[[255, 0], [102, 51]], [[0, 0], [204, 51]], [[51, 0], [255, 51]]], dtype=torch.float32
+        )
+        / 255.0
+    )  # C x H x W
     expected = ((1.0 - 0.25) * x + 0.25 * pattern).clamp(0.0, 1.0)
     assert torch.equal(out, expected)
 
@@ -125,8 +137,9 @@ def test_poison_split_counts_and_labels():
     assert (poisoned.x[record.indices, 0, 3, 3] == 1.0).all()
     clean = torch.ones(20, dtype=torch.bool)
     clean[record.indices] = False
-    assert torch.equal(poisoned.x[clean], train.x[clean]) and torch.equal(poisoned.y[clean],
-                                                                          y[clean])
+    assert torch.equal(poisoned.x[clean], train.x[clean]) and torch.equal(
+        poisoned.y[clean], y[clean]
+    )
     assert train.x.abs().sum() == 0 and torch.equal(train.y, y)  # the input is untouched
     again = poison_split(train, poison, mean=[0.0], std=[1.0])[1]
     assert torch.equal(again.indices, record.indices)
@@ -150,8 +163,7 @@ def test_load_dataset_poisons_train_only():
     assert len(record.indices) == int(0.1 * len(clean.train))
     assert torch.equal(record.true_labels, clean.train.y[record.indices])
     assert (record.true_labels != 4).all() and (splits.train.y[record.indices] == 4).all()
-    triggered = apply_trigger(clean.train.x[record.indices], poison, mean=clean.mean,
-                              std=clean.std)
+    triggered = apply_trigger(clean.train.x[record.indices], poison, mean=clean.mean, std=clean.std)
     assert torch.equal(splits.train.x[record.indices], triggered)
     rest = torch.ones(len(clean.train), dtype=torch.bool)
     rest[record.indices] = False

@@ -40,8 +40,11 @@ class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(54, 3))
 
@@ -175,7 +178,12 @@ def cnn() -> Problem:
 def reference() -> SimpleNamespace:
     """The dense ground-truth helpers, for tests (conftest functions are not importable)."""
     return SimpleNamespace(
-        hessian=dense_hessian, gradient=dense_gradient, ggn=dense_ggn,
-        damped_lstsq=damped_lstsq, relative_error=relative_error, risk_fn=risk_fn,
-        make_mlp=make_mlp, make_cnn=make_cnn,
+        hessian=dense_hessian,
+        gradient=dense_gradient,
+        ggn=dense_ggn,
+        damped_lstsq=damped_lstsq,
+        relative_error=relative_error,
+        risk_fn=risk_fn,
+        make_mlp=make_mlp,
+        make_cnn=make_cnn,
     )

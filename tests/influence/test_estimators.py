@@ -21,8 +21,9 @@ def _target(dim, seed=0, fraction=0.3):
 def _operators(problem, **kwargs):
     options = {"batch_size": 64} | kwargs
     hessian = CurvatureOperator(model=problem.model, x=problem.x, y=problem.y, **options)
-    removal = CurvatureOperator(model=problem.model, x=problem.removal_x, y=problem.removal_y,
-                                **options)
+    removal = CurvatureOperator(
+        model=problem.model, x=problem.removal_x, y=problem.removal_y, **options
+    )
     return hessian, removal
 
 
@@ -54,9 +55,15 @@ def _estimate(problem, method, solver, damping, target, operators, **kwargs):
     hessian, removal = operators
     options = {"max_iter": 3000, "tol": 1e-10} | kwargs
     return estimate_update(
-        method=method, operator=hessian, gradient=problem.removal_gradient, target_flat=target,
-        solver=solver, damping=damping, removal_operator=removal,
-        removal_fraction=len(problem.removal_x) / problem.n_train, **options,
+        method=method,
+        operator=hessian,
+        gradient=problem.removal_gradient,
+        target_flat=target,
+        solver=solver,
+        damping=damping,
+        removal_operator=removal,
+        removal_fraction=len(problem.removal_x) / problem.n_train,
+        **options,
     )
 
 
@@ -87,8 +94,9 @@ def test_exact_solver_matches_dense_reference(name, method, damping, request, re
 
 @pytest.mark.parametrize("solver", ["lsqr", "cg", "neumann"])
 @pytest.mark.parametrize("method", CURVATURE_METHODS)
-def test_iterative_solvers_match_dense_reference_on_the_mlp(method, solver, mlp, mlp_operators,
-                                                           reference):
+def test_iterative_solvers_match_dense_reference_on_the_mlp(
+    method, solver, mlp, mlp_operators, reference
+):
     target = _target(len(mlp.theta))
     damping = ITERATIVE_DAMPING[solver]
     delta, result = _estimate(mlp, method, solver, damping, target, mlp_operators)
@@ -101,8 +109,9 @@ def test_iterative_solvers_match_dense_reference_on_the_mlp(method, solver, mlp,
 
 @pytest.mark.parametrize("solver", ["lsqr", "cg"])
 @pytest.mark.parametrize("method", ["gif", "fif", "sif"])
-def test_iterative_solvers_match_dense_reference_on_the_cnn(method, solver, cnn, cnn_operators,
-                                                           reference):
+def test_iterative_solvers_match_dense_reference_on_the_cnn(
+    method, solver, cnn, cnn_operators, reference
+):
     target = _target(len(cnn.theta))
     delta, result = _estimate(cnn, method, solver, 0.05, target, cnn_operators)
     assert result.converged, result.message
@@ -132,11 +141,18 @@ def test_gif_is_invariant_to_the_loss_scale(solver, mlp, reference):
     target = _target(len(mlp.theta))
     deltas = []
     for scale in (1.0, 37.0):
-        operator = CurvatureOperator(model=mlp.model, x=mlp.x, y=mlp.y, batch_size=64,
-                                     loss_scale=scale)
+        operator = CurvatureOperator(
+            model=mlp.model, x=mlp.x, y=mlp.y, batch_size=64, loss_scale=scale
+        )
         delta, result = estimate_update(
-            method="gif", operator=operator, gradient=scale * mlp.removal_gradient,
-            target_flat=target, solver=solver, damping=0.0, max_iter=2000, tol=1e-12,
+            method="gif",
+            operator=operator,
+            gradient=scale * mlp.removal_gradient,
+            target_flat=target,
+            solver=solver,
+            damping=0.0,
+            max_iter=2000,
+            tol=1e-12,
         )
         deltas.append(delta)
     assert reference.relative_error(deltas[1], deltas[0]) < 1e-8
@@ -155,9 +171,16 @@ def test_neumann_converges_where_plain_neumann_diverges_on_an_indefinite_hessian
     # The paper's iteration on the squared system converges (here for IF, all parameters).
     operator = CurvatureOperator(model=mlp.model, x=mlp.x, y=mlp.y, batch_size=64)
     all_params = torch.ones(len(g), dtype=torch.bool)
-    delta, result = estimate_update(method="if", operator=operator, gradient=g,
-                                    target_flat=all_params, solver="neumann", damping=0.1,
-                                    max_iter=3000, tol=1e-10)
+    delta, result = estimate_update(
+        method="if",
+        operator=operator,
+        gradient=g,
+        target_flat=all_params,
+        solver="neumann",
+        damping=0.1,
+        max_iter=3000,
+        tol=1e-10,
+    )
     assert result.converged, result.message
     assert reference.relative_error(delta, reference.damped_lstsq(hessian, g, 0.1)) < 1e-3
 
@@ -173,29 +196,57 @@ def test_singular_indefinite_hessian_undamped_is_not_an_error(mlp, mlp_operators
 
 def test_removal_gradient_for_class_removal_and_backdoor_relabelling(cnn, reference):
     m, n = len(cnn.removal_x), cnn.n_train
-    g = removal_gradient(cnn.model, removal_x=cnn.removal_x, removal_y=cnn.removal_y, n_train=n,
-                         batch_size=4)
+    g = removal_gradient(
+        cnn.model, removal_x=cnn.removal_x, removal_y=cnn.removal_y, n_train=n, batch_size=4
+    )
     assert reference.relative_error(g, cnn.removal_gradient) < 1e-12
     true_labels = (cnn.removal_y + 1) % 3
-    g_backdoor = removal_gradient(cnn.model, removal_x=cnn.removal_x, removal_y=cnn.removal_y,
-                                  n_train=n, batch_size=4, true_labels=true_labels)
-    expected = m / (n - m) * (reference.gradient(cnn.model, cnn.removal_x, cnn.removal_y)
-                              - reference.gradient(cnn.model, cnn.removal_x, true_labels))
+    g_backdoor = removal_gradient(
+        cnn.model,
+        removal_x=cnn.removal_x,
+        removal_y=cnn.removal_y,
+        n_train=n,
+        batch_size=4,
+        true_labels=true_labels,
+    )
+    expected = (
+        m
+        / (n - m)
+        * (
+            reference.gradient(cnn.model, cnn.removal_x, cnn.removal_y)
+            - reference.gradient(cnn.model, cnn.removal_x, true_labels)
+        )
+    )
     assert reference.relative_error(g_backdoor, expected) < 1e-12
 
 
 def test_progress_reports_each_iteration(mlp, mlp_operators):
     seen = []
-    _estimate(mlp, "gif", "lsqr", 0.05, _target(len(mlp.theta)), mlp_operators, max_iter=5,
-              tol=0.0, progress=lambda iteration, residual: seen.append(iteration))
+    _estimate(
+        mlp,
+        "gif",
+        "lsqr",
+        0.05,
+        _target(len(mlp.theta)),
+        mlp_operators,
+        max_iter=5,
+        tol=0.0,
+        progress=lambda iteration, residual: seen.append(iteration),
+    )
     assert seen == [1, 2, 3, 4, 5]
 
 
 def test_input_errors(mlp, mlp_operators):
     hessian, _ = mlp_operators
     target = _target(len(mlp.theta))
-    common = {"operator": hessian, "target_flat": target, "solver": "lsqr", "damping": 0.0,
-              "max_iter": 5, "tol": 1e-6}
+    common = {
+        "operator": hessian,
+        "target_flat": target,
+        "solver": "lsqr",
+        "damping": 0.0,
+        "max_iter": 5,
+        "tol": 1e-6,
+    }
     nan_gradient = torch.full_like(mlp.removal_gradient, float("nan"))
     with pytest.raises(GifError, match="NaN"):
         estimate_update(method="gif", gradient=nan_gradient, **common)
@@ -204,11 +255,15 @@ def test_input_errors(mlp, mlp_operators):
     with pytest.raises(GifError, match="influence.method"):
         estimate_update(method="gif2", gradient=mlp.removal_gradient, **common)
     with pytest.raises(GifError, match="selects no parameter"):
-        estimate_update(method="gif", gradient=mlp.removal_gradient,
-                        **common | {"target_flat": torch.zeros_like(target)})
+        estimate_update(
+            method="gif",
+            gradient=mlp.removal_gradient,
+            **common | {"target_flat": torch.zeros_like(target)},
+        )
     with pytest.raises(GifError, match="m < n"):
-        removal_gradient(mlp.model, removal_x=mlp.x, removal_y=mlp.y, n_train=len(mlp.x),
-                         batch_size=8)
+        removal_gradient(
+            mlp.model, removal_x=mlp.x, removal_y=mlp.y, n_train=len(mlp.x), batch_size=8
+        )
 
 
 def test_nan_loss_raises_a_gif_error_on_the_removal_gradient(reference):
@@ -216,7 +271,13 @@ def test_nan_loss_raises_a_gif_error_on_the_removal_gradient(reference):
     with torch.no_grad():
         problem.model.net[2].bias.fill_(float("nan"))
     with pytest.raises(GifError, match="removal gradient"):
-        removal_gradient(problem.model, removal_x=problem.removal_x,
-                         removal_y=problem.removal_y, n_train=problem.n_train, batch_size=8)
-    assert not torch.isfinite(loss_gradient(problem.model, problem.x, problem.y,
-                                            batch_size=8)).all()
+        removal_gradient(
+            problem.model,
+            removal_x=problem.removal_x,
+            removal_y=problem.removal_y,
+            n_train=problem.n_train,
+            batch_size=8,
+        )
+    assert not torch.isfinite(
+        loss_gradient(problem.model, problem.x, problem.y, batch_size=8)
+    ).all()

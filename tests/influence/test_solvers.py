@@ -124,8 +124,15 @@ def test_progress_is_called_once_per_iteration():
 
 
 def test_solve_result_serialises_to_strict_json():
-    result = SolveResult(solver="none", iterations=0, hvps=0, relative_residual=float("nan"),
-                         normal_residual=1.0, converged=True, seconds=0.0)
+    result = SolveResult(
+        solver="none",
+        iterations=0,
+        hvps=0,
+        relative_residual=float("nan"),
+        normal_residual=1.0,
+        converged=True,
+        seconds=0.0,
+    )
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["relative_residual"] is None and data["residual_history"] == []
 
@@ -133,7 +140,14 @@ def test_solve_result_serialises_to_strict_json():
 def test_neumann_progress_counts_iterations_across_restarts():
     a, b = _system()
     seen = []
-    _, result = _solve("neumann", 10 * a, b, damping=1.0, max_iter=50, tol=0.0,
-                       progress=lambda i, r: seen.append(i))
+    _, result = _solve(
+        "neumann",
+        10 * a,
+        b,
+        damping=1.0,
+        max_iter=50,
+        tol=0.0,
+        progress=lambda i, r: seen.append(i),
+    )
     assert "restarts" in result.message and not result.converged
     assert seen == list(range(1, result.iterations + 1))
