@@ -46,8 +46,11 @@ def recover_backdoor(
     checks: list[str] = CHECK_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
-    """Remove the backdoor: poisoned samples are removed with their poisoned labels and re-added
-    with their true labels (known samples, or samples synthesised from the known trigger)."""
+    """Repair a backdoored model from its poisoned samples or its known trigger.
+
+    The poisoned samples are removed with their poisoned labels and re-added with their true
+    labels (known samples, or samples synthesised from the known trigger).
+    """
     cfg = read_config(config, overrides)
     run_edit(
         task=RECOVER_BACKDOOR,

@@ -37,7 +37,7 @@ def select_params(
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
 ) -> None:
-    """Select the target parameters (SPEC §2) from the removal set's statistics."""
+    """Select the target parameters from the removal set's statistics and save the mask."""
     cfg = read_config(config, overrides)
     report = run_select(config=cfg, output=output, force=force)
     if json_output:
