@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gifcli.config import Config, load_config
+from gifcli.config import TARGETED_METHODS, Config, load_config
 from gifcli.report import scalar_metrics
 from gifcli.tasks import REMOVE_CLASS
 from gifcli.train import run_train
@@ -34,7 +34,6 @@ from gifcli.unlearn import run_unlearning
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SOLVE_FIELDS = ("iterations", "hvps", "relative_residual", "converged", "seconds")
-MASKED_METHODS = ("gif", "fif", "pif", "first-order")  # the others edit every parameter
 
 
 # --------------------------------------------------------------------------- command line
@@ -198,7 +197,7 @@ class SeedRuns:
 
     def run(self, method: str, selection: str | None = None, ratio: float | None = None) -> dict:
         """One ``run_unlearning``; ``selection``/``ratio`` default to the config's."""
-        masked = method in MASKED_METHODS
+        masked = method in TARGETED_METHODS
         config = seed_config(self.args, self.seed, self.folder)
         selection = selection or config.selection.method
         ratio = config.selection.ratio if ratio is None else ratio

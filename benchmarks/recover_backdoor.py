@@ -37,18 +37,12 @@ from common import (
     run_benchmark,
 )
 
+from gifcli.config import INFLUENCE_METHODS
+from gifcli.metrics import RECOVER_BACKDOOR_METRICS
 from gifcli.tasks import RECOVER_BACKDOOR
 
-METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")  # masked ones share gif's mask
-COLUMNS = (
-    "clean_acc_test",
-    "asr_test",
-    "robust_acc_test",
-    "relabel_acc_train",
-    "corrupt_acc_train",
-    "clean_acc_train",
-    "f1",
-)
+METHODS = INFLUENCE_METHODS  # the masked ones share gif's mask
+COLUMNS = tuple(key for key in RECOVER_BACKDOOR_METRICS if key != "acc_test")
 LABELS = (
     "clean acc test",
     "ASR test",

@@ -38,10 +38,10 @@ from common import (
     table,
 )
 
-from gifcli.config import SELECTION_METHODS
+from gifcli.config import INFLUENCE_METHODS, SELECTION_METHODS
 from gifcli.tasks import REMOVE_CLASS
 
-METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
+METHODS = INFLUENCE_METHODS
 RATIOS = (0.02, 0.05, 0.1, 0.2, 1.0)
 COLUMNS = ("forget_acc_test", "retain_acc_test", "mia_efficacy", "f1")
 LABELS = ("forget acc test", "retain acc test", "MIA efficacy", "F1")

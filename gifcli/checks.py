@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gifcli.errors import GifError
+from gifcli.metrics import RECOVER_BACKDOOR_METRICS, REMOVE_CLASS_METRICS
 from gifcli.tasks import REMOVE_CLASS
 
 COMPARISONS = {
@@ -363,27 +364,6 @@ def format_value(value: Any) -> str:
 
 
 # -- report schemas ------------------------------------------------------------------------------
-
-# SPEC §5 metric keys; the end-to-end tests compare these with real reports.
-REMOVE_CLASS_METRICS = (
-    "forget_acc_test",
-    "retain_acc_test",
-    "forget_acc_train",
-    "retain_acc_train",
-    "f1",
-    "mia_efficacy",
-    "acc_test",
-)
-RECOVER_BACKDOOR_METRICS = (
-    "clean_acc_test",
-    "asr_test",
-    "robust_acc_test",
-    "relabel_acc_train",
-    "corrupt_acc_train",
-    "clean_acc_train",
-    "f1",
-    "acc_test",
-)
 
 
 def metrics_schema(task: str) -> dict:

@@ -22,6 +22,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder"
 TRIGGERS = ("checkerboard", "patch", "blend")
 SELECTION_METHODS = ("top-outputs", "top-gradients", "lowest-outputs", "lowest-gradients", "random")
 INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
+TARGETED_METHODS = ("gif", "fif", "pif", "first-order")  # Δ is zero outside the target mask
 CURVATURES = ("hessian", "ggn")
 SOLVERS = ("lsqr", "cg", "neumann", "exact")
 

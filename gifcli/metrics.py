@@ -13,6 +13,27 @@ from gifcli.data import TensorSplit
 
 EVAL_BATCH = 512
 
+# SPEC §5 metric keys; the end-to-end tests compare these with real reports.
+REMOVE_CLASS_METRICS = (
+    "forget_acc_test",
+    "retain_acc_test",
+    "forget_acc_train",
+    "retain_acc_train",
+    "f1",
+    "mia_efficacy",
+    "acc_test",
+)
+RECOVER_BACKDOOR_METRICS = (
+    "clean_acc_test",
+    "asr_test",
+    "robust_acc_test",
+    "relabel_acc_train",
+    "corrupt_acc_train",
+    "clean_acc_train",
+    "f1",
+    "acc_test",
+)
+
 
 @torch.no_grad()
 def predict(

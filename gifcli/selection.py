@@ -48,15 +48,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gifcli.checkpoint import write_bytes
+from gifcli.config import SELECTION_METHODS
 from gifcli.errors import GifError
 
-SELECTION_METHODS: tuple[str, ...] = (
-    "top-outputs",
-    "top-gradients",
-    "lowest-outputs",
-    "lowest-gradients",
-    "random",
-)
 UNIT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 MASK_FORMAT = "gif-target-mask"
 MASK_FORMAT_VERSION = "1"

@@ -21,7 +21,7 @@ from torch import nn
 from gifcli import distributed
 from gifcli.checkpoint import check_writable, sha256_file
 from gifcli.checks import Check, evaluate_checks
-from gifcli.config import Config, InfluenceConfig
+from gifcli.config import TARGETED_METHODS, Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
 from gifcli.data import TensorSplit
 from gifcli.errors import GifError
@@ -160,7 +160,7 @@ def target_selection(
     ctx: RunContext, model: nn.Module, removal: RemovalSet, mask_path: Path | None
 ) -> Selection:
     """Every parameter for ``if``/``sif``; else a saved mask, or a selection made anew."""
-    if ctx.config.influence.method in ("if", "sif"):
+    if ctx.config.influence.method not in TARGETED_METHODS:
         return Selection(
             mask={
                 name: torch.ones_like(p, dtype=torch.bool, device="cpu")

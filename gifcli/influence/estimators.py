@@ -27,12 +27,13 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from gifcli.config import INFLUENCE_METHODS, TARGETED_METHODS
 from gifcli.errors import GifError
 from gifcli.influence.hvp import loss_gradient
 from gifcli.influence.solvers import SOLVERS, SolveResult
 
-METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
-TARGETED = ("gif", "fif", "pif", "first-order")
+METHODS = INFLUENCE_METHODS
+TARGETED = TARGETED_METHODS
 """Methods whose ``Δ`` is zero outside the target mask."""
 
 

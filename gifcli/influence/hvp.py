@@ -51,9 +51,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp
 
 from gifcli import distributed
+from gifcli.config import CURVATURES
 from gifcli.errors import GifError
 
-CURVATURES = ("hessian", "ggn")
 HVP_MODES = ("forward-over-reverse", "reverse-over-reverse", "linearize")
 DEFAULT_HVP_MODE = "linearize"
 LINEARIZE_CACHE_BYTES = 1 << 30
