@@ -3,7 +3,7 @@
 Per seed (the config ``seed``: it sets the training of the base model, the validation split,
 the selection and the Hessian sample), one base model and one retrain oracle are trained with
 ``run_train`` into a work folder; every method of that seed then edits the same base model
-through ``run_unlearning`` (the step scale searched on the validation split, the oracle's
+through ``run_edit`` (the step scale searched on the validation split, the oracle's
 metrics and gaps in the same report). Results keep every per-seed number; tables show the mean
 ± sample standard deviation over seeds.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from gifcli.config import TARGETED_METHODS, Config, load_config
-from gifcli.report import scalar_metrics
-from gifcli.tasks import REMOVE_CLASS
+from gifcli.metrics import scalar_metrics
+from gifcli.runs import run_edit
+from gifcli.tasks import RemoveClass
 from gifcli.train import run_train
-from gifcli.unlearn import run_unlearning
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -196,7 +196,7 @@ class SeedRuns:
         self.total: int | None = None  # trainable parameters of the model
 
     def run(self, method: str, selection: str | None = None, ratio: float | None = None) -> dict:
-        """One ``run_unlearning``; ``selection``/``ratio`` default to the config's."""
+        """One ``run_edit``; ``selection``/``ratio`` default to the config's."""
         masked = method in TARGETED_METHODS
         config = seed_config(self.args, self.seed, self.folder)
         selection = selection or config.selection.method
@@ -222,9 +222,9 @@ class SeedRuns:
             ],
         )
         shared = self.masks.get(key[1:]) if masked else None  # (run name, mask file)
-        report = run_unlearning(
+        report = run_edit(
             config=config,
-            task=self.task,
+            command=self.task,
             mask_path=shared[1] if shared else None,
             oracle=self.oracle,
             force=True,
@@ -246,7 +246,7 @@ class SeedRuns:
     def headline(self) -> tuple[str, ...]:
         return (
             ("forget_acc_test", "retain_acc_test")
-            if self.task == REMOVE_CLASS
+            if self.task == RemoveClass.name
             else ("clean_acc_test", "asr_test")
         )
 
@@ -326,7 +326,7 @@ def settings(config: Config) -> dict:
 
 
 def summarize(report: dict, *, mask_from: str | None) -> dict:
-    """What a benchmark keeps of a ``run_unlearning`` report."""
+    """What a benchmark keeps of a ``run_edit`` report."""
     solver = report["solver"]
     return {
         "metrics": scalar_metrics(report["metrics"]["after"]),
@@ -442,7 +442,7 @@ def how_measured(results: dict, result_file: str, scenario: str) -> list[str]:
         f"max_iter {s['max_iter']}), Hessian sample of {s['hessian_samples']} retained training "
         f"points in batches of {s['batch_size']}, step scale `{s['scale']}` (searched over "
         f"{s['grid_points']} points on the validation split, never on test). Metrics in %, "
-        f"mean ± sample std over {len(seeds)} seed(s); seconds: the whole `run_unlearning` call "
+        f"mean ± sample std over {len(seeds)} seed(s); seconds: the whole `run_edit` call "
         f"(data, selection, solve, step search, metrics), for the oracle its training time. "
         + measured_on(results),
         "",

@@ -38,11 +38,10 @@ from common import (
 )
 
 from gifcli.config import INFLUENCE_METHODS
-from gifcli.metrics import RECOVER_BACKDOOR_METRICS
-from gifcli.tasks import RECOVER_BACKDOOR
+from gifcli.tasks import RecoverBackdoor
 
 METHODS = INFLUENCE_METHODS  # the masked ones share gif's mask
-COLUMNS = tuple(key for key in RECOVER_BACKDOOR_METRICS if key != "acc_test")
+COLUMNS = tuple(key for key in RecoverBackdoor.metric_keys if key != "acc_test")
 LABELS = (
     "clean acc test",
     "ASR test",
@@ -69,7 +68,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     def body(runs: SeedRuns) -> dict:
         return {"methods": {method: runs.run(method) for method in args.methods}}
 
-    return run_benchmark(args, argv, script="recover_backdoor.py", task=RECOVER_BACKDOOR, body=body)
+    return run_benchmark(
+        args, argv, script="recover_backdoor.py", task=RecoverBackdoor.name, body=body
+    )
 
 
 # --------------------------------------------------------------------------- markdown

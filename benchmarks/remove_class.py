@@ -39,7 +39,7 @@ from common import (
 )
 
 from gifcli.config import INFLUENCE_METHODS, SELECTION_METHODS
-from gifcli.tasks import REMOVE_CLASS
+from gifcli.tasks import RemoveClass
 
 METHODS = INFLUENCE_METHODS
 RATIOS = (0.02, 0.05, 0.1, 0.2, 1.0)
@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
         args,
         argv,
         script="remove_class.py",
-        task=REMOVE_CLASS,
+        task=RemoveClass.name,
         body=body,
         selections=args.selections,
         ratios=args.ratios,

@@ -20,16 +20,17 @@ typo fails at once rather than after the solve), and after it against the report
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import operator
 import re
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gifcli.errors import GifError
-from gifcli.metrics import RECOVER_BACKDOOR_METRICS, REMOVE_CLASS_METRICS
-from gifcli.tasks import REMOVE_CLASS
+from gifcli.records import EditReport, EvaluateReport
 
 COMPARISONS = {
     "<": operator.lt,
@@ -354,75 +355,51 @@ def failed_checks(results: Sequence[dict]) -> list[dict]:
     return [result for result in results if not result["passed"]]
 
 
-def format_value(value: Any) -> str:
-    """A check's value as it would be written in a check: true/false, integers as they are."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return "n/a" if value is None else str(value)
+# -- report schemas: derived from the report dataclasses -----------------------------------------
 
 
-# -- report schemas ------------------------------------------------------------------------------
+def _schema_of(hint: Any) -> Any:
+    """The schema node of a report field's type: a dataclass is a group of its fields."""
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return {f.name: _schema_of(hints[f.name]) for f in dataclasses.fields(hint)}
+    options = [o for o in typing.get_args(hint) if o is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return _schema_of(options[0]) if len(options) == 1 else OPEN
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        return ListOf(_schema_of(options[0]) if options else OPEN)
+    if origin is bool:
+        return BOOLEAN
+    if origin in (int, float):
+        return NUMBER
+    if origin is str:
+        return TEXT
+    return OPEN
 
 
-def metrics_schema(task: str) -> dict:
-    keys = REMOVE_CLASS_METRICS if task == REMOVE_CLASS else RECOVER_BACKDOOR_METRICS
-    return {**dict.fromkeys(keys, NUMBER), "per_class_acc_test": ListOf(NUMBER)}
+def metrics_schema(metric_keys: Sequence[str]) -> dict:
+    """One metrics group of a task with scalar metrics ``metric_keys``."""
+    return {**dict.fromkeys(metric_keys, NUMBER), "per_class_acc_test": ListOf(NUMBER)}
 
 
-def edit_report_schema(task: str, *, oracle: bool) -> dict:
-    """The structure of ``gif remove-class`` and ``gif recover-backdoor`` reports (SPEC §5)."""
-    metrics = metrics_schema(task)
+def edit_report_schema(metric_keys: Sequence[str], *, oracle: bool) -> dict:
+    """The structure of an edit's report (``EditReport``) for a task's metrics; ``oracle``
+    and ``gap`` only with an oracle."""
+    schema = _schema_of(EditReport)
+    del schema["checks"]
+    metrics = metrics_schema(metric_keys)
     groups = {"before": metrics, "after": metrics}
     if oracle:
         gap = {key: NUMBER for key, node in metrics.items() if node is NUMBER}
         groups.update(oracle=metrics, gap={**gap, "mean": NUMBER})
-    return {
-        "task": TEXT,
-        "method": TEXT,
-        "removal": {
-            "description": TEXT,
-            "samples": NUMBER,
-            "train_samples": NUMBER,
-            "hessian_samples": NUMBER,
-        },
-        "selection": {
-            "method": TEXT,
-            "ratio": NUMBER,
-            "mask": TEXT,
-            "targets": NUMBER,
-            "units": OPEN,
-        },
-        "params": {"total": NUMBER, "changed": NUMBER, "fraction": NUMBER},
-        "solver": {
-            "name": TEXT,
-            "curvature": TEXT,
-            "damping": NUMBER,
-            "iterations": NUMBER,
-            "hvps": NUMBER,
-            "relative_residual": NUMBER,
-            "normal_residual": NUMBER,
-            "converged": BOOLEAN,
-            "seconds": NUMBER,
-            "residual_history": ListOf(NUMBER),
-            "normal_history": ListOf(NUMBER),
-            "message": TEXT,
-        },
-        "update": {
-            "scale": NUMBER,
-            "chosen_by": TEXT,
-            "norm": NUMBER,
-            "raw_norm": NUMBER,
-            "relative_norm": NUMBER,
-            "sweep": ListOf(OPEN),
-        },
-        "metrics": groups,
-        "timing": OPEN,
-        "checkpoint": {"input": TEXT, "input_sha256": TEXT, "output": TEXT, "output_sha256": TEXT},
-    }
+    schema["metrics"] = groups
+    return schema
 
 
-def evaluate_report_schema(task: str) -> dict:
-    """The structure of ``gif evaluate``'s report."""
-    return {"task": TEXT, "checkpoint": TEXT, "sha256": TEXT, "metrics": metrics_schema(task)}
+def evaluate_report_schema(metric_keys: Sequence[str]) -> dict:
+    """The structure of ``gif evaluate``'s report (``EvaluateReport``)."""
+    schema = _schema_of(EvaluateReport)
+    del schema["checks"]
+    schema["metrics"] = metrics_schema(metric_keys)
+    return schema

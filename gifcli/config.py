@@ -58,11 +58,8 @@ class ModelConfig:
 
 
 @dataclass
-class PoisonConfig:
+class TriggerConfig:
     trigger: str = _field("checkerboard", "checkerboard | patch | blend")
-    rate: float = _field(0.1, "fraction of training samples poisoned")
-    target: int = _field(0, "label the trigger flips inputs to")
-    seed: int = _field(0, "seed of the poisoned-index draw")
     intensity: float = _field(16.0, "checkerboard: added on a 0-255 scale on alternating pixels")
     size: int = _field(3, "patch: side of the square, in pixels")
     value: float = _field(1.0, "patch: pixel value in [0, 1] before normalisation")
@@ -74,8 +71,6 @@ class PoisonConfig:
         out = []
         if self.trigger not in TRIGGERS:
             out.append(_choice(f"{prefix}.trigger", self.trigger, TRIGGERS))
-        if not 0.0 < self.rate < 1.0:
-            out.append(f"{prefix}.rate: must be in (0, 1), got {self.rate}")
         if self.trigger == "blend" and not self.image:
             out.append(f"{prefix}.image: the blend trigger needs an image path")
         if not 0.0 < self.alpha <= 1.0:
@@ -85,6 +80,21 @@ class PoisonConfig:
         corners = ("top-left", "top-right", "bottom-left", "bottom-right")
         if self.corner not in corners:
             out.append(_choice(f"{prefix}.corner", self.corner, corners))
+        return out
+
+
+@dataclass
+class PoisonConfig(TriggerConfig):
+    """A backdoor scenario planted in the training data: a trigger, and whom it poisons."""
+
+    rate: float = _field(0.1, "fraction of training samples poisoned")
+    target: int = _field(0, "label the trigger flips inputs to")
+    seed: int = _field(0, "seed of the poisoned-index draw")
+
+    def problems(self, prefix: str) -> list[str]:
+        out = super().problems(prefix)
+        if not 0.0 < self.rate < 1.0:
+            out.append(f"{prefix}.rate: must be in (0, 1), got {self.rate}")
         return out
 
 
@@ -132,7 +142,7 @@ class DataConfig:
 @dataclass
 class RemovalConfig:
     classes: list[int] = _field([3], "remove-class: the classes to forget")
-    trigger: PoisonConfig | str | None = _field(
+    trigger: TriggerConfig | str | None = _field(
         None,
         "recover-backdoor: the known trigger, a name or {trigger, ...options}; null: data.poison's",
     )
@@ -154,7 +164,7 @@ class RemovalConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.trigger, str):
-            self.trigger = PoisonConfig(trigger=self.trigger)
+            self.trigger = TriggerConfig(trigger=self.trigger)
 
     def problems(self, num_classes: int) -> list[str]:
         out = []
@@ -172,11 +182,7 @@ class RemovalConfig:
         if self.synthetic_samples is not None and self.synthetic_samples < 1:
             out.append(f"removal.synthetic_samples: must be positive, got {self.synthetic_samples}")
         if self.trigger is not None:
-            out += [
-                p
-                for p in self.trigger.problems("removal.trigger")
-                if not p.startswith("removal.trigger.rate")
-            ]
+            out += self.trigger.problems("removal.trigger")
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from gifcli.data import DataSplits, load_dataset
 from gifcli.device import resolve_device
 from gifcli.errors import GifError
 from gifcli.models import build_model
+from gifcli.tasks import Task, task_from_config
 
 
 @dataclass
@@ -29,6 +31,10 @@ class RunContext:
             self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
         return model.to(self.device)
+
+    def task(self) -> Task:
+        """The task the config describes, on the loaded data."""
+        return task_from_config(self.config, self.data)
 
     def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
         """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval()."""
@@ -55,4 +61,6 @@ def prepare(config: Config) -> RunContext:
             f"model has {config.model.num_classes}; set model.num_classes="
             f"{data.num_classes}"
         )
+    # the label space is the model's: per-class metrics list every class it can predict
+    data = dataclasses.replace(data, num_classes=config.model.num_classes)
     return RunContext(config=config, device=device, data=data)

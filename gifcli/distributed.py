@@ -4,9 +4,10 @@ Run as one process, nothing here does anything: every helper answers "rank 0 of 
 ``all_reduce_sum`` is the identity. Under ``torchrun --nproc_per_node N`` (which sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``) with ``N > 1``:
 
-- ``init(device)`` joins the process group from those variables (``gloo`` for CPU tensors,
-  ``nccl`` for CUDA ones); ``finish()`` leaves it after a run every rank completed, and a
-  process that stops on an error leaves it at exit;
+- ``process_group(device)``, a context manager owned by the caller (the CLI's runs), joins
+  the process group from those variables (``gloo`` for CPU tensors, ``nccl`` for CUDA ones)
+  and leaves it: after a barrier when every rank completed the block, at once when this rank
+  stopped on an error;
 - ``shard(count)`` gives each rank its contiguous, balanced share of a sample that every rank
   holds in full (the same seeded Hessian sample, the same removal set);
 - ``all_reduce_sum`` sums a tensor over the ranks: the reduction point of the influence engine
@@ -22,6 +23,8 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -83,6 +86,22 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend=backend, init_method="env://")
     _joined = True
     atexit.register(destroy)
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Join the process group for the block (a no-op for one process, or when the caller
+    already holds a group of its own); leave it on the way out."""
+    owned = not _joined
+    init(device)
+    try:
+        yield
+    except BaseException:
+        if owned:
+            destroy()
+        raise
+    if owned:
+        finish()
 
 
 def finish() -> None:

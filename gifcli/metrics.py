@@ -1,9 +1,12 @@
 """Accuracies in percent, the tasks' F1 scores, and the membership-inference efficacy.
 
-Metric names follow SPEC §5. Everything is computed with the model in ``eval()`` mode.
+Metric names: docs/design.md, "Metrics"; each task lists its own (``Task.metric_keys``).
+Everything is computed with the model in ``eval()`` mode.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -12,27 +15,6 @@ from torch import nn
 from gifcli.data import TensorSplit
 
 EVAL_BATCH = 512
-
-# SPEC §5 metric keys; the end-to-end tests compare these with real reports.
-REMOVE_CLASS_METRICS = (
-    "forget_acc_test",
-    "retain_acc_test",
-    "forget_acc_train",
-    "retain_acc_train",
-    "f1",
-    "mia_efficacy",
-    "acc_test",
-)
-RECOVER_BACKDOOR_METRICS = (
-    "clean_acc_test",
-    "asr_test",
-    "robust_acc_test",
-    "relabel_acc_train",
-    "corrupt_acc_train",
-    "clean_acc_train",
-    "f1",
-    "acc_test",
-)
 
 
 @torch.no_grad()
@@ -57,6 +39,19 @@ def predict(
 def percent(hits: torch.Tensor) -> float:
     """Mean of a boolean tensor, in percent; NaN for an empty tensor."""
     return float(hits.float().mean() * 100) if hits.numel() else float("nan")
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The scalar metrics of a task's metrics (``per_class_acc_test`` and the like left out)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def oracle_gap(after: dict, oracle: dict) -> dict[str, float]:
+    """``|after − oracle|`` on every scalar metric, and their mean (``mean``)."""
+    gap = {k: abs(v - oracle[k]) for k, v in scalar_metrics(after).items() if k in oracle}
+    finite = [v for v in gap.values() if math.isfinite(v)]
+    gap["mean"] = sum(finite) / len(finite) if finite else float("nan")
+    return gap
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -100,7 +95,7 @@ def remove_class_metrics(
     device: torch.device,
     seed: int = 0,
 ) -> dict:
-    """SPEC §5 remove-class metrics, in percent."""
+    """The remove-class metrics, in percent."""
     test_pred, test_prob = predict(model, test, device=device)
     train_pred, train_prob = predict(model, train, device=device)
     forget_test, retain_test = forget_retain(test_pred, test.y, classes)
@@ -137,7 +132,7 @@ def backdoor_metrics(
     num_classes: int,
     device: torch.device,
 ) -> dict:
-    """SPEC §5 recover-backdoor metrics, in percent.
+    """The recover-backdoor metrics, in percent.
 
     ``triggered_test``: the test inputs whose true class is not ``target``, with the trigger,
     labelled with their true class. ``train`` is the poisoned training split; ``poisoned``

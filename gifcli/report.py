@@ -1,4 +1,6 @@
-"""The outputs of an edit (SPEC §5): checkpoint, mask, report.json, report.md, config, plot.
+"""The outputs of an edit: checkpoint, mask, report.json, report.md, config, plot.
+
+See docs/design.md, "Outputs".
 
 Everything is computed before anything is written, and each file is written to a temporary
 name and renamed, so a failed run leaves no half-written output.
@@ -6,10 +8,12 @@ name and renamed, so a failed run leaves no half-written output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+import yaml
 
 from gifcli.checkpoint import (
     checkpoint_metadata,
@@ -19,9 +23,14 @@ from gifcli.checkpoint import (
     write_text,
     write_with,
 )
-from gifcli.checks import format_value
-from gifcli.config import Config
+from gifcli.config import Config, SelectionConfig
+from gifcli.errors import GifError
+from gifcli.metrics import scalar_metrics
+from gifcli.records import format_value
 from gifcli.selection import save_mask
+
+if TYPE_CHECKING:
+    from gifcli.pipeline import EditResult
 
 OUTPUT_FILES = {
     "model": "model.safetensors",
@@ -33,45 +42,72 @@ OUTPUT_FILES = {
 }
 
 
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+def output_paths(directory: str | Path) -> dict[str, Path]:
+    """Where each output of an edit goes in ``directory``."""
+    return {key: Path(directory) / name for key, name in OUTPUT_FILES.items()}
 
 
-def oracle_gap(after: dict, oracle: dict) -> dict[str, float]:
-    """``|after − oracle|`` on every scalar metric, and their mean (``mean``)."""
-    gap = {k: abs(v - oracle[k]) for k, v in scalar_metrics(after).items() if k in oracle}
-    finite = [v for v in gap.values() if math.isfinite(v)]
-    gap["mean"] = sum(finite) / len(finite) if finite else float("nan")
-    return gap
+def refuse_existing(directory: str | Path, *, force: bool) -> None:
+    """Existing outputs are replaced only with ``force``."""
+    existing = [p for p in output_paths(directory).values() if p.exists()]
+    if existing and not force:
+        raise GifError(
+            f"{existing[0]}: already exists; pass --force to overwrite the outputs "
+            f"in {directory} or set output.dir"
+        )
 
 
 def write_outputs(
-    *, paths: dict[str, Path], report: dict, model: nn.Module, mask: dict, config: Config
-) -> None:
-    """Write every output of an edit; fills ``report['checkpoint']['output_sha256']``."""
+    result: EditResult,
+    directory: str | Path,
+    *,
+    config: Config | None = None,
+    force: bool = False,
+) -> dict:
+    """Write an edit's outputs into ``directory``: the edited model, its mask, report.json,
+    report.md, the resolved config (``config``, else the edit's settings) and the sweep plot.
+
+    Returns the report as written (``checkpoint.output`` and ``output_sha256`` filled in).
+    """
+    refuse_existing(directory, force=force)
+    paths = output_paths(directory)
+    report = result.report
+    settings_yaml = config.to_yaml() if config is not None else _settings_yaml(result)
     metadata = checkpoint_metadata(
-        task=report["task"],
-        config_yaml=config.to_yaml(),
-        input_sha256=report["checkpoint"]["input_sha256"],
-        method=report["method"],
+        task=report.task,
+        config_yaml=settings_yaml,
+        input_sha256=report.checkpoint.input_sha256,
+        method=report.method,
+        removal=result.task.description,
     )
-    save_checkpoint(paths["model"], model.state_dict(), metadata)
-    report["checkpoint"]["output_sha256"] = sha256_file(paths["model"])
-    save_mask(paths["mask"], mask, metadata=mask_metadata(report["task"], config))
-    if report["update"]["sweep"]:
-        write_with(paths["plot"], lambda tmp: plot_sweep(report, tmp))
-    write_text(paths["config"], config.to_yaml())
-    write_text(paths["markdown"], markdown(report))
-    write_json(paths["report"], report)
+    save_checkpoint(paths["model"], result.model.state_dict(), metadata)
+    report.checkpoint.output = str(paths["model"])
+    report.checkpoint.output_sha256 = sha256_file(paths["model"])
+    as_dict = report.to_dict()
+    save_mask(
+        paths["mask"],
+        result.mask,
+        metadata=mask_metadata(report.task, result.settings.selection, settings_yaml),
+    )
+    if as_dict["update"]["sweep"]:
+        write_with(paths["plot"], lambda tmp: plot_sweep(as_dict, tmp))
+    write_text(paths["config"], settings_yaml)
+    write_text(paths["markdown"], markdown(as_dict))
+    write_json(paths["report"], as_dict)
+    return as_dict
 
 
-def mask_metadata(task: str, config: Config) -> dict[str, str]:
+def _settings_yaml(result: EditResult) -> str:
+    return yaml.safe_dump(dataclasses.asdict(result.settings), sort_keys=False)
+
+
+def mask_metadata(task: str, selection: SelectionConfig, config_yaml: str) -> dict[str, str]:
     """A mask file's metadata: the task, the selection and the resolved config."""
     return {
         "task": task,
-        "selection": config.selection.method,
-        "ratio": str(config.selection.ratio),
-        "config": config.to_yaml(),
+        "selection": selection.method,
+        "ratio": str(selection.ratio),
+        "config": config_yaml,
     }
 
 

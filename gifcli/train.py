@@ -25,7 +25,6 @@ from gifcli.data import TensorSplit
 from gifcli.errors import GifError
 from gifcli.metrics import classification_metrics
 from gifcli.progress import ProgressFactory, silent
-from gifcli.tasks import retrain_split, task_of
 
 
 def train_model(
@@ -105,7 +104,8 @@ def run_train(
     refuse_overwrite(list(paths.values()), force)
     started = time.perf_counter()
     ctx = prepare(config)
-    train = retrain_split(ctx) if retrain else ctx.data.train
+    task = ctx.task()
+    train = task.retrain_split(ctx.data) if retrain else ctx.data.train
     with progress("train", config.train.epochs) as advance:
         model = train_model(
             ctx.new_model(),
@@ -118,7 +118,7 @@ def run_train(
     seconds = time.perf_counter() - started
     report = {
         "task": "retrain" if retrain else "train",
-        "oracle_for": task_of(config) if retrain else None,
+        "oracle_for": task.name if retrain else None,
         "train_samples": len(train),
         "epochs": config.train.epochs,
         "seconds": seconds,

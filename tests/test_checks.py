@@ -15,13 +15,13 @@ from gifcli.checks import (
     edit_report_schema,
     evaluate_checks,
     evaluate_report_schema,
-    format_value,
     parse_check,
     validate_checks,
 )
 from gifcli.cli.main import app
+from gifcli.records import format_value
 from gifcli.report import checks_markdown
-from gifcli.tasks import RECOVER_BACKDOOR, REMOVE_CLASS
+from gifcli.tasks import RecoverBackdoor, RemoveClass
 from tests.conftest import DIGITS
 
 EDIT_REPORT = {
@@ -189,7 +189,7 @@ def test_malformed_checks_are_rejected(text, message):
 
 
 def validate(text, schema=None):
-    schema = schema or edit_report_schema(REMOVE_CLASS, oracle=False)
+    schema = schema or edit_report_schema(RemoveClass.metric_keys, oracle=False)
     validate_checks([parse_check(text)], schema)
 
 
@@ -244,13 +244,13 @@ def test_unknown_paths_and_kinds_fail_validation(text, message):
 
 
 def test_schemas_follow_task_and_oracle():
-    backdoor = edit_report_schema(RECOVER_BACKDOOR, oracle=True)
+    backdoor = edit_report_schema(RecoverBackdoor.metric_keys, oracle=True)
     validate("after.asr_test<=5", backdoor)
     validate("gap.mean<=2", backdoor)
     validate("oracle.robust_acc_test>=90", backdoor)
-    validate("acc_test>=90", evaluate_report_schema(REMOVE_CLASS))
+    validate("acc_test>=90", evaluate_report_schema(RemoveClass.metric_keys))
     with pytest.raises(CheckError, match="nor its metrics have 'before'"):
-        validate("before.acc_test>=90", evaluate_report_schema(REMOVE_CLASS))
+        validate("before.acc_test>=90", evaluate_report_schema(RemoveClass.metric_keys))
 
 
 # -- after a run: what the schema cannot know ------------------------------------------------------
@@ -449,5 +449,5 @@ def test_failed_check_exits_3_with_outputs_written(runner, tmp_path, digits_base
     assert "1 of 4 checks failed" in result.stderr
     assert "step search" not in result.output, "no progress bars when not a terminal"
     assert "\x1b[" not in result.output
-    schema = edit_report_schema(REMOVE_CLASS, oracle=True)
+    schema = edit_report_schema(RemoveClass.metric_keys, oracle=True)
     assert_report_matches_schema({k: v for k, v in report.items() if k != "checks"}, schema)

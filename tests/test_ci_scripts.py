@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gifcli.checks import edit_report_schema
-from gifcli.tasks import RECOVER_BACKDOOR, REMOVE_CLASS
+from gifcli.tasks import RecoverBackdoor, RemoveClass
 from tests.conftest import ROOT
 from tests.test_checks import assert_report_matches_schema
 
@@ -115,7 +115,7 @@ def test_unlearn_class_trains_gates_and_keeps_artefacts(tmp_path):
     assert lenient.returncode == 0, lenient.stdout + lenient.stderr
     assert base.exists() and oracle.exists() and outputs_written(out)
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == REMOVE_CLASS and report["removal"]["description"] == "classes [5]"
+    assert report["task"] == RemoveClass.name and report["removal"]["description"] == "classes [5]"
     assert [c["expression"] for c in report["checks"]] == [
         "after.forget_acc_test<=100",
         "after.retain_acc_test>=before.retain_acc_test-100",
@@ -127,7 +127,7 @@ def test_unlearn_class_trains_gates_and_keeps_artefacts(tmp_path):
     assert "\x1b[" not in lenient.stdout + lenient.stderr, "plain text when not a terminal"
     assert_report_matches_schema(
         {k: v for k, v in report.items() if k != "checks"},
-        edit_report_schema(REMOVE_CLASS, oracle=True),
+        edit_report_schema(RemoveClass.metric_keys, oracle=True),
     )
 
     base_bytes = base.read_bytes()
@@ -154,7 +154,7 @@ def test_repair_backdoor_trains_gates_and_keeps_artefacts(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert base.exists() and outputs_written(out)
     report = json.loads((out / "report.json").read_text())
-    assert report["task"] == RECOVER_BACKDOOR
+    assert report["task"] == RecoverBackdoor.name
     assert [c["expression"] for c in report["checks"]] == [
         "after.asr_test<=100",
         "after.clean_acc_test>=before.clean_acc_test-100",
@@ -165,5 +165,5 @@ def test_repair_backdoor_trains_gates_and_keeps_artefacts(tmp_path):
     assert "\x1b[" not in result.stdout + result.stderr
     assert_report_matches_schema(
         {k: v for k, v in report.items() if k != "checks"},
-        edit_report_schema(RECOVER_BACKDOOR, oracle=False),
+        edit_report_schema(RecoverBackdoor.metric_keys, oracle=False),
     )

@@ -29,10 +29,10 @@ from gifcli.device import resolve_device
 from gifcli.errors import GifError
 from gifcli.influence import CurvatureOperator, removal_gradient
 from gifcli.report import OUTPUT_FILES
+from gifcli.runs import run_edit
 from gifcli.selection import select_targets
-from gifcli.tasks import REMOVE_CLASS
+from gifcli.tasks import RemoveClass
 from gifcli.train import run_train
-from gifcli.unlearn import run_unlearning
 from tests.conftest import DIGITS
 
 TORCHRUN_ENV = (
@@ -240,8 +240,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, quick_base):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_unlearning(
-            config=load_config(DIGITS, [*overrides, f"output.dir={one}"]), task=REMOVE_CLASS
+        run_edit(
+            config=load_config(DIGITS, [*overrides, f"output.dir={one}"]), command=RemoveClass.name
         )
     finally:
         torch.set_num_threads(threads)
@@ -302,7 +302,7 @@ def test_cuda_edit_matches_cpu_and_writes_cpu_tensors(tmp_path, quick_base):
                 f"output.dir={tmp_path / device}",
             ],
         )
-        reports[device] = run_unlearning(config=config, task=REMOVE_CLASS)
+        reports[device] = run_edit(config=config, command=RemoveClass.name)
     cpu, cuda = reports["cpu"], reports["cuda"]
     # Not to rounding: cuDNN may run the convolutions in TF32.
     assert relative(cpu["update"]["raw_norm"], cuda["update"]["raw_norm"]) < 0.05

@@ -9,11 +9,11 @@ from gifcli.metrics import (
     forget_retain,
     harmonic_mean,
     mia_efficacy,
+    oracle_gap,
     per_class_accuracy,
     predict,
     remove_class_metrics,
 )
-from gifcli.report import oracle_gap
 
 
 class Fixed(nn.Module):

@@ -22,21 +22,31 @@ from gifcli.checks import (
     CheckError,
     edit_report_schema,
     failed_checks,
-    format_value,
     parse_checks,
     validate_checks,
 )
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError
+from gifcli.records import format_value
 from gifcli.report import format_cell, metrics_rows
-from gifcli.unlearn import run_unlearning
+from gifcli.runs import run_edit as run_edit_command
+from gifcli.tasks import task_type
 
 # Rich prints plain text without escape codes when stderr is not a terminal, and honours
-# NO_COLOR and FORCE_COLOR. Under torchrun only rank 0 prints; the other ranks speak up only
-# to report an error (it may be theirs alone), naming their rank.
-console = Console(stderr=True, quiet=not distributed.is_main())
-error_console = console if distributed.is_main() else Console(stderr=True)
-ERROR_PREFIX = "error:" if distributed.is_main() else f"error (rank {distributed.rank()}):"
+# NO_COLOR and FORCE_COLOR. Under torchrun only rank 0 prints (``speak_for_rank``); the other
+# ranks speak up only to report an error (it may be theirs alone), naming their rank.
+console = Console(stderr=True)
+error_console = Console(stderr=True)
+
+
+def speak_for_rank() -> None:
+    """Quiet every rank but rank 0 (called as each command starts, not at import)."""
+    console.quiet = not distributed.is_main()
+
+
+def error_prefix() -> str:
+    return "error:" if distributed.is_main() else f"error (rank {distributed.rank()}):"
+
 
 EXIT_CODES = (
     "Exit codes: 0 success, every --check holds; 1 a problem with the inputs or the "
@@ -77,21 +87,20 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        speak_for_rank()
         try:
-            result = command(*args, **kwargs)
-        except typer.Exit:  # a verdict (--check) that every torchrun rank reached alike
-            distributed.finish()
-            raise
+            return command(*args, **kwargs)
         except GifError as exc:
             error_console.print(
-                f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False, markup=True, soft_wrap=True
+                f"[bold red]{error_prefix()}[/] {escape(str(exc))}",
+                highlight=False,
+                markup=True,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
-        distributed.finish()
-        return result
 
     return wrapper
 
@@ -229,13 +238,13 @@ def run_edit(
     checks: list[str] | None,
     quiet: bool,
 ) -> None:
-    """The shared body of ``remove-class`` and ``recover-backdoor``: validate the checks, run
-    the edit, print the report, and exit by the checks' verdict."""
-    schema = edit_report_schema(task, oracle=oracle is not None)
+    """The shared body of the edit commands: validate the checks, run the edit, print the
+    report, and exit by the checks' verdict."""
+    schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
     gates = parse_check_options(checks, schema)
-    report = run_unlearning(
+    report = run_edit_command(
         config=config,
-        task=task,
+        command=task,
         mask_path=mask,
         oracle=oracle,
         force=force,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from gifcli.checks import evaluate_checks, evaluate_report_schema
+from gifcli.checks import evaluate_report_schema
 from gifcli.cli.common import (
     CHECK_OPT,
     CONFIG_ARG,
@@ -22,7 +22,8 @@ from gifcli.cli.common import (
     print_json,
     read_config,
 )
-from gifcli.tasks import evaluate_checkpoint, task_of
+from gifcli.runs import run_evaluate
+from gifcli.tasks import described_task
 
 EPILOG = """Example:
 
@@ -49,9 +50,8 @@ def evaluate(
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
-    gates = parse_check_options(checks, evaluate_report_schema(task_of(cfg)))
-    report = evaluate_checkpoint(config=cfg, checkpoint=checkpoint)
-    report["checks"] = evaluate_checks(gates, report)
+    gates = parse_check_options(checks, evaluate_report_schema(described_task(cfg).metric_keys))
+    report = run_evaluate(config=cfg, checkpoint=checkpoint, checks=gates)
     if json_output:
         print_json(report)
     elif not quiet:

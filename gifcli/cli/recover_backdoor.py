@@ -20,7 +20,7 @@ from gifcli.cli.common import (
     read_config,
     run_edit,
 )
-from gifcli.tasks import RECOVER_BACKDOOR
+from gifcli.tasks import RecoverBackdoor
 
 EPILOG = """Examples:
 
@@ -53,7 +53,7 @@ def recover_backdoor(
     """
     cfg = read_config(config, overrides)
     run_edit(
-        task=RECOVER_BACKDOOR,
+        task=RecoverBackdoor.name,
         config=cfg,
         mask=mask,
         oracle=oracle,

@@ -20,7 +20,7 @@ from gifcli.cli.common import (
     read_config,
     run_edit,
 )
-from gifcli.tasks import REMOVE_CLASS
+from gifcli.tasks import RemoveClass
 
 EPILOG = """Examples:
 
@@ -53,7 +53,7 @@ def remove_class(
     extra = [f"removal.classes={list(classes)}"] if classes else []
     cfg = read_config(config, [*(overrides or []), *extra])
     run_edit(
-        task=REMOVE_CLASS,
+        task=RemoveClass.name,
         config=cfg,
         mask=mask,
         oracle=oracle,

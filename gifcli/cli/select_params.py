@@ -17,7 +17,7 @@ from gifcli.cli.common import (
     print_json,
     read_config,
 )
-from gifcli.unlearn import select_params as run_select
+from gifcli.runs import run_select
 
 EPILOG = """Examples:
 

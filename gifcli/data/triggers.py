@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gifcli.config import PoisonConfig
+from gifcli.config import PoisonConfig, TriggerConfig
 from gifcli.errors import GifError
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class Poisoning:
 
 def apply_trigger(
     x_normalised: Tensor,
-    trigger: PoisonConfig,
+    trigger: TriggerConfig,
     *,
     mean: Sequence[float] | Tensor,
     std: Sequence[float] | Tensor,
@@ -132,7 +132,7 @@ def poison_split(
 
 
 def blend_image(
-    trigger: PoisonConfig, *, channels: int, height: int, width: int, key: str = "data.poison"
+    trigger: TriggerConfig, *, channels: int, height: int, width: int, key: str = "data.poison"
 ) -> Tensor:
     """The blend trigger's image as float32 [1, C, H, W] in [0, 1] (cached; do not modify)."""
     if not trigger.image:
@@ -174,7 +174,7 @@ def _checkerboard_mask(height: int, width: int, device: torch.device) -> Tensor:
 
 
 def _patch_mask(
-    height: int, width: int, trigger: PoisonConfig, key: str, device: torch.device
+    height: int, width: int, trigger: TriggerConfig, key: str, device: torch.device
 ) -> Tensor:
     size = trigger.size
     if size > min(height, width):

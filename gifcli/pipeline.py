@@ -1,0 +1,363 @@
+"""The edit, in memory: ``edit(model, task, data, settings)`` -> ``EditResult``.
+
+removal set (the task's) -> target mask -> estimator (a solver over HVPs) -> step search on
+the validation split -> edited model -> metrics -> report. Nothing here reads or writes a
+file: ``gifcli.runs`` loads a config's model and data and writes the outputs
+(``gifcli.report.write_outputs``). See docs/design.md, "Pipeline".
+
+Under ``torchrun`` the caller joins the process group (``distributed.process_group``); each
+rank then takes its share of the removal set and of the Hessian sample, and every sum over
+them is all-reduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gifcli import distributed
+from gifcli.config import (
+    TARGETED_METHODS,
+    Config,
+    InfluenceConfig,
+    SelectionConfig,
+    UpdateConfig,
+)
+from gifcli.data import DataSplits, TensorSplit
+from gifcli.errors import GifError, ParameterError
+from gifcli.influence.estimators import estimate_update, removal_gradient
+from gifcli.influence.hvp import CurvatureOperator, flatten_params
+from gifcli.influence.solvers import SolveResult
+from gifcli.metrics import oracle_gap
+from gifcli.progress import ProgressFactory, silent
+from gifcli.records import (
+    EditReport,
+    MetricsRecord,
+    ParamsRecord,
+    RemovalRecord,
+    SelectionRecord,
+    SolverRecord,
+    UpdateRecord,
+)
+from gifcli.selection import Selection, check_mask, mask_to_flat, select_targets
+from gifcli.tasks import RemovalSet, Task
+from gifcli.update import SweepPoint, assign_flat, scale_grid, search_scale, updated
+
+
+@dataclass
+class Settings:
+    """How an edit is made: the config's ``seed``, ``selection``, ``influence`` and ``update``
+    sections (the same dataclasses, the same defaults and validation)."""
+
+    seed: int = 0
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        return cls(
+            seed=config.seed,
+            selection=config.selection,
+            influence=config.influence,
+            update=config.update,
+        )
+
+    def problems(self) -> list[str]:
+        return self.selection.problems() + self.influence.problems() + self.update.problems()
+
+
+@dataclass
+class EditResult:
+    """An edit: the edited ``model``, the raw update ``Δ`` (flat, the trainable parameters in
+    ``named_parameters()`` order, zero outside the target mask for targeted methods), the
+    chosen step ``scale`` (the edit is ``θ̂ + scale·Δ``), the target ``mask`` (one bool tensor
+    per trainable parameter, CPU), the solve record, the validation sweep and the report."""
+
+    model: nn.Module
+    task: Task
+    settings: Settings
+    update: torch.Tensor
+    scale: float
+    mask: dict[str, torch.Tensor]
+    solve: SolveResult
+    sweep: list[SweepPoint]
+    report: EditReport
+
+
+def edit(
+    model: nn.Module,
+    task: Task,
+    data: DataSplits,
+    settings: Settings | None = None,
+    *,
+    mask: dict[str, torch.Tensor] | None = None,
+    oracle: nn.Module | None = None,
+    progress: ProgressFactory = silent,
+    inplace: bool = False,
+) -> EditResult:
+    """Make ``model`` forget ``task``'s removal set on ``data``; nothing is written.
+
+    Args:
+        model: the trained classifier, on the device to compute on.
+        task: a ``Task`` (``RemoveClass``, ``RecoverBackdoor``).
+        data: its training, validation and test splits (``DataSplits.from_tensors``).
+        settings: selection, estimator and step settings (default: the config defaults).
+        mask: a target mask (as saved by ``gif select-params``) instead of selecting anew.
+        oracle: the retrained model, to report its metrics and the gap to it.
+        progress: a progress hook (``gifcli.progress``); silent by default.
+        inplace: edit ``model`` itself instead of a copy of it.
+    """
+    settings = settings or Settings()
+    _validate(settings)
+    started = time.perf_counter()
+    timing: dict[str, float] = {}
+    device = next(model.parameters()).device
+    if settings.update.scale == "auto" and len(data.val) == 0:
+        raise ParameterError(
+            "data.val_fraction",
+            "update.scale auto searches the step on the validation split, which is empty; "
+            "hold out a validation split or give a numeric update.scale",
+        )
+    model = (model if inplace else copy.deepcopy(model)).eval()
+    removal = task.removal_set(data, device=device)
+    influence = settings.influence
+
+    clock = time.perf_counter()
+    selection = target_selection(model, removal, settings, mask=mask, device=device)
+    target = mask_to_flat(model, selection.mask).to(device)
+    timing["selection_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
+    delta, solve = estimate(model, removal, sample, target, influence, progress)
+    timing["solve_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    theta = flatten_params(model)
+    delta_norm, target_norm = float(delta.norm()), float(theta[target].norm())
+    scale, sweep = step_scale(model, theta, delta, target, removal, settings.update, progress)
+    timing["sweep_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics = MetricsRecord(
+        before=task.metrics(model, data, device=device, seed=settings.seed), after={}
+    )
+    new_theta = updated(theta, delta, target, scale)
+    assign_flat(model, new_theta)
+    metrics.after = task.metrics(model, data, device=device, seed=settings.seed)
+    if oracle is not None:
+        metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=settings.seed)
+        metrics.gap = oracle_gap(metrics.after, metrics.oracle)
+    timing["metrics_seconds"] = time.perf_counter() - clock
+    timing["total_seconds"] = time.perf_counter() - started
+
+    changed = int((new_theta != theta).sum())
+    report = EditReport(
+        task=task.name,
+        method=influence.method,
+        removal=RemovalRecord(
+            description=removal.description,
+            samples=len(removal.x),
+            train_samples=removal.n_train,
+            hessian_samples=len(sample),
+        ),
+        selection=SelectionRecord(
+            method=settings.selection.method,
+            ratio=settings.selection.ratio,
+            mask=None,
+            targets=int(target.sum()),
+            units=selection.units,
+        ),
+        params=ParamsRecord(total=theta.numel(), changed=changed, fraction=changed / theta.numel()),
+        solver=solver_record(solve, influence),
+        update=UpdateRecord(
+            scale=scale,
+            chosen_by="validation" if sweep else "config",
+            norm=scale * delta_norm,
+            raw_norm=delta_norm,
+            relative_norm=scale * delta_norm / target_norm if target_norm else None,
+            sweep=[point.to_dict() for point in sweep],
+        ),
+        metrics=metrics,
+        timing=timing,
+    )
+    return EditResult(
+        model=model,
+        task=task,
+        settings=settings,
+        update=delta,
+        scale=scale,
+        mask=selection.mask,
+        solve=solve,
+        sweep=sweep,
+        report=report,
+    )
+
+
+def solver_record(solve: SolveResult, influence: InfluenceConfig) -> SolverRecord:
+    """The solve's diagnostics beside the curvature and damping it used."""
+    diagnostics = solve.to_dict()
+    name = diagnostics.pop("solver")
+    return SolverRecord(
+        name=name, curvature=influence.curvature, damping=influence.damping, **diagnostics
+    )
+
+
+def _validate(settings: Settings) -> None:
+    problems = settings.problems()
+    if problems:
+        raise GifError("settings: " + "; ".join(problems))
+
+
+def select(
+    model: nn.Module, removal: RemovalSet, settings: Settings, *, device: torch.device
+) -> Selection:
+    """The target parameters from this rank's share of the removal set (statistics
+    all-reduced across ranks under torchrun)."""
+    mine = distributed.shard(len(removal.x))
+    chosen = settings.selection
+    return select_targets(
+        model,
+        removal.x[mine],
+        removal.y[mine],
+        method=chosen.method,
+        ratio=chosen.ratio,
+        include=chosen.include,
+        exclude=chosen.exclude,
+        seed=settings.seed,
+        batch_size=settings.influence.batch_size,
+        device=device,
+        reduce=distributed.all_reduce_sum,
+    )
+
+
+def target_selection(
+    model: nn.Module,
+    removal: RemovalSet,
+    settings: Settings,
+    *,
+    mask: dict[str, torch.Tensor] | None,
+    device: torch.device,
+) -> Selection:
+    """Every parameter for ``if``/``sif``; else the given mask, or a selection made anew."""
+    if settings.influence.method not in TARGETED_METHODS:
+        return Selection(
+            mask={
+                name: torch.ones_like(p, dtype=torch.bool, device="cpu")
+                for name, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
+    if mask is not None:
+        check_mask(model, mask, source="mask")
+        return Selection(mask=mask)
+    return select(model, removal, settings, device=device)
+
+
+def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
+    """A seeded random subset of ``size`` retained training points (all when fewer)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(retained), generator=generator)[:size]
+    return retained.subset(order.sort().values)
+
+
+def estimate(
+    model: nn.Module,
+    removal: RemovalSet,
+    sample: TensorSplit,
+    target: torch.Tensor,
+    influence: InfluenceConfig,
+    progress: ProgressFactory,
+) -> tuple[torch.Tensor, SolveResult]:
+    """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve.
+
+    Each rank streams its share of the Hessian sample and of the removal set; the engine
+    all-reduces every product and gradient.
+    """
+    mine = distributed.shard(len(removal.x))
+    local = sample.subset(distributed.shard(len(sample)))
+
+    def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
+        return CurvatureOperator(
+            model=model,
+            x=x,
+            y=y,
+            batch_size=influence.batch_size,
+            curvature=influence.curvature,
+            cache_bytes=influence.cache_mb << 20,
+        )
+
+    try:
+        with progress("removal gradient", 1) as advance:
+            gradient = removal_gradient(
+                model,
+                removal_x=removal.x[mine],
+                removal_y=removal.y[mine],
+                n_train=removal.n_train,
+                batch_size=influence.batch_size,
+                true_labels=None if removal.true_y is None else removal.true_y[mine],
+                removal_size=len(removal.x),
+            )
+            advance(1)
+        removal_operator = (
+            curvature(removal.x[mine], removal.y[mine]) if influence.method == "sif" else None
+        )
+        with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
+            delta, solve = estimate_update(
+                method=influence.method,
+                operator=curvature(local.x, local.y),
+                gradient=gradient,
+                target_flat=target,
+                solver=influence.solver,
+                damping=influence.damping,
+                max_iter=influence.max_iter,
+                tol=influence.tol,
+                removal_operator=removal_operator,
+                removal_fraction=len(removal.x) / removal.n_train,
+                progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"),
+            )
+    except ParameterError as exc:
+        raise exc.under(f"influence.{exc.parameter}") from None
+    if not torch.isfinite(delta).all():
+        raise GifError(
+            f"influence.solver: the {influence.solver} solve produced NaN/Inf "
+            f"({solve.message}); increase influence.damping or lower "
+            f"influence.max_iter"
+        )
+    return delta, solve
+
+
+def step_scale(
+    model: nn.Module,
+    theta: torch.Tensor,
+    delta: torch.Tensor,
+    target: torch.Tensor,
+    removal: RemovalSet,
+    update: UpdateConfig,
+    progress: ProgressFactory,
+) -> tuple[float, list[SweepPoint]]:
+    """``update.scale``, or the best scale on the validation split (and the sweep)."""
+    if update.scale != "auto":
+        return float(update.scale), []
+    grid = scale_grid(
+        delta_norm=float(delta.norm()),
+        target_norm=float(theta[target].norm()),
+        points=update.grid_points,
+        smallest=update.grid_min,
+        largest=update.grid_max,
+    )
+    with progress("step search", len(grid)) as advance:
+        return search_scale(
+            model,
+            theta=theta,
+            delta=delta,
+            target=target,
+            grid=grid,
+            objective=removal.objective,
+            advance=advance,
+        )

@@ -1,0 +1,150 @@
+"""The reports, as dataclasses: what an edit, an evaluation and a selection record.
+
+``report.json`` is ``asdict`` of these; the ``--check`` schema is derived from their fields
+(``gifcli.checks``), so a report path a check names exists exactly when the report has it.
+Metric groups are plain mappings whose keys the task defines (``Task.metric_keys``).
+See docs/design.md, "Report".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+Metrics = dict[str, Any]
+"""A task's metrics in percent: ``metric_keys`` -> float, ``per_class_acc_test`` -> list."""
+
+
+@dataclass
+class RemovalRecord:
+    """The removal set ``U``: what it is, ``m`` (samples), ``n`` (train_samples) and the size
+    of the Hessian sample the curvature was taken over."""
+
+    description: str
+    samples: int
+    train_samples: int
+    hessian_samples: int
+
+
+@dataclass
+class SelectionRecord:
+    """The target parameters: how they were chosen (or the mask file), their count, and the
+    number of whole units (rows) taken per layer."""
+
+    method: str
+    ratio: float
+    mask: str | None
+    targets: int
+    units: dict[str, list[int]] | None = None
+
+
+@dataclass
+class ParamsRecord:
+    """Parameters in the model, those the edit changed, and their fraction."""
+
+    total: int
+    changed: int
+    fraction: float
+
+
+@dataclass
+class SolverRecord:
+    """The curvature solve (``name`` is ``none`` for first-order): its settings and diagnostics."""
+
+    name: str
+    curvature: str
+    damping: float
+    iterations: int
+    hvps: int
+    relative_residual: float
+    normal_residual: float
+    converged: bool
+    seconds: float
+    residual_history: list[float] = field(default_factory=list)
+    normal_history: list[float] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class UpdateRecord:
+    """The step: its scale ``s``, how it was chosen, the norms of ``s·Δ`` and ``Δ``, ``|s·Δ|``
+    relative to the target parameters' norm, and the validation sweep (one mapping a point)."""
+
+    scale: float
+    chosen_by: str
+    norm: float
+    raw_norm: float
+    relative_norm: float | None
+    sweep: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class MetricsRecord:
+    """The task's metrics before and after the edit; with an oracle, its metrics and the
+    absolute gap of ``after`` to it on every scalar metric (and their ``mean``)."""
+
+    before: Metrics
+    after: Metrics
+    oracle: Metrics | None = None
+    gap: dict[str, float] | None = None
+
+
+@dataclass
+class CheckpointRecord:
+    """The input checkpoint and the written model, by path and sha256 (None in memory)."""
+
+    input: str | None = None
+    input_sha256: str | None = None
+    output: str | None = None
+    output_sha256: str | None = None
+
+
+@dataclass
+class EditReport:
+    """The report of one edit (``gif remove-class``, ``gif recover-backdoor``, ``gifcli.edit``)."""
+
+    task: str
+    method: str
+    removal: RemovalRecord
+    selection: SelectionRecord
+    params: ParamsRecord
+    solver: SolverRecord
+    update: UpdateRecord
+    metrics: MetricsRecord
+    timing: dict[str, float] = field(default_factory=dict)
+    checkpoint: CheckpointRecord = field(default_factory=CheckpointRecord)
+    checks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        report = dataclasses.asdict(self)
+        for group in ("oracle", "gap"):  # absent without an oracle, as a check expects
+            if report["metrics"][group] is None:
+                del report["metrics"][group]
+        return report
+
+
+@dataclass
+class EvaluateReport:
+    """``gif evaluate``: one checkpoint's metrics for a task."""
+
+    task: str
+    checkpoint: str
+    sha256: str
+    removal: str
+    metrics: Metrics
+    notes: list[str] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def format_value(value: Any) -> str:
+    """A check's value as it would be written in a check: true/false, integers as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return "n/a" if value is None else str(value)

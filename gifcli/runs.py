@@ -1,0 +1,123 @@
+"""Runs from a config: load the model and data a config names, run the library, write files.
+
+These are the bodies of the commands without their printing: ``run_edit`` (``gif
+remove-class``, ``gif recover-backdoor``), ``run_select`` (``gif select-params``) and
+``run_evaluate`` (``gif evaluate``). Each checks what can be checked before the first
+expensive step: the task the config describes, the output folder, the oracle checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gifcli import distributed
+from gifcli.checkpoint import check_writable, sha256_file
+from gifcli.checks import Check, evaluate_checks
+from gifcli.config import Config
+from gifcli.context import prepare
+from gifcli.errors import GifError
+from gifcli.pipeline import Settings, edit, select
+from gifcli.progress import ProgressFactory, silent
+from gifcli.records import CheckpointRecord, EvaluateReport
+from gifcli.report import mask_metadata, output_paths, refuse_existing, write_outputs
+from gifcli.selection import load_mask, save_mask, summarize_mask
+from gifcli.tasks import check_task
+
+
+def run_edit(
+    *,
+    config: Config,
+    command: str,
+    mask_path: Path | None = None,
+    oracle: Path | None = None,
+    force: bool = False,
+    progress: ProgressFactory = silent,
+    checks: Sequence[Check] = (),
+) -> dict:
+    """Edit ``config.checkpoint`` for the task of ``command`` (which the config must
+    describe), write the outputs into ``output.dir`` and return the report, with the result of
+    each of ``checks`` under ``checks``."""
+    task_type = check_task(config, command)
+    check_writable(config.output.dir)
+    refuse_existing(config.output.dir, force=force)
+    ctx = prepare(config)
+    task = task_type.from_config(config, ctx.data)
+    model = ctx.load_model()
+    oracle_model = ctx.load_model(oracle) if oracle is not None else None
+    mask = load_mask(mask_path, model) if mask_path is not None else None
+    input_sha = sha256_file(config.checkpoint)
+    with distributed.process_group(ctx.device):
+        result = edit(
+            model,
+            task,
+            ctx.data,
+            Settings.from_config(config),
+            mask=mask,
+            oracle=oracle_model,
+            progress=progress,
+            inplace=True,
+        )
+        result.report.selection.mask = str(mask_path) if mask_path else None
+        result.report.checkpoint = CheckpointRecord(
+            input=str(config.checkpoint),
+            input_sha256=input_sha,
+            output=str(output_paths(config.output.dir)["model"]),
+        )
+        result.report.checks = evaluate_checks(checks, result.report.to_dict())
+        if distributed.is_main():  # every rank holds the same edit; one writes it
+            return write_outputs(result, config.output.dir, config=config, force=force)
+        return result.report.to_dict()
+
+
+def run_select(*, config: Config, output: Path | None = None, force: bool = False) -> dict:
+    """Select the target parameters of the config's task and save the mask (default:
+    ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
+    output = output or output_paths(config.output.dir)["mask"]
+    check_writable(output.parent)
+    if output.exists() and not force:
+        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another path")
+    ctx = prepare(config)
+    task = ctx.task()
+    model = ctx.load_model()
+    settings = Settings.from_config(config)
+    with distributed.process_group(ctx.device):
+        started = time.perf_counter()
+        removal = task.removal_set(ctx.data, device=ctx.device)
+        selection = select(model, removal, settings, device=ctx.device)
+        seconds = time.perf_counter() - started
+        if distributed.is_main():
+            metadata = mask_metadata(task.name, config.selection, config.to_yaml())
+            save_mask(output, selection.mask, metadata=metadata)
+    layers = summarize_mask(model, selection.mask, selection.units)
+    selected = sum(row["selected"] for row in layers)
+    total = sum(row["parameters"] for row in layers)
+    return {
+        "task": task.name,
+        "removal": task.description,
+        "selection": {"method": config.selection.method, "ratio": config.selection.ratio},
+        "mask": str(output),
+        "selected": selected,
+        "parameters": total,
+        "fraction": selected / total,
+        "seconds": seconds,
+        "layers": layers,
+    }
+
+
+def run_evaluate(*, config: Config, checkpoint: Path, checks: Sequence[Check] = ()) -> dict:
+    """Overall and per-class test accuracy of ``checkpoint`` and the metrics of the config's
+    task, with the result of each of ``checks``."""
+    ctx = prepare(config)
+    model = ctx.load_model(checkpoint)
+    task = ctx.task()
+    report = EvaluateReport(
+        task=task.name,
+        checkpoint=str(checkpoint),
+        sha256=sha256_file(checkpoint),
+        removal=task.description,
+        metrics=task.metrics(model, ctx.data, device=ctx.device, seed=config.seed),
+    )
+    report.checks = evaluate_checks(checks, report.to_dict())
+    return report.to_dict()

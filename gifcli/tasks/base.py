@@ -1,0 +1,85 @@
+"""What every unlearning task provides: the ``Task`` interface and the ``RemovalSet``.
+
+A task answers every question the pipeline would otherwise ask by name: which training
+points are removed (and, for a backdoor, re-added with which labels), which retained points a
+Hessian sample is drawn from, how the edit is judged on the validation split, which metrics it
+reports, and what the retrain oracle trains on. The pipeline (``gifcli.pipeline``), the CLI and
+``gif train --retrain`` only call these methods. See docs/design.md, "Tasks".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from gifcli.data import DataSplits, TensorSplit
+
+if TYPE_CHECKING:
+    from gifcli.config import Config
+
+Objective = Callable[[nn.Module], tuple[float, dict]]
+"""``objective(model) -> (value, parts)`` on the validation split; higher is better."""
+
+
+@dataclass
+class RemovalSet:
+    """What a task removes, and how its edit is judged on the validation split.
+
+    ``x``/``y``: the removal set ``U`` with the labels it was trained on (the removal loss and
+    the selection statistics use them); ``true_y``: backdoor only, the labels the points are
+    re-added with. ``n_train``: the size ``n`` of the training set. ``retained``: the points a
+    Hessian sample is drawn from. ``objective``: the step search's validation objective.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    true_y: torch.Tensor | None
+    n_train: int
+    retained: TensorSplit
+    objective: Objective
+    description: str
+
+
+class Task(ABC):
+    """One unlearning job. Subclasses set ``name`` (the command) and ``metric_keys``."""
+
+    name: ClassVar[str]
+    metric_keys: ClassVar[tuple[str, ...]]
+    """The scalar metrics of ``metrics`` (percent); ``per_class_acc_test`` comes besides."""
+    described_by: ClassVar[str]
+    """The config keys that make a config describe this task (for messages)."""
+
+    @classmethod
+    @abstractmethod
+    def describes(cls, config: Config) -> bool:
+        """Whether ``config`` describes this task."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Config, data: DataSplits) -> Task:
+        """The task a config describes, on its loaded data."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """What is removed, in a few words (``classes [3]``)."""
+
+    @abstractmethod
+    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
+        """The removal set and the validation objective on ``data``."""
+
+    @abstractmethod
+    def metrics(
+        self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
+    ) -> dict:
+        """The task's metrics of ``model`` in percent (``metric_keys`` and
+        ``per_class_acc_test``); ``seed`` draws the membership-inference sample."""
+
+    @abstractmethod
+    def retrain_split(self, data: DataSplits) -> TensorSplit:
+        """The training data of the retrain oracle."""

@@ -1,0 +1,230 @@
+"""``recover-backdoor``: remove poisoned samples with their poisoned labels and re-add them
+with their true labels.
+
+The poisoned samples are known (``data.poison``'s scenario, or a file of training indices),
+or only the trigger is: then ``synthetic_samples`` clean training samples are given the trigger
+and treated as poisoned (removed with the target label, re-added with their own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from gifcli.config import TriggerConfig
+from gifcli.data import (
+    DataSplits,
+    TensorSplit,
+    apply_trigger,
+    read_poison_indices,
+    to_split_positions,
+)
+from gifcli.errors import GifError
+from gifcli.metrics import backdoor_metrics, harmonic_mean, percent, predict
+from gifcli.tasks.base import RemovalSet, Task
+
+if TYPE_CHECKING:
+    from gifcli.config import Config
+
+
+@dataclass
+class RecoverBackdoor(Task):
+    """Repair a backdoor whose ``trigger`` flips inputs to ``target``.
+
+    ``poisoned``: positions in the training split of the poisoned samples, ``true_labels``
+    their labels before poisoning. ``val_poisoned``: positions in the validation split of
+    poisoned samples the split put there (a user's own poisoned data); they are left out of
+    every validation measurement. ``synthetic_samples``: instead of the poisoned samples,
+    this many clean training samples (drawn with ``seed``) given the trigger.
+    ``trigger_key``: the config section of the trigger, for messages.
+    Validation objective: the harmonic mean of clean accuracy and robust accuracy (triggered
+    inputs predicted as their true class).
+    """
+
+    trigger: TriggerConfig
+    target: int
+    poisoned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    true_labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    val_poisoned: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    synthetic_samples: int | None = None
+    seed: int = 0
+    trigger_key: str = "removal.trigger"
+
+    name: ClassVar[str] = "recover-backdoor"
+    described_by: ClassVar[str] = "data.poison or removal.poison_indices"
+    metric_keys: ClassVar[tuple[str, ...]] = (
+        "clean_acc_test",
+        "asr_test",
+        "robust_acc_test",
+        "relabel_acc_train",
+        "corrupt_acc_train",
+        "clean_acc_train",
+        "f1",
+        "acc_test",
+    )
+
+    def __post_init__(self) -> None:
+        if len(self.poisoned) == 0 and self.synthetic_samples is None:
+            raise GifError(
+                "poisoned: no poisoned training sample is known; give their positions or "
+                "synthetic_samples (clean samples to trigger)"
+            )
+        if len(self.true_labels) != len(self.poisoned):
+            raise GifError(
+                f"true_labels: {len(self.true_labels)} labels for {len(self.poisoned)} "
+                f"poisoned samples; give one per sample"
+            )
+
+    # -------------------------------------------------------------------------- from a config
+
+    @classmethod
+    def describes(cls, config: Config) -> bool:
+        return config.data.poison is not None or config.removal.poison_indices is not None
+
+    @classmethod
+    def from_config(cls, config: Config, data: DataSplits) -> RecoverBackdoor:
+        trigger = config.removal.trigger or config.data.poison
+        target = config.backdoor_target
+        if trigger is None or target is None:
+            raise GifError(
+                "data.poison: a backdoor task needs the trigger and target; set "
+                "data.poison, or removal.trigger and removal.target"
+            )
+        common = {
+            "trigger": trigger,
+            "target": target,
+            "synthetic_samples": config.removal.synthetic_samples,
+            "seed": config.seed,
+            "trigger_key": "removal.trigger" if config.removal.trigger else "data.poison",
+        }
+        if config.removal.poison_indices:
+            return cls(**common, **_listed_poison(config, data))
+        if data.poison is None:
+            raise GifError(
+                "removal.poison_indices: the poisoned samples are unknown; give a file "
+                "of poisoned training indices or a data.poison scenario"
+            )
+        return cls(**common, poisoned=data.poison.indices, true_labels=data.poison.true_labels)
+
+    # -------------------------------------------------------------------------- the task
+
+    @property
+    def description(self) -> str:
+        if self.synthetic_samples is not None:
+            return f"{self.synthetic_samples} clean samples with the known trigger"
+        return f"{len(self.poisoned)} known poisoned samples"
+
+    def triggered(self, data: DataSplits, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (normalised like ``data``) with the trigger applied."""
+        return apply_trigger(x, self.trigger, mean=data.mean, std=data.std, key=self.trigger_key)
+
+    def triggered_inputs(self, data: DataSplits, split: TensorSplit) -> TensorSplit:
+        """``split``'s samples whose true class is not the target, with the trigger applied,
+        labelled with their true class (ASR and robust accuracy are measured on these)."""
+        keep = split.y != self.target
+        return TensorSplit(x=self.triggered(data, split.x[keep]), y=split.y[keep])
+
+    def clean_mask(self, n_train: int) -> torch.Tensor:
+        clean = torch.ones(n_train, dtype=torch.bool)
+        clean[self.poisoned] = False
+        return clean
+
+    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
+        train = data.train
+        keep = torch.ones(len(data.val), dtype=torch.bool)
+        keep[self.val_poisoned] = False
+        val = data.val.subset(torch.nonzero(keep).squeeze(1))
+        clean = self.clean_mask(len(train))
+        if self.synthetic_samples is None:
+            x, y, true_y = train.x[self.poisoned], train.y[self.poisoned], self.true_labels
+        else:
+            candidates = torch.nonzero(clean & (train.y != self.target)).squeeze(1)
+            generator = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(len(candidates), generator=generator)
+            chosen = candidates[order[: self.synthetic_samples]]
+            x = self.triggered(data, train.x[chosen])
+            y, true_y = torch.full((len(chosen),), self.target), train.y[chosen]
+        triggered_val = self.triggered_inputs(data, val)
+
+        def objective(model: nn.Module) -> tuple[float, dict]:
+            clean_pred, _ = predict(model, val, device=device)
+            triggered_pred, _ = predict(model, triggered_val, device=device)
+            clean_acc = percent(clean_pred == val.y)
+            robust = percent(triggered_pred == triggered_val.y)
+            return harmonic_mean(clean_acc, robust), {
+                "clean_acc_val": clean_acc,
+                "robust_acc_val": robust,
+                "asr_val": percent(triggered_pred == self.target),
+            }
+
+        return RemovalSet(
+            x=x,
+            y=y,
+            true_y=true_y,
+            n_train=len(train),
+            retained=train.subset(torch.nonzero(clean).squeeze(1)),
+            objective=objective,
+            description=self.description,
+        )
+
+    def metrics(
+        self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
+    ) -> dict:
+        return backdoor_metrics(
+            model,
+            test=data.test,
+            triggered_test=self.triggered_inputs(data, data.test),
+            train=data.train,
+            poisoned=self.poisoned,
+            true_labels=self.true_labels,
+            target=self.target,
+            num_classes=data.num_classes,
+            device=device,
+        )
+
+    def retrain_split(self, data: DataSplits) -> TensorSplit:
+        y = data.train.y.clone()
+        y[self.poisoned] = self.true_labels
+        return TensorSplit(x=data.train.x, y=y)
+
+
+def _listed_poison(config: Config, data: DataSplits) -> dict:
+    """Poisoned samples from ``removal.poison_indices``: indices into the data set's full
+    training set (before the validation split), with or without a true-label column."""
+    path = config.removal.poison_indices
+    indices, true_labels = read_poison_indices(
+        path, len(data.train) + len(data.val), num_classes=config.model.num_classes
+    )
+    positions = to_split_positions(indices, data.train_source)
+    in_train = positions >= 0
+    if not in_train.any():
+        raise GifError(
+            f"{path}: every listed sample fell into the validation split; check the "
+            f"indices (they count samples of the full training set from 0)"
+        )
+    if true_labels is None:
+        true_labels = _known_true_labels(data, path, positions)
+    return {
+        "poisoned": positions[in_train],
+        "true_labels": true_labels[in_train],
+        "val_poisoned": to_split_positions(indices[~in_train], data.val_source),
+    }
+
+
+def _known_true_labels(data: DataSplits, path: str, positions: torch.Tensor) -> torch.Tensor:
+    poison = data.poison
+    if poison is None:
+        raise GifError(
+            f"{path}: no true-label column; add one (`index label` per line) so the "
+            f"samples can be relabelled"
+        )
+    lookup = dict(zip(poison.indices.tolist(), poison.true_labels.tolist(), strict=True))
+    if any(i not in lookup for i in positions.tolist() if i >= 0):
+        raise GifError(
+            f"{path}: a listed sample is not a poisoned sample of data.poison and "
+            f"the file has no true-label column"
+        )
+    return torch.tensor([lookup.get(i, -1) for i in positions.tolist()], dtype=torch.long)

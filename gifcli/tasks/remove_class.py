@@ -1,0 +1,91 @@
+"""``remove-class``: forget every training sample of one or more classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from gifcli.data import DataSplits, TensorSplit, class_removal_indices
+from gifcli.metrics import forget_retain, harmonic_mean, predict, remove_class_metrics
+from gifcli.tasks.base import RemovalSet, Task
+
+if TYPE_CHECKING:
+    from gifcli.config import Config
+
+
+@dataclass
+class RemoveClass(Task):
+    """Forget ``classes``: the removal set is their training samples, the retained set every
+    other one. Validation objective: the harmonic mean of ``100 − forget`` and ``retain``
+    accuracy on the validation split."""
+
+    classes: list[int]
+
+    name: ClassVar[str] = "remove-class"
+    described_by: ClassVar[str] = "removal.classes"
+    metric_keys: ClassVar[tuple[str, ...]] = (
+        "forget_acc_test",
+        "retain_acc_test",
+        "forget_acc_train",
+        "retain_acc_train",
+        "f1",
+        "mia_efficacy",
+        "acc_test",
+    )
+
+    def __post_init__(self) -> None:
+        self.classes = [int(k) for k in self.classes]
+
+    @classmethod
+    def describes(cls, config: Config) -> bool:
+        return True  # the default task: a config naming no other removal set
+
+    @classmethod
+    def from_config(cls, config: Config, data: DataSplits) -> RemoveClass:
+        return cls(classes=list(config.removal.classes))
+
+    @property
+    def description(self) -> str:
+        return f"classes {self.classes}"
+
+    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
+        train, val = data.train, data.val
+        removed, retained = class_removal_indices(train, self.classes)
+
+        def objective(model: nn.Module) -> tuple[float, dict]:
+            predicted, _ = predict(model, val, device=device)
+            forget, retain = forget_retain(predicted, val.y, self.classes)
+            return harmonic_mean(100 - forget, retain), {
+                "forget_acc_val": forget,
+                "retain_acc_val": retain,
+            }
+
+        return RemovalSet(
+            x=train.x[removed],
+            y=train.y[removed],
+            true_y=None,
+            n_train=len(train),
+            retained=train.subset(retained),
+            objective=objective,
+            description=self.description,
+        )
+
+    def metrics(
+        self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
+    ) -> dict:
+        return remove_class_metrics(
+            model,
+            train=data.train,
+            test=data.test,
+            classes=self.classes,
+            num_classes=data.num_classes,
+            device=device,
+            seed=seed,
+        )
+
+    def retrain_split(self, data: DataSplits) -> TensorSplit:
+        _, retained = class_removal_indices(data.train, self.classes)
+        return data.train.subset(retained)
