@@ -183,8 +183,7 @@ def markdown(report: dict) -> str:
         f"{report['selection']['ratio']:g}; {params['changed']} of {params['total']} "
         f"parameters changed ({100 * params['fraction']:.2f}%)",
         f"- step scale: {update['scale']:.4g}, {chosen}; update norm {update['norm']:.4g}",
-        f"- input checkpoint: `{report['checkpoint']['input']}` "
-        f"(sha256 `{report['checkpoint']['input_sha256'][:12]}…`)",
+        _input_line(report["checkpoint"]),
         f"- time: {report['timing']['total_seconds']:.1f} s",
         "",
         "Metrics are percentages on the test split (``*_train`` on the training split); "
@@ -195,6 +194,14 @@ def markdown(report: dict) -> str:
         *checks_markdown(report.get("checks", [])),
     ]
     return "\n".join(lines)
+
+
+def _input_line(checkpoint: dict) -> str:
+    if checkpoint["input"] is None:
+        return "- input: a model in memory"
+    return (
+        f"- input checkpoint: `{checkpoint['input']}` (sha256 `{checkpoint['input_sha256'][:12]}…`)"
+    )
 
 
 def checks_markdown(checks: list[dict]) -> list[str]:

@@ -98,6 +98,69 @@ class DataSplits:
     train_source: Tensor | None = field(default=None, repr=False)
     val_source: Tensor | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_tensors(
+        cls,
+        *,
+        train: tuple[Tensor, Tensor],
+        test: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor] | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_classes: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> DataSplits:
+        """Splits from in-memory ``(x, y)`` pairs: x float [N, C, H, W] (or [N, D] for an MLP),
+        already normalised as the model expects; y integer labels [N].
+
+        Without ``val``, a stratified ``val_fraction`` of ``train`` is held out (seeded), as
+        ``load_dataset`` does. ``mean``/``std``: the normalisation ``x`` carries (default 0 and
+        1), needed only to apply a backdoor trigger in pixel space.
+        """
+        x_train, y_train = _checked_pair(train, "train")
+        x_test, y_test = _checked_pair(test, "test")
+        if val is None:
+            train_source, val_source = stratified_split(y_train, val_fraction, seed=seed)
+            x_val, y_val = x_train[val_source], y_train[val_source]
+            x_train, y_train = x_train[train_source], y_train[train_source]
+        else:
+            x_val, y_val = _checked_pair(val, "val")
+            train_source = torch.arange(len(y_train))
+            val_source = torch.arange(len(y_train), len(y_train) + len(y_val))
+        labels = torch.cat([y_train, y_val, y_test])
+        classes = num_classes or int(labels.max()) + 1
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            raise GifError(f"num_classes: labels must be in 0..{classes - 1}")
+        channels = x_train.shape[1] if x_train.ndim == 4 else 1
+        return cls(
+            train=TensorSplit(x_train, y_train),
+            val=TensorSplit(x_val, y_val),
+            test=TensorSplit(x_test, y_test),
+            num_classes=classes,
+            in_channels=channels,
+            image_size=tuple(x_train.shape[2:]) if x_train.ndim == 4 else (1, 1),
+            mean=tuple(mean) if mean is not None else (0.0,) * channels,
+            std=tuple(std) if std is not None else (1.0,) * channels,
+            class_names=tuple(str(k) for k in range(classes)),
+            train_source=train_source,
+            val_source=val_source,
+        )
+
+
+def _checked_pair(pair: tuple[Tensor, Tensor], name: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` as float32 inputs and int64 labels of one length."""
+    try:
+        x, y = pair
+    except (TypeError, ValueError):
+        raise GifError(f"{name}: expected an (x, y) pair of tensors") from None
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.shape[0] != y.shape[0] or y.ndim != 1:
+        raise GifError(f"{name}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise GifError(f"{name}: labels must be integers, got {y.dtype}")
+    return x.float(), y.long()
+
 
 @dataclass
 class _Source:

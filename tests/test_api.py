@@ -1,0 +1,115 @@
+"""The library face: ``gifcli.edit`` on an in-memory model and tensors, equal to the CLI."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gifcli
+from gifcli.checkpoint import load_into
+from gifcli.cli.main import app
+from gifcli.config import load_config
+from gifcli.data import load_dataset
+from gifcli.errors import GifError
+from gifcli.models import build_model
+from tests.conftest import DIGITS
+
+FAST = [
+    "influence.hessian_samples=128",
+    "influence.max_iter=4",
+    "update.grid_points=8",
+]
+
+
+def in_memory(checkpoint):
+    """The digits config's model and splits, as a user holding them in memory would."""
+    config = load_config(DIGITS, FAST)
+    splits = load_dataset(config.data, seed=config.seed)
+    model = build_model(config.model, in_channels=1, image_size=splits.image_size)
+    load_into(model, checkpoint)
+    data = gifcli.DataSplits.from_tensors(
+        train=(splits.train.x.clone(), splits.train.y.clone()),
+        val=(splits.val.x.clone(), splits.val.y.clone()),
+        test=(splits.test.x.clone(), splits.test.y.clone()),
+        num_classes=10,
+        mean=splits.mean,
+        std=splits.std,
+    )
+    return config, model, data
+
+
+def test_edit_in_memory_writes_nothing_and_equals_the_cli(
+    tmp_path, monkeypatch, runner, digits_base
+):
+    config, model, data = in_memory(digits_base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.chdir(tmp_path)
+    result = gifcli.edit(
+        model, gifcli.RemoveClass(classes=[3]), data, gifcli.Settings.from_config(config)
+    )
+    assert os.listdir(tmp_path) == []  # no file written
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy edited
+    assert (
+        result.report.metrics.after["forget_acc_test"]
+        < result.report.metrics.before["forget_acc_test"]
+    )
+
+    out = tmp_path / "cli"
+    cli = runner.invoke(
+        app,
+        ["remove-class", str(DIGITS), *FAST, f"checkpoint={digits_base}", f"output.dir={out}"],
+    )
+    assert cli.exit_code == 0, cli.output
+    written = load_file(str(out / "model.safetensors"))
+    edited = result.model.state_dict()
+    assert written.keys() == edited.keys()
+    for name, tensor in written.items():
+        assert torch.equal(tensor, edited[name]), name  # bit-identical on CPU
+
+
+def test_write_outputs_of_an_in_memory_edit(tmp_path, digits_base):
+    config, model, data = in_memory(digits_base)
+    settings = gifcli.Settings.from_config(config)
+    result = gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings)
+    report = gifcli.write_outputs(result, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        [
+            "model.safetensors",
+            "mask.safetensors",
+            "report.json",
+            "report.md",
+            "config.yaml",
+            "sweep.png",
+        ]
+    )
+    assert report["checkpoint"]["input"] is None and report["checkpoint"]["output_sha256"]
+    with pytest.raises(GifError, match="already exists"):
+        gifcli.write_outputs(result, tmp_path / "out")
+
+
+def test_library_errors_name_the_setting(digits_base):
+    config, model, data = in_memory(digits_base)
+    settings = gifcli.Settings.from_config(config)
+    settings.influence.damping = -1.0
+    with pytest.raises(GifError, match="influence.damping"):
+        gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings)
+
+
+def test_from_tensors_holds_out_a_stratified_validation_split():
+    x = torch.randn(100, 1, 4, 4)
+    y = torch.arange(100) % 4
+    data = gifcli.DataSplits.from_tensors(train=(x, y), test=(x[:8], y[:8]), val_fraction=0.2)
+    assert len(data.val) == 20 and len(data.train) == 80
+    assert torch.bincount(data.val.y).tolist() == [5, 5, 5, 5]
+    with pytest.raises(GifError, match="labels must be integers"):
+        gifcli.DataSplits.from_tensors(train=(x, y.float()), test=(x, y))
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import gifcli, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
