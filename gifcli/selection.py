@@ -1,4 +1,6 @@
-"""Target-parameter selection (SPEC §2): which parameters GIF may change, as boolean masks.
+"""Target-parameter selection: which parameters GIF may change, as boolean masks.
+
+See docs/design.md, "Selection".
 
 A *target mask* maps every trainable parameter name (state-dict names, `model.named_parameters()`
 order) to a boolean tensor of the parameter's shape; `True` marks a target parameter.
@@ -397,7 +399,7 @@ def select_targets(
     device: torch.device | str = "cpu",
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Selection:
-    """Select the target parameters of `model` for unlearning the removal set (SPEC §2).
+    """Select the target parameters of `model` for unlearning the removal set.
 
     model:     the trained classifier, already on `device`; it is not modified (its train/eval
                modes are restored, hooks removed, `.grad` untouched).

@@ -1,8 +1,8 @@
 """Apply a masked update ``θ̂ + s·Δ`` and search the step scale ``s`` on the validation split.
 
 The first-order ``Δ`` is exact only for an infinitesimal removal, so its length is searched
-(SPEC §4): a log-spaced grid of *relative* steps ``r = |s·Δ| / |θ̂_t|`` (``θ̂_t`` the target
-parameters) from ``update.grid_min`` to ``update.grid_max``; each is scored by the task's
+(docs/design.md, "Step scale"): a log-spaced grid of *relative* steps ``r = |s·Δ| / |θ̂_t|``
+(``θ̂_t`` the target parameters) from ``update.grid_min`` to ``update.grid_max``; each is scored by the task's
 objective on the validation split and the best is kept, ties going to the smaller step.
 """
 

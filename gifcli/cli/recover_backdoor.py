@@ -65,4 +65,4 @@ def recover_backdoor(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("recover-backdoor", epilog=f"{EPILOG}\n{EXIT_CODES}")(recover_backdoor)
+    app.command(RecoverBackdoor.name, epilog=f"{EPILOG}\n{EXIT_CODES}")(recover_backdoor)

@@ -65,4 +65,4 @@ def remove_class(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("remove-class", epilog=f"{EPILOG}\n{EXIT_CODES}")(remove_class)
+    app.command(RemoveClass.name, epilog=f"{EPILOG}\n{EXIT_CODES}")(remove_class)
