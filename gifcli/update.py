@@ -2,8 +2,9 @@
 
 The first-order ``Δ`` is exact only for an infinitesimal removal, so its length is searched
 (docs/design.md, "Step scale"): a log-spaced grid of *relative* steps ``r = |s·Δ| / |θ̂_t|``
-(``θ̂_t`` the target parameters) from ``update.grid_min`` to ``update.grid_max``; each is scored by the task's
-objective on the validation split and the best is kept, ties going to the smaller step.
+(``θ̂_t`` the target parameters) from ``update.grid_min`` to ``update.grid_max``; each is
+scored by the task's objective on the validation split and the best is kept, ties going to
+the smaller step.
 """
 
 from __future__ import annotations
