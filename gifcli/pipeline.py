@@ -144,15 +144,8 @@ def edit(
     timing["sweep_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    metrics = MetricsRecord(
-        before=task.metrics(model, data, device=device, seed=settings.seed), after={}
-    )
     new_theta = updated(theta, delta, target, scale)
-    assign_flat(model, new_theta)
-    metrics.after = task.metrics(model, data, device=device, seed=settings.seed)
-    if oracle is not None:
-        metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=settings.seed)
-        metrics.gap = oracle_gap(metrics.after, metrics.oracle)
+    metrics = measure(task, data, model, new_theta, oracle=oracle, seed=settings.seed)
     timing["metrics_seconds"] = time.perf_counter() - clock
     timing["total_seconds"] = time.perf_counter() - started
 
@@ -199,6 +192,29 @@ def edit(
     )
 
 
+def measure(
+    task: Task,
+    data: DataSplits,
+    model: nn.Module,
+    new_theta: torch.Tensor,
+    *,
+    oracle: nn.Module | None,
+    seed: int,
+) -> MetricsRecord:
+    """The task's metrics of ``model`` as it is (before) and with ``new_theta`` written into
+    it (after; the model keeps them), and of the oracle with the gap to it."""
+    device = new_theta.device
+    before = task.metrics(model, data, device=device, seed=seed)
+    assign_flat(model, new_theta)
+    metrics = MetricsRecord(
+        before=before, after=task.metrics(model, data, device=device, seed=seed)
+    )
+    if oracle is not None:
+        metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=seed)
+        metrics.gap = oracle_gap(metrics.after, metrics.oracle)
+    return metrics
+
+
 def solver_record(solve: SolveResult, influence: InfluenceConfig) -> SolverRecord:
     """The solve's diagnostics beside the curvature and damping it used."""
     diagnostics = solve.to_dict()
@@ -221,19 +237,22 @@ def select(
     all-reduced across ranks under torchrun)."""
     mine = distributed.shard(len(removal.x))
     chosen = settings.selection
-    return select_targets(
-        model,
-        removal.x[mine],
-        removal.y[mine],
-        method=chosen.method,
-        ratio=chosen.ratio,
-        include=chosen.include,
-        exclude=chosen.exclude,
-        seed=settings.seed,
-        batch_size=settings.influence.batch_size,
-        device=device,
-        reduce=distributed.all_reduce_sum,
-    )
+    try:
+        return select_targets(
+            model,
+            removal.x[mine],
+            removal.y[mine],
+            method=chosen.method,
+            ratio=chosen.ratio,
+            include=chosen.include,
+            exclude=chosen.exclude,
+            seed=settings.seed,
+            batch_size=settings.influence.batch_size,
+            device=device,
+            reduce=distributed.all_reduce_sum,
+        )
+    except ParameterError as exc:
+        raise exc.under(f"selection.{exc.parameter}") from None
 
 
 def target_selection(

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from gifcli.checkpoint import write_bytes
 from gifcli.config import SELECTION_METHODS
-from gifcli.errors import GifError
+from gifcli.errors import GifError, ParameterError
+from gifcli.influence.hvp import trainable_parameters
 
 UNIT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 MASK_FORMAT = "gif-target-mask"
@@ -109,14 +110,9 @@ class Selection:
 # Layers and name patterns
 
 
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """`model.named_parameters()` restricted to `requires_grad`: the order of flat vectors."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
 def model_layers(model: nn.Module) -> list[Layer]:
     """Every module that directly owns trainable parameters, in `named_modules()` order."""
-    canonical = {id(p): name for name, p in trainable_parameters(model)}
+    canonical = {id(p): name for name, p in trainable_parameters(model).items()}
     claimed: set[int] = set()
     layers = []
     for module_name, module in model.named_modules():
@@ -198,8 +194,8 @@ def target_layers(
 
 def _check_method(method: str) -> None:
     if method not in SELECTION_METHODS:
-        raise GifError(
-            f"selection.method: must be one of {', '.join(SELECTION_METHODS)}, got {method!r}"
+        raise ParameterError(
+            "method", f"must be one of {', '.join(SELECTION_METHODS)}, got {method!r}"
         )
 
 
@@ -207,9 +203,10 @@ def _check_ratio(ratio: float) -> Fraction:
     """The ratio as the exact decimal it was written as (0.29 -> 29/100, not 0.28999…)."""
     valid = isinstance(ratio, int | float) and not isinstance(ratio, bool)
     if not valid or not math.isfinite(ratio) or not 0 < ratio <= 1:
-        raise GifError(
-            f"selection.ratio: must be a number in (0, 1], got {ratio!r} "
-            "(the fraction of each target layer's parameters to select, e.g. 0.05)"
+        raise ParameterError(
+            "ratio",
+            f"must be a number in (0, 1], got {ratio!r} "
+            "(the fraction of each target layer's parameters to select, e.g. 0.05)",
         )
     return Fraction(repr(float(ratio)))
 
@@ -228,6 +225,69 @@ def _unit_dim(module: nn.Module, output: Tensor) -> int:
     if isinstance(module, nn.Conv2d):
         return output.dim() - 3  # [N, C, H, W] or unbatched [C, H, W]
     return output.dim() - 1  # Linear: [..., out_features]
+
+
+class _UnitSums:
+    """Per-unit float64 sums of a layer statistic and the number of values summed, filled by
+    forward hooks (``outputs``) or by tensor hooks on the outputs' gradients (``gradients``)."""
+
+    def __init__(self, layers: list[Layer], statistic: str, device: torch.device | str) -> None:
+        self.statistic = statistic
+        self.sums = {
+            layer.name: torch.zeros(layer.unit_count or 0, dtype=torch.float64, device=device)
+            for layer in layers
+        }
+        self.counts = dict.fromkeys(self.sums, 0)
+
+    def hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
+        """A forward hook adding layer ``name``'s outputs (or, later, their gradients)."""
+
+        def forward_hook(module: nn.Module, _inputs: object, output: object) -> None:
+            if not isinstance(output, Tensor):
+                return
+            dim = _unit_dim(module, output)
+            other_dims = [d for d in range(output.dim()) if d != dim]
+            self.counts[name] += output.numel() // output.shape[dim]
+            if self.statistic == "outputs":
+                self.sums[name] += output.detach().sum(other_dims, dtype=torch.float64)
+            elif output.requires_grad:
+                # A tensor hook sees the gradient w.r.t. this value even if a later in-place
+                # op (ReLU(inplace=True)) overwrites the tensor.
+                output.register_hook(lambda grad: self._add(name, grad, other_dims))
+
+        return forward_hook
+
+    def _add(self, name: str, grad: Tensor, other_dims: list[int]) -> None:
+        self.sums[name] += grad.detach().sum(other_dims, dtype=torch.float64)
+
+    def means(self, reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        """Sums and counts packed into one tensor, reduced once (across ranks), divided."""
+        names = list(self.sums)
+        device = next(iter(self.sums.values())).device
+        count_tensor = torch.tensor(
+            [self.counts[n] for n in names], dtype=torch.float64, device=device
+        )
+        packed = reduce(torch.cat([*self.sums.values(), count_tensor])).cpu()
+        total_units = sum(s.numel() for s in self.sums.values())
+        unit_sums = packed[:total_units].split([s.numel() for s in self.sums.values()])
+        means = {}
+        counts = packed[total_units:].tolist()
+        for name, unit_sum, count in zip(names, unit_sums, counts, strict=True):
+            if count == 0:
+                raise GifError(
+                    f"selection: layer {name!r} never ran as a module in the forward pass, so "
+                    f"its units cannot be ranked by {self.statistic}; exclude it with "
+                    "selection.exclude"
+                )
+            mean = unit_sum / count
+            if not torch.isfinite(mean).all():
+                raise GifError(
+                    f"selection: the mean {self.statistic} of layer {name!r} over the removal "
+                    "set are not finite (NaN or Inf); check the checkpoint and the data "
+                    "normalisation"
+                )
+            means[name] = mean
+        return means
 
 
 def unit_statistics(
@@ -252,33 +312,9 @@ def unit_statistics(
 
     Returns layer name -> [units] float64 means (CPU).
     """
-    sums = {
-        layer.name: torch.zeros(layer.unit_count or 0, dtype=torch.float64, device=device)
-        for layer in layers
-    }
-    counts = dict.fromkeys(sums, 0)
-
-    def forward_hook(name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, _inputs: object, output: object) -> None:
-            if not isinstance(output, Tensor):
-                return
-            dim = _unit_dim(module, output)
-            other_dims = [d for d in range(output.dim()) if d != dim]
-            counts[name] += output.numel() // output.shape[dim]
-            if statistic == "outputs":
-                sums[name] += output.detach().sum(other_dims, dtype=torch.float64)
-            elif output.requires_grad:
-                # A tensor hook sees the gradient w.r.t. this value even if a later in-place
-                # op (ReLU(inplace=True)) overwrites the tensor.
-                def accumulate(grad: Tensor) -> None:
-                    sums[name] += grad.detach().sum(other_dims, dtype=torch.float64)
-
-                output.register_hook(accumulate)
-
-        return hook
-
+    sums = _UnitSums(layers, statistic, device)
     modes = {module: module.training for module in model.modules()}
-    handles = [layer.module.register_forward_hook(forward_hook(layer.name)) for layer in layers]
+    handles = [layer.module.register_forward_hook(sums.hook(layer.name)) for layer in layers]
     params = [p for layer in layers for _, p in layer.parameters]
     try:
         model.eval()
@@ -286,45 +322,31 @@ def unit_statistics(
             for start in range(0, len(removal_x), batch_size):
                 x = removal_x[start : start + batch_size].to(device)
                 y = removal_y[start : start + batch_size].to(device=device, dtype=torch.long)
-                logits = model(x)
-                if not isinstance(logits, Tensor) or logits.dim() != 2:
-                    raise GifError(
-                        "model: selection needs a model that returns logits shaped "
-                        f"[batch, classes], got {type(logits).__name__}"
-                    )
-                if statistic == "gradients":
-                    loss = F.cross_entropy(logits, y, reduction="sum")
-                    if loss.requires_grad:
-                        # Gradients w.r.t. the layers' parameters drive the backward pass
-                        # through every layer output (firing the tensor hooks) without
-                        # touching `.grad`.
-                        torch.autograd.grad(loss, params, allow_unused=True)
+                _removal_pass(model, x, y, params, gradients=statistic == "gradients")
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.train(training)
+    return sums.means(reduce)
 
-    names = list(sums)
-    count_tensor = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=device)
-    packed = reduce(torch.cat([*sums.values(), count_tensor])).cpu()
-    total_units = sum(s.numel() for s in sums.values())
-    unit_sums = packed[:total_units].split([s.numel() for s in sums.values()])
-    means = {}
-    for name, unit_sum, count in zip(names, unit_sums, packed[total_units:].tolist(), strict=True):
-        if count == 0:
-            raise GifError(
-                f"selection: layer {name!r} never ran as a module in the forward pass, so its "
-                f"units cannot be ranked by {statistic}; exclude it with selection.exclude"
-            )
-        mean = unit_sum / count
-        if not torch.isfinite(mean).all():
-            raise GifError(
-                f"selection: the mean {statistic} of layer {name!r} over the removal set are "
-                "not finite (NaN or Inf); check the checkpoint and the data normalisation"
-            )
-        means[name] = mean
-    return means
+
+def _removal_pass(
+    model: nn.Module, x: Tensor, y: Tensor, params: list[Tensor], *, gradients: bool
+) -> None:
+    """One forward pass (and, for ``gradients``, one backward pass) of a removal batch."""
+    logits = model(x)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise GifError(
+            "model: selection needs a model that returns logits shaped "
+            f"[batch, classes], got {type(logits).__name__}"
+        )
+    if gradients:
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        if loss.requires_grad:
+            # Gradients w.r.t. the layers' parameters drive the backward pass through every
+            # layer output (firing the tensor hooks) without touching `.grad`.
+            torch.autograd.grad(loss, params, allow_unused=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,31 +442,24 @@ def select_targets(
         raise GifError(f"selection: batch_size must be a positive integer, got {batch_size!r}")
     layers = target_layers(model, include=include, exclude=exclude)
     ranked = [layer for layer in layers if method != "random" and layer.unit_count]
-
-    means: dict[str, Tensor] = {}
-    if ranked:
-        if len(removal_x) != len(removal_y):
-            raise GifError(
-                f"selection: the removal set has {len(removal_x)} inputs but "
-                f"{len(removal_y)} labels"
-            )
-        if len(removal_x) == 0:
-            raise GifError(
-                f"selection: the removal set is empty, so {method} has nothing to rank units "
-                "by; check removal.classes or the poisoned samples"
-            )
-        means = unit_statistics(
+    means = (
+        _ranking_statistics(
             model,
             ranked,
             removal_x,
             removal_y,
-            statistic=method.split("-")[1],
+            method=method,
             batch_size=batch_size,
             device=device,
             reduce=reduce or _identity,
         )
-
-    mask = {name: torch.zeros(p.shape, dtype=torch.bool) for name, p in trainable_parameters(model)}
+        if ranked
+        else {}
+    )
+    mask = {
+        name: torch.zeros(p.shape, dtype=torch.bool)
+        for name, p in trainable_parameters(model).items()
+    }
     units: dict[str, list[int]] = {}
     for layer in layers:
         budget = layer_budget(layer.numel, ratio)
@@ -458,13 +473,46 @@ def select_targets(
         else:
             layer_mask = random_layer_mask(layer, budget, generator)
         mask.update(layer_mask)
-
     if not any(m.any() for m in mask.values()):
-        raise GifError(
-            f"selection.ratio: {ratio!r} selects no parameter (⌊ratio · #params⌋ is 0 in every "
-            "target layer); increase it"
+        raise ParameterError(
+            "ratio",
+            f"{ratio!r} selects no parameter (⌊ratio · #params⌋ is 0 in every target layer); "
+            "increase it",
         )
     return Selection(mask=mask, units=units)
+
+
+def _ranking_statistics(
+    model: nn.Module,
+    ranked: list[Layer],
+    removal_x: Tensor,
+    removal_y: Tensor,
+    *,
+    method: str,
+    batch_size: int,
+    device: torch.device | str,
+    reduce: Callable[[Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """The per-unit statistic ``method`` ranks by, for each layer of ``ranked``."""
+    if len(removal_x) != len(removal_y):
+        raise GifError(
+            f"selection: the removal set has {len(removal_x)} inputs but {len(removal_y)} labels"
+        )
+    if len(removal_x) == 0:
+        raise GifError(
+            f"selection: the removal set is empty, so {method} has nothing to rank units "
+            "by; check removal.classes or the poisoned samples"
+        )
+    return unit_statistics(
+        model,
+        ranked,
+        removal_x,
+        removal_y,
+        statistic=method.split("-")[1],
+        batch_size=batch_size,
+        device=device,
+        reduce=reduce,
+    )
 
 
 def select_target_mask(
@@ -513,7 +561,7 @@ def check_mask(
     Checked in the model's parameter order (missing when `complete`, wrong shape, not bool),
     then unexpected names in sorted order.
     """
-    expected = dict(trainable_parameters(model))
+    expected = trainable_parameters(model)
 
     def misfit(what: str) -> GifError:
         return GifError(f"{source}: does not fit the model: {what}; {_RERUN_HINT}")
@@ -542,14 +590,14 @@ def mask_to_flat(model: nn.Module, mask: dict[str, Tensor]) -> Tensor:
     check_mask(model, mask, complete=False)
     parts = [
         mask[name].reshape(-1).cpu() if name in mask else torch.zeros(p.numel(), dtype=torch.bool)
-        for name, p in trainable_parameters(model)
+        for name, p in trainable_parameters(model).items()
     ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def flat_to_mask(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
     """Inverse of `mask_to_flat`: BoolTensor [P] -> parameter name -> BoolTensor (copies)."""
-    params = trainable_parameters(model)
+    params = list(trainable_parameters(model).items())
     total = sum(p.numel() for _, p in params)
     if flat.dtype != torch.bool or flat.shape != (total,):
         raise ValueError(
@@ -668,4 +716,4 @@ def load_mask(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Tenso
             "`gif select-params`"
         ) from err
     check_mask(model, tensors, source=os.fspath(path))
-    return {name: tensors[name] for name, _ in trainable_parameters(model)}
+    return {name: tensors[name] for name in trainable_parameters(model)}
