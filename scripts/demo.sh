@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+if [ ! -x .venv/bin/gif ]; then  # installed once; scripts/test.sh reinstalls
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --upgrade pip
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -e .
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e .
 
 GIF=.venv/bin/gif
 OUT=${1:-runs/demo}

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# setuptools' build warnings (editable install of a flat layout) are noise to a user: silenced
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --upgrade pip
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -e '.[test]'
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from gifcli import __version__
-from gifcli.cli import evaluate, recover_backdoor, remove_class, select_params, train
+from gifcli.cli import configs, evaluate, recover_backdoor, remove_class, select_params, train
 from gifcli.cli.common import EXIT_CODES
 
 app = typer.Typer(
@@ -14,7 +14,7 @@ app = typer.Typer(
     "Influence Functions.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -37,5 +37,5 @@ def main(
     --check failed."""
 
 
-for module in (train, select_params, remove_class, recover_backdoor, evaluate):
+for module in (train, select_params, remove_class, recover_backdoor, evaluate, configs):
     module.register(app)

@@ -13,7 +13,11 @@
 # 3 the repair ran and its outputs are in OUT_DIR, but a gate failed.
 set -euo pipefail
 
-GIF=${GIF:-gif}
+# gif from the project's .venv when run from a clone, else from PATH (or set GIF=...)
+if [ -z "${GIF:-}" ]; then
+  here=$(cd "$(dirname "$0")/../.." && pwd)
+  if [ -x "$here/.venv/bin/gif" ]; then GIF="$here/.venv/bin/gif"; else GIF=gif; fi
+fi
 CONFIG=${CONFIG:-configs/digits-backdoor.yaml}
 BASE=${BASE:-runs/ci/backdoor-base.safetensors}  # backdoored model: reused, or trained here
 OUT_DIR=${OUT_DIR:-runs/ci/recover-backdoor}

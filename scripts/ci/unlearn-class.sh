@@ -13,7 +13,11 @@
 # 3 the edit ran and its outputs are in OUT_DIR, but a gate failed.
 set -euo pipefail
 
-GIF=${GIF:-gif}
+# gif from the project's .venv when run from a clone, else from PATH (or set GIF=...)
+if [ -z "${GIF:-}" ]; then
+  here=$(cd "$(dirname "$0")/../.." && pwd)
+  if [ -x "$here/.venv/bin/gif" ]; then GIF="$here/.venv/bin/gif"; else GIF=gif; fi
+fi
 CONFIG=${CONFIG:-configs/digits.yaml}
 CLASS=${CLASS:-3}                               # the class to forget
 BASE=${BASE:-runs/ci/base.safetensors}          # trained model: reused, or trained here
