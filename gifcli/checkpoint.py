@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -152,6 +153,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
+
+
+def recorded_config(path: str | Path) -> tuple[str | None, dict]:
+    """The task a checkpoint written by gif was made for (``train``, ``retrain`` or an edit's
+    task) and the resolved config its metadata records; ``(None, {})`` when there is none."""
+    if Path(path).suffix != ".safetensors":
+        return None, {}
+    try:
+        metadata = read_metadata(path)
+        text = metadata.get("config")
+        raw = yaml.safe_load(text) if text else None
+    except (OSError, SafetensorError, yaml.YAMLError, ValueError):
+        return None, {}
+    return metadata.get("task"), raw if isinstance(raw, dict) else {}
 
 
 @contextmanager

@@ -65,6 +65,10 @@ class SolverRecord:
     residual_history: list[float] = field(default_factory=list)
     normal_history: list[float] = field(default_factory=list)
     message: str = ""
+    status: str = "converged"
+    """converged | iteration-limit | float-floor | breakdown | no-solve (first-order)."""
+    ok: bool = True
+    """The returned update is the intended (regularised) one: every status but breakdown."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from gifcli.checkpoint import (
 )
 from gifcli.config import Config, SelectionConfig
 from gifcli.errors import GifError
+from gifcli.influence.solvers import STATUSES
 from gifcli.metrics import scalar_metrics
 from gifcli.records import format_value
 from gifcli.selection import save_mask
@@ -140,6 +141,42 @@ def plot_sweep(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def solve_text(solver: dict) -> str:
+    """The solve in plain words, with what its status means."""
+    if solver["status"] == "no-solve":
+        return "no curvature solve (first-order)"
+    return (
+        f"{solver['name']}: {solver['iterations']} iterations, {solver['hvps']} HVPs, "
+        f"relative residual {format_cell(solver['relative_residual'], '.3g')}; "
+        f"{solver['status']} ({STATUSES[solver['status']]})"
+    )
+
+
+def changed_text(report: dict) -> str:
+    """How many target parameters changed, and why fewer may change than were selected."""
+    params, targets = report["params"], report["selection"]["targets"]
+    text = (
+        f"{params['changed']:,} of {targets:,} target parameters changed "
+        f"({100 * params['fraction']:.2f}% of all {params['total']:,})"
+    )
+    if params["changed"] < targets:
+        text += (
+            "; targets with zero gradient and curvature (e.g. convolution taps that only ever "
+            "see padding) keep their value"
+        )
+    return text
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The solve, the step and the parameters changed, for the terminal."""
+    update = report["update"]
+    chosen = "chosen on the validation split" if update["chosen_by"] == "validation" else "given"
+    return [
+        f"solver {solve_text(report['solver'])}",
+        f"step scale {update['scale']:.4g} ({chosen}); {changed_text(report)}",
+    ]
+
+
 def format_cell(value: object, spec: str = ".2f") -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else format(value, spec)
@@ -159,7 +196,7 @@ def metrics_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
 
 def markdown(report: dict) -> str:
     """report.md: what was done, how it was measured, and the metrics table."""
-    solver, update, params = report["solver"], report["update"], report["params"]
+    solver, update = report["solver"], report["update"]
     header, rows = metrics_rows(report["metrics"])
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
@@ -175,13 +212,10 @@ def markdown(report: dict) -> str:
         f"- removal set: {report['removal']['description']} "
         f"({report['removal']['samples']} of {report['removal']['train_samples']} training "
         f"samples); Hessian sample: {report['removal']['hessian_samples']} retained samples",
-        f"- method: `{report['method']}`, curvature `{solver['curvature']}`, solver "
-        f"`{solver['name']}` (damping {solver['damping']:g}): {solver['iterations']} "
-        f"iterations, {solver['hvps']} HVPs, relative residual "
-        f"{format_cell(solver['relative_residual'], '.3g')}, converged: {solver['converged']}",
+        f"- method: `{report['method']}`, curvature `{solver['curvature']}`, damping "
+        f"{solver['damping']:g}; solver {solve_text(solver)}",
         f"- selection: `{report['selection']['method']}` at ratio "
-        f"{report['selection']['ratio']:g}; {params['changed']} of {params['total']} "
-        f"parameters changed ({100 * params['fraction']:.2f}%)",
+        f"{report['selection']['ratio']:g}; {changed_text(report)}",
         f"- step scale: {update['scale']:.4g}, {chosen}; update norm {update['norm']:.4g}",
         _input_line(report["checkpoint"]),
         f"- time: {report['timing']['total_seconds']:.1f} s",

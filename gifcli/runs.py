@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gifcli import distributed
-from gifcli.checkpoint import check_writable, sha256_file
+from gifcli.checkpoint import check_writable, recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
-from gifcli.config import Config
+from gifcli.config import Config, build_config
 from gifcli.context import prepare
 from gifcli.errors import GifError
 from gifcli.pipeline import Settings, edit, select
@@ -23,7 +23,7 @@ from gifcli.progress import ProgressFactory, silent
 from gifcli.records import CheckpointRecord, EvaluateReport
 from gifcli.report import mask_metadata, output_paths, refuse_existing, write_outputs
 from gifcli.selection import load_mask, save_mask, summarize_mask
-from gifcli.tasks import check_task
+from gifcli.tasks import check_task, described_task
 
 
 def run_edit(
@@ -106,9 +106,22 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
     }
 
 
-def run_evaluate(*, config: Config, checkpoint: Path, checks: Sequence[Check] = ()) -> dict:
+def run_evaluate(
+    *,
+    config: Config,
+    checkpoint: Path,
+    checks: Sequence[Check] = (),
+    removal_given: bool = False,
+) -> dict:
     """Overall and per-class test accuracy of ``checkpoint`` and the metrics of the config's
-    task, with the result of each of ``checks``."""
+    task, with the result of each of ``checks``.
+
+    An edited checkpoint records the removal set it was edited for (its metadata's config):
+    unless ``removal_given`` (the user set ``removal.*`` explicitly), the metrics are taken for
+    that removal set, with a note when it differs from the config's.
+    """
+    notes: list[str] = []
+    config = _recorded_removal(config, checkpoint, removal_given, notes)
     ctx = prepare(config)
     model = ctx.load_model(checkpoint)
     task = ctx.task()
@@ -118,6 +131,41 @@ def run_evaluate(*, config: Config, checkpoint: Path, checks: Sequence[Check] = 
         sha256=sha256_file(checkpoint),
         removal=task.description,
         metrics=task.metrics(model, ctx.data, device=ctx.device, seed=config.seed),
+        notes=notes,
     )
     report.checks = evaluate_checks(checks, report.to_dict())
     return report.to_dict()
+
+
+def _recorded_removal(config: Config, checkpoint: Path, given: bool, notes: list[str]) -> Config:
+    """``config`` with the ``removal`` section recorded in ``checkpoint``'s metadata, if any."""
+    task, recorded_raw = recorded_config(checkpoint)
+    recorded = recorded_raw.get("removal")
+    if task != described_task(config).name or not isinstance(recorded, dict):
+        return config  # not an edit for this task (e.g. a base model or an oracle)
+    current = config.to_dict()["removal"]
+    if {**current, **recorded} == current:
+        return config
+    if given:
+        notes.append(
+            f"{checkpoint} was edited for removal {recorded}; scoring the removal set given "
+            "on the command line instead"
+        )
+        return config
+    merged = build_config(
+        {**config.to_dict(), "removal": {**current, **recorded}},
+        source=f"{checkpoint} (its metadata)",
+    )
+    notes.append(
+        f"removal set taken from {checkpoint}'s metadata (what it was edited for): "
+        f"{_differences(current, recorded)}; pass removal.* overrides to score another"
+    )
+    return merged
+
+
+def _differences(current: dict, recorded: dict) -> str:
+    return ", ".join(
+        f"removal.{key}={recorded[key]!r} (config: {current.get(key)!r})"
+        for key in recorded
+        if recorded[key] != current.get(key)
+    )

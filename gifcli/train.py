@@ -21,9 +21,8 @@ from gifcli.checkpoint import (
 )
 from gifcli.config import Config, TrainConfig
 from gifcli.context import prepare
-from gifcli.data import TensorSplit
+from gifcli.data import DataSplits, TensorSplit
 from gifcli.errors import GifError
-from gifcli.metrics import classification_metrics
 from gifcli.progress import ProgressFactory, silent
 
 
@@ -69,14 +68,31 @@ def train_model(
     return model
 
 
-def output_paths(checkpoint: Path) -> dict[str, Path]:
-    """A trained checkpoint and what is written beside it: its report and resolved config."""
+def output_paths(checkpoint: Path, *, poisoned: bool = False) -> dict[str, Path]:
+    """A trained checkpoint and what is written beside it: its report, the resolved config
+    and, when the training data carries a poison scenario, the list of poisoned samples."""
     stem = checkpoint.with_suffix("")
-    return {
+    paths = {
         "checkpoint": checkpoint,
         "report": Path(f"{stem}.report.json"),
         "config": Path(f"{stem}.config.yaml"),
     }
+    if poisoned:
+        paths["poisoned"] = Path(f"{stem}.poisoned.txt")
+    return paths
+
+
+def poisoned_listing(data: DataSplits) -> str:
+    """The poisoned training samples as ``removal.poison_indices`` reads them: one
+    ``index true_label`` line each, indices into the full training split (before the
+    validation split is held out), counted from 0."""
+    indices = data.train_source[data.poison.indices].tolist()
+    rows = sorted(zip(indices, data.poison.true_labels.tolist(), strict=True))
+    header = (
+        "# poisoned training samples: index into the full training split (before the "
+        "validation split), true label\n"
+    )
+    return header + "".join(f"{index} {label}\n" for index, label in rows)
 
 
 def run_train(
@@ -99,7 +115,7 @@ def run_train(
         )
     if output.suffix != ".safetensors":
         raise GifError(f"{output}: gif writes .safetensors checkpoints; use that suffix")
-    paths = output_paths(output)
+    paths = output_paths(output, poisoned=config.data.poison is not None and not retrain)
     check_writable(output.parent)
     refuse_overwrite(list(paths.values()), force)
     started = time.perf_counter()
@@ -116,15 +132,17 @@ def run_train(
             progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
         )
     seconds = time.perf_counter() - started
+    task_metrics = task.metrics(model, ctx.data, device=ctx.device, seed=config.seed)
     report = {
         "task": "retrain" if retrain else "train",
         "oracle_for": task.name if retrain else None,
         "train_samples": len(train),
         "epochs": config.train.epochs,
         "seconds": seconds,
-        **classification_metrics(
-            model, ctx.data.test, num_classes=config.model.num_classes, device=ctx.device
-        ),
+        "acc_test": task_metrics["acc_test"],
+        "per_class_acc_test": task_metrics["per_class_acc_test"],
+        "task_metrics": {key: task_metrics[key] for key in task.headline},
+        "task_removal": task.description,
         "checkpoint": str(output),
     }
     metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
@@ -132,6 +150,9 @@ def run_train(
     report["sha256"] = sha256_file(output)
     write_json(paths["report"], report)
     write_text(paths["config"], config.to_yaml())
+    if "poisoned" in paths:
+        write_text(paths["poisoned"], poisoned_listing(ctx.data))
+        report["poisoned"] = str(paths["poisoned"])
     return report
 
 

@@ -28,7 +28,7 @@ from gifcli.checks import (
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError
 from gifcli.records import format_value
-from gifcli.report import format_cell, metrics_rows
+from gifcli.report import metrics_rows, summary_lines
 from gifcli.runs import run_edit as run_edit_command
 from gifcli.tasks import task_type
 
@@ -54,10 +54,15 @@ EXIT_CODES = (
     "run finished and wrote its outputs, but a --check failed."
 )
 
-CONFIG_ARG = typer.Argument(..., help="YAML config (see configs/).", show_default=False)
+CONFIG_ARG = typer.Argument(
+    ...,
+    metavar="CONFIG",
+    help="YAML config (`gif configs` lists the shipped ones).",
+    show_default=False,
+)
 OVERRIDES_ARG = typer.Argument(
     None,
-    metavar="[KEY=VALUE]...",
+    metavar="KEY=VALUE",
     help="Dotted config overrides, e.g. selection.ratio=0.1.",
     show_default=False,
 )
@@ -71,13 +76,16 @@ ORACLE_OPT = typer.Option(
     "--oracle",
     help="Retrain-oracle checkpoint (`gif train --retrain`): adds its metrics and the gap on each.",
 )
+OUTPUT_DIR_OPT = typer.Option(
+    None, "-o", "--output-dir", help="Folder for the outputs; overrides output.dir."
+)
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print only errors and failed checks.")
 CHECK_OPT = typer.Option(
     None,
     "--check",
     metavar="EXPR",
     help="Gate on the report (repeatable), e.g. 'after.forget_acc_test<=1', "
-    "'gap.mean<=2', 'solver.converged==true': exit code 3 when one fails.",
+    "'gap.mean<=2', 'solver.ok==true': exit code 3 when one fails.",
     show_default=False,
 )
 
@@ -105,8 +113,13 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def read_config(path: Path, overrides: list[str] | None) -> Config:
-    return load_config(path, overrides or [])
+def read_config(
+    path: Path, overrides: list[str] | None, *, output_dir: Path | None = None
+) -> Config:
+    config = load_config(path, overrides or [])
+    if output_dir is not None:
+        config.output.dir = str(output_dir)
+    return config
 
 
 def print_json(report: dict) -> None:
@@ -158,16 +171,8 @@ def print_edit_report(report: dict) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    solver, update = report["solver"], report["update"]
-    console.print(
-        f"solver {solver['name']}: {solver['iterations']} iterations, {solver['hvps']} HVPs, "
-        f"relative residual {format_cell(solver['relative_residual'], '.3g')}, "
-        f"converged {solver['converged']}; "
-        f"step scale {update['scale']:.4g} ({update['chosen_by']}); "
-        f"{report['params']['changed']} parameters changed "
-        f"({100 * report['params']['fraction']:.2f}%)",
-        highlight=False,
-    )
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
 
 

@@ -51,7 +51,12 @@ def evaluate(
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
     gates = parse_check_options(checks, evaluate_report_schema(described_task(cfg).metric_keys))
-    report = run_evaluate(config=cfg, checkpoint=checkpoint, checks=gates)
+    report = run_evaluate(
+        config=cfg,
+        checkpoint=checkpoint,
+        checks=gates,
+        removal_given=any(o.startswith("removal.") for o in overrides or []),
+    )
     if json_output:
         print_json(report)
     elif not quiet:
@@ -69,6 +74,8 @@ def print_metrics(report: dict) -> None:
     for k, value in enumerate(report["metrics"]["per_class_acc_test"]):
         table.add_row(f"acc_test class {k}", f"{value:.2f}")
     console.print(table)
+    for note in report["notes"]:
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from gifcli.cli.common import (
     JSON_OPT,
     MASK_OPT,
     ORACLE_OPT,
+    OUTPUT_DIR_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
     handle_errors,
@@ -41,6 +42,7 @@ def recover_backdoor(
     overrides: list[str] = OVERRIDES_ARG,
     mask: Path = MASK_OPT,
     oracle: Path = ORACLE_OPT,
+    output_dir: Path = OUTPUT_DIR_OPT,
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
     checks: list[str] = CHECK_OPT,
@@ -51,7 +53,7 @@ def recover_backdoor(
     The poisoned samples are removed with their poisoned labels and re-added with their true
     labels (known samples, or samples synthesised from the known trigger).
     """
-    cfg = read_config(config, overrides)
+    cfg = read_config(config, overrides, output_dir=output_dir)
     run_edit(
         task=RecoverBackdoor.name,
         config=cfg,

@@ -14,6 +14,7 @@ from gifcli.cli.common import (
     JSON_OPT,
     MASK_OPT,
     ORACLE_OPT,
+    OUTPUT_DIR_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
     handle_errors,
@@ -44,6 +45,7 @@ def remove_class(
     ),
     mask: Path = MASK_OPT,
     oracle: Path = ORACLE_OPT,
+    output_dir: Path = OUTPUT_DIR_OPT,
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
     checks: list[str] = CHECK_OPT,
@@ -51,7 +53,7 @@ def remove_class(
 ) -> None:
     """Make the model forget the training samples of the given classes."""
     extra = [f"removal.classes={list(classes)}"] if classes else []
-    cfg = read_config(config, [*(overrides or []), *extra])
+    cfg = read_config(config, [*(overrides or []), *extra], output_dir=output_dir)
     run_edit(
         task=RemoveClass.name,
         config=cfg,

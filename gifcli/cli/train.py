@@ -12,6 +12,7 @@ from gifcli.cli.common import (
     FORCE_OPT,
     JSON_OPT,
     OVERRIDES_ARG,
+    QUIET_OPT,
     console,
     handle_errors,
     print_json,
@@ -46,6 +47,7 @@ def train(
     ),
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
     """Train model.arch on the config's data set and write a safetensors checkpoint."""
     cfg = read_config(config, overrides)
@@ -54,17 +56,35 @@ def train(
         output=output,
         retrain=retrain,
         force=force,
-        progress=progress_factory(not json_output),
+        progress=progress_factory(not (json_output or quiet)),
     )
     if json_output:
         print_json(report)
-        return
+    elif not quiet:
+        print_train_report(report)
+
+
+def print_train_report(report: dict) -> None:
+    oracle = report["task"] == "retrain"
     table = Table(title=f"gif {report['task']}", show_header=False)
     table.add_row("checkpoint", report["checkpoint"])
-    table.add_row("training samples", str(report["train_samples"]))
-    table.add_row("test accuracy", f"{report['acc_test']:.2f}%")
+    samples = f"{report['train_samples']}"
+    if oracle:
+        samples += f" (without {report['task_removal']}: the retrain oracle's data)"
+    table.add_row("training samples", samples)
+    table.add_row("test accuracy", f"{report['acc_test']:.2f}% (every test sample)")
+    for key, value in report["task_metrics"].items():
+        table.add_row(key, f"{value:.2f}%")
+    if "poisoned" in report:
+        table.add_row("poisoned samples", f"{report['poisoned']} (for removal.poison_indices)")
     table.add_row("seconds", f"{report['seconds']:.1f}")
     console.print(table)
+    if oracle:
+        console.print(
+            f"The oracle never saw {report['task_removal']}: its low accuracy there is the "
+            "target an edit is compared with.",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -230,6 +230,7 @@ def _first_order_result() -> SolveResult:
         converged=True,
         seconds=0.0,
         message="first-order: Δ = g on the target parameters, no curvature solve",
+        status="no-solve",
     )
 
 
@@ -246,4 +247,5 @@ def _merge(first: SolveResult, second: SolveResult, *, extra_hvps: int) -> Solve
         residual_history=first.residual_history + second.residual_history,
         normal_history=first.normal_history + second.normal_history,
         message=f"first solve: {first.message}; second solve: {second.message}",
+        status=second.status if first.status == "converged" else first.status,
     )

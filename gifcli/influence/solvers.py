@@ -45,6 +45,15 @@ from gifcli.errors import GifError
 Operator = Callable[[Tensor], Tensor]
 Progress = Callable[[int, float], None]
 
+STATUSES = {
+    "converged": "the residual reached influence.tol",
+    "iteration-limit": "stopped at influence.max_iter; the limit regularises the update",
+    "float-floor": "stopped where rounding limits the accuracy; the solution is usable",
+    "breakdown": "NaN/Inf or divergence; the update is not usable",
+    "no-solve": "first-order: no curvature solve",
+}
+"""A solve's ``status`` and what it means (the report and the terminal show it)."""
+
 DIVERGED = 1e6
 """A relative residual or relative normal residual above this counts as divergence."""
 
@@ -71,10 +80,20 @@ class SolveResult:
     residual_history: list[float] = field(default_factory=list)
     normal_history: list[float] = field(default_factory=list)
     message: str = ""
+    status: str = "converged"
+    """Why the solve stopped (``STATUSES``)."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the returned ``x`` is the intended solution: converged, or stopped by the
+        iteration limit or by rounding (both regularise); False after a breakdown."""
+        return self.status != "breakdown"
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; non-finite floats become ``None``."""
-        return {key: _json_value(value) for key, value in asdict(self).items()}
+        """JSON-ready dict (``ok`` included); non-finite floats become ``None``."""
+        record = {key: _json_value(value) for key, value in asdict(self).items()}
+        record["ok"] = self.ok
+        return record
 
 
 def _json_value(value: object) -> object:
@@ -154,6 +173,15 @@ def _finish(
     if not _finite(relative, normal):
         stop = stop or f"{name}: the residual of the returned solution is NaN or Inf; {_TRY}"
     converged = stop is None and (relative <= tol or normal <= tol * atb_norm)
+    status = (
+        "breakdown"
+        if stop is not None
+        else "converged"
+        if converged
+        else "float-floor"
+        if not exhausted
+        else "iteration-limit"
+    )
     if stop is not None:
         message = stop
     elif converged:
@@ -183,6 +211,7 @@ def _finish(
         residual_history=history[0],
         normal_history=history[1],
         message=message,
+        status=status,
     )
 
 
@@ -517,6 +546,7 @@ def exact(
             converged=False,
             seconds=time.perf_counter() - started,
             message=stop,
+            status="breakdown",
         )
         return torch.zeros_like(atb), result
     x64 = _damped_pinv_solve(dense, b.double(), damping, torch.finfo(b.dtype).eps)

@@ -51,6 +51,8 @@ class Task(ABC):
     name: ClassVar[str]
     metric_keys: ClassVar[tuple[str, ...]]
     """The scalar metrics of ``metrics`` (percent); ``per_class_acc_test`` comes besides."""
+    headline: ClassVar[tuple[str, ...]]
+    """The two or three metrics that say at a glance how a model does on this task."""
     described_by: ClassVar[str]
     """The config keys that make a config describe this task (for messages)."""
 

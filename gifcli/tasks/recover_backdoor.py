@@ -55,6 +55,7 @@ class RecoverBackdoor(Task):
 
     name: ClassVar[str] = "recover-backdoor"
     described_by: ClassVar[str] = "data.poison or removal.poison_indices"
+    headline: ClassVar[tuple[str, ...]] = ("clean_acc_test", "asr_test")
     metric_keys: ClassVar[tuple[str, ...]] = (
         "clean_acc_test",
         "asr_test",

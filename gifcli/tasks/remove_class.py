@@ -26,6 +26,7 @@ class RemoveClass(Task):
 
     name: ClassVar[str] = "remove-class"
     described_by: ClassVar[str] = "removal.classes"
+    headline: ClassVar[tuple[str, ...]] = ("forget_acc_test", "retain_acc_test")
     metric_keys: ClassVar[tuple[str, ...]] = (
         "forget_acc_test",
         "retain_acc_test",
