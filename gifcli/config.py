@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -304,6 +304,9 @@ class Config:
     train: TrainConfig = _field(TrainConfig, "gif train")
     output: OutputConfig = _field(OutputConfig, "outputs")
 
+    source: ClassVar[str] = "CONFIG"
+    """The YAML file the config was read from (set by ``load_config``), for messages."""
+
     def problems(self) -> list[str]:
         out = []
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
@@ -415,21 +418,42 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def build_config(raw: dict, *, source: str = "config") -> Config:
-    """Typed config from a raw mapping; every problem is reported at once in one GifError."""
+def build_config(
+    raw: dict, *, source: str = "config", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Typed config from a raw mapping; every problem is reported at once in one GifError.
+
+    A problem with a key that one of ``overrides`` set is labelled as coming from it.
+    """
     problems: list[str] = []
     config = _build(Config, raw, "", problems)
     problems += config.problems()  # keys that failed to convert keep their valid defaults
     if problems:
-        bullets = "\n".join(f"  - {p}" for p in problems)
-        raise GifError(f"{source}: {len(problems)} problem(s) in the config:\n{bullets}")
+        labelled = [_label(p, overrides) for p in problems]
+        where = f"{source} with its command-line overrides" if overrides else source
+        if overrides and all(p != q for p, q in zip(problems, labelled, strict=True)):
+            where = "command-line overrides"
+        bullets = "\n".join(f"  - {p}" for p in labelled)
+        raise GifError(f"{where}: {len(problems)} problem(s) in the config:\n{bullets}")
     return config
+
+
+def _label(problem: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """``problem`` with the override that set its key, if one did."""
+    key = problem.split(":", 1)[0]
+    for text in overrides:
+        dotted = text.partition("=")[0].strip()
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
+            return f"{problem} (from the override {text!r})"
+    return problem
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply dotted overrides, validate; raises GifError listing problems."""
     raw = apply_overrides(read_yaml(path), list(overrides))
-    return build_config(raw, source=str(path))
+    config = build_config(raw, source=str(path), overrides=overrides)
+    config.source = str(path)
+    return config
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:

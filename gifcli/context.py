@@ -36,14 +36,26 @@ class RunContext:
         """The task the config describes, on the loaded data."""
         return task_from_config(self.config, self.data)
 
-    def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
-        """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval()."""
+    def load_model(self, checkpoint: str | Path | None = None, *, role: str = "model") -> nn.Module:
+        """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval().
+
+        ``role`` (``model``, ``oracle`` or ``evaluated``) picks the hint of a missing file.
+        """
         path = checkpoint or self.config.checkpoint
+        source = self.config.source
         if not path:
             raise GifError(
                 "checkpoint: no checkpoint given; set `checkpoint:` in the config or "
-                "pass one (train it with `gif train CONFIG -o model.safetensors`)"
+                f"train one: `gif train {source} -o runs/base.safetensors`"
             )
+        if not Path(path).is_file():
+            hints = {
+                "model": f"train it with `gif train {source} -o {path}`, or set `checkpoint:`",
+                "oracle": f"train the retrain oracle with `gif train {source} --retrain -o {path}`",
+                "evaluated": "pass a checkpoint written by `gif train` or by an edit "
+                "(OUTPUT_DIR/model.safetensors)",
+            }
+            raise GifError(f"{path}: checkpoint not found; {hints[role]}")
         model = build_model(
             self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
         )

@@ -45,7 +45,7 @@ def run_edit(
     ctx = prepare(config)
     task = task_type.from_config(config, ctx.data)
     model = ctx.load_model()
-    oracle_model = ctx.load_model(oracle) if oracle is not None else None
+    oracle_model = ctx.load_model(oracle, role="oracle") if oracle is not None else None
     mask = load_mask(mask_path, model) if mask_path is not None else None
     input_sha = sha256_file(config.checkpoint)
     with distributed.process_group(ctx.device):
@@ -123,7 +123,7 @@ def run_evaluate(
     notes: list[str] = []
     config = _recorded_removal(config, checkpoint, removal_given, notes)
     ctx = prepare(config)
-    model = ctx.load_model(checkpoint)
+    model = ctx.load_model(checkpoint, role="evaluated")
     task = ctx.task()
     report = EvaluateReport(
         task=task.name,

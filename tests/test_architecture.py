@@ -24,7 +24,7 @@ LAYERS = {
         "checks",
     },
     2: {"tasks"},
-    3: {"pipeline", "context", "report", "train", "runs"},
+    3: {"pipeline", "context", "report", "train", "runs", "shipped"},
     4: {"cli"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
