@@ -222,6 +222,7 @@ def estimate(
             target_flat=target,
             solver=influence.solver,
             damping=influence.damping,
+            damping_relative=influence.damping_relative,
             max_iter=influence.max_iter,
             tol=influence.tol,
             removal_operator=removal_operator,
