@@ -460,6 +460,8 @@ class PathResult:
     coefficients: Tensor
     basis: Tensor
     device: torch.device
+    sigma_history: list[float] = field(default_factory=list)
+    """``σ_max(B_j)`` after each iteration: how settled the estimate is."""
     message: str = ""
 
     def __len__(self) -> int:
@@ -480,6 +482,7 @@ class PathResult:
             "iterations": self.iterations,
             "hvps": self.hvps,
             "seconds": self.seconds,
+            "sigma_history": self.sigma_history,
             "message": self.message,
             "records": [record.to_dict() for record in self.records],
         }
@@ -578,6 +581,7 @@ def lsqr_path(
         coefficients=coefficients,
         basis=basis,
         device=b.device,
+        sigma_history=[small.sigma_max for small in smalls],
     )
     capped = steps < max_iter and k == steps
     for i, record in enumerate(records):

@@ -209,6 +209,9 @@ def test_path_over_the_whole_krylov_space_is_the_exact_damped_solution(kind, ref
     a, b = _matrix(kind)
     path = _path(a, b, max_iter=min(a.shape))
     assert path.sigma_max == pytest.approx(float(torch.linalg.matrix_norm(a, 2)), rel=1e-8)
+    history = path.sigma_history  # σ_max(B_j) grows with j (interlacing) up to σ_max(A)
+    assert len(history) == path.iterations and history[-1] == path.sigma_max
+    assert all(b >= a - 1e-12 for a, b in zip(history, history[1:], strict=False))
     for i, damping in enumerate(path.lambdas):
         expected = reference.damped_lstsq(a, b, damping)
         assert reference.relative_error(path.solution(i), expected) < 1e-5
