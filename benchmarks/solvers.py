@@ -388,7 +388,7 @@ def validation_objective(ctx: dict, args: argparse.Namespace):
 
 
 def step_grid(ctx: dict, theta: Tensor):
-    """``Δ ↦ `` the SPEC §4 grid of 48 relative steps from 1e-3 to 10 for that ``Δ``."""
+    """``Δ ↦ `` its step grid: 48 relative steps ``|s·Δ| / |θ_t|`` from 1e-3 to 10."""
     target_norm = float(theta[ctx["target"]].norm())
     return lambda delta: scale_grid(
         delta_norm=float(delta.norm()),
@@ -411,7 +411,7 @@ def metrics_on_test(
 
 
 def evaluate_update(ctx: dict, delta: Tensor, args: argparse.Namespace) -> dict:
-    """Best scale on the validation split (SPEC §4 grid), then the test metrics there."""
+    """Best scale on the validation split (``step_grid``), then the test metrics there."""
     model, target = ctx["model"], ctx["target"]
     theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
     grid = step_grid(ctx, theta)(delta)
@@ -777,6 +777,14 @@ def _markdown_path(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _portable(value: object) -> str:
+    """An argument as text, a path inside the repository relative to its root."""
+    root = Path(__file__).resolve().parents[1]
+    if isinstance(value, Path) and value.resolve().is_relative_to(root):
+        return str(value.resolve().relative_to(root))
+    return str(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_probe:
@@ -795,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     run = {
         "command": " ".join(["benchmarks/solvers.py", *(argv or sys.argv[1:])]),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: _portable(v) for k, v in vars(args).items()},
         "machine": {
             "torch": torch.__version__,
             "python": platform.python_version(),
