@@ -10,10 +10,14 @@ On a TinyNet trained on a data set (scikit-learn's digits by default, or any ``t
 3. peak memory of HVPs against the Hessian sample size at a fixed batch size (each point in a
    fresh process);
 4. damping and iteration limit: update norms, residuals and the validation / test forgetting
-   quality after the step-scale search, for a grid of dampings and max_iter.
+   quality after the step-scale search, for a grid of dampings and max_iter;
+5. the damping path: one LSQR run for a whole grid of dampings against one single-damping
+   solve at the same iterations (wall time, side by side), its σ_max estimate, its float32
+   agreement with lsqr with and without reorthogonalisation, and the joint (λ, s) search.
 
-    .venv/bin/python benchmarks/solvers.py                   # digits, about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/solvers.py                   # digits, about 5 minutes on 2 cores
     .venv/bin/python benchmarks/solvers.py --data my.npz --hessian-samples 2048
+    .venv/bin/python benchmarks/solvers.py --sections path   # one section, merged into the JSON
 
 Writes benchmarks/results/solvers.json and prints a markdown summary.
 """
@@ -37,14 +41,21 @@ from torch import Tensor, nn
 
 from gifcli.config import DataConfig, TrainConfig
 from gifcli.data import TensorSplit, load_dataset
-from gifcli.influence import CurvatureOperator, estimate_update, removal_gradient
+from gifcli.influence import CurvatureOperator, estimate_path, estimate_update, removal_gradient
 from gifcli.influence.hvp import HVP_MODES, flatten, trainable_parameters
 from gifcli.models import TinyNet
 from gifcli.selection import mask_to_flat, select_target_mask
 from gifcli.train import train_model
-from gifcli.update import assign_flat, scale_grid, search_scale, updated
+from gifcli.update import (
+    assign_flat,
+    scale_grid,
+    search_damping_and_scale,
+    search_scale,
+    updated,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solvers.json"
+SECTIONS = ("solvers", "throughput", "memory", "damping", "path")
 MEMORY_VARIANTS = (  # (column, hvp_mode, linearisation cache budget in bytes)
     ("linearize (default, 1 GiB cache)", "linearize", 1 << 30),
     ("linearize, 48 MiB cache", "linearize", 48 << 20),
@@ -67,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--memory-sizes", default="256,640,1024", help="Hessian sample sizes, section 3")
     add("--dampings", default="0,1e-3,1e-2,1e-1,1", help="section 4")
     add("--max-iters", default="20,100", help="section 4")
+    add("--path-iter", type=int, default=20, help="section 5: LSQR iterations")
+    add("--path-repeats", type=int, default=9, help="section 5: timed runs of each (median)")
+    add("--sections", default=",".join(SECTIONS), help="comma-separated subset to run")
     add("--threads", type=int, default=1, help="torch intra-op threads (1: stable timings)")
     add("--seed", type=int, default=0)
     add("--output", type=Path, default=RESULTS)
@@ -363,35 +377,57 @@ def f1(forget_acc: float, retain_acc: float) -> float:
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
 
 
-def evaluate_update(ctx: dict, delta: Tensor, args: argparse.Namespace) -> dict:
-    """Best scale on the validation split (SPEC §4 grid), then the test metrics there."""
-    model, target, splits = ctx["model"], ctx["target"], ctx["splits"]
-    theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
-    grid = scale_grid(
+def validation_objective(ctx: dict, args: argparse.Namespace):
+    """The step search's objective: forgetting F1 on the validation split."""
+
+    def objective(m: nn.Module) -> tuple[float, dict]:
+        forget, retain = accuracies(m, ctx["splits"].val, args.remove_class)
+        return f1(forget, retain), {"forget_val": forget, "retain_val": retain}
+
+    return objective
+
+
+def step_grid(ctx: dict, theta: Tensor):
+    """``Δ ↦ `` its step grid: 48 relative steps ``|s·Δ| / |θ_t|`` from 1e-3 to 10."""
+    target_norm = float(theta[ctx["target"]].norm())
+    return lambda delta: scale_grid(
         delta_norm=float(delta.norm()),
-        target_norm=float(theta[target].norm()),
+        target_norm=target_norm,
         points=48,
         smallest=1e-3,
         largest=10.0,
     )
 
-    def objective(m: nn.Module) -> tuple[float, dict]:
-        forget, retain = accuracies(m, splits.val, args.remove_class)
-        return f1(forget, retain), {"forget_val": forget, "retain_val": retain}
 
+def metrics_on_test(
+    ctx: dict, args: argparse.Namespace, theta: Tensor, delta: Tensor, scale: float
+) -> dict:
+    """Forget / retain accuracy and F1 on the test split at ``θ + s·Δ`` (model restored)."""
+    model = ctx["model"]
+    assign_flat(model, updated(theta, delta, ctx["target"], scale))
+    forget, retain = accuracies(model, ctx["splits"].test, args.remove_class)
+    assign_flat(model, theta)
+    return {"forget_test": forget, "retain_test": retain, "f1_test": f1(forget, retain)}
+
+
+def evaluate_update(ctx: dict, delta: Tensor, args: argparse.Namespace) -> dict:
+    """Best scale on the validation split (``step_grid``), then the test metrics there."""
+    model, target = ctx["model"], ctx["target"]
+    theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
+    grid = step_grid(ctx, theta)(delta)
     scale, sweep = search_scale(
-        model, theta=theta, delta=delta, target=target, grid=grid, objective=objective
+        model,
+        theta=theta,
+        delta=delta,
+        target=target,
+        grid=grid,
+        objective=validation_objective(ctx, args),
     )
     best = next(p for p in sweep if p.scale == scale)
-    assign_flat(model, updated(theta, delta, target, scale))
-    forget, retain = accuracies(model, splits.test, args.remove_class)
-    assign_flat(model, theta)
     return {
         "relative_step": best.relative_step,
         "f1_val": best.objective,
-        "forget_test": forget,
-        "retain_test": retain,
-        "f1_test": f1(forget, retain),
+        **metrics_on_test(ctx, args, theta, delta, scale),
     }
 
 
@@ -439,11 +475,161 @@ def bench_damping(ctx: dict, args: argparse.Namespace) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- 5. damping path
+
+
+def true_residuals(operator, ctx: dict, delta: Tensor, damping: float) -> tuple[float, float]:
+    """GIF's relative residual ``‖H Δ − g‖/‖g‖`` and relative normal residual
+    ``‖(H(g − HΔ))_t − λ²Δ_t‖ / ‖(H g)_t‖`` of a full-size ``Δ`` (2 HVPs, 3 with the norm)."""
+    g, target = ctx["gradient"], ctx["target"]
+    r = g - operator.matvec(delta)
+    normal = operator.matvec(r)[target] - damping**2 * delta[target]
+    atb = operator.matvec(g)[target]
+    return float(r.norm() / g.norm()), float(normal.norm() / atb.norm())
+
+
+def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator) -> dict:
+    """One path run against one single-λ lsqr solve at the same iterations, interleaved."""
+    common = {
+        "method": "gif",
+        "operator": operator,
+        "gradient": ctx["gradient"],
+        "target_flat": ctx["target"],
+        "tol": 0.0,
+    }
+    operator.matvec(ctx["gradient"])  # trace the linearisation first: both runs replay it
+
+    def single():
+        return estimate_update(solver="lsqr", damping=1e-2, max_iter=args.path_iter, **common)
+
+    def path():  # every Δ_λ materialised once, as the joint search does
+        run = estimate_path(max_iter=args.path_iter, **common)
+        norms = [float(run.update(i).norm()) for i in range(len(run))]
+        return run, norms
+
+    # Wall time is what the user waits; on shared cores it is noisy, so the process CPU time
+    # (one thread: the work itself) is recorded beside it.
+    seconds: dict[str, list[float]] = {"lsqr": [], "path": []}
+    cpu: dict[str, list[float]] = {"lsqr": [], "path": []}
+    outputs = {}
+    for repeat in range(args.path_repeats):
+        runs = (("lsqr", single), ("path", path))
+        for name, fn in runs if repeat % 2 == 0 else runs[::-1]:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            outputs[name] = fn()
+            seconds[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - cpu_started)
+    (_, single_result), (run, norms) = outputs["lsqr"], outputs["path"]
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    fastest = {name: min(times) for name, times in seconds.items()}
+    median_cpu = {name: statistics.median(times) for name, times in cpu.items()}
+    out = {
+        "iterations": args.path_iter,
+        "repeats": args.path_repeats,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "median_seconds": median,
+        "path_over_lsqr": median["path"] / median["lsqr"],
+        "path_over_lsqr_fastest": fastest["path"] / fastest["lsqr"],
+        "path_over_lsqr_cpu": median_cpu["path"] / median_cpu["lsqr"],
+        "hvps": {"lsqr": single_result.hvps, "path": run.path.hvps},
+        "sigma_max_path": run.sigma_max,
+        "sigma_history": run.path.sigma_history,
+        "sigma_max_power_iteration": ctx["sigma_max"],
+        "agreement": float32_agreement(ctx, args, common),
+        "grid": [],
+    }
+    reorthogonal = estimate_path(max_iter=args.path_iter, reorthogonalize=True, **common)
+    for i, damping in enumerate(run.lambdas):
+        delta, other = run.update(i), reorthogonal.update(i)
+        relative, normal = true_residuals(operator, ctx, delta, damping)
+        _, normal_reorthogonal = true_residuals(operator, ctx, other, damping)
+        out["grid"].append(
+            {
+                "relative_damping": run.relative[i],
+                "damping": damping,
+                "delta_norm": norms[i],
+                "relative_residual": relative,
+                "relative_normal_residual": normal,
+                "relative_normal_residual_reorthogonalized": normal_reorthogonal,
+                "cosine_to_reorthogonalized": float(
+                    torch.dot(delta, other) / (delta.norm() * other.norm())
+                ),
+                **evaluate_update(ctx, delta, args),
+            }
+        )
+    out["joint_search"] = [joint_search(ctx, args, run, stride) for stride in (1, 2, 3)]
+    return out
+
+
+def float32_agreement(ctx: dict, args: argparse.Namespace, common: dict) -> list[dict]:
+    """Path against lsqr at one λ (float32, no reorthogonalisation), and the orthogonality
+    lost by the Krylov vectors, at the benchmark's iterations and twice as many."""
+    rows = []
+    for iterations in (args.path_iter, 2 * args.path_iter):
+        run = estimate_path(max_iter=iterations, grid=[1e-2], relative=False, **common)
+        delta, _ = estimate_update(solver="lsqr", damping=1e-2, max_iter=iterations, **common)
+        basis = run.path.basis.double()
+        eye = torch.eye(len(basis), dtype=torch.float64)
+        rows.append(
+            {
+                "iterations": iterations,
+                "relative_difference": float((run.update(0) - delta).norm() / delta.norm()),
+                "orthogonality_loss": float((basis @ basis.T - eye).abs().max()),
+            }
+        )
+    return rows
+
+
+def joint_search(ctx: dict, args: argparse.Namespace, run, stride: int) -> dict:
+    """``search_damping_and_scale`` on the validation split; test metrics at its choice."""
+    model = ctx["model"]
+    theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
+    started = time.perf_counter()
+    choice = search_damping_and_scale(
+        model,
+        theta=theta,
+        path=run,
+        target=ctx["target"],
+        grid_for=step_grid(ctx, theta),
+        objective=validation_objective(ctx, args),
+        coarse_stride=stride,
+    )
+    chosen = next(
+        p for p in choice.sweep if p.damping == choice.damping and p.scale == choice.scale
+    )
+    return {
+        "coarse_stride": stride,
+        "evaluations": len(choice.sweep),
+        "seconds": time.perf_counter() - started,
+        "relative_damping": choice.relative_damping,
+        "damping": choice.damping,
+        "relative_step": chosen.relative_step,
+        "f1_val": choice.objective,
+        **metrics_on_test(ctx, args, theta, run.update(choice.index), choice.scale),
+        # the full 2-D sweep (the heat map's data) once, at stride 1
+        "sweep": [p.to_dict() for p in choice.sweep] if stride == 1 else None,
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
 def markdown(results: dict) -> str:
-    s, t = results["solvers"], results["throughput"]
+    """The summary of every section in ``results``."""
+    renderers = {
+        "solvers": _markdown_solvers,
+        "throughput": _markdown_throughput,
+        "memory": _markdown_memory,
+        "damping": _markdown_damping,
+        "path": _markdown_path,
+    }
+    return "\n\n".join(
+        render(results[name]) for name, render in renderers.items() if name in results
+    )
+
+
+def _markdown_solvers(s: list) -> str:
     lines = [
         "### 1. HVPs to reach the residual of the paper's Neumann solver",
         "",
@@ -459,8 +645,11 @@ def markdown(results: dict) -> str:
             f"{run['cg']['hvps_to_reach'] or '—'} | "
             f"{run['lsqr']['neumann_hvps_per_hvp'] or float('nan'):.1f}× |"
         )
-    lines += [
-        "",
+    return "\n".join(lines)
+
+
+def _markdown_throughput(t: dict) -> str:
+    lines = [
         f"### 2. HVP throughput, one batch of {t['batch']}",
         "",
         "| path | ms / product | vs double-backward | LSQR 20 it. incl. setup, s |",
@@ -476,9 +665,11 @@ def markdown(results: dict) -> str:
     lines.append(
         f"\nlinearize setup (trace + first product): {t['linearize_setup_seconds']:.2f} s per batch"
     )
-    m = results["memory"]
-    lines += [
-        "",
+    return "\n".join(lines)
+
+
+def _markdown_memory(m: dict) -> str:
+    lines = [
         f"### 3. Peak memory above baseline (MiB), batch size {m['batch_size']}",
         "",
         "| Hessian samples | " + " | ".join(m["peak_mib"]) + " |",
@@ -493,9 +684,11 @@ def markdown(results: dict) -> str:
             for runs in m["peak_mib"].values()
         ]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
-    d = results["damping"]
-    lines += [
-        "",
+    return "\n".join(lines)
+
+
+def _markdown_damping(d: dict) -> str:
+    lines = [
         "### 4. Damping and max_iter (LSQR, GIF)",
         "",
         f"σ_max(H[:, t]) ≈ {d['sigma_max']:.3g}; ‖θ_t‖ = {d['target_norm']:.3g}",
@@ -521,11 +714,85 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown_path(p: dict) -> str:
+    median, hvps = p["median_seconds"], p["hvps"]
+    sigma = p["sigma_history"]
+    steps = sorted({k for k in (1, 5, 10, len(sigma)) if 1 <= k <= len(sigma)})
+    lines = [
+        f"### 5. Damping path ({p['iterations']} LSQR iterations, GIF)",
+        "",
+        f"| run | median wall s ({p['repeats']} runs, interleaved) | fastest wall s | "
+        "median CPU s | HVPs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("lsqr", "lsqr, one λ = 1e-2"), ("path", "path, 8 λ, every Δ_λ built")):
+        lines.append(
+            f"| {label} | {median[name]:.2f} | {min(p['seconds'][name]):.2f} | "
+            f"{statistics.median(p['cpu_seconds'][name]):.2f} | {hvps[name]} |"
+        )
+    lines += [
+        "",
+        f"path / lsqr: wall time {p['path_over_lsqr']:.3f} (median), "
+        f"{p['path_over_lsqr_fastest']:.3f} (fastest); CPU time {p['path_over_lsqr_cpu']:.3f}",
+        "",
+        f"σ_max(B_k) at k = {', '.join(map(str, steps))}: "
+        + ", ".join(f"{sigma[k - 1]:.4g}" for k in steps)
+        + f"; power iteration (15 steps): {p['sigma_max_power_iteration']:.4g}",
+        "",
+        "| iterations | path vs lsqr at λ = 1e-2 (float32, relative) | max abs(VᵀV − I) |",
+        "|---|---|---|",
+    ]
+    for row in p["agreement"]:
+        lines.append(
+            f"| {row['iterations']} | {row['relative_difference']:.1e} | "
+            f"{row['orthogonality_loss']:.2f} |"
+        )
+    lines += [
+        "",
+        "| λ / σ_max | λ | ‖Δ‖ | rel. residual | rel. normal res. | same, reorthogonalised "
+        "| cos to reorth. | best rel. step | F1 val | forget test % | retain test % | F1 test |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in p["grid"]:
+        lines.append(
+            f"| {r['relative_damping']:.2g} | {r['damping']:.3g} | {r['delta_norm']:.3g} | "
+            f"{r['relative_residual']:.3f} | {r['relative_normal_residual']:.1e} | "
+            f"{r['relative_normal_residual_reorthogonalized']:.1e} | "
+            f"{r['cosine_to_reorthogonalized']:.4f} | {r['relative_step']:.3g} | "
+            f"{r['f1_val']:.1f} | {r['forget_test']:.1f} | {r['retain_test']:.1f} | "
+            f"{r['f1_test']:.1f} |"
+        )
+    lines += [
+        "",
+        "| joint search, coarse stride | evaluations | s | λ / σ_max | rel. step | F1 val | "
+        "forget test % | retain test % | F1 test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for j in p["joint_search"]:
+        lines.append(
+            f"| {j['coarse_stride']} | {j['evaluations']} | {j['seconds']:.1f} | "
+            f"{j['relative_damping']:.2g} | {j['relative_step']:.3g} | {j['f1_val']:.1f} | "
+            f"{j['forget_test']:.1f} | {j['retain_test']:.1f} | {j['f1_test']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _portable(value: object) -> str:
+    """An argument as text, a path inside the repository relative to its root."""
+    root = Path(__file__).resolve().parents[1]
+    if isinstance(value, Path) and value.resolve().is_relative_to(root):
+        return str(value.resolve().relative_to(root))
+    return str(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_probe:
         memory_probe(args.memory_probe)
         return
+    chosen = args.sections.split(",")
+    if not set(chosen) <= set(SECTIONS):
+        raise SystemExit(f"--sections: choose from {', '.join(SECTIONS)}, got {args.sections}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     ctx = setup(args)
@@ -534,9 +801,9 @@ def main(argv: list[str] | None = None) -> None:
         f"of {len(ctx['target'])}",
         file=sys.stderr,
     )
-    results = {
+    run = {
         "command": " ".join(["benchmarks/solvers.py", *(argv or sys.argv[1:])]),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: _portable(v) for k, v in vars(args).items()},
         "machine": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -552,6 +819,9 @@ def main(argv: list[str] | None = None) -> None:
             "test_acc": accuracies(ctx["model"], ctx["splits"].test, -1)[1],
         },
     }
+    # A subset of the sections updates them in the existing results; each records its run.
+    partial = set(chosen) != set(SECTIONS) and args.output.exists()
+    results = json.loads(args.output.read_text()) if partial else dict(run)
     operator = operator_for(ctx, args)
     ctx["sigma_max"] = top_singular_value(operator, ctx["target"])
     tuned = 0.75 * ctx["sigma_max"]  # c² = 0.56 σ_max² > σ_max² / 2: no restart needed
@@ -561,15 +831,23 @@ def main(argv: list[str] | None = None) -> None:
         ("throughput", lambda: bench_throughput(ctx, args)),
         ("memory", lambda: bench_memory(ctx, args)),
         ("damping", lambda: bench_damping(ctx, args)),
+        ("path", lambda: bench_path(ctx, args, operator)),
     )
-    for name, run in sections:
+    for name, bench in sections:
+        if name not in chosen:
+            continue
         section_started = time.perf_counter()
-        results[name] = run()
+        results[name] = bench()
+        results.setdefault("section_runs", {})[name] = {
+            **run,
+            "seconds": time.perf_counter() - section_started,
+        }
         print(f"{name}: {time.perf_counter() - section_started:.1f} s", file=sys.stderr)
-    results["total_seconds"] = time.perf_counter() - started
+    if not partial:
+        results["total_seconds"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
-    print(markdown(results))
+    print(markdown({name: results[name] for name in chosen}))
 
 
 if __name__ == "__main__":

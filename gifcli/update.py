@@ -5,16 +5,25 @@ The first-order ``Δ`` is exact only for an infinitesimal removal, so its length
 (``θ̂_t`` the target parameters) from ``update.grid_min`` to ``update.grid_max``; each is
 scored by the task's objective on the validation split and the best is kept, ties going to
 the smaller step.
+
+With ``influence.damping: auto`` the estimator returns one ``Δ_λ`` per damping of a grid
+(``UpdatePath``), and ``search_damping_and_scale`` searches ``(λ, s)`` jointly: every step grid
+coarsely, then finely around each ``λ``'s best, ties going to the larger ``λ`` and then to the
+smaller step.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
+
+Objective = Callable[[nn.Module], tuple[float, dict]]
 
 
 @torch.no_grad()
@@ -71,7 +80,7 @@ def search_scale(
     delta: torch.Tensor,
     target: torch.Tensor,
     grid: list[tuple[float, float]],
-    objective: Callable[[nn.Module], tuple[float, dict]],
+    objective: Objective,
     advance: Callable[[], None] | None = None,
 ) -> tuple[float, list[SweepPoint]]:
     """Score every grid point with ``objective(model) -> (value, metrics)`` (higher is better);
@@ -95,3 +104,147 @@ def search_scale(
 
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -math.inf
+
+
+# --------------------------------------------------------------------------- damping and step
+
+
+class DampingPath(Protocol):
+    """What the joint search needs from a regularisation path (``UpdatePath`` has it)."""
+
+    lambdas: list[float]
+    relative: list[float]
+
+    def __len__(self) -> int: ...
+
+    def update(self, index: int) -> torch.Tensor: ...
+
+
+@dataclass
+class DampedSweepPoint(SweepPoint):
+    """A point of the 2-D sweep: the step ``scale`` along ``Δ_λ`` of damping ``λ``."""
+
+    damping: float = 0.0
+    relative_damping: float = 0.0
+    stage: str = "coarse"
+
+    def to_dict(self) -> dict:
+        return {
+            "damping": self.damping,
+            "relative_damping": self.relative_damping,
+            **super().to_dict(),
+            "stage": self.stage,
+        }
+
+
+@dataclass
+class DampingChoice:
+    """The chosen ``(λ, s)``: ``index`` into the path's grid, and the 2-D sweep."""
+
+    index: int
+    damping: float
+    relative_damping: float
+    scale: float
+    objective: float
+    sweep: list[DampedSweepPoint] = field(default_factory=list)
+
+
+def search_damping_and_scale(
+    model: nn.Module,
+    *,
+    theta: torch.Tensor,
+    path: DampingPath,
+    target: torch.Tensor,
+    grid_for: Callable[[torch.Tensor], list[tuple[float, float]]],
+    objective: Objective,
+    coarse_stride: int = 2,
+    advance: Callable[[], None] | None = None,
+) -> DampingChoice:
+    """Choose the damping ``λ`` of ``path`` and the step scale ``s`` together on ``objective``.
+
+    For each ``λ`` (one ``Δ_λ = path.update(i)`` in memory at a time), ``grid_for(Δ_λ)`` gives
+    its step grid, ``[(scale, relative step)]`` (``scale_grid``); the coarse pass scores every
+    ``coarse_stride``-th point and the last, the fine pass the points skipped next to the
+    coarse best, so a single-peaked curve keeps its exact optimum at about ``1/coarse_stride``
+    of the evaluations (``coarse_stride=1``: the full grid). The best point over all ``λ``
+    wins, ties going to the larger ``λ`` (the more regularised update), then to the smaller
+    step. ``objective(model) -> (value, metrics)``, higher is better; non-finite values lose.
+    The model is left at ``theta``. Raises ValueError on an empty path.
+    """
+    if coarse_stride < 1:
+        raise ValueError(f"coarse_stride must be >= 1, got {coarse_stride}")
+    if len(path) == 0:
+        raise ValueError("the damping path is empty")
+    sweep: list[DampedSweepPoint] = []
+    owner: list[int] = []  # the grid index of each sweep point's λ
+    for index in range(len(path)):
+        delta = path.update(index)
+        grid = grid_for(delta)
+        evaluate = functools.partial(
+            _score,
+            model,
+            theta=theta,
+            delta=delta,
+            target=target,
+            objective=objective,
+            advance=advance,
+            damping=path.lambdas[index],
+            relative_damping=path.relative[index],
+        )
+        coarse = sorted({*range(0, len(grid), coarse_stride), len(grid) - 1} - {-1})
+        points = evaluate(grid=[grid[i] for i in coarse], stage="coarse")
+        if points:
+            best = coarse[max(range(len(points)), key=lambda j: _rank(points[j]))]
+            fine = [
+                i
+                for i in range(best - coarse_stride + 1, best + coarse_stride)
+                if 0 <= i < len(grid) and i not in coarse
+            ]
+            points += evaluate(grid=[grid[i] for i in fine], stage="fine")
+        sweep += points
+        owner += [index] * len(points)
+    if not sweep:
+        return DampingChoice(0, path.lambdas[0], path.relative[0], 0.0, -math.inf)
+    position = max(
+        range(len(sweep)),
+        key=lambda j: (_finite(sweep[j].objective), sweep[j].damping, -sweep[j].scale),
+    )
+    best = sweep[position]
+    return DampingChoice(
+        index=owner[position],
+        damping=best.damping,
+        relative_damping=best.relative_damping,
+        scale=best.scale,
+        objective=best.objective,
+        sweep=sweep,
+    )
+
+
+def _score(
+    model: nn.Module,
+    *,
+    grid: list[tuple[float, float]],
+    stage: str,
+    damping: float,
+    relative_damping: float,
+    **search: object,
+) -> list[DampedSweepPoint]:
+    """``search_scale``'s sweep over ``grid``, each point labelled with its ``λ`` and stage."""
+    _, points = search_scale(model, grid=grid, **search)
+    return [
+        DampedSweepPoint(
+            p.scale,
+            p.relative_step,
+            p.objective,
+            p.metrics,
+            damping=damping,
+            relative_damping=relative_damping,
+            stage=stage,
+        )
+        for p in points
+    ]
+
+
+def _rank(point: SweepPoint) -> tuple[float, float]:
+    """Order within one step grid: objective, then the smaller step."""
+    return _finite(point.objective), -point.scale

@@ -134,3 +134,33 @@ def test_readme_config_reference_is_current():
     readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
     missing = [key for key, _, _ in reference() if f"`{key}`" not in readme]
     assert not missing, f"README.md lacks {missing}: run scripts/config_reference.py"
+
+
+def test_damping_is_absolute_1e_2_by_default_and_accepts_auto_numbers_and_relative():
+    influence = build_config({}).influence
+    assert (influence.damping, influence.damping_relative) == (0.01, False)
+    assert build_config({"influence": {"damping": "auto"}}).influence.damping == "auto"
+    relative = build_config({"influence": {"damping": 0.05, "damping_relative": True}})
+    assert relative.influence.damping == 0.05 and relative.influence.damping_relative
+    # YAML reads 1e-3 without a dot as a string; it is still a number here
+    assert build_config({"influence": {"damping": "1e-3"}}).influence.damping == 1e-3
+    auto = build_config({"influence": {"damping": "auto"}})
+    assert build_config(yaml.safe_load(auto.to_yaml())) == auto
+
+
+@pytest.mark.parametrize(
+    ("influence", "message"),
+    [
+        ({"damping": "fast"}, "influence.damping: must be 'auto' or a number"),
+        ({"damping": -1.0}, "influence.damping: must be a finite number >= 0"),
+        ({"damping": float("inf")}, "influence.damping: must be a finite number >= 0"),
+        ({"damping": "auto", "solver": "cg"}, "'auto' runs the lsqr regularisation path"),
+        ({"damping": "auto", "method": "sif"}, "not sif"),
+        ({"damping_relative": "yes"}, "influence.damping_relative: expected true/false"),
+        ({"damping_points": 0}, "influence.damping_points: must be positive"),
+        ({"damping_min": 2.0}, "need 0 < damping_min <= damping_max"),
+    ],
+)
+def test_bad_damping_settings_name_the_key(influence, message):
+    with pytest.raises(GifError, match=message):
+        build_config({"influence": influence})

@@ -178,6 +178,26 @@ def test_every_method_and_solver_runs_through_the_command(
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("solver", ["lsqr", "cg"])
+def test_relative_damping_reports_the_absolute_lambda_it_used(runner, tmp_path, tiny_mlp, solver):
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        f"influence.solver={solver}",
+        "influence.damping=0.05",
+        "influence.damping_relative=true",
+        f"output.dir={tmp_path / 'out'}",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    solve = json.loads(result.stdout)["solver"]
+    assert solve["sigma_max"] > 0 and "σ_max" in solve["message"]
+    assert solve["damping"] == pytest.approx(0.05 * solve["sigma_max"])
+
+
 def test_saved_mask_is_reused_and_a_misfit_mask_is_an_error(
     runner, tmp_path, tiny_mlp, digits_base
 ):

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from gifcli.update import assign_flat, scale_grid, search_scale, updated
+from gifcli.update import (
+    assign_flat,
+    scale_grid,
+    search_damping_and_scale,
+    search_scale,
+    updated,
+)
 
 
 def test_update_touches_only_target_coordinates_bit_for_bit():
@@ -60,3 +66,86 @@ def test_non_finite_objectives_never_win():
         objective=lambda m: (next(values), {}),
     )
     assert best == 2.0
+
+
+# --------------------------------------------------------------------------- damping and step
+
+
+class FakePath:
+    """Δ_λ = λ-dependent directions in a 2-parameter model; ``updates`` counts materialisations."""
+
+    def __init__(self, lambdas, directions):
+        self.lambdas, self.relative = lambdas, [lam / 10 for lam in lambdas]
+        self.directions, self.updates = directions, 0
+
+    def __len__(self):
+        return len(self.lambdas)
+
+    def update(self, index):
+        self.updates += 1
+        return torch.tensor(self.directions[index])
+
+
+def _joint(path, objective, **kwargs):
+    model = nn.Linear(2, 1, bias=False)
+    theta = torch.zeros(2)
+    assign_flat(model, theta)
+    grid_for = lambda delta: [(s, s) for s in torch.logspace(-2, 1, 25).tolist()]  # noqa: E731
+    choice = search_damping_and_scale(
+        model,
+        theta=theta,
+        path=path,
+        target=torch.ones(2, dtype=torch.bool),
+        grid_for=grid_for,
+        objective=objective,
+        **kwargs,
+    )
+    assert model.weight.abs().sum() == 0, "the model is left at theta"
+    return choice
+
+
+def _peak(m):
+    """Single-peaked in the edited weights, best at w = (1, 1)."""
+    w = m.weight.detach().reshape(-1)
+    return -float(((w - 1) ** 2).sum()), {"w0": float(w[0])}
+
+
+def test_joint_search_finds_the_full_grid_optimum_with_fewer_evaluations():
+    directions = [[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]  # only λ index 1 can reach (1, 1)
+    full = _joint(FakePath([0.1, 1.0, 10.0], directions), _peak, coarse_stride=1)
+    path = FakePath([0.1, 1.0, 10.0], directions)
+    coarse = _joint(path, _peak, coarse_stride=3)
+    assert (coarse.index, coarse.scale) == (full.index, full.scale) == (1, pytest.approx(1.0))
+    assert coarse.damping == 1.0 and coarse.relative_damping == 0.1
+    assert len(full.sweep) == 3 * 25
+    assert len(coarse.sweep) == 3 * (9 + 4)  # per damping: 9 coarse points, 4 fine ones
+    assert {p.stage for p in coarse.sweep} == {"coarse", "fine"}
+    assert path.updates == 3, "one materialised update per damping"
+    point = coarse.sweep[0].to_dict()
+    assert {"damping", "relative_damping", "scale", "relative_step", "objective", "w0"} <= set(
+        point
+    )
+
+
+def test_joint_search_ties_go_to_the_larger_damping_then_the_smaller_step():
+    path = FakePath([0.1, 1.0, 10.0], [[1.0, 0.0]] * 3)
+
+    def plateau(m):
+        return min(m.weight[0, 0].item(), 1.0), {}
+
+    choice = _joint(path, plateau, coarse_stride=1)
+    assert choice.index == 2 and choice.damping == 10.0
+    assert choice.scale == pytest.approx(1.0)  # the smallest step reaching the plateau
+
+
+def test_joint_search_never_picks_a_non_finite_objective():
+    path = FakePath([0.1, 1.0], [[1.0, 0.0], [0.0, 1.0]])
+
+    def objective(m):
+        w = m.weight.detach().reshape(-1)
+        return (float("nan") if w[1] > 0 else float(w[0])), {}
+
+    choice = _joint(path, objective)
+    assert choice.index == 0 and math.isfinite(choice.objective)
+    with pytest.raises(ValueError, match="coarse_stride"):
+        _joint(path, objective, coarse_stride=0)

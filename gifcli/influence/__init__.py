@@ -2,12 +2,19 @@
 
 - ``hvp``: ``CurvatureOperator`` (``H v`` of the retained risk via ``torch.func``, streamed),
   ``loss_gradient``, the flat-vector helpers and ``reduce_sum``, the one reduction point.
-- ``solvers``: ``lsqr``, ``cg``, ``neumann``, ``exact`` behind one signature; ``SolveResult``.
+- ``solvers``: ``lsqr``, ``cg``, ``neumann``, ``exact`` behind one signature; ``SolveResult``;
+  ``lsqr_path`` (every damping of a grid from one run, ``PathResult``) and relative damping.
 - ``estimators``: ``removal_gradient`` and ``estimate_update`` for gif, fif, pif, if, sif and
-  first-order.
+  first-order; ``estimate_path`` (``UpdatePath``) for ``influence.damping: auto``.
 """
 
-from gifcli.influence.estimators import METHODS, estimate_update, removal_gradient
+from gifcli.influence.estimators import (
+    METHODS,
+    UpdatePath,
+    estimate_path,
+    estimate_update,
+    removal_gradient,
+)
 from gifcli.influence.hvp import (
     CURVATURES,
     CurvatureOperator,
@@ -18,18 +25,22 @@ from gifcli.influence.hvp import (
     trainable_parameters,
     unflatten,
 )
-from gifcli.influence.solvers import SOLVERS, SolveResult
+from gifcli.influence.solvers import SOLVERS, PathResult, SolveResult, lsqr_path
 
 __all__ = [
     "CURVATURES",
     "METHODS",
     "SOLVERS",
     "CurvatureOperator",
+    "PathResult",
     "SolveResult",
+    "UpdatePath",
+    "estimate_path",
     "estimate_update",
     "flatten",
     "flatten_params",
     "loss_gradient",
+    "lsqr_path",
     "reduce_sum",
     "removal_gradient",
     "trainable_parameters",

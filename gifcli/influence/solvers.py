@@ -28,13 +28,18 @@ Diagnostics (``SolveResult``), the same for every solver:
 A non-finite value stops the solve with ``converged=False``, the last finite iterate and a
 message saying what to try; so does a residual that grows past ``DIVERGED`` times its start.
 Nothing here raises on non-convergence.
+
+Beyond one ``λ``: ``lsqr_path`` solves the damped problem for a whole grid of ``λ`` from one
+Golub-Kahan run (the regularisation path), and ``solve`` is the one entry point that also takes
+a damping *relative* to ``σ_max(A)`` (``relative_damping``), estimated from the same
+bidiagonalisation (see docs/design.md, solvers).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -77,6 +82,10 @@ class SolveResult:
     normal_residual: float
     converged: bool
     seconds: float
+    damping: float = 0.0
+    """The absolute ``λ`` solved with (0 for a solve without curvature)."""
+    sigma_max: float | None = None
+    """``σ_max(A)`` estimated for a relative damping or a path, else ``None``."""
     residual_history: list[float] = field(default_factory=list)
     normal_history: list[float] = field(default_factory=list)
     message: str = ""
@@ -208,6 +217,7 @@ def _finish(
         normal_residual=normal,
         converged=converged,
         seconds=time.perf_counter() - started,
+        damping=damping,
         residual_history=history[0],
         normal_history=history[1],
         message=message,
@@ -215,7 +225,9 @@ def _finish(
     )
 
 
-def _trivial(name: str, b: Tensor, atb: Tensor, op: _Counted, started: float) -> SolveResult:
+def _trivial(
+    name: str, b: Tensor, atb: Tensor, op: _Counted, started: float, damping: float
+) -> SolveResult:
     """``Aᵀ b = 0``: ``x = 0`` is the (minimum-norm) solution."""
     return SolveResult(
         solver=name,
@@ -225,6 +237,7 @@ def _trivial(name: str, b: Tensor, atb: Tensor, op: _Counted, started: float) ->
         normal_residual=_norm(atb),
         converged=True,
         seconds=time.perf_counter() - started,
+        damping=damping,
         message=f"{name}: Aᵀb = 0, so x = 0 solves the least-squares problem",
     )
 
@@ -247,6 +260,98 @@ def _report(progress: Progress | None, iteration: int, value: float) -> None:
         progress(iteration, value)
 
 
+# --------------------------------------------------------------------------- Golub-Kahan
+
+
+class _GolubKahan:
+    """Golub-Kahan bidiagonalisation of ``A`` started from ``b``, one step at a time.
+
+    ``β₁u₁ = b``, ``α₁v₁ = Aᵀu₁``, then each ``step()`` (two products)
+    ``β_{j+1}u_{j+1} = A v_j − α_j u_j``, ``α_{j+1}v_{j+1} = Aᵀu_{j+1} − β_{j+1}v_j``. After
+    ``k`` steps ``A V_k = U_{k+1} B_k`` with ``B_k`` the ``(k+1)×k`` lower bidiagonal of
+    ``α₁..α_k`` (diagonal) and ``β₂..β_{k+1}`` (subdiagonal); ``V_k`` spans the Krylov space
+    ``K_k(AᵀA, Aᵀb)``, which does not depend on any damping. ``alphas``/``betas`` keep every
+    coefficient; only the current ``u``, ``v`` are kept. A zero ``β`` leaves ``v`` and ``α`` as
+    they were (the space is exhausted).
+    """
+
+    def __init__(self, op: _Counted, b: Tensor) -> None:
+        self.op = op
+        self.beta = _norm(b)
+        self.u = b / self.beta if self.beta > 0 else b.clone()
+        v = op.At(self.u)
+        self.alpha = _norm(v)
+        self.v = v / self.alpha if self.alpha > 0 else v
+        self.alphas, self.betas = [self.alpha], [self.beta]
+
+    def step(self) -> tuple[float, float]:
+        """One step; returns the new ``(β, α)``."""
+        u = self.op.A(self.v) - self.alpha * self.u
+        beta = _norm(u)
+        if beta > 0:
+            u = u / beta
+            v = self.op.At(u) - beta * self.v
+            self.alpha = _norm(v)
+            self.v = v / self.alpha if self.alpha > 0 else v
+        self.u, self.beta = u, beta
+        self.alphas.append(self.alpha)
+        self.betas.append(beta)
+        return beta, self.alpha
+
+    def reorthogonalize(self, basis: Tensor) -> float:
+        """Project the newest ``v`` off the rows of ``basis`` (``V``, where it is kept), twice
+        ("twice is enough"), and renormalise; returns the corrected ``α``. In floating point
+        the ``v_j`` lose orthogonality as Ritz values converge; this keeps ``V`` orthonormal
+        (one-sided reorthogonalisation) at ``2k`` dot products of length ``n`` per step and
+        no product with ``A``."""
+        if self.beta == 0 or self.alpha == 0:
+            return self.alpha
+        v = self.v.to(basis.device) * self.alpha
+        for _ in range(2):
+            v = v - (basis @ v) @ basis
+        self.alpha = _norm(v)
+        self.v = (v / self.alpha if self.alpha > 0 else v).to(self.v.device)
+        self.alphas[-1] = self.alpha
+        return self.alpha
+
+
+class _Bidiagonal:
+    """The small damped problem ``min ‖B_k y − β₁e₁‖² + λ²‖y‖²`` of a Golub-Kahan run, in float64.
+
+    Built from ``α₁..α_{k+1}`` and ``β₁..β_{k+1}``; one SVD of ``B_k`` serves every ``λ``. With
+    ``x = V_k y``: ``‖A x − b‖ = ‖s‖``, ``s = β₁e₁ − B_k y``, and
+    ``‖Aᵀ(b − Ax) − λ²x‖² = ‖B_kᵀ s − λ² y‖² + (α_{k+1} s_{k+1})²`` (``AᵀU_{k+1} = V_{k+1}L``,
+    ``L`` the square bidiagonal ``[B_k, α_{k+1}e_{k+1}]ᵀ``): the diagnostics cost no product.
+    """
+
+    def __init__(self, alphas: Sequence[float], betas: Sequence[float], k: int) -> None:
+        self.matrix = torch.zeros(k + 1, k, dtype=torch.float64)
+        index = torch.arange(k)
+        self.matrix[index, index] = torch.tensor(alphas[:k], dtype=torch.float64)
+        self.matrix[index + 1, index] = torch.tensor(betas[1 : k + 1], dtype=torch.float64)
+        self.rhs = torch.zeros(k + 1, dtype=torch.float64)
+        self.rhs[0] = betas[0]
+        self.alpha_next = alphas[k]
+        self.svd = torch.linalg.svd(self.matrix, full_matrices=False)
+
+    @property
+    def sigma_max(self) -> float:
+        """``σ_max(B_k)``: a lower bound of ``‖A‖₂`` that converges in few steps (Lanczos)."""
+        return float(self.svd[1][0]) if self.svd[1].numel() else 0.0
+
+    def solve(self, dampings: Sequence[float], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """For every ``λ`` of ``dampings`` (``G`` of them) at once: ``y`` (``[G, k]``),
+        ``‖A x − b‖`` and ``‖Aᵀ(b − Ax) − λ²x‖`` (``[G]`` each) for ``x = V_k y``."""
+        u, sigma, vh = self.svd
+        lam = torch.tensor(dampings, dtype=torch.float64)
+        gains = _svd_gains(sigma, lam, max(self.matrix.shape) * eps)
+        y = (gains * (u.T @ self.rhs)) @ vh
+        s = self.rhs - y @ self.matrix.T
+        gradient = s @ self.matrix - lam[:, None] ** 2 * y
+        normal = torch.hypot(torch.linalg.vector_norm(gradient, dim=1), self.alpha_next * s[:, -1])
+        return y, torch.linalg.vector_norm(s, dim=1), normal
+
+
 # --------------------------------------------------------------------------- LSQR
 
 
@@ -262,36 +367,26 @@ def lsqr(
 ) -> tuple[Tensor, SolveResult]:
     """LSQR (Paige & Saunders 1982) for ``min ‖A x − b‖² + λ² ‖x‖²``.
 
-    Golub-Kahan bidiagonalisation ``β₁u₁ = b``, ``α₁v₁ = Aᵀu₁``,
-    ``β_{k+1}u_{k+1} = A v_k − α_k u_k``, ``α_{k+1}v_{k+1} = Aᵀu_{k+1} − β_{k+1}v_k``, with
-    ``x_k`` the damped least-squares solution over ``span(v₁..v_k)`` updated by Givens rotations
-    (the first eliminates the damping row). Two products per iteration, one more to start.
-    Mathematically equivalent to CG on the normal equations, with better rounding behaviour.
-    The recurrences give ``‖r̄_k‖² = ‖A x_k − b‖² + λ²‖x_k‖²`` and ``‖Aᵀr_k − λ²x_k‖ = α|τ|``.
+    On the Golub-Kahan bidiagonalisation (``_GolubKahan``), ``x_k`` is the damped least-squares
+    solution over ``span(v₁..v_k)``, updated by Givens rotations (the first eliminates the
+    damping row); only ``x`` and one search direction are kept. Two products per iteration, one
+    more to start. Mathematically equivalent to CG on the normal equations, with better rounding
+    behaviour. The recurrences give ``‖r̄_k‖² = ‖A x_k − b‖² + λ²‖x_k‖²`` and
+    ``‖Aᵀr_k − λ²x_k‖ = α|τ|``.
     """
     _check_inputs(b, damping, max_iter, tol)
     started, op = time.perf_counter(), _Counted(matvec, rmatvec)
-    beta = _norm(b)
-    u = b / beta if beta > 0 else b.clone()
-    v = op.At(u)
-    alpha = _norm(v)
-    atb_norm = alpha * beta
+    bidiagonal = _GolubKahan(op, b)
+    atb_norm = bidiagonal.alpha * bidiagonal.beta
     if atb_norm == 0:
-        return torch.zeros_like(v), _trivial("lsqr", b, v * beta, op, started)
-    v = v / alpha
-    w, x = v.clone(), torch.zeros_like(v)
-    phibar, rhobar, damped_res2 = beta, alpha, 0.0
+        v = bidiagonal.v
+        return torch.zeros_like(v), _trivial("lsqr", b, v * bidiagonal.beta, op, started, damping)
+    w, x = bidiagonal.v.clone(), torch.zeros_like(bidiagonal.v)
+    phibar, rhobar, damped_res2 = bidiagonal.beta, bidiagonal.alpha, 0.0
     history: tuple[list[float], list[float]] = ([], [])
     stop, iteration = None, 0
     for iteration in range(1, max_iter + 1):
-        u = op.A(v) - alpha * u
-        beta = _norm(u)
-        if beta > 0:
-            u = u / beta
-            v = op.At(u) - beta * v
-            alpha = _norm(v)
-            if alpha > 0:
-                v = v / alpha
+        beta, alpha = bidiagonal.step()
         # Givens rotation removing the damping row, then the bidiagonal's subdiagonal.
         rhobar1 = math.hypot(rhobar, damping)
         cs1, sn1 = rhobar / rhobar1, damping / rhobar1
@@ -304,7 +399,7 @@ def lsqr(
         if not torch.isfinite(x_next).all():
             stop = _breakdown("lsqr", iteration, "NaN/Inf in the Hessian-vector products")
             break
-        x, w = x_next, v - (theta / rho) * w
+        x, w = x_next, bidiagonal.v - (theta / rho) * w
         damped_res2 += psi**2
         residual = math.sqrt(max(phibar**2 + damped_res2 - damping**2 * _norm(x) ** 2, 0.0))
         normal = alpha * abs(sn * phi)
@@ -328,6 +423,383 @@ def lsqr(
         history=history,
         stop=stop,
         atb_norm=atb_norm,
+    )
+    return x, result
+
+
+# --------------------------------------------------------------------------- LSQR path
+
+
+DAMPING_GRID = (8, 1e-4, 1.0)
+"""Default grid of ``lsqr_path``: (points, smallest, largest), log-spaced, times ``σ_max``."""
+
+SIGMA_STEPS = 10
+"""Golub-Kahan steps (``2·SIGMA_STEPS + 1`` products) that estimate ``σ_max`` for a relative
+damping with a solver other than ``lsqr``, which takes it from its own run."""
+
+
+def damping_grid(points: int, smallest: float, largest: float) -> list[float]:
+    """``points`` log-spaced values from ``smallest`` to ``largest`` (both > 0), ascending."""
+    if points < 1 or not 0 < smallest <= largest:
+        raise GifError(
+            f"damping grid: need points >= 1 and 0 < smallest <= largest, got {points} points "
+            f"from {smallest:g} to {largest:g}"
+        )
+    return torch.logspace(
+        math.log10(smallest), math.log10(largest), points, dtype=torch.float64
+    ).tolist()
+
+
+def relative_damping(value: float, sigma_max: float) -> float:
+    """The absolute ``λ = value · σ_max`` of a damping given relative to the curvature scale.
+
+    ``σ_max`` is ``‖A‖₂`` estimated by ``σ_max(B_k)`` of a Golub-Kahan run on ``(A, b)``
+    (``lsqr_path``, ``estimate_sigma_max``), so a relative value means the same on any model or
+    loss scale: ``λ`` scales with ``A``.
+    """
+    if value < 0 or not math.isfinite(value):
+        raise GifError(f"influence.damping: must be a finite number >= 0, got {value}")
+    if sigma_max < 0 or not math.isfinite(sigma_max):
+        raise GifError(
+            f"influence.damping: the curvature scale σ_max is {sigma_max}, so a relative damping "
+            f"has no meaning; {_TRY}"
+        )
+    return value * sigma_max
+
+
+@dataclass
+class PathResult:
+    """The damped least-squares solutions of one Golub-Kahan run for a grid of ``λ``.
+
+    ``lambdas``: the absolute ``λ`` (``[G]``, in the order of the grid); ``relative``:
+    ``λ / σ_max``; ``records[i]``: the ``SolveResult`` of ``λ_i`` (``iterations``, ``hvps`` and
+    ``seconds`` are those of the one run, shared by every ``λ``); ``coefficients``: ``y_λ``,
+    ``[G, k]`` float64; ``basis``: ``V_k``, ``[k, n]`` (rows ``v_j``). ``solution(i)`` builds
+    ``x_λ = V_k y_λ`` (``[n]``, ``b``'s dtype and device) when asked, so only the solutions
+    in use occupy memory.
+    """
+
+    lambdas: list[float]
+    relative: list[float]
+    sigma_max: float
+    iterations: int
+    hvps: int
+    seconds: float
+    records: list[SolveResult]
+    coefficients: Tensor
+    basis: Tensor
+    device: torch.device
+    sigma_history: list[float] = field(default_factory=list)
+    """``σ_max(B_j)`` after each iteration: how settled the estimate is."""
+    message: str = ""
+
+    def __len__(self) -> int:
+        return len(self.lambdas)
+
+    def solution(self, index: int) -> Tensor:
+        """``x_λ`` of ``lambdas[index]``, ``[n]``."""
+        k = self.coefficients.shape[1]
+        x = self.coefficients[index].to(self.basis.dtype) @ self.basis[:k]
+        return x.to(self.device)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no tensors)."""
+        return {
+            "lambdas": self.lambdas,
+            "relative": self.relative,
+            "sigma_max": self.sigma_max,
+            "iterations": self.iterations,
+            "hvps": self.hvps,
+            "seconds": self.seconds,
+            "sigma_history": self.sigma_history,
+            "message": self.message,
+            "records": [record.to_dict() for record in self.records],
+        }
+
+
+def lsqr_path(
+    matvec: Operator,
+    rmatvec: Operator,
+    b: Tensor,
+    *,
+    grid: Sequence[float] | None = None,
+    relative: bool = True,
+    max_iter: int = 20,
+    tol: float = 1e-6,
+    progress: Progress | None = None,
+    basis_device: torch.device | str | None = None,
+    max_basis_bytes: int | None = None,
+    reorthogonalize: bool = False,
+    verify: bool = False,
+) -> PathResult:
+    """LSQR for every ``λ`` of ``grid`` at once: ``min ‖A x − b‖² + λ² ‖x‖²`` from one run.
+
+    The Golub-Kahan bidiagonalisation does not depend on ``λ``, and LSQR with damping ``λ``
+    after ``k`` iterations is exactly the damped problem restricted to its Krylov space
+    ``span(V_k)``: ``x_λ = V_k y_λ``, ``y_λ = argmin ‖B_k y − β₁e₁‖² + λ²‖y‖²``. So one run of
+    ``k`` steps (``2k + 1`` products, as ``lsqr``) keeps ``V_k`` and solves the small float64
+    problem for each ``λ`` (one SVD of ``B_k``, ``_Bidiagonal``): it equals ``lsqr`` at each
+    ``λ`` with the same iterations up to rounding, and the exact damped solution once ``V_k``
+    spans the whole space (in floating point that takes more than ``n`` steps on an
+    ill-conditioned ``A``, or ``reorthogonalize``). By default ``V_k`` is not reorthogonalised,
+    exactly like ``lsqr``'s own vectors: both lose orthogonality alike and still agree.
+
+    Args:
+        grid: the ``λ`` values; default ``damping_grid(*DAMPING_GRID)`` (8 values from 1e-4
+            to 1). ``relative=True``: they are multiples of ``σ_max``, the largest singular
+            value of ``B_k`` (an estimate of ``‖A‖₂`` from this run); else absolute.
+        max_iter, tol: at most ``max_iter`` steps; stop early once every ``λ`` of the grid has
+            ``relative_residual <= tol`` or relative normal residual ``<= tol``, or the
+            Krylov space is exhausted (``α`` or ``β`` below ``eps · σ_max``).
+        progress: ``progress(iteration, the worst relative normal residual of the grid)``.
+        basis_device: where ``V_k`` is kept (e.g. ``"cpu"`` for a solve on a GPU); default
+            ``b``'s device.
+        max_basis_bytes: cap on ``V_k``'s memory, ``k · n · itemsize`` bytes (``4 k n`` in
+            float32, ``n`` the length of ``x``): the run stops at the iterations that fit,
+            and says so.
+        reorthogonalize: keep ``V_k`` orthonormal (``_GolubKahan.reorthogonalize``; no extra
+            product). Then ``x_λ`` is no longer ``lsqr``'s in floating point but the damped
+            solution over a true ``k``-dimensional Krylov space.
+        verify: evaluate each returned ``x_λ``'s true residuals with two products per ``λ``
+            (as every other solver does); by default the diagnostics come from the small
+            problem (equal in exact arithmetic; see ``_Bidiagonal``) and cost nothing.
+
+    Each record's ``residual_history``/``normal_history`` are LSQR's at that ``λ`` after each
+    iteration, from the small problems ``B_1..B_k``.
+    """
+    _check_inputs(b, 0.0, max_iter, tol)
+    values = list(damping_grid(*DAMPING_GRID) if grid is None else grid)
+    if not values or any(v < 0 or not math.isfinite(v) for v in values):
+        raise GifError(f"damping grid: needs finite values >= 0, got {values}")
+    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
+    run = _GolubKahan(op, b)
+    atb_norm, n = run.alpha * run.beta, run.v.numel()
+    steps = _basis_steps(max_iter, max_basis_bytes, n, b.dtype)
+    basis = torch.empty(steps if atb_norm else 0, n, dtype=b.dtype, device=basis_device or b.device)
+    eps = torch.finfo(b.dtype).eps
+    smalls: list[_Bidiagonal] = []
+    stop = None
+    while atb_norm and len(smalls) < steps:
+        basis[len(smalls)] = run.v
+        beta, alpha = run.step()
+        if reorthogonalize and _finite(beta, alpha):
+            alpha = run.reorthogonalize(basis[: len(smalls) + 1])
+        if not _finite(beta, alpha):
+            stop = _breakdown("lsqr", len(smalls) + 1, "NaN/Inf in the Hessian-vector products")
+            break
+        small = _Bidiagonal(run.alphas, run.betas, len(smalls) + 1)
+        smalls.append(small)
+        _, residual, normal = small.solve(_absolute(values, relative, small), eps)
+        residual, normal = residual / run.betas[0], normal / atb_norm
+        _report(progress, len(smalls), float(normal.max()))
+        stop = _step_check("lsqr", len(smalls), float(residual.max()), float(normal.max()))
+        converged = bool(((residual <= tol) | (normal <= tol)).all())
+        if stop or converged or min(beta, alpha) <= eps * small.sigma_max:
+            break
+    k = len(smalls)
+    lambdas = _absolute(values, relative, smalls[-1] if smalls else None)
+    coefficients, records = _path_records(smalls, lambdas, run, tol=tol, stop=stop, eps=eps)
+    path = PathResult(
+        lambdas=lambdas,
+        relative=[_ratio(lam, records[0].sigma_max) for lam in lambdas],
+        sigma_max=records[0].sigma_max,
+        iterations=k,
+        hvps=0,
+        seconds=0.0,
+        records=records,
+        coefficients=coefficients,
+        basis=basis,
+        device=b.device,
+        sigma_history=[small.sigma_max for small in smalls],
+    )
+    capped = steps < max_iter and k == steps
+    for i, record in enumerate(records):
+        if verify and atb_norm:
+            checked = _finish(
+                "lsqr",
+                op,
+                b,
+                path.solution(i),
+                damping=record.damping,
+                tol=tol,
+                iterations=k,
+                exhausted=k == max_iter,
+                started=started,
+                history=(record.residual_history, record.normal_history),
+                stop=stop,
+                atb_norm=atb_norm,
+            )
+            checked.sigma_max, records[i] = record.sigma_max, checked
+        else:
+            record.message = _path_message(record, stop, k, max_iter, tol, atb_norm, capped)
+    path.hvps, path.seconds = op.calls, time.perf_counter() - started
+    for record in records:
+        record.hvps, record.seconds = path.hvps, path.seconds
+        record.message += (
+            f"; λ = {record.damping:.3g} = {_ratio(record.damping, path.sigma_max):.3g} × "
+            f"σ_max {path.sigma_max:.3g} (σ_max of the same run)"
+        )
+    path.message = (
+        f"lsqr path: {len(lambdas)} dampings from one run of {k} iterations "
+        f"({path.hvps} products), σ_max ≈ {path.sigma_max:.3g}"
+        + (f"; {stop}" if stop else "")
+        + (f"; the basis cap stopped it at {steps} iterations" if capped else "")
+    )
+    return path
+
+
+def _basis_steps(max_iter: int, max_basis_bytes: int | None, n: int, dtype: torch.dtype) -> int:
+    """The iterations whose basis fits in ``max_basis_bytes`` (all ``max_iter`` without a cap)."""
+    if max_basis_bytes is None:
+        return max_iter
+    vector = n * torch.finfo(dtype).bits // 8
+    if max_basis_bytes < vector:
+        raise GifError(
+            f"lsqr path: one Krylov vector takes {vector / 2**20:.1f} MiB, more than the basis "
+            f"cap of {max_basis_bytes / 2**20:.1f} MiB; raise the cap or use a numeric "
+            "influence.damping (plain lsqr keeps no basis)"
+        )
+    return min(max_iter, max_basis_bytes // vector)
+
+
+def _absolute(values: Sequence[float], relative: bool, small: _Bidiagonal | None) -> list[float]:
+    """The grid's absolute ``λ`` (relative values times ``σ_max(B_k)``)."""
+    if not relative:
+        return list(values)
+    sigma_max = small.sigma_max if small is not None else 0.0
+    return [relative_damping(v, sigma_max) for v in values]
+
+
+def _path_records(
+    smalls: list[_Bidiagonal],
+    lambdas: list[float],
+    run: _GolubKahan,
+    *,
+    tol: float,
+    stop: str | None,
+    eps: float,
+) -> tuple[Tensor, list[SolveResult]]:
+    """``y_λ`` (``[G, k]``) and one record per ``λ`` from the small problems ``B_1..B_k``."""
+    b_norm, atb_norm = run.betas[0], run.alphas[0] * run.betas[0]
+    sigma_max = smalls[-1].sigma_max if smalls else 0.0
+    coefficients = torch.zeros(len(lambdas), len(smalls), dtype=torch.float64)
+    residuals = torch.full((len(smalls) + 1, len(lambdas)), b_norm, dtype=torch.float64)
+    normals = torch.full((len(smalls) + 1, len(lambdas)), atb_norm, dtype=torch.float64)
+    for j, small in enumerate(smalls, start=1):
+        coefficients, residuals[j], normals[j] = small.solve(lambdas, eps)
+    relative = residuals / b_norm if b_norm else torch.zeros_like(residuals)
+    normal_rel = normals / atb_norm if atb_norm else torch.zeros_like(normals)
+    records = []
+    for i, lam in enumerate(lambdas):
+        final, normal = float(relative[-1, i]), float(normals[-1, i])
+        records.append(
+            SolveResult(
+                solver="lsqr",
+                iterations=len(smalls),
+                hvps=0,
+                relative_residual=final,
+                normal_residual=normal,
+                converged=stop is None and (final <= tol or normal <= tol * atb_norm),
+                seconds=0.0,
+                damping=lam,
+                sigma_max=sigma_max,
+                residual_history=relative[1:, i].tolist(),
+                normal_history=normal_rel[1:, i].tolist(),
+            )
+        )
+    return coefficients, records
+
+
+def _path_message(
+    record: SolveResult,
+    stop: str | None,
+    k: int,
+    max_iter: int,
+    tol: float,
+    atb_norm: float,
+    capped: bool,
+) -> str:
+    if atb_norm == 0:
+        return "lsqr: Aᵀb = 0, so x = 0 solves the least-squares problem"
+    if stop is not None:
+        return stop
+    where = (
+        f"converged in {k} iterations"
+        if record.converged
+        else f"stopped at max_iter={k}"
+        if k == max_iter
+        else f"stopped at the basis cap, {k} iterations"
+        if capped
+        else f"stopped after {k} iterations (the Krylov space is exhausted)"
+    )
+    return (
+        f"lsqr: {where} with relative residual {record.relative_residual:.2e} and relative "
+        f"normal residual {_ratio(record.normal_residual, atb_norm):.2e} (tol {tol:.1e}; "
+        "from the bidiagonal problem)"
+    )
+
+
+def estimate_sigma_max(
+    matvec: Operator, rmatvec: Operator, b: Tensor, *, steps: int = SIGMA_STEPS
+) -> tuple[float, int]:
+    """``(σ_max(B_k), products)`` after ``steps`` Golub-Kahan steps from ``b``, keeping no basis.
+
+    The same estimate of ``‖A‖₂`` that ``lsqr_path`` takes from its own run (Lanczos: the
+    largest singular value converges first); ``2·steps + 1`` products.
+    """
+    op = _Counted(matvec, rmatvec)
+    run = _GolubKahan(op, b)
+    k = 0
+    while run.alpha * run.beta and k < steps:
+        beta, alpha = run.step()
+        if not _finite(beta, alpha):
+            break
+        k += 1
+        if beta == 0 or alpha == 0:
+            break
+    return (_Bidiagonal(run.alphas, run.betas, k).sigma_max if k else 0.0), op.calls
+
+
+def solve(
+    name: str,
+    matvec: Operator,
+    rmatvec: Operator,
+    b: Tensor,
+    *,
+    damping: float,
+    relative: bool = False,
+    max_iter: int,
+    tol: float,
+    progress: Progress | None = None,
+    **options: object,
+) -> tuple[Tensor, SolveResult]:
+    """Solve with ``SOLVERS[name]``; ``relative=True``: ``damping`` is ``λ / σ_max(A)``.
+
+    A relative damping takes ``σ_max`` from the bidiagonalisation of the solve itself with
+    ``lsqr`` (``lsqr_path`` on one ``λ``, with ``lsqr``'s residual check; no extra product),
+    and from ``estimate_sigma_max`` (``SIGMA_STEPS`` steps, counted in ``hvps``) with the other
+    solvers. The record carries the absolute ``λ`` (``damping``) and ``sigma_max``.
+    """
+    if name not in SOLVERS:
+        raise GifError(f"influence.solver: unknown {name!r}; use one of {', '.join(SOLVERS)}")
+    settings = {"max_iter": max_iter, "tol": tol, "progress": progress}
+    if not relative:
+        return SOLVERS[name](matvec, rmatvec, b, damping=damping, **settings, **options)
+    relative_damping(damping, 0.0)  # validates the value before any product
+    if name == "lsqr":
+        path = lsqr_path(matvec, rmatvec, b, grid=[damping], verify=True, **settings)
+        return path.solution(0), path.records[0]
+    _check_inputs(b, damping, max_iter, tol)
+    started = time.perf_counter()
+    sigma_max, products = estimate_sigma_max(matvec, rmatvec, b)
+    lam = relative_damping(damping, sigma_max)
+    x, result = SOLVERS[name](matvec, rmatvec, b, damping=lam, **settings, **options)
+    result.hvps += products
+    result.seconds = time.perf_counter() - started
+    result.sigma_max = sigma_max
+    result.message += (
+        f"; λ = {lam:.3g} ({damping:g} × σ_max {sigma_max:.3g}, σ_max from {SIGMA_STEPS} "
+        f"Golub-Kahan steps, {products} products)"
     )
     return x, result
 
@@ -357,7 +829,7 @@ def cg(
     s = op.At(r)
     atb_norm, b_norm = _norm(s), _norm(b)
     if atb_norm == 0:
-        return torch.zeros_like(s), _trivial("cg", b, s, op, started)
+        return torch.zeros_like(s), _trivial("cg", b, s, op, started, damping)
     x, p, gamma = torch.zeros_like(s), s.clone(), atb_norm**2
     history: tuple[list[float], list[float]] = ([], [])
     stop, iteration = None, 0
@@ -438,7 +910,7 @@ def neumann(
     atb = op.At(b)
     atb_norm, b_norm = _norm(atb), _norm(b)
     if atb_norm == 0:
-        return torch.zeros_like(atb), _trivial("neumann", b, atb, op, started)
+        return torch.zeros_like(atb), _trivial("neumann", b, atb, op, started, damping)
     noise = math.sqrt(torch.finfo(b.dtype).eps)
     history: tuple[list[float], list[float]] = ([], [])
 
@@ -545,6 +1017,7 @@ def exact(
             normal_residual=float("nan"),
             converged=False,
             seconds=time.perf_counter() - started,
+            damping=damping,
             message=stop,
             status="breakdown",
         )
@@ -561,6 +1034,7 @@ def exact(
         normal_residual=normal,
         converged=True,
         seconds=time.perf_counter() - started,
+        damping=damping,
         residual_history=[relative],
         normal_history=[_ratio(normal, _norm(atb))],
         message=f"exact: dense float64 solve of a {n}x{k} matrix ({k} products)",
@@ -582,13 +1056,24 @@ def _dense_matrix(op: _Counted, k: int, b: Tensor, progress: Progress | None) ->
 
 def _damped_pinv_solve(dense: Tensor, b: Tensor, damping: float, eps: float) -> Tensor:
     """``argmin ‖A x − b‖² + λ²‖x‖²`` via the SVD (minimum norm when ``λ = 0``)."""
-    u, sigma, vh = torch.linalg.svd(dense, full_matrices=False)
-    if damping > 0:
-        gain = sigma / (sigma**2 + damping**2)
-    else:
-        cutoff = max(dense.shape) * eps * (sigma.max() if sigma.numel() else 0.0)
-        gain = torch.where(sigma > cutoff, 1.0 / sigma.clamp_min(1e-300), 0.0)
+    svd = torch.linalg.svd(dense, full_matrices=False)
+    return _svd_solve(svd, b, damping, max(dense.shape) * eps)
+
+
+def _svd_solve(svd: tuple[Tensor, Tensor, Tensor], b: Tensor, damping: float, cutoff: float):
+    """``V diag(σ/(σ² + λ²)) Uᵀ b`` from ``A = U diag(σ) Vᵀ`` (``_svd_gains``)."""
+    u, sigma, vh = svd
+    gain = _svd_gains(sigma, torch.tensor([damping], dtype=sigma.dtype), cutoff)[0]
     return vh.T @ (gain * (u.T @ b))
+
+
+def _svd_gains(sigma: Tensor, dampings: Tensor, cutoff: float) -> Tensor:
+    """The filter factors ``σ / (σ² + λ²)``, one row per ``λ`` (``[G, k]``); for ``λ = 0`` the
+    singular values ``σ ≤ cutoff · σ_max`` count as zero (the minimum-norm solution)."""
+    floor = cutoff * (sigma.max() if sigma.numel() else 0.0)
+    inverse = torch.where(sigma > floor, 1.0 / sigma.clamp_min(1e-300), 0.0)
+    lam = dampings[:, None]
+    return torch.where(lam > 0, sigma / (sigma**2 + lam**2), inverse)
 
 
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolveResult]]] = {

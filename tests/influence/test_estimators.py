@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from gifcli.errors import GifError
-from gifcli.influence import METHODS, CurvatureOperator, estimate_update, removal_gradient
+from gifcli.influence import (
+    METHODS,
+    CurvatureOperator,
+    UpdatePath,
+    estimate_path,
+    estimate_update,
+    removal_gradient,
+)
 from gifcli.influence.hvp import loss_gradient
 
 CURVATURE_METHODS = ("gif", "fif", "pif", "if", "sif")
@@ -281,3 +288,115 @@ def test_nan_loss_raises_a_gif_error_on_the_removal_gradient(reference):
     assert not torch.isfinite(
         loss_gradient(problem.model, problem.x, problem.y, batch_size=8)
     ).all()
+
+
+# --------------------------------------------------------------------------- the damping path
+
+PATH_METHODS = ("gif", "fif", "pif", "if")
+
+
+def _path_estimate(problem, method, target, operators, **kwargs):
+    hessian, _ = operators
+    return estimate_path(
+        method=method,
+        operator=hessian,
+        gradient=problem.removal_gradient,
+        target_flat=target,
+        **({"max_iter": 8, "tol": 0.0} | kwargs),
+    )
+
+
+@pytest.mark.parametrize("method", PATH_METHODS)
+def test_path_updates_equal_separate_lsqr_solves_at_every_damping(
+    method, mlp, mlp_operators, reference
+):
+    target = _target(len(mlp.theta))
+    path = _path_estimate(mlp, method, target, mlp_operators)
+    assert len(path) == 8 and path.path.iterations == 8
+    for i, damping in enumerate(path.lambdas):
+        delta, result = _estimate(
+            mlp, method, "lsqr", damping, target, mlp_operators, max_iter=8, tol=0.0
+        )
+        assert reference.relative_error(path.update(i), delta) < 1e-5
+        assert path.record(i).relative_residual == pytest.approx(result.relative_residual)
+        if method != "if":
+            assert not path.update(i)[~target].any()
+
+
+@pytest.mark.parametrize(("name", "method"), [("mlp", m) for m in PATH_METHODS] + [("cnn", "gif")])
+def test_path_over_the_whole_krylov_space_matches_the_dense_reference(
+    name, method, request, reference
+):
+    """``k = n`` steps span the whole space once ``V`` is kept orthonormal; without that,
+    lost orthogonality (as in lsqr) needs more steps on these near-singular Hessians."""
+    problem = request.getfixturevalue(name)
+    target = _target(len(problem.theta))
+    operators = request.getfixturevalue(f"{name}_operators")
+    size = int(target.sum()) if method in ("gif", "fif") else len(problem.theta)
+    exact = _path_estimate(problem, method, target, operators, max_iter=size, reorthogonalize=True)
+    plain = _path_estimate(problem, method, target, operators, max_iter=3 * size, tol=1e-13)
+    for i, damping in enumerate(exact.lambdas):
+        expected = _reference_update(problem, method, target, damping, reference)
+        assert exact.path.iterations <= size
+        assert reference.relative_error(exact.update(i), expected) < 1e-8
+        assert reference.relative_error(plain.update(i), expected) < 1e-8
+
+
+@pytest.mark.parametrize("method", ["gif", "if"])
+def test_path_in_float32_matches_lsqr_without_reorthogonalisation(method, reference):
+    """At 40 iterations in float32 the Krylov vectors are far from orthogonal, yet the path and
+    lsqr share them and their bidiagonal, so they agree to float32 rounding."""
+    problem = reference.make_cnn()
+    problem.model.float()
+    target = _target(len(problem.theta))
+    operator = CurvatureOperator(model=problem.model, x=problem.x, y=problem.y, batch_size=64)
+    gradient = problem.removal_gradient.float()
+    common = {"operator": operator, "gradient": gradient, "target_flat": target, "tol": 0.0}
+    path = estimate_path(method=method, max_iter=40, **common)
+    basis = path.path.basis.double()
+    assert (basis @ basis.T - torch.eye(40, dtype=torch.float64)).abs().max() > 0.1
+    for i, damping in enumerate(path.lambdas):
+        delta, _ = estimate_update(
+            method=method, solver="lsqr", damping=damping, max_iter=40, **common
+        )
+        assert reference.relative_error(path.update(i), delta) < 1e-5
+
+
+def test_auto_damping_returns_the_path_and_needs_lsqr(mlp, mlp_operators):
+    hessian, removal = mlp_operators
+    common = {
+        "operator": hessian,
+        "gradient": mlp.removal_gradient,
+        "target_flat": _target(len(mlp.theta)),
+        "damping": "auto",
+        "max_iter": 5,
+        "tol": 0.0,
+    }
+    path = estimate_update(method="gif", solver="lsqr", damping_grid=[0.01, 0.1], **common)
+    assert isinstance(path, UpdatePath) and path.relative == pytest.approx([0.01, 0.1])
+    assert path.lambdas == pytest.approx([0.01 * path.sigma_max, 0.1 * path.sigma_max])
+    with pytest.raises(GifError, match="influence.solver to lsqr"):
+        estimate_update(method="gif", solver="cg", **common)
+    with pytest.raises(GifError, match="not 'sif'"):
+        estimate_update(method="sif", solver="lsqr", removal_operator=removal, **common)
+    with pytest.raises(GifError, match="'auto' or a number"):
+        estimate_update(method="gif", solver="lsqr", **common | {"damping": "fast"})
+    first_order, _ = estimate_update(method="first-order", solver="lsqr", **common)
+    assert torch.is_tensor(first_order)
+
+
+@pytest.mark.parametrize(("method", "solver"), [("gif", "lsqr"), ("gif", "exact"), ("sif", "cg")])
+def test_relative_damping_solves_with_lambda_times_sigma_max(
+    method, solver, mlp, mlp_operators, reference
+):
+    target = _target(len(mlp.theta))
+    delta, result = _estimate(
+        mlp, method, solver, 0.1, target, mlp_operators, damping_relative=True, max_iter=3000
+    )
+    assert result.converged, result.message
+    size = int(target.sum()) if method == "gif" else len(mlp.theta)
+    system = mlp.hessian[:, target] if method == "gif" else mlp.hessian
+    assert result.sigma_max == pytest.approx(float(torch.linalg.matrix_norm(system, 2)), rel=1e-3)
+    assert result.damping == pytest.approx(0.1 * result.sigma_max) and size > 0
+    expected = _reference_update(mlp, method, target, result.damping, reference)
+    assert reference.relative_error(delta, expected) < TOLERANCE[solver]
