@@ -29,9 +29,9 @@ from gifcli.config import (
 )
 from gifcli.data import DataSplits, TensorSplit
 from gifcli.errors import GifError, ParameterError
-from gifcli.influence.estimators import estimate_update, removal_gradient
+from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
-from gifcli.influence.solvers import SolveResult
+from gifcli.influence.solvers import SolveResult, damping_grid
 from gifcli.metrics import oracle_gap
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import (
@@ -45,7 +45,14 @@ from gifcli.records import (
 )
 from gifcli.selection import Selection, check_mask, mask_to_flat, select_targets
 from gifcli.tasks import RemovalSet, Task
-from gifcli.update import SweepPoint, assign_flat, scale_grid, search_scale, updated
+from gifcli.update import (
+    SweepPoint,
+    assign_flat,
+    scale_grid,
+    search_damping_and_scale,
+    search_scale,
+    updated,
+)
 
 
 @dataclass
@@ -134,13 +141,21 @@ def edit(
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
-    delta, solve = estimate(model, removal, sample, target, influence, progress)
+    estimated = estimate(model, removal, sample, target, influence, progress)
     timing["solve_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     theta = flatten_params(model)
-    delta_norm, target_norm = float(delta.norm()), float(theta[target].norm())
-    scale, sweep = step_scale(model, theta, delta, target, removal, settings.update, progress)
+    target_norm = float(theta[target].norm())
+    if isinstance(estimated, UpdatePath):
+        delta, solve, scale, sweep = damping_and_step(
+            model, theta, estimated, target, removal, settings.update, progress
+        )
+    else:
+        delta, solve = estimated
+        scale, sweep = step_scale(model, theta, delta, target, removal, settings.update, progress)
+    _check_finite(delta, solve, influence)
+    delta_norm = float(delta.norm())
     timing["sweep_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -219,8 +234,13 @@ def solver_record(solve: SolveResult, influence: InfluenceConfig) -> SolverRecor
     """The solve's diagnostics beside the curvature and damping it used."""
     diagnostics = solve.to_dict()
     name = diagnostics.pop("solver")
+    sigma_max = diagnostics.get("sigma_max")
     return SolverRecord(
-        name=name, curvature=influence.curvature, damping=influence.damping, **diagnostics
+        name=name,
+        curvature=influence.curvature,
+        damping_relative=diagnostics["damping"] / sigma_max if sigma_max else None,
+        damping_chosen_by="validation" if influence.damping == "auto" else "config",
+        **diagnostics,
     )
 
 
@@ -292,8 +312,9 @@ def estimate(
     target: torch.Tensor,
     influence: InfluenceConfig,
     progress: ProgressFactory,
-) -> tuple[torch.Tensor, SolveResult]:
-    """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve.
+) -> tuple[torch.Tensor, SolveResult] | UpdatePath:
+    """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve;
+    with ``influence.damping: auto``, the path of updates over the damping grid.
 
     Each rank streams its share of the Hessian sample and of the removal set; the engine
     all-reduces every product and gradient.
@@ -327,13 +348,17 @@ def estimate(
             curvature(removal.x[mine], removal.y[mine]) if influence.method == "sif" else None
         )
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
-            delta, solve = estimate_update(
+            return estimate_update(
                 method=influence.method,
                 operator=curvature(local.x, local.y),
                 gradient=gradient,
                 target_flat=target,
                 solver=influence.solver,
                 damping=influence.damping,
+                damping_relative=influence.damping_relative,
+                damping_grid=damping_grid(
+                    influence.damping_points, influence.damping_min, influence.damping_max
+                ),
                 max_iter=influence.max_iter,
                 tol=influence.tol,
                 removal_operator=removal_operator,
@@ -342,13 +367,15 @@ def estimate(
             )
     except ParameterError as exc:
         raise exc.under(f"influence.{exc.parameter}") from None
+
+
+def _check_finite(delta: torch.Tensor, solve: SolveResult, influence: InfluenceConfig) -> None:
     if not torch.isfinite(delta).all():
         raise GifError(
             f"influence.solver: the {influence.solver} solve produced NaN/Inf "
             f"({solve.message}); increase influence.damping or lower "
             f"influence.max_iter"
         )
-    return delta, solve
 
 
 def step_scale(
@@ -380,3 +407,42 @@ def step_scale(
             objective=removal.objective,
             advance=advance,
         )
+
+
+def damping_and_step(
+    model: nn.Module,
+    theta: torch.Tensor,
+    path: UpdatePath,
+    target: torch.Tensor,
+    removal: RemovalSet,
+    update: UpdateConfig,
+    progress: ProgressFactory,
+) -> tuple[torch.Tensor, SolveResult, float, list[SweepPoint]]:
+    """``influence.damping: auto``: the damping and the step chosen together on the validation
+    split (with a numeric ``update.scale``, the damping alone at that scale)."""
+    target_norm = float(theta[target].norm())
+
+    def grid_for(delta: torch.Tensor) -> list[tuple[float, float]]:
+        if update.scale != "auto":
+            scale = float(update.scale)
+            return [(scale, scale * float(delta.norm()) / (target_norm or 1.0))]
+        return scale_grid(
+            delta_norm=float(delta.norm()),
+            target_norm=target_norm,
+            points=update.grid_points,
+            smallest=update.grid_min,
+            largest=update.grid_max,
+        )
+
+    points = 1 if update.scale != "auto" else update.grid_points
+    with progress("damping and step search", len(path) * points) as advance:
+        choice = search_damping_and_scale(
+            model,
+            theta=theta,
+            path=path,
+            target=target,
+            grid_for=grid_for,
+            objective=removal.objective,
+            advance=advance,
+        )
+    return path.update(choice.index), path.record(choice.index), choice.scale, choice.sweep

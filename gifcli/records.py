@@ -56,6 +56,7 @@ class SolverRecord:
     name: str
     curvature: str
     damping: float
+    """The absolute λ the update was solved with."""
     iterations: int
     hvps: int
     relative_residual: float
@@ -69,6 +70,12 @@ class SolverRecord:
     """converged | iteration-limit | float-floor | breakdown | no-solve (first-order)."""
     ok: bool = True
     """The returned update is the intended (regularised) one: every status but breakdown."""
+    sigma_max: float | None = None
+    """σ_max of the solved system, estimated by the solve (relative or auto damping)."""
+    damping_relative: float | None = None
+    """λ / σ_max, when σ_max was estimated."""
+    damping_chosen_by: str = "config"
+    """config (a number) or validation (``influence.damping: auto``)."""
 
 
 @dataclass

@@ -120,20 +120,36 @@ def plot_sweep(report: dict, path: Path) -> None:
     from matplotlib import pyplot as plt
 
     sweep = report["update"]["sweep"]
-    scales = [p["scale"] for p in sweep]
-    keys = [k for k in sweep[0] if k.endswith("_val")] + ["objective"]
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
-    for key in keys:
-        axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
-    axis.axvline(
-        report["update"]["scale"],
-        color="black",
-        linestyle="--",
-        label=f"chosen s={report['update']['scale']:.3g}",
-    )
+    if "damping" in sweep[0]:  # damping: auto, one curve of the objective per λ
+        for relative in sorted({p["relative_damping"] for p in sweep}):
+            curve = sorted(
+                (p["relative_step"], p["objective"])
+                for p in sweep
+                if p["relative_damping"] == relative
+            )
+            axis.plot(*zip(*curve, strict=True), marker=".", label=f"λ = {relative:.2g} σ_max")
+        chosen = report["update"]["relative_norm"] or 0.0
+        relative = report["solver"]["damping_relative"] or 0.0
+        axis.axvline(
+            chosen, color="black", linestyle="--", label=f"chosen, λ = {relative:.2g} σ_max"
+        )
+        axis.set_xlabel("relative step |s·Δ| / |θ_t|")
+        axis.set_ylabel("validation objective (%)")
+    else:
+        scales = [p["scale"] for p in sweep]
+        keys = [k for k in sweep[0] if k.endswith("_val")] + ["objective"]
+        for key in keys:
+            axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
+        axis.axvline(
+            report["update"]["scale"],
+            color="black",
+            linestyle="--",
+            label=f"chosen s={report['update']['scale']:.3g}",
+        )
+        axis.set_xlabel("step scale s")
+        axis.set_ylabel("validation metric (%)")
     axis.set_xscale("log")
-    axis.set_xlabel("step scale s")
-    axis.set_ylabel("validation metric (%)")
     axis.set_title(f"{report['task']}: {report['method']} step search")
     axis.legend(fontsize="small")
     figure.tight_layout()
@@ -147,9 +163,20 @@ def solve_text(solver: dict) -> str:
         return "no curvature solve (first-order)"
     return (
         f"{solver['name']}: {solver['iterations']} iterations, {solver['hvps']} HVPs, "
-        f"relative residual {format_cell(solver['relative_residual'], '.3g')}; "
+        f"{damping_text(solver)}, relative residual "
+        f"{format_cell(solver['relative_residual'], '.3g')}; "
         f"{solver['status']} ({STATUSES[solver['status']]})"
     )
+
+
+def damping_text(solver: dict) -> str:
+    """The damping λ used, relative to σ_max when that was estimated, and who chose it."""
+    text = f"damping {solver['damping']:.3g}"
+    if solver["damping_relative"] is not None:
+        text += f" ({solver['damping_relative']:.3g} × σ_max {solver['sigma_max']:.3g})"
+    if solver["damping_chosen_by"] == "validation":
+        text += " chosen with the step on the validation split"
+    return text
 
 
 def changed_text(report: dict) -> str:
@@ -212,8 +239,8 @@ def markdown(report: dict) -> str:
         f"- removal set: {report['removal']['description']} "
         f"({report['removal']['samples']} of {report['removal']['train_samples']} training "
         f"samples); Hessian sample: {report['removal']['hessian_samples']} retained samples",
-        f"- method: `{report['method']}`, curvature `{solver['curvature']}`, damping "
-        f"{solver['damping']:g}; solver {solve_text(solver)}",
+        f"- method: `{report['method']}`, curvature `{solver['curvature']}`; solver "
+        f"{solve_text(solver)}",
         f"- selection: `{report['selection']['method']}` at ratio "
         f"{report['selection']['ratio']:g}; {changed_text(report)}",
         f"- step scale: {update['scale']:.4g}, {chosen}; update norm {update['norm']:.4g}",

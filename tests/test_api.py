@@ -113,3 +113,26 @@ def test_import_is_lazy():
     code = "import gifcli, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_damping_auto_chooses_lambda_and_step_on_validation(digits_base):
+    config, model, data = in_memory(digits_base)
+    settings = gifcli.Settings.from_config(config)
+    settings.influence.damping = "auto"
+    settings.influence.damping_points = 3
+    result = gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings)
+    solver, sweep = result.report.solver, result.report.update.sweep
+    assert solver.damping_chosen_by == "validation" and solver.sigma_max > 0
+    assert len({point["damping"] for point in sweep}) == 3
+    best = max(point["objective"] for point in sweep)
+    chosen = [p for p in sweep if p["damping"] == solver.damping and p["scale"] == result.scale]
+    assert chosen and chosen[0]["objective"] == best
+    assert solver.damping_relative == pytest.approx(solver.damping / solver.sigma_max)
+
+
+def test_a_selection_that_selects_nothing_names_the_setting(digits_base):
+    config, model, data = in_memory(digits_base)
+    settings = gifcli.Settings.from_config(config)
+    settings.selection.ratio = 1e-9
+    with pytest.raises(GifError, match=r"^selection\.ratio: .* selects no parameter"):
+        gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings)

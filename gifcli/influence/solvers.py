@@ -692,6 +692,7 @@ def _path_records(
     records = []
     for i, lam in enumerate(lambdas):
         final, normal = float(relative[-1, i]), float(normals[-1, i])
+        converged = stop is None and (final <= tol or normal <= tol * atb_norm)
         records.append(
             SolveResult(
                 solver="lsqr",
@@ -699,7 +700,8 @@ def _path_records(
                 hvps=0,
                 relative_residual=final,
                 normal_residual=normal,
-                converged=stop is None and (final <= tol or normal <= tol * atb_norm),
+                converged=converged,
+                status="breakdown" if stop else "converged" if converged else "iteration-limit",
                 seconds=0.0,
                 damping=lam,
                 sigma_max=sigma_max,
