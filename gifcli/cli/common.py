@@ -88,6 +88,14 @@ CHECK_OPT = typer.Option(
     "'gap.mean<=2', 'solver.ok==true': exit code 3 when one fails.",
     show_default=False,
 )
+EVALUATE_CHECK_OPT = typer.Option(
+    None,
+    "--check",
+    metavar="EXPR",
+    help="Gate on the metrics (repeatable), e.g. 'acc_test>=95', "
+    "'per_class_acc_test.3<=1': exit code 3 when one fails.",
+    show_default=False,
+)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,8 +9,8 @@ from rich.table import Table
 
 from gifcli.checks import evaluate_report_schema
 from gifcli.cli.common import (
-    CHECK_OPT,
     CONFIG_ARG,
+    EVALUATE_CHECK_OPT,
     EXIT_CODES,
     JSON_OPT,
     OVERRIDES_ARG,
@@ -25,11 +25,13 @@ from gifcli.cli.common import (
 from gifcli.runs import run_evaluate
 from gifcli.tasks import described_task
 
-EPILOG = """Example:
+EPILOG = """Examples:
 
-  gif evaluate configs/digits.yaml --checkpoint runs/base.safetensors --json
+  gif evaluate configs/digits.yaml \\
+    --checkpoint runs/digits/forget-3/model.safetensors
 
-  gif evaluate configs/digits.yaml -c runs/base.safetensors --quiet --check 'acc_test>=95'
+  gif evaluate configs/digits.yaml -c runs/digits/base.safetensors \\
+    --quiet --check 'acc_test>=95'
 """
 
 
@@ -45,7 +47,7 @@ def evaluate(
         show_default=False,
     ),
     json_output: bool = JSON_OPT,
-    checks: list[str] = CHECK_OPT,
+    checks: list[str] = EVALUATE_CHECK_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""

@@ -25,13 +25,18 @@ from gifcli.tasks import RecoverBackdoor
 
 EPILOG = """Examples:
 
-  gif recover-backdoor configs/digits-backdoor.yaml
+  gif recover-backdoor configs/digits-backdoor.yaml \\
+    -o runs/digits-backdoor/known
 
-  gif recover-backdoor configs/digits-backdoor.yaml removal.poison_indices=poisoned.txt
+  gif recover-backdoor configs/digits-backdoor.yaml \\
+    removal.poison_indices=runs/digits-backdoor/base.poisoned.txt \\
+    -o runs/digits-backdoor/listed
 
-  gif recover-backdoor configs/digits-backdoor.yaml removal.synthetic_samples=200 --force
+  gif recover-backdoor configs/digits-backdoor.yaml \\
+    removal.synthetic_samples=200 -o runs/digits-backdoor/trigger-only
 
-  gif recover-backdoor configs/digits-backdoor.yaml --quiet --check 'after.asr_test<=5' \\
+  gif recover-backdoor configs/digits-backdoor.yaml \\
+    -o runs/digits-backdoor/checked --quiet --check 'after.asr_test<=5' \\
     --check 'after.clean_acc_test>=before.clean_acc_test-2'
 """
 

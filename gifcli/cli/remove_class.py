@@ -25,14 +25,15 @@ from gifcli.tasks import RemoveClass
 
 EPILOG = """Examples:
 
-  gif remove-class configs/digits.yaml
+  gif remove-class configs/digits.yaml \\
+    --oracle runs/digits/oracle.safetensors -o runs/digits/forget-3
 
-  gif remove-class configs/digits.yaml --class 3 --class 5 --oracle runs/oracle.safetensors
+  gif remove-class configs/digits.yaml --class 3 --class 5 \\
+    influence.method=fif -o runs/digits/forget-3-5
 
-  gif remove-class configs/digits.yaml influence.method=fif selection.ratio=0.1 --force --json
-
-  gif remove-class configs/digits.yaml --quiet --check 'after.forget_acc_test<=1' \\
-    --check 'after.retain_acc_test>=before.retain_acc_test-1'
+  gif remove-class configs/digits.yaml -o runs/digits/checked --quiet \\
+    --check 'after.forget_acc_test<=1' --check 'solver.ok==true' \\
+    --check 'after.retain_acc_test>=before.retain_acc_test-2'
 """
 
 

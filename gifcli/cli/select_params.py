@@ -21,9 +21,10 @@ from gifcli.runs import run_select
 
 EPILOG = """Examples:
 
-  gif select-params configs/digits.yaml -o runs/mask.safetensors
+  gif select-params configs/digits.yaml -o runs/digits/mask.safetensors
 
-  gif select-params configs/digits.yaml selection.method=top-gradients selection.ratio=0.1 --json
+  gif select-params configs/digits.yaml selection.method=top-gradients \\
+    selection.ratio=0.1 -o runs/digits/mask-gradients.safetensors --json
 """
 
 

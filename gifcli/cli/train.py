@@ -23,9 +23,9 @@ from gifcli.train import run_train
 
 EPILOG = """Examples:
 
-  gif train configs/digits.yaml -o runs/base.safetensors
+  gif train configs/digits.yaml -o runs/digits/base.safetensors
 
-  gif train configs/digits.yaml --retrain -o runs/oracle.safetensors
+  gif train configs/digits.yaml --retrain -o runs/digits/oracle.safetensors
 """
 
 

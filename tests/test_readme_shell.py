@@ -1,0 +1,138 @@
+"""Every shell example of README.md and every `Example` of `--help` runs as written.
+
+The commands run in order, in a copy of the repository's configs and scripts, with `gif` on
+PATH (the README says it is `.venv/bin/gif`; the copy links `.venv` to this one). A command
+ends with the exit code its own comment documents (`# exit 3 ...`), else 0. Not run:
+`scripts/test.sh` (the command that runs this test) and lines that are not `gif` or
+`scripts/` commands (`torchrun ...`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer
+
+from gifcli.cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EXIT = re.compile(r"#\s*exit\s+(\d+)")
+ASSIGNMENT = re.compile(r"^[A-Z_]+=\S*$")
+
+
+@dataclass(frozen=True)
+class Example:
+    command: str
+    exit_code: int
+    where: str
+
+
+def _commands(text: str, where: str) -> list[Example]:
+    """The `gif` / `scripts/` commands of a shell snippet, continuation lines joined."""
+    examples, pending = [], ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        code, _, comment = line.partition(" #")
+        words = [w for w in code.split() if not ASSIGNMENT.match(w)]
+        if not words or not (words[0] == "gif" or words[0].startswith("scripts/")):
+            continue
+        if words[0] == "scripts/test.sh":
+            continue
+        match = EXIT.search("#" + comment) if comment else None
+        examples.append(
+            Example(code.strip(), int(match.group(1)) if match else 0, f"{where}:{number}")
+        )
+    return examples
+
+
+def readme_examples() -> list[Example]:
+    examples = []
+    text = README.read_text()
+    for match in re.finditer(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        line = text[: match.start()].count("\n") + 2
+        for example in _commands(match.group(1), "README.md"):
+            number = int(example.where.rsplit(":", 1)[1]) + line - 1
+            examples.append(Example(example.command, example.exit_code, f"README.md:{number}"))
+    return examples
+
+
+def help_examples() -> list[Example]:
+    """The `Example:` lines of every command's `--help` epilog."""
+    group = typer.main.get_command(app)
+    examples = []
+    for name, command in group.commands.items():
+        epilog = command.epilog or ""
+        if "Example" in epilog:
+            text = epilog.split("Exit codes:")[0]
+            examples += _commands(text, f"gif {name} --help")
+    return examples
+
+
+def test_every_command_has_help_examples():
+    group = typer.main.get_command(app)
+    with_examples = {e.where.split(" --help")[0] for e in help_examples()}
+    assert with_examples == {f"gif {name}" for name in group.commands}
+
+
+def test_the_documented_exit_codes_are_the_tools():
+    for example in readme_examples() + help_examples():
+        assert example.exit_code in (0, 1, 2, 3), example
+
+
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    """What a fresh clone has that the examples use: configs, scripts, and the installed gif."""
+    shutil.copytree(ROOT / "gifcli" / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_readme_and_help_examples_run_as_written(clone):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "NO_COLOR": "1",
+        "COLUMNS": "100",
+    }
+    seen, failures = set(), []
+    for example in readme_examples() + help_examples():
+        key = " ".join(example.command.split())
+        if key in seen:  # a help example the README already ran
+            continue
+        seen.add(key)
+        result = subprocess.run(
+            ["bash", "-c", example.command],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if result.returncode != example.exit_code:
+            failures.append(
+                f"{example.where}: `{example.command}` exited {result.returncode}, documented "
+                f"{example.exit_code}: {result.stderr.strip()[-500:]}"
+            )
+        assert "Traceback" not in result.stderr, (example, result.stderr)
+    assert not failures, "\n".join(failures)
+
+
+def test_help_texts_render(runner):
+    group = typer.main.get_command(app)
+    for name in group.commands:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
