@@ -15,6 +15,8 @@ from gifcli.device import resolve_device
 from gifcli.errors import GifError
 from gifcli.models import build_model
 
+OUTPUT_CHECK_SAMPLES = 64
+
 
 @dataclass
 class RunContext:
@@ -31,7 +33,10 @@ class RunContext:
         return model.to(self.device)
 
     def load_model(self, checkpoint: str | Path | None = None) -> nn.Module:
-        """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval()."""
+        """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval().
+
+        Refused with a GifError naming the file: a checkpoint that does not fit, holds
+        non-finite weights, or whose outputs on the first test images are not finite."""
         path = checkpoint or self.config.checkpoint
         if not path:
             raise GifError(
@@ -42,7 +47,20 @@ class RunContext:
             self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
         load_into(model, path)
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        self._check_outputs(model, path)
+        return model
+
+    @torch.no_grad()
+    def _check_outputs(self, model: nn.Module, path: str | Path) -> None:
+        # finite weights can still overflow (1e30 through a few layers is inf): every metric
+        # of such a model would be meaningless
+        x = self.data.test.x[:OUTPUT_CHECK_SAMPLES].to(self.device)
+        if len(x) and not torch.isfinite(model(x)).all():
+            raise GifError(
+                f"{path}: the model's outputs on the test images are NaN or infinite (weights "
+                f"far too large?); the checkpoint is broken: retrain it or pick another"
+            )
 
 
 def prepare(config: Config) -> RunContext:

@@ -1,4 +1,8 @@
-"""The one exception type the CLI turns into a one-line message and exit code 1."""
+"""The exception types the CLI turns into a one-line message, and the line for any other."""
+
+from __future__ import annotations
+
+import errno
 
 
 class GifError(Exception):
@@ -7,3 +11,41 @@ class GifError(Exception):
     The message names the file or config key at fault and says what to do; the CLI prints it
     without a traceback and exits 1.
     """
+
+
+class UsageError(GifError):
+    """A malformed command line (e.g. a ``KEY=VALUE`` override without ``=``): exit code 2."""
+
+
+def unexpected_error_line(exc: BaseException) -> str:
+    """The one line for an exception no check foresaw: what it is and how to see more."""
+    lost = _peer_lost(exc)
+    if lost:
+        return lost
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" in {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}; free some space and rerun"
+    if isinstance(exc, MemoryError):
+        return (
+            "out of memory; lower influence.batch_size or influence.hessian_samples, or use a "
+            "machine with more memory"
+        )
+    message = " ".join(str(exc).split())[:300] or "no message"
+    return (
+        f"internal error ({type(exc).__name__}): {message}; rerun with GIF_DEBUG=1 for the "
+        f"traceback"
+    )
+
+
+def _peer_lost(exc: BaseException) -> str | None:
+    """Under torchrun, a collective fails on every rank once one rank has stopped."""
+    import torch.distributed as dist
+
+    from gifcli import distributed
+
+    if not distributed.launched():
+        return None
+    if isinstance(exc, getattr(dist, "DistError", ())) or "Connection closed by peer" in str(exc):
+        reason = " ".join(str(exc).split())[:120]
+        return f"another rank stopped ({reason}); its own message says why"
+    return None

@@ -1,7 +1,8 @@
 """The outputs of an edit (SPEC §5): checkpoint, mask, report.json, report.md, config, plot.
 
-Everything is computed before anything is written, and each file is written to a temporary
-name and renamed, so a failed run leaves no half-written output.
+Everything is computed before anything is written; the files are written into a staging
+folder and published as one set (``gifcli.outputs``), so a failed run leaves the previous
+outputs as they were.
 """
 
 from __future__ import annotations
@@ -11,16 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
-from gifcli.checkpoint import (
-    checkpoint_metadata,
-    save_checkpoint,
-    sha256_file,
-    write_json,
-    write_text,
-    write_with,
-)
+from gifcli.checkpoint import checkpoint_metadata, save_checkpoint, sha256_file
 from gifcli.checks import format_value
 from gifcli.config import Config
+from gifcli.outputs import claim_output_dir, write_json, write_text, write_with
 from gifcli.selection import save_mask
 
 OUTPUT_FILES = {
@@ -46,23 +41,36 @@ def oracle_gap(after: dict, oracle: dict) -> dict[str, float]:
 
 
 def write_outputs(
-    *, paths: dict[str, Path], report: dict, model: nn.Module, mask: dict, config: Config
+    *,
+    paths: dict[str, Path],
+    report: dict,
+    model: nn.Module,
+    mask: dict,
+    config: Config,
+    force: bool = False,
 ) -> None:
-    """Write every output of an edit; fills ``report['checkpoint']['output_sha256']``."""
+    """Write every output of an edit and publish them as one set in the folder of ``paths``;
+    fills ``report['checkpoint']['output_sha256']``."""
     metadata = checkpoint_metadata(
         task=report["task"],
         config_yaml=config.to_yaml(),
         input_sha256=report["checkpoint"]["input_sha256"],
         method=report["method"],
     )
-    save_checkpoint(paths["model"], model.state_dict(), metadata)
-    report["checkpoint"]["output_sha256"] = sha256_file(paths["model"])
-    save_mask(paths["mask"], mask, metadata=mask_metadata(report["task"], config))
-    if report["update"]["sweep"]:
-        write_with(paths["plot"], lambda tmp: plot_sweep(report, tmp))
-    write_text(paths["config"], config.to_yaml())
-    write_text(paths["markdown"], markdown(report))
-    write_json(paths["report"], report)
+    names = OUTPUT_FILES.values()
+    with (
+        claim_output_dir(paths["model"].parent, force=force, names=names) as outputs,
+        outputs.stage() as staging,
+    ):
+        staged = {key: staging / path.name for key, path in paths.items()}
+        save_checkpoint(staged["model"], model.state_dict(), metadata)
+        report["checkpoint"]["output_sha256"] = sha256_file(staged["model"])
+        save_mask(staged["mask"], mask, metadata=mask_metadata(report["task"], config))
+        if report["update"]["sweep"]:
+            write_with(staged["plot"], lambda tmp: plot_sweep(report, tmp))
+        write_text(staged["config"], config.to_yaml())
+        write_text(staged["markdown"], markdown(report))
+        write_json(staged["report"], report)
 
 
 def mask_metadata(task: str, config: Config) -> dict[str, str]:

@@ -11,19 +11,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from gifcli import distributed
-from gifcli.checkpoint import (
-    check_writable,
-    checkpoint_metadata,
-    save_checkpoint,
-    sha256_file,
-    write_json,
-    write_text,
-)
+from gifcli.checkpoint import checkpoint_metadata, save_checkpoint, sha256_file
 from gifcli.config import Config, TrainConfig
 from gifcli.context import prepare
 from gifcli.data import TensorSplit
 from gifcli.errors import GifError
 from gifcli.metrics import classification_metrics
+from gifcli.outputs import claim_output_files, write_json, write_text
 from gifcli.progress import ProgressFactory, silent
 from gifcli.tasks import retrain_split, task_of
 
@@ -101,8 +95,20 @@ def run_train(
     if output.suffix != ".safetensors":
         raise GifError(f"{output}: gif writes .safetensors checkpoints; use that suffix")
     paths = output_paths(output)
-    check_writable(output.parent)
-    refuse_overwrite(list(paths.values()), force)
+    with claim_output_files(paths.values(), force=force) as staged:
+        model, report = _train(config, output, retrain=retrain, progress=progress)
+        metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
+        save_checkpoint(staged[output], model.state_dict(), metadata)
+        report["sha256"] = sha256_file(staged[output])
+        write_json(staged[paths["report"]], report)
+        write_text(staged[paths["config"]], config.to_yaml())
+    return report
+
+
+def _train(
+    config: Config, output: Path, *, retrain: bool, progress: ProgressFactory
+) -> tuple[nn.Module, dict]:
+    """The trained model and its report (without the checkpoint's sha256)."""
     started = time.perf_counter()
     ctx = prepare(config)
     train = retrain_split(ctx) if retrain else ctx.data.train
@@ -115,30 +121,19 @@ def run_train(
             device=ctx.device,
             progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
         )
-    seconds = time.perf_counter() - started
-    report = {
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise GifError(
+            f"train.lr: training diverged (NaN or infinite weights at lr {config.train.lr}); "
+            f"lower train.lr"
+        )
+    return model, {
         "task": "retrain" if retrain else "train",
         "oracle_for": task_of(config) if retrain else None,
         "train_samples": len(train),
         "epochs": config.train.epochs,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - started,
         **classification_metrics(
             model, ctx.data.test, num_classes=config.model.num_classes, device=ctx.device
         ),
         "checkpoint": str(output),
     }
-    metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
-    save_checkpoint(output, model.state_dict(), metadata)
-    report["sha256"] = sha256_file(output)
-    write_json(paths["report"], report)
-    write_text(paths["config"], config.to_yaml())
-    return report
-
-
-def refuse_overwrite(paths: list[Path], force: bool) -> None:
-    """Existing outputs are only replaced with ``--force``."""
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise GifError(
-            f"{existing[0]}: already exists; pass --force to overwrite it or choose another output"
-        )

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gifcli import distributed
-from gifcli.checkpoint import check_writable, sha256_file
+from gifcli.checkpoint import sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import TARGETED_METHODS, Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
@@ -29,6 +29,7 @@ from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.influence.solvers import SolveResult
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
+from gifcli.outputs import check_output_dir, check_output_file
 from gifcli.progress import ProgressFactory, silent
 from gifcli.report import OUTPUT_FILES, mask_metadata, oracle_gap, write_outputs
 from gifcli.selection import (
@@ -40,7 +41,7 @@ from gifcli.selection import (
     summarize_mask,
 )
 from gifcli.tasks import REMOVE_CLASS, backdoor_of, task_metrics, task_of, triggered_inputs
-from gifcli.update import assign_flat, scale_grid, search_scale, updated
+from gifcli.update import assign_flat, check_finite, scale_grid, search_scale, updated
 
 Objective = Callable[[nn.Module], tuple[float, dict]]
 
@@ -274,13 +275,7 @@ def run_unlearning(
     started = time.perf_counter()
     timing: dict[str, float] = {}
     paths = output_paths(Path(config.output.dir))
-    check_writable(config.output.dir)
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not force:
-        raise GifError(
-            f"{existing[0]}: already exists; pass --force to overwrite the outputs "
-            f"in {config.output.dir} or set output.dir"
-        )
+    check_output_dir(config.output.dir, force=force, names=OUTPUT_FILES.values())
     ctx = prepare(config)
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)
     if config.update.scale == "auto" and len(ctx.data.val) == 0:
@@ -289,6 +284,8 @@ def run_unlearning(
             "validation split; set data.val_fraction > 0 or a numeric update.scale"
         )
     model = ctx.load_model()
+    if oracle is not None:
+        ctx.load_model(oracle)  # a bad oracle fails now, not after the edit
     input_sha = sha256_file(config.checkpoint)
     influence = config.influence
     # Under torchrun, each rank takes its share of the removal set and of the Hessian sample;
@@ -335,6 +332,7 @@ def run_unlearning(
     clock = time.perf_counter()
     before = task_metrics(ctx, model)
     new_theta = updated(theta, delta, target, scale)
+    check_finite(new_theta, scale)
     assign_flat(model, new_theta)
     after = task_metrics(ctx, model)
     metrics = {"before": before, "after": after}
@@ -382,7 +380,14 @@ def run_unlearning(
     report["timing"]["total_seconds"] = time.perf_counter() - started
     report["checks"] = evaluate_checks(checks, report)
     if distributed.is_main():  # every rank holds the same edit; one writes it
-        write_outputs(paths=paths, report=report, model=model, mask=selection.mask, config=config)
+        write_outputs(
+            paths=paths,
+            report=report,
+            model=model,
+            mask=selection.mask,
+            config=config,
+            force=force,
+        )
     return report
 
 
@@ -390,9 +395,7 @@ def select_params(*, config: Config, output: Path | None = None, force: bool = F
     """``gif select-params``: select the target parameters of the config's task and save the
     mask (default: ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
     output = output or output_paths(Path(config.output.dir))["mask"]
-    check_writable(output.parent)
-    if output.exists() and not force:
-        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another path")
+    check_output_file(output, force=force)
     ctx = prepare(config)
     task = task_of(config)
     removal = (class_removal if task == REMOVE_CLASS else backdoor_removal)(ctx)

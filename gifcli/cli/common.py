@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gifcli import distributed
+from gifcli import distributed, outputs
 from gifcli.checks import (
     Check,
     CheckError,
@@ -27,8 +28,8 @@ from gifcli.checks import (
     validate_checks,
 )
 from gifcli.config import Config, load_config
-from gifcli.errors import GifError
-from gifcli.report import format_cell, metrics_rows
+from gifcli.errors import GifError, UsageError, unexpected_error_line
+from gifcli.report import OUTPUT_FILES, format_cell, metrics_rows
 from gifcli.unlearn import run_unlearning
 
 # Rich prints plain text without escape codes when stderr is not a terminal, and honours
@@ -73,27 +74,49 @@ CHECK_OPT = typer.Option(
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a GifError into one line on stderr and exit code 1 (no traceback)."""
+    """The outermost handler: a GifError is one line on stderr and exit code 1, a malformed
+    override exit code 2, an interrupt says what was written, and any other exception is one
+    line too (``GIF_DEBUG=1`` shows its traceback). Never a traceback otherwise."""
+
+    def fail(message: str, code: int) -> typer.Exit:
+        error_console.print(
+            f"[bold red]{ERROR_PREFIX}[/] {escape(message)}", highlight=False, soft_wrap=True
+        )
+        return typer.Exit(code)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        outputs.forget_history()
         try:
             result = command(*args, **kwargs)
         except typer.Exit:  # a verdict (--check) that every torchrun rank reached alike
             distributed.finish()
             raise
+        except UsageError as exc:
+            raise fail(str(exc), 2) from None
         except GifError as exc:
-            error_console.print(
-                f"[bold red]{ERROR_PREFIX}[/] {exc}", highlight=False, markup=True, soft_wrap=True
+            raise fail(str(exc), 1) from None
+        except KeyboardInterrupt as exc:
+            console.print(
+                f"[bold red]interrupted[/]: {escape(outputs.outcome())}",
+                highlight=False,
+                soft_wrap=True,
             )
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+        except (typer.TyperException, typer.Abort):  # usage errors: Typer prints them, exit 2
+            raise
+        except Exception as exc:
+            if os.environ.get("GIF_DEBUG") == "1":
+                raise
+            raise fail(unexpected_error_line(exc), 1) from None
         distributed.finish()
         return result
 
     return wrapper
+
+
+def note(message: str) -> None:
+    console.print(f"note: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def read_config(path: Path, overrides: list[str] | None) -> Config:
@@ -233,15 +256,26 @@ def run_edit(
     the edit, print the report, and exit by the checks' verdict."""
     schema = edit_report_schema(task, oracle=oracle is not None)
     gates = parse_check_options(checks, schema)
-    report = run_unlearning(
-        config=config,
-        task=task,
-        mask_path=mask,
-        oracle=oracle,
-        force=force,
-        progress=progress_factory(not (json_output or quiet)),
-        checks=gates,
+    claim = (
+        outputs.claim_output_dir(
+            config.output.dir,
+            force=force,
+            names=OUTPUT_FILES.values(),
+            note=(lambda message: None) if quiet else note,
+        )
+        if distributed.is_main()  # the one rank that writes
+        else nullcontext()
     )
+    with claim:
+        report = run_unlearning(
+            config=config,
+            task=task,
+            mask_path=mask,
+            oracle=oracle,
+            force=force,
+            progress=progress_factory(not (json_output or quiet)),
+            checks=gates,
+        )
     if json_output:
         print_json(report)
     elif not quiet:
