@@ -45,7 +45,13 @@ def _peer_lost(exc: BaseException) -> str | None:
 
     if not distributed.launched():
         return None
-    if isinstance(exc, getattr(dist, "DistError", ())) or "Connection closed by peer" in str(exc):
+    closed = "Connection closed by peer"
+    if closed in str(exc):
+        return f"another rank stopped ({closed}); its own message says why"
+    if isinstance(exc, getattr(dist, "DistError", ())):
         reason = " ".join(str(exc).split())[:120]
-        return f"another rank stopped ({reason}); its own message says why"
+        return (
+            f"the process group failed ({type(exc).__name__}: {reason}); another rank may "
+            f"have stopped, its own message says why"
+        )
     return None

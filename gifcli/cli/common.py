@@ -88,9 +88,16 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         outputs.forget_history()
         try:
-            result = command(*args, **kwargs)
-        except typer.Exit:  # a verdict (--check) that every torchrun rank reached alike
-            distributed.finish()
+            verdict = None
+            try:
+                result = command(*args, **kwargs)
+            except typer.Exit as exit_:  # a verdict (--check) every torchrun rank reached alike
+                verdict = exit_
+            distributed.finish()  # its barrier fails, too, when another rank has stopped
+            if verdict is not None:
+                raise verdict
+            return result
+        except typer.Exit:
             raise
         except UsageError as exc:
             raise fail(str(exc), 2) from None
@@ -109,8 +116,6 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("GIF_DEBUG") == "1":
                 raise
             raise fail(unexpected_error_line(exc), 1) from None
-        distributed.finish()
-        return result
 
     return wrapper
 
