@@ -415,6 +415,11 @@ def check_output_dir(directory: str | Path, *, force: bool, names: Iterable[str]
         raise GifError(
             f"{directory}: output.dir is a symbolic link; point output.dir at the folder itself"
         )
+    if os.path.ismount(directory):  # it cannot be renamed, nor staged beside on its filesystem
+        raise GifError(
+            f"{directory}: output.dir is a mount point; gif replaces output.dir as a whole, so "
+            f"name a folder inside it, e.g. {directory / 'out'}"
+        )
     try:
         entries = sorted(os.listdir(directory))
     except OSError as exc:

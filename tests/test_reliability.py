@@ -305,6 +305,11 @@ def _(tmp, base):
     return ["train", DIGITS, "train.lr=.nan", "-o", tmp / "m.safetensors"]
 
 
+@case("train.lr=1.0e+10 diverges", 1, "train.lr: training diverged")
+def _(tmp, base):
+    return ["train", DIGITS, "train.lr=1.0e+10", "train.epochs=1", "-o", tmp / "m.safetensors"]
+
+
 @case("influence.tol=.nan", 1, "influence.tol: must be a finite number")
 def _(tmp, base):
     return edit(tmp, base, "influence.tol=.nan")
@@ -620,6 +625,25 @@ def test_a_full_disk_is_named_and_nothing_is_left_on_it(tmp_path, base, size):
     )
     assert done.stderr == f"error: no space left on device in {disk / 'out'}; nothing was written\n"
     assert done.stdout == "rc=1\n", "the disk is left empty"
+
+
+def test_a_mount_point_as_output_dir_is_refused_before_any_work(tmp_path, base):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (unshare --mount --map-root-user)")
+    gif = " ".join([sys.executable, "-m", "gifcli", *map(str, edit_into(disk, base))])
+    script = f"mount -t tmpfs -o size=1700k tmpfs {disk} && {gif}; echo rc=$?; ls -A {disk}"
+    done = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stderr.startswith(f"error: {disk}: output.dir is a mount point;"), done.stderr
+    assert done.stdout == "rc=1\n"
+    assert beside(disk) == []
 
 
 @pytest.mark.slow
