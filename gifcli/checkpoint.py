@@ -2,30 +2,42 @@
 
 ``.pt`` files are read with ``weights_only=True``: a state dict, or a dict holding one under
 ``net``, ``state_dict`` or ``model``. A ``module.`` prefix (DataParallel/DDP) is stripped.
-Outputs are written to a temporary name beside the target and renamed, so a failed run never
-leaves a half-written file.
+A checkpoint must fit the model key by key, in shape and in kind (floating-point weights for
+floating-point parameters), with finite values. Files are written atomically
+(``gifcli.outputs``) and byte-reproducibly: the same tensors and metadata give the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import struct
+import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from gifcli import __version__
+from gifcli.config import safe_yaml
 from gifcli.errors import GifError
+from gifcli.outputs import atomic_path
 
 WRAPPER_KEYS = ("net", "state_dict", "model")
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -119,8 +131,34 @@ def load_into(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: checkpoint does not fit model.arch ({'; '.join(parts)}); check "
             f"model.arch, model.num_classes and the data set"
         )
-    model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items()})
+    converted = {}
+    for name, reference in expected.items():
+        tensor = state[name]
+        if _kind(tensor) != _kind(reference):
+            raise GifError(
+                f"{path}: tensor {name!r} is {_dtype(tensor)} but the model's is "
+                f"{_dtype(reference)}; save the model's own state dict (model.state_dict())"
+            )
+        converted[name] = tensor.to(reference.dtype)
+        if converted[name].is_floating_point() and not torch.isfinite(converted[name]).all():
+            raise GifError(
+                f"{path}: tensor {name!r} holds NaN or infinite values (as "
+                f"{_dtype(reference)}); the checkpoint is broken: retrain it or pick another"
+            )
+    model.load_state_dict(converted)
     return state
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_floating_point():
+        return "float"
+    return "complex" if tensor.is_complex() else "int"
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _listing(keys: list[str], most: int = 5) -> str:
@@ -140,12 +178,40 @@ def checkpoint_metadata(
 
 
 def save_checkpoint(
-    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Save CPU, contiguous tensors as safetensors, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    """Write ``tensors`` (a state dict, a mask) and the string ``metadata`` as a safetensors
+    file, atomically.
+
+    Tensors and metadata keys are in sorted order, so equal inputs give a byte-identical file
+    (the safetensors library orders metadata by a randomised hash, hence this writer). The
+    layout is the format's: an 8-byte little-endian header length, the JSON header padded with
+    spaces to 8 bytes, then each tensor's little-endian bytes in header order.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this machine is not")
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors code")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        ordered.append(tensor)
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in ordered:
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -163,71 +229,7 @@ def recorded_config(path: str | Path) -> tuple[str | None, dict]:
     try:
         metadata = read_metadata(path)
         text = metadata.get("config")
-        raw = yaml.safe_load(text) if text else None
-    except (OSError, SafetensorError, yaml.YAMLError, ValueError):
+        raw = safe_yaml(text, source=str(path)) if text else None
+    except (OSError, SafetensorError, GifError, ValueError):
         return None, {}
     return metadata.get("task"), raw if isinstance(raw, dict) else {}
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise GifError(
-            f"{path.parent}: cannot write here ({exc.strerror}); choose another output path"
-        ) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
-    """Atomically write ``path`` with ``writer(tmp_path)`` (e.g. a matplotlib savefig)."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
-def check_writable(directory: str | Path) -> None:
-    """Fail early, before any work, when ``directory`` cannot be created or written to.
-
-    Creates nothing: the nearest existing ancestor must be a writable folder.
-    """
-    directory = Path(directory).absolute()
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise GifError(
-            f"{directory}: cannot write here ({existing} {reason}); choose another output path"
-        )

@@ -2,6 +2,12 @@
 
 Every problem in a config is reported at once, one line per key, and an unknown key names the
 closest valid one. ``load_config(path, overrides)`` is the only entry point the commands use.
+
+Every value is checked before any work: numbers are finite, integers fit 64 bits, and counts
+that size an allocation (classes, channels, grid points) have a ceiling. YAML is read with a
+budget: anchors and aliases may repeat at most ``ALIAS_BUDGET`` values in all (a few hundred
+bytes of nested aliases would otherwise expand to gigabytes), a config is at most
+``MAX_CONFIG_BYTES`` long, and aliases cannot refer to themselves.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +24,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from gifcli.errors import GifError
+from gifcli.errors import GifError, UsageError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder", "tensors")
 TRIGGERS = ("checkerboard", "patch", "blend")
@@ -26,6 +33,15 @@ INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
 TARGETED_METHODS = ("gif", "fif", "pif", "first-order")  # Δ is zero outside the target mask
 CURVATURES = ("hessian", "ggn")
 SOLVERS = ("lsqr", "cg", "neumann", "exact")
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds alike
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 4096
+MAX_IMAGE_SIDE = 4096
+MAX_GRID_POINTS = 10_000
+MAX_INT = 2**63 - 1  # what a tensor index or count can hold
+ALIAS_BUDGET = 100_000
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -49,10 +65,10 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.num_classes < 2:
-            out.append(f"model.num_classes: must be at least 2, got {self.num_classes}")
-        if self.in_channels is not None and self.in_channels < 1:
-            out.append(f"model.in_channels: must be positive, got {self.in_channels}")
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            out.append(f"model.num_classes: must be in 2..{MAX_CLASSES}, got {self.num_classes}")
+        if self.in_channels is not None and not 1 <= self.in_channels <= MAX_CHANNELS:
+            out.append(f"model.in_channels: must be in 1..{MAX_CHANNELS}, got {self.in_channels}")
         if not self.arch:
             out.append("model.arch: must not be empty")
         return out
@@ -96,6 +112,7 @@ class PoisonConfig(TriggerConfig):
         out = super().problems(prefix)
         if not 0.0 < self.rate < 1.0:
             out.append(f"{prefix}.rate: must be in (0, 1), got {self.rate}")
+        out += _seed_problems(f"{prefix}.seed", self.seed)
         return out
 
 
@@ -135,6 +152,8 @@ class DataConfig:
                 out.append(f"data.{key}: must list one number per channel")
         if self.std is not None and any(s <= 0 for s in self.std):
             out.append("data.std: every entry must be positive")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIDE:
+            out.append(f"data.image_size: must be in 1..{MAX_IMAGE_SIDE}, got {self.image_size}")
         if self.poison is not None:
             out += self.poison.problems("data.poison")
         return out
@@ -308,8 +327,12 @@ class UpdateConfig:
         out = []
         if isinstance(self.scale, str) and self.scale != "auto":
             out.append(f"update.scale: must be 'auto' or a number, got {self.scale!r}")
-        if self.grid_points < 2:
-            out.append(f"update.grid_points: must be at least 2, got {self.grid_points}")
+        if isinstance(self.scale, float) and self.scale <= 0:
+            out.append(f"update.scale: must be positive, got {self.scale}")
+        if not 2 <= self.grid_points <= MAX_GRID_POINTS:
+            out.append(
+                f"update.grid_points: must be in 2..{MAX_GRID_POINTS}, got {self.grid_points}"
+            )
         if not 0 < self.grid_min < self.grid_max:
             out.append("update.grid_min, update.grid_max: need 0 < grid_min < grid_max")
         return out
@@ -356,7 +379,7 @@ class Config:
     """The YAML file the config was read from (set by ``load_config``), for messages."""
 
     def problems(self) -> list[str]:
-        out = []
+        out = _seed_problems("seed", self.seed)
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             out.append(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
         out += self.model.problems()
@@ -388,6 +411,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _seed_problems(key: str, seed: int) -> list[str]:
+    return [] if 0 <= seed <= MAX_SEED else [f"{key}: must be in 0..{MAX_SEED}, got {seed}"]
+
+
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     hint = difflib.get_close_matches(str(value), choices, n=1)
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -401,16 +428,72 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``'selection.ratio=0.1'`` -> ``(['selection', 'ratio'], 0.1)``; values parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise GifError(
+        raise UsageError(
             f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. selection.ratio=0.1"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, source=f"override {text!r}") if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GifError(
+        raise UsageError(
             f"override {text!r}: the value is not valid YAML ({_first_line(exc)})"
         ) from None
+    except GifError as exc:
+        raise UsageError(str(exc)) from None
     return key.strip().split("."), value
+
+
+def safe_yaml(text: str, *, source: str) -> Any:
+    """``yaml.safe_load`` within the budget of the module doc; GifError naming ``source``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_aliases(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise GifError(f"{source}: YAML nested too deeply; flatten the config") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise GifError(f"{source}: a value cannot be read ({_first_line(exc)})") from None
+    finally:
+        loader.dispose()
+
+
+def _check_aliases(root: yaml.Node, source: str) -> None:
+    """Refuse a YAML graph whose aliases expand past ``ALIAS_BUDGET`` values, or that
+    contains itself; costs one pass over the distinct nodes (sizes are memoised)."""
+    sizes: dict[int, int] = {}  # id(node) -> nodes in its expansion
+    entered: set[int] = set()  # nodes on the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            entered.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in entered:
+            raise GifError(
+                f"{source}: a YAML alias (*name) refers to its own anchor; configs cannot be "
+                f"recursive"
+            )
+        entered.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    if sizes[id(root)] - len(sizes) > ALIAS_BUDGET:
+        raise GifError(
+            f"{source}: YAML aliases (*name) repeat more than {ALIAS_BUDGET:,} values; write "
+            f"the values out instead of nesting anchors"
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -448,7 +531,13 @@ def read_yaml(path: str | Path) -> dict:
             f"{path}: config file not found; pass the path of a YAML config (see configs/)"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise GifError(
+                f"{path}: the config is {size:,} bytes; a config is at most "
+                f"{MAX_CONFIG_BYTES:,} bytes"
+            )
+        raw = safe_yaml(path.read_text(), source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -507,7 +596,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(
-            f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}"
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {_show(raw)}"
         )
         return cls()
     hints = typing.get_type_hints(cls)
@@ -560,9 +649,16 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> tuple[bool
         if origin is bool and isinstance(value, bool):
             return True, value
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                problems.append(f"{key}: {_show(value)} is out of range (at most {MAX_INT})")
+                return False, None
             return True, value
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return True, float(value)
+            number = float(value) if abs(value) < 2**1024 else math.inf  # float() overflows
+            if not math.isfinite(number):
+                problems.append(f"{key}: must be a finite number, got {_show(value)}")
+                return False, None
+            return True, number
         if origin is str and isinstance(value, str):
             return True, value
         if origin is Any:
@@ -570,8 +666,16 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> tuple[bool
     if errors:
         problems.extend(errors)
     else:
-        problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+        problems.append(f"{key}: expected {_type_name(hint)}, got {_show(value)}")
     return False, None
+
+
+def _show(value: Any, most: int = 60) -> str:
+    """``repr(value)``, cut short: a value may be a long list or a number of 4,000 digits."""
+    if isinstance(value, int) and abs(value) >= 10**most:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _type_name(hint: Any) -> str:

@@ -17,6 +17,8 @@ from gifcli.errors import GifError
 from gifcli.models import build_model
 from gifcli.tasks import Task, task_from_config
 
+OUTPUT_CHECK_SAMPLES = 64
+
 
 @dataclass
 class RunContext:
@@ -40,7 +42,8 @@ class RunContext:
         """``model.arch`` with the weights of ``checkpoint`` (default: the config's), in eval().
 
         ``role`` (``model``, ``oracle`` or ``evaluated``) picks the hint of a missing file.
-        """
+        Refused with a GifError naming the file: a checkpoint that does not fit, holds
+        non-finite weights, or whose outputs on the first test images are not finite."""
         path = checkpoint or self.config.checkpoint
         source = self.config.source
         if not path:
@@ -60,7 +63,20 @@ class RunContext:
             self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
         load_into(model, path)
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        self._check_outputs(model, path)
+        return model
+
+    @torch.no_grad()
+    def _check_outputs(self, model: nn.Module, path: str | Path) -> None:
+        # finite weights can still overflow (1e30 through a few layers is inf): every metric
+        # of such a model would be meaningless
+        x = self.data.test.x[:OUTPUT_CHECK_SAMPLES].to(self.device)
+        if len(x) and not torch.isfinite(model(x)).all():
+            raise GifError(
+                f"{path}: the model's outputs on the test images are NaN or infinite (weights "
+                f"far too large?); the checkpoint is broken: retrain it or pick another"
+            )
 
 
 def prepare(config: Config) -> RunContext:

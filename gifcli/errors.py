@@ -1,4 +1,4 @@
-"""The exception types the CLI turns into a one-line message and exit code 1."""
+"""The exception types the CLI turns into a one-line message and an exit code."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ class GifError(Exception):
     The message names the file or config key at fault and says what to do; the CLI prints it
     without a traceback and exits 1.
     """
+
+
+class UsageError(GifError):
+    """A malformed command line (e.g. a ``KEY=VALUE`` override without ``=``): exit code 2."""
 
 
 class ParameterError(GifError):

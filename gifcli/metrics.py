@@ -174,10 +174,15 @@ def mia_efficacy(
     if count == 0 or len(target) == 0:
         return float("nan")
     rng = np.random.default_rng(seed)
-    members = member.numpy()[rng.choice(len(member), count, replace=False)]
-    non_members = non_member.numpy()[rng.choice(len(non_member), count, replace=False)]
+    # a model whose outputs overflowed (an edit at a huge step) gives NaN probabilities: it
+    # shows no confidence in the true label, so they count as 0
+    member, non_member, target = (
+        np.nan_to_num(t.numpy(), nan=0.0) for t in (member, non_member, target)
+    )
+    members = member[rng.choice(len(member), count, replace=False)]
+    non_members = non_member[rng.choice(len(non_member), count, replace=False)]
     features = np.concatenate([members, non_members]).reshape(-1, 1)
     labels = np.concatenate([np.ones(count), np.zeros(count)])
     classifier = SVC(C=3, gamma="auto", kernel="rbf").fit(features, labels)
-    predicted = classifier.predict(target.numpy().reshape(-1, 1))
+    predicted = classifier.predict(target.reshape(-1, 1))
     return float((predicted == 0).mean() * 100)

@@ -48,6 +48,7 @@ from gifcli.tasks import RemovalSet, Task
 from gifcli.update import (
     SweepPoint,
     assign_flat,
+    check_finite,
     scale_grid,
     search_damping_and_scale,
     search_scale,
@@ -160,6 +161,7 @@ def edit(
 
     clock = time.perf_counter()
     new_theta = updated(theta, delta, target, scale)
+    check_finite(new_theta, scale)
     metrics = measure(task, data, model, new_theta, oracle=oracle, seed=settings.seed)
     timing["metrics_seconds"] = time.perf_counter() - clock
     timing["total_seconds"] = time.perf_counter() - started

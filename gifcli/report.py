@@ -2,8 +2,9 @@
 
 See docs/design.md, "Outputs".
 
-Everything is computed before anything is written, and each file is written to a temporary
-name and renamed, so a failed run leaves no half-written output.
+Everything is computed before anything is written; the files are written into a staging
+folder and published as one set (``gifcli.outputs``), so a failed run leaves the previous
+outputs as they were.
 """
 
 from __future__ import annotations
@@ -15,18 +16,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from gifcli.checkpoint import (
-    checkpoint_metadata,
-    save_checkpoint,
-    sha256_file,
-    write_json,
-    write_text,
-    write_with,
-)
+from gifcli.checkpoint import checkpoint_metadata, save_checkpoint, sha256_file
 from gifcli.config import Config, SelectionConfig
-from gifcli.errors import GifError
 from gifcli.influence.solvers import STATUSES
 from gifcli.metrics import scalar_metrics
+from gifcli.outputs import claim_output_dir, write_json, write_text, write_with
 from gifcli.records import format_value
 from gifcli.selection import save_mask
 
@@ -48,16 +42,6 @@ def output_paths(directory: str | Path) -> dict[str, Path]:
     return {key: Path(directory) / name for key, name in OUTPUT_FILES.items()}
 
 
-def refuse_existing(directory: str | Path, *, force: bool) -> None:
-    """Existing outputs are replaced only with ``force``."""
-    existing = [p for p in output_paths(directory).values() if p.exists()]
-    if existing and not force:
-        raise GifError(
-            f"{existing[0]}: already exists; pass --force to overwrite the outputs "
-            f"in {directory} or set output.dir"
-        )
-
-
 def write_outputs(
     result: EditResult,
     directory: str | Path,
@@ -68,9 +52,10 @@ def write_outputs(
     """Write an edit's outputs into ``directory``: the edited model, its mask, report.json,
     report.md, the resolved config (``config``, else the edit's settings) and the sweep plot.
 
-    Returns the report as written (``checkpoint.output`` and ``output_sha256`` filled in).
+    The files are staged beside ``directory`` and published as one set (``gifcli.outputs``);
+    an existing non-empty ``directory`` is replaced only with ``force``. Returns the report as
+    written (``checkpoint.output`` and ``output_sha256`` filled in).
     """
-    refuse_existing(directory, force=force)
     paths = output_paths(directory)
     report = result.report
     settings_yaml = config.to_yaml() if config is not None else _settings_yaml(result)
@@ -81,20 +66,26 @@ def write_outputs(
         method=report.method,
         removal=result.task.description,
     )
-    save_checkpoint(paths["model"], result.model.state_dict(), metadata)
-    report.checkpoint.output = str(paths["model"])
-    report.checkpoint.output_sha256 = sha256_file(paths["model"])
-    as_dict = report.to_dict()
-    save_mask(
-        paths["mask"],
-        result.mask,
-        metadata=mask_metadata(report.task, result.settings.selection, settings_yaml),
-    )
-    if as_dict["update"]["sweep"]:
-        write_with(paths["plot"], lambda tmp: plot_sweep(as_dict, tmp))
-    write_text(paths["config"], settings_yaml)
-    write_text(paths["markdown"], markdown(as_dict))
-    write_json(paths["report"], as_dict)
+    names = OUTPUT_FILES.values()
+    with (
+        claim_output_dir(directory, force=force, names=names) as outputs,
+        outputs.stage() as staging,
+    ):
+        staged = {key: staging / path.name for key, path in paths.items()}
+        save_checkpoint(staged["model"], result.model.state_dict(), metadata)
+        report.checkpoint.output = str(paths["model"])
+        report.checkpoint.output_sha256 = sha256_file(staged["model"])
+        as_dict = report.to_dict()
+        save_mask(
+            staged["mask"],
+            result.mask,
+            metadata=mask_metadata(report.task, result.settings.selection, settings_yaml),
+        )
+        if as_dict["update"]["sweep"]:
+            write_with(staged["plot"], lambda tmp: plot_sweep(as_dict, tmp))
+        write_text(staged["config"], settings_yaml)
+        write_text(staged["markdown"], markdown(as_dict))
+        write_json(staged["report"], as_dict)
     return as_dict
 
 

@@ -9,21 +9,22 @@ expensive step: the task the config describes, the output folder, the oracle che
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from gifcli import distributed
-from gifcli.checkpoint import check_writable, recorded_config, sha256_file
+from gifcli.checkpoint import recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
-from gifcli.errors import GifError
+from gifcli.outputs import check_output_file, claim_output_dir
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import CheckpointRecord, EvaluateReport
-from gifcli.report import mask_metadata, output_paths, refuse_existing, write_outputs
+from gifcli.report import OUTPUT_FILES, mask_metadata, output_paths, write_outputs
 from gifcli.selection import load_mask, save_mask, summarize_mask
-from gifcli.tasks import check_task, described_task
+from gifcli.tasks import Task, check_task, described_task
 
 
 def run_edit(
@@ -35,13 +36,31 @@ def run_edit(
     force: bool = False,
     progress: ProgressFactory = silent,
     checks: Sequence[Check] = (),
+    note: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Edit ``config.checkpoint`` for the task of ``command`` (which the config must
     describe), write the outputs into ``output.dir`` and return the report, with the result of
-    each of ``checks`` under ``checks``."""
+    each of ``checks`` under ``checks``. ``output.dir`` is locked and checked before any work;
+    ``note(message)`` hears what was recovered from a stopped run."""
     task_type = check_task(config, command)
-    check_writable(config.output.dir)
-    refuse_existing(config.output.dir, force=force)
+    claim = (
+        claim_output_dir(config.output.dir, force=force, names=OUTPUT_FILES.values(), note=note)
+        if distributed.is_main()  # the one rank that writes
+        else nullcontext()
+    )
+    with claim:
+        return _edit_from_config(config, task_type, mask_path, oracle, force, progress, checks)
+
+
+def _edit_from_config(
+    config: Config,
+    task_type: type[Task],
+    mask_path: Path | None,
+    oracle: Path | None,
+    force: bool,
+    progress: ProgressFactory,
+    checks: Sequence[Check],
+) -> dict:
     ctx = prepare(config)
     task = task_type.from_config(config, ctx.data)
     model = ctx.load_model()
@@ -75,9 +94,7 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
     """Select the target parameters of the config's task and save the mask (default:
     ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
     output = output or output_paths(config.output.dir)["mask"]
-    check_writable(output.parent)
-    if output.exists() and not force:
-        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another path")
+    check_output_file(output, force=force)
     ctx = prepare(config)
     task = ctx.task()
     model = ctx.load_model()

@@ -33,10 +33,8 @@ give a byte-identical file.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -49,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from gifcli.checkpoint import write_bytes
+from gifcli.checkpoint import save_checkpoint
 from gifcli.config import SELECTION_METHODS
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import trainable_parameters
@@ -655,28 +653,6 @@ def summarize_mask(
 # Files
 
 
-def _serialize(mask: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with sorted tensors and sorted metadata (byte-for-byte reproducible).
-
-    Written by hand because the safetensors library orders metadata by a randomised hash.
-    """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks = []
-    offset = 0
-    for name in sorted(mask):
-        data = mask[name].detach().cpu().contiguous().numpy().tobytes()
-        header[name] = {
-            "dtype": "BOOL",
-            "shape": _shape(mask[name]),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    encoded += b" " * (-len(encoded) % 8)  # pad the header to 8 bytes, as safetensors does
-    return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
-
-
 def save_mask(
     path: str | os.PathLike[str],
     mask: dict[str, Tensor],
@@ -696,10 +672,7 @@ def save_mask(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise ValueError("mask metadata keys and values must be strings")
     fixed = {"format": MASK_FORMAT, "format_version": MASK_FORMAT_VERSION}
-    try:
-        write_bytes(path, _serialize(mask, {**extra, **fixed}))
-    except OSError as err:
-        raise GifError(f"{path}: cannot write the mask ({err.strerror or err})") from err
+    save_checkpoint(path, mask, {**extra, **fixed})
 
 
 def load_mask(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Tensor]:

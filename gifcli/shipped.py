@@ -6,8 +6,8 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gifcli.checkpoint import check_writable, write_text
 from gifcli.errors import GifError
+from gifcli.outputs import check_output_file, write_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -59,8 +59,6 @@ def init_config(name: str, output: Path | None = None, *, force: bool = False) -
     """Copy the shipped config ``name`` to ``output`` (default ``NAME.yaml`` here) to edit."""
     config = find_config(name)
     output = output or Path(f"{config.name}.yaml")
-    if output.exists() and not force:
-        raise GifError(f"{output}: already exists; pass --force to overwrite it or -o another path")
-    check_writable(output.parent)
+    check_output_file(output, force=force)
     write_text(output, config.path.read_text())
     return output

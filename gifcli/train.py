@@ -11,18 +11,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from gifcli import distributed
-from gifcli.checkpoint import (
-    check_writable,
-    checkpoint_metadata,
-    save_checkpoint,
-    sha256_file,
-    write_json,
-    write_text,
-)
+from gifcli.checkpoint import checkpoint_metadata, save_checkpoint, sha256_file
 from gifcli.config import Config, TrainConfig
 from gifcli.context import prepare
 from gifcli.data import DataSplits, TensorSplit
 from gifcli.errors import GifError
+from gifcli.outputs import claim_output_files, write_json, write_text
 from gifcli.progress import ProgressFactory, silent
 
 
@@ -116,8 +110,23 @@ def run_train(
     if output.suffix != ".safetensors":
         raise GifError(f"{output}: gif writes .safetensors checkpoints; use that suffix")
     paths = output_paths(output, poisoned=config.data.poison is not None and not retrain)
-    check_writable(output.parent)
-    refuse_overwrite(list(paths.values()), force)
+    with claim_output_files(paths.values(), force=force) as staged:
+        model, report, data = _train(config, output, retrain=retrain, progress=progress)
+        metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
+        save_checkpoint(staged[output], model.state_dict(), metadata)
+        report["sha256"] = sha256_file(staged[output])
+        if "poisoned" in paths:
+            write_text(staged[paths["poisoned"]], poisoned_listing(data))
+            report["poisoned"] = str(paths["poisoned"])
+        write_json(staged[paths["report"]], report)
+        write_text(staged[paths["config"]], config.to_yaml())
+    return report
+
+
+def _train(
+    config: Config, output: Path, *, retrain: bool, progress: ProgressFactory
+) -> tuple[nn.Module, dict, DataSplits]:
+    """The trained model, its report (without the checkpoint's sha256) and the data."""
     started = time.perf_counter()
     ctx = prepare(config)
     task = ctx.task()
@@ -130,6 +139,11 @@ def run_train(
             seed=config.seed,
             device=ctx.device,
             progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
+        )
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise GifError(
+            f"train.lr: training diverged (NaN or infinite weights at lr {config.train.lr}); "
+            f"lower train.lr"
         )
     seconds = time.perf_counter() - started
     task_metrics = task.metrics(model, ctx.data, device=ctx.device, seed=config.seed)
@@ -145,21 +159,4 @@ def run_train(
         "task_removal": task.description,
         "checkpoint": str(output),
     }
-    metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
-    save_checkpoint(output, model.state_dict(), metadata)
-    report["sha256"] = sha256_file(output)
-    write_json(paths["report"], report)
-    write_text(paths["config"], config.to_yaml())
-    if "poisoned" in paths:
-        write_text(paths["poisoned"], poisoned_listing(ctx.data))
-        report["poisoned"] = str(paths["poisoned"])
-    return report
-
-
-def refuse_overwrite(paths: list[Path], force: bool) -> None:
-    """Existing outputs are only replaced with ``--force``."""
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise GifError(
-            f"{existing[0]}: already exists; pass --force to overwrite it or choose another output"
-        )
+    return model, report, ctx.data

@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from gifcli.errors import GifError
+
 Objective = Callable[[nn.Module], tuple[float, dict]]
 
 
@@ -42,6 +44,15 @@ def updated(
     """``θ + s·Δ`` on the target coordinates; every other coordinate is bit-identical to ``θ``
     (a plain ``θ + 0`` would turn ``-0.0`` into ``+0.0``)."""
     return torch.where(target, theta + scale * delta, theta)
+
+
+def check_finite(theta: torch.Tensor, scale: float) -> None:
+    """Refuse edited parameters that overflowed: ``s·Δ`` is finite but too large."""
+    if not torch.isfinite(theta).all():
+        raise GifError(
+            f"update.scale: the edited parameters overflow at step scale {scale:g}; lower "
+            f"update.scale (or use auto)"
+        )
 
 
 @dataclass

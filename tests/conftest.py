@@ -1,5 +1,7 @@
 """Shared fixtures: base checkpoints trained once per test session on scikit-learn's digits."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,20 @@ def train_checkpoint(config_path: Path, output: Path, *, retrain: bool = False) 
     config = load_config(config_path, [f"checkpoint={output}"])
     run_train(config=config, output=output, retrain=retrain, force=False)
     return output
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header that claims ``width`` x ``height`` grey pixels, in 70 bytes (its
+    pixel data is one empty row: reading the header is cheap, decoding it is not)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,11 @@ LAYERS = {
         "update",
         "metrics",
         "checks",
+        "outputs",
     },
     2: {"tasks"},
     3: {"pipeline", "context", "report", "train", "runs", "shipped"},
-    4: {"cli"},
+    4: {"cli", "__main__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

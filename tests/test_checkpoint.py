@@ -99,3 +99,57 @@ def test_sha256_is_stable(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(b"abc")
     assert sha256_file(path) == ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_files_are_byte_identical_for_equal_inputs_and_read_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    state = {
+        "w": torch.randn(3, 4),
+        "half": torch.randn(5).to(torch.bfloat16),
+        "count": torch.tensor(7),
+        "mask": torch.rand(2, 2) > 0.5,
+        "empty": torch.zeros(0, 3, dtype=torch.float64),
+    }
+    metadata = {f"key{i}": f"value {i}" for i in range(20)}
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_checkpoint(first, state, metadata)
+    save_checkpoint(second, dict(reversed(state.items())), dict(reversed(metadata.items())))
+    assert first.read_bytes() == second.read_bytes()
+    loaded = load_file(first)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items())
+    assert read_metadata(first) == metadata
+
+
+def test_files_follow_the_umask(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda s: s.update({"0.weight": s["0.weight"].long()}), "'0.weight' is int64 but"),
+        (lambda s: s.update({"0.weight": s["0.weight"] > 0}), "'0.weight' is bool but"),
+        (lambda s: s["2.bias"].fill_(float("nan")), "'2.bias' holds NaN or infinite"),
+        (lambda s: s["2.bias"].fill_(float("inf")), "'2.bias' holds NaN or infinite"),
+        (lambda s: s.update({"0.bias": s["0.bias"].double() * 1e300}), "'0.bias' holds NaN"),
+        (lambda s: s.update({"1.num_batches_tracked": torch.tensor(0.5)}), "is float32 but"),
+    ],
+    ids=["int weights", "bool weights", "nan", "inf", "overflows float32", "float counter"],
+)
+def test_ill_typed_or_non_finite_tensors_are_refused_by_name(tmp_path, change, match):
+    state = small_model().state_dict()
+    change(state)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, state, {})
+    with pytest.raises(GifError, match=match) as info:
+        load_into(small_model(), path)
+    assert str(path) in str(info.value)

@@ -3,8 +3,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gifcli.config import Config, apply_overrides, build_config, load_config, reference
-from gifcli.errors import GifError
+from gifcli.config import (
+    ALIAS_BUDGET,
+    MAX_CONFIG_BYTES,
+    Config,
+    apply_overrides,
+    build_config,
+    load_config,
+    reference,
+    safe_yaml,
+)
+from gifcli.errors import GifError, UsageError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -54,10 +63,10 @@ def test_overrides_do_not_mutate_the_raw_mapping():
 
 
 @pytest.mark.parametrize("override", ["selection.ratio", "=3", "a..b=1", "x=[1,"])
-def test_malformed_override_is_an_error_naming_it(tmp_path, override):
+def test_malformed_override_is_a_usage_error_naming_it(tmp_path, override):
     path = tmp_path / "c.yaml"
     path.write_text("{}\n")
-    with pytest.raises(GifError, match="override"):
+    with pytest.raises(UsageError, match="override"):
         load_config(path, [override])
 
 
@@ -153,7 +162,7 @@ def test_damping_is_absolute_1e_2_by_default_and_accepts_auto_numbers_and_relati
     [
         ({"damping": "fast"}, "influence.damping: must be 'auto' or a number"),
         ({"damping": -1.0}, "influence.damping: must be a finite number >= 0"),
-        ({"damping": float("inf")}, "influence.damping: must be a finite number >= 0"),
+        ({"damping": float("inf")}, "influence.damping: must be a finite number"),
         ({"damping": "auto", "solver": "cg"}, "'auto' runs the lsqr regularisation path"),
         ({"damping": "auto", "method": "sif"}, "not sif"),
         ({"damping_relative": "yes"}, "influence.damping_relative: expected true/false"),
@@ -164,3 +173,99 @@ def test_damping_is_absolute_1e_2_by_default_and_accepts_auto_numbers_and_relati
 def test_bad_damping_settings_name_the_key(influence, message):
     with pytest.raises(GifError, match=message):
         build_config({"influence": influence})
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"update": {"scale": float("nan")}}, "update.scale: must be a finite number, got nan"),
+        ({"update": {"scale": float("inf")}}, "update.scale: must be a finite number, got inf"),
+        ({"update": {"scale": 0}}, "update.scale: must be positive"),
+        ({"update": {"grid_max": float("inf")}}, "update.grid_max: must be a finite number"),
+        ({"update": {"grid_points": 10**7}}, "update.grid_points: must be in 2..10000"),
+        ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number"),
+        ({"influence": {"tol": float("nan")}}, "influence.tol: must be a finite number"),
+        ({"influence": {"damping": 10**400}}, "influence.damping: must be a finite number"),
+        ({"data": {"mean": [0.5, float("nan")]}}, r"data.mean\[1\]: must be a finite number"),
+        ({"seed": -1}, "seed: must be in 0..4294967295, got -1"),
+        ({"seed": 2**64}, "seed: 18446744073709551616 is out of range"),
+        ({"data": {"poison": {"seed": 2**32}}}, "data.poison.seed: must be in 0..4294967295"),
+        ({"model": {"num_classes": 10**12}}, "model.num_classes: must be in 2..100000"),
+        ({"model": {"in_channels": 10**6}}, "model.in_channels: must be in 1..4096"),
+        ({"data": {"image_size": 10**5}}, "data.image_size: must be in 1..4096"),
+        ({"train": {"epochs": 10**30}}, "train.epochs: .* is out of range"),
+        ({"removal": {"classes": list(range(200))}}, r"removal.classes: class 10 is out"),
+    ],
+)
+def test_non_finite_and_out_of_range_values_are_refused_by_key(raw, message):
+    with pytest.raises(GifError, match=message):
+        build_config(raw)
+
+
+def test_long_values_are_shown_cut_short():
+    with pytest.raises(GifError) as info:
+        build_config({"train": {"epochs": [1] * 10_000}})
+    assert len(str(info.value)) < 200
+
+
+def _alias_bomb(levels: int, fan_out: int) -> str:
+    """A "billion laughs" document: each level repeats the previous one ``fan_out`` times."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * fan_out)}]"]
+    for level in range(1, levels):
+        repeated = ", ".join([f"*l{level - 1}"] * fan_out)
+        lines.append(f"l{level}: &l{level} [{repeated}]")
+    lines.append(f"removal: {{classes: *l{levels - 1}}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(levels=4, fan_out=20))  # 160,000 values from 1 kB
+    with pytest.raises(GifError, match=f"aliases .* repeat more than {ALIAS_BUDGET:,} values"):
+        load_config(path)
+
+
+def test_a_nine_level_alias_bomb_costs_nothing_to_refuse():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(GifError, match="aliases"):
+        safe_yaml(_alias_bomb(levels=9, fan_out=10), source="bomb")  # 10^9 values
+    assert time.perf_counter() - started < 1.0
+
+
+def test_aliases_within_the_budget_still_work():
+    assert safe_yaml("a: &x {k: [1, 2]}\nb: *x\n", source="s") == {
+        "a": {"k": [1, 2]},
+        "b": {"k": [1, 2]},
+    }
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("a: &a [*a]\n", "refers to its own anchor"),
+        ("a: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply"),
+        ("seed: 1" + "0" * 5000 + "\n", "a value cannot be read"),
+    ],
+    ids=["recursive alias", "deep nesting", "5000-digit integer"],
+)
+def test_hostile_yaml_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(GifError, match=message):
+        load_config(path)
+
+
+def test_overrides_are_read_with_the_same_budget(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(UsageError, match="refers to its own anchor"):
+        load_config(path, ["removal.classes=&a [*a]"])
+
+
+def test_a_config_larger_than_the_limit_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("#" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(GifError, match="a config is at most"):
+        load_config(path)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -283,6 +285,69 @@ def test_an_input_error_stops_every_rank_with_its_message(tmp_path, quick_base):
     # Rank 0 says what is wrong (the others do too, unless torchrun stopped them first).
     assert "error: selection.include: pattern 'no_such_layer'" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_when_rank_0_alone_stops_the_other_rank_says_so_in_one_line(tmp_path, quick_base):
+    """Rank 0, stopped while it writes, exits on its own; rank 1, waiting for it at the final
+    barrier, reports the lost peer in one line instead of gloo's traceback."""
+    gif = shutil.which("gif", path=str(Path(sys.executable).parent)) or shutil.which("gif")
+    if gif is None:
+        pytest.skip("the gif console script is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="200", GIF_TEST_PAUSE_PUBLISH="staged")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",  # each rank's stdout and stderr into its own file
+        gif,
+        "remove-class",
+        str(DIGITS),
+        f"checkpoint={quick_base}",
+        *SMALL,
+        f"output.dir={out}",
+        "--quiet",
+    ]
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def stderr_of(rank: int) -> str:
+        files = list(logs.glob(f"*/attempt_0/{rank}/stderr.log"))
+        return files[0].read_text() if files else ""
+
+    try:
+        deadline = time.monotonic() + 90
+        while "paused at staged" not in stderr_of(0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "paused at staged" in stderr_of(0), stderr_of(0)
+        time.sleep(2)  # rank 1 reaches the final barrier
+        os.kill(int((tmp_path / "out.lock").read_text()), signal.SIGTERM)
+        launcher.wait(timeout=90)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert stderr_of(0).endswith("interrupted: nothing was written\n"), stderr_of(0)
+    other = stderr_of(1)
+    assert "Traceback" not in other, other
+    if other:  # unless torchrun stopped rank 1 first
+        assert other == (
+            "error (rank 1): another rank stopped (Connection closed by peer); its own message "
+            "says why\n"
+        )
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- CUDA

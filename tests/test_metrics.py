@@ -77,3 +77,11 @@ def test_remove_class_metrics_on_a_fixed_model():
 def test_oracle_gap_is_absolute_with_a_mean():
     gap = oracle_gap({"a": 1.0, "b": 5.0, "per_class": [1]}, {"a": 3.0, "b": 4.0})
     assert gap == {"a": 2.0, "b": 1.0, "mean": 1.5}
+
+
+def test_mia_counts_nan_probabilities_as_no_confidence():
+    member = torch.tensor([0.99, 0.98, float("nan"), 0.97] * 5)
+    non_member = torch.tensor([0.2, float("nan"), 0.1, 0.3] * 5)
+    target = torch.full((6,), float("nan"))
+    score = mia_efficacy(member=member, non_member=non_member, target=target)
+    assert score == 100.0, "no confidence at all looks like a non-member"

@@ -1,1 +1,31 @@
-"""The ``gif`` command line: one module per command, each a thin layer over the core."""
+"""The ``gif`` command line: one module per command, each a thin layer over the core.
+
+Importing the commands takes seconds (torch); a Ctrl-C meanwhile ends the process with one line
+instead of a traceback from inside an import. ``gifcli.cli.main`` hands SIGINT back to Python
+once every command is imported.
+"""
+
+import os
+import signal
+import threading
+
+
+def _interrupted_at_start_up(signum: int, frame: object) -> None:
+    os.write(2, b"interrupted: during start-up; nothing was written\n")
+    os._exit(128 + signum)  # nothing to clean up: no command has started
+
+
+def restore_sigint() -> None:
+    """Give SIGINT back to Python (KeyboardInterrupt) if the start-up handler still holds it."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is _interrupted_at_start_up
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+):
+    signal.signal(signal.SIGINT, _interrupted_at_start_up)

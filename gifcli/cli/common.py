@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gifcli import distributed
+from gifcli import distributed, outputs
 from gifcli.checks import (
     Check,
     CheckError,
@@ -25,8 +26,9 @@ from gifcli.checks import (
     parse_checks,
     validate_checks,
 )
+from gifcli.cli.failures import unexpected_error_line
 from gifcli.config import Config, load_config
-from gifcli.errors import GifError
+from gifcli.errors import GifError, UsageError
 from gifcli.records import format_value
 from gifcli.report import metrics_rows, summary_lines
 from gifcli.runs import run_edit as run_edit_command
@@ -99,26 +101,47 @@ EVALUATE_CHECK_OPT = typer.Option(
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a GifError into one line on stderr and exit code 1 (no traceback)."""
+    """The outermost handler: a GifError is one line on stderr and exit code 1, a malformed
+    override exit code 2, an interrupt says what was written, and any other exception is one
+    line too (``GIF_DEBUG=1`` shows its traceback). Never a traceback otherwise."""
+
+    def fail(message: str, code: int) -> typer.Exit:
+        error_console.print(
+            f"[bold red]{error_prefix()}[/] {escape(message)}", highlight=False, soft_wrap=True
+        )
+        return typer.Exit(code)
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        outputs.forget_history()
         speak_for_rank()
         try:
             return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UsageError as exc:
+            raise fail(str(exc), 2) from None
         except GifError as exc:
-            error_console.print(
-                f"[bold red]{error_prefix()}[/] {escape(str(exc))}",
+            raise fail(str(exc), 1) from None
+        except KeyboardInterrupt as exc:
+            console.print(
+                f"[bold red]interrupted[/]: {escape(outputs.outcome())}",
                 highlight=False,
-                markup=True,
                 soft_wrap=True,
             )
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+        except (typer.TyperException, typer.Abort):  # usage errors: Typer prints them, exit 2
+            raise
+        except Exception as exc:
+            if os.environ.get("GIF_DEBUG") == "1":
+                raise
+            raise fail(unexpected_error_line(exc), 1) from None
 
     return wrapper
+
+
+def note(message: str) -> None:
+    console.print(f"note: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def read_config(
@@ -263,6 +286,7 @@ def run_edit(
         force=force,
         progress=progress_factory(not (json_output or quiet)),
         checks=gates,
+        note=(lambda message: None) if quiet else note,
     )
     if json_output:
         print_json(report)

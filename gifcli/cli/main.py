@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 
 from gifcli import __version__
-from gifcli.cli import configs, evaluate, recover_backdoor, remove_class, select_params, train
+from gifcli.cli import (
+    configs,
+    evaluate,
+    recover_backdoor,
+    remove_class,
+    restore_sigint,
+    select_params,
+    train,
+)
 from gifcli.cli.common import EXIT_CODES
 
 app = typer.Typer(
@@ -39,3 +47,5 @@ def main(
 
 for module in (train, select_params, remove_class, recover_backdoor, evaluate, configs):
     module.register(app)
+
+restore_sigint()  # every command is imported: Ctrl-C is a KeyboardInterrupt again

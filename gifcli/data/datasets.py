@@ -9,6 +9,7 @@ config seed), normalises every split with the per-channel ``(x - mean) / std``, 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gifcli.config import DataConfig
+from gifcli.config import MAX_CLASSES, DataConfig
+from gifcli.data.images import open_image
 from gifcli.data.triggers import Poisoning, poison_split
 from gifcli.errors import GifError
 
@@ -358,7 +360,7 @@ def _channels_first(x: np.ndarray | Tensor, dataset: str) -> Tensor:
 
 
 def _read_imagefolder(data: DataConfig) -> _Source:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(data.root)
     layout = f"{root}/train/<class>/*.png and {root}/test/<class>/*.png"
@@ -383,16 +385,13 @@ def _read_imagefolder(data: DataConfig) -> _Source:
     if not test_files:
         raise GifError(f"data.root: {root / 'test'} holds no images; imagefolder reads {layout}")
 
-    def open_image(path: Path):
-        try:
-            return Image.open(path)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise GifError(f"{path}: cannot read the image ({exc}); remove or replace it") from exc
+    def opened(path: Path):
+        return open_image(path, hint="remove or replace it")
 
     # the header tells the mode: grey only if every image has one channel
     grey = True
     for path, _ in train_files + test_files:
-        with open_image(path) as image:
+        with opened(path) as image:
             grey = grey and len(image.getbands()) == 1 and image.mode != "P"
     mode = "L" if grey else "RGB"
 
@@ -403,13 +402,8 @@ def _read_imagefolder(data: DataConfig) -> _Source:
         nonlocal size, first
         arrays = []
         for path, _ in files:
-            with open_image(path) as opened:
-                try:
-                    image = opened.convert(mode)
-                except OSError as exc:
-                    raise GifError(
-                        f"{path}: cannot read the image ({exc}); remove or replace it"
-                    ) from exc
+            with opened(path) as image:
+                image = image.convert(mode)  # a decoding error is the context's GifError
             if data.image_size is not None:
                 if image.size != size:
                     image = image.resize(size, Image.Resampling.BILINEAR)
@@ -471,6 +465,7 @@ def _read_tensors(data: DataConfig) -> _Source:
     if suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
+                _check_unpacked_size(path, archive.zip)
                 arrays = {key: archive[key] for key in archive.files}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise GifError(
@@ -523,10 +518,22 @@ def _read_tensors(data: DataConfig) -> _Source:
     )
 
 
+def _check_unpacked_size(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse an archive whose arrays unpack to more than this machine's memory: a small
+    compressed file can hold gigabytes of zeros."""
+    unpacked = sum(info.file_size for info in archive.infolist())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if unpacked > memory:
+        raise GifError(
+            f"{path}: the arrays unpack to {unpacked / 2**30:.1f} GiB, more than this "
+            f"machine's {memory / 2**30:.1f} GiB of memory; use a smaller data set"
+        )
+
+
 def _as_tensor(value: object, path: Path, key: str) -> Tensor:
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise GifError(f"{path}: {key} is an object array; store numbers")
+        if value.dtype.kind not in "biuf" or value.dtype == np.uint64:  # torch holds no others
+            raise GifError(f"{path}: {key} has dtype {value.dtype}; store numbers")
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, Tensor):
         return value
@@ -566,20 +573,27 @@ def _tensor_images(value: object, path: Path, key: str) -> Tensor:
 
 
 def _tensor_labels(value: object, path: Path, key: str, count: int) -> Tensor:
-    y = _as_tensor(value, path, key)
-    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+    """Labels as int64 [count], each in 0..MAX_CLASSES-1, checked before anything is sized by
+    a label (the number of classes is the largest label plus one)."""
+    if isinstance(value, Tensor):
+        value = value.numpy(force=True)
+    if not isinstance(value, np.ndarray):
+        raise GifError(f"{path}: {key} is a {type(value).__name__}; store an array or tensor")
+    if value.dtype.kind not in "iu":
+        raise GifError(f"{path}: {key} has dtype {value.dtype}; store integer class labels")
+    if value.ndim != 1 or value.shape[0] != count:
         raise GifError(
-            f"{path}: {key} has dtype {str(y.dtype).removeprefix('torch.')}; store "
-            f"integer class labels"
-        )
-    if y.ndim != 1 or y.shape[0] != count:
-        raise GifError(
-            f"{path}: {key} has shape {_shape(y.shape)}; store one integer label "
+            f"{path}: {key} has shape {_shape(value.shape)}; store one integer label "
             f"per image ({count})"
         )
-    if (y < 0).any():
+    if value.size and value.min() < 0:
         raise GifError(f"{path}: {key} holds negative labels; labels are 0..num_classes-1")
-    return y.long()
+    if value.size and value.max() >= MAX_CLASSES:
+        raise GifError(
+            f"{path}: {key} holds the label {value.max()}; labels are 0..num_classes-1, "
+            f"with at most {MAX_CLASSES} classes"
+        )
+    return torch.from_numpy(value.astype(np.int64))
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -6,6 +6,8 @@ A poisoned-index file lists indices into the full training set, one format of th
   sample's true label; ``#`` starts a comment, blank lines are skipped.
 - ``.npy``: a 1-D integer array of indices, or an N x 2 array of (index, true label) rows.
 - ``.json``: a list of indices, or ``{"indices": [...], "true_labels": [...]}``.
+
+A file is at most ``MAX_INDEX_FILE_BYTES`` long, and every index and label must fit 64 bits.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from gifcli.errors import GifError
 
 # one parsed entry: (where it is in the file, index, true label or None)
 _Entry = tuple[str, int, int | None]
+
+MAX_INDEX_FILE_BYTES = 256 << 20  # 25 million indices as text
 
 
 def class_removal_indices(train: TensorSplit, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
@@ -53,6 +57,12 @@ def read_poison_indices(
         raise GifError(
             f"removal.poison_indices: {path} not found; point it at a .txt, .npy or "
             f".json file of training indices"
+        )
+    size = path.stat().st_size
+    if size > MAX_INDEX_FILE_BYTES:
+        raise GifError(
+            f"{path}: the index file is {size:,} bytes; it may be at most "
+            f"{MAX_INDEX_FILE_BYTES:,} bytes"
         )
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -133,6 +143,12 @@ def _read_json(path: Path) -> list[_Entry]:
         content = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise GifError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise GifError(
+            f'{path}: JSON nested too deeply; expected a list of indices or {{"indices": [...]}}'
+        ) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise GifError(f"{path}: cannot read the JSON ({exc}); store plain indices") from None
     if isinstance(content, list):
         return [
             (f"entry {i}", _json_int(v, path, f"entry {i}"), None) for i, v in enumerate(content)
@@ -166,7 +182,9 @@ def _read_json(path: Path) -> list[_Entry]:
 
 def _json_int(value: object, path: Path, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise GifError(f"{path}: {where}: {value!r} is not an integer")
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise GifError(f"{path}: {where}: {shown} is not an integer")
     return value
 
 

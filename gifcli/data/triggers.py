@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gifcli.config import PoisonConfig, TriggerConfig
+from gifcli.data.images import open_image
 from gifcli.errors import GifError
 
 if TYPE_CHECKING:
@@ -145,15 +146,10 @@ def blend_image(
 
 @functools.lru_cache(maxsize=8)
 def _read_blend_image(path: str, mtime_ns: int, channels: int, height: int, width: int) -> Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB" if channels == 3 else "L")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise GifError(
-            f"{path}: cannot read the blend image ({exc}); use a .png or .jpg file"
-        ) from exc
+    with open_image(path, what="the blend image", hint="use a .png or .jpg file") as opened:
+        image = opened.convert("RGB" if channels == 3 else "L")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)

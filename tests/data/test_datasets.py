@@ -191,6 +191,11 @@ def _save_npz(tmp_path, **changes):
         ({"y_test": np.zeros(5, np.float32)}, "y_test has dtype float32"),
         ({"y_test": np.array([0, 1, -1, 0, 0])}, "y_test holds negative labels"),
         ({"x_train": np.full((12, 4, 4), np.nan, np.float32)}, "x_train holds NaN"),
+        ({"y_test": np.array([0, 1, 10**12, 0, 0])}, "y_test holds the label 1000000000000"),
+        ({"y_test": np.array(list("01200"))}, "y_test has dtype <U1"),
+        ({"y_test": np.array([0, 1, 2**64 - 1, 0, 0], np.uint64)}, "the label 18446744073709"),
+        ({"x_test": np.array([["a"] * 4] * 5)}, "x_test has dtype <U1"),
+        ({"x_test": np.zeros((5, 4, 4), np.uint64)}, "x_test has dtype uint64"),
     ],
 )
 def test_tensors_errors_name_file_and_key(tmp_path, changes, message):
@@ -332,3 +337,33 @@ def test_mnist_from_raw_files(tmp_path):
     assert splits.mean == (0.1307,) and splits.std == (0.3081,)
     expected = (torch.from_numpy(train_images).float() / 255.0 - 0.1307) / 0.3081
     torch.testing.assert_close(splits.train.x[:, 0], expected, rtol=0, atol=1e-6)
+
+
+def test_tensors_labels_of_any_integer_dtype_are_read(tmp_path):
+    path = _save_npz(tmp_path, y_train=(np.arange(12) % 3).astype(np.uint64))
+    splits = load_dataset(DataConfig(dataset="tensors", path=str(path)), seed=0)
+    assert splits.train.y.dtype == torch.int64 and splits.num_classes == 4
+    pt = tmp_path / "data.pt"
+    arrays = _arrays(np.random.default_rng(5), (4, 4), np.uint8)
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors["y_test"] = tensors["y_test"].to(torch.uint16)
+    torch.save(tensors, pt)
+    assert load_dataset(DataConfig(dataset="tensors", path=str(pt)), seed=0).num_classes == 4
+
+
+def test_tensors_archive_larger_than_memory_is_refused_before_unpacking(tmp_path, monkeypatch):
+    from gifcli.data import datasets
+
+    path = _save_npz(tmp_path)
+    monkeypatch.setattr(datasets.os, "sysconf", lambda name: 16)  # 256 bytes of "memory"
+    with pytest.raises(GifError, match="unpack to .* more than this machine's"):
+        load_dataset(DataConfig(dataset="tensors", path=str(path)), seed=0)
+
+
+def test_imagefolder_image_claiming_a_huge_size_is_refused_from_its_header(tmp_path):
+    from tests.conftest import png_claiming
+
+    _grey_folder(tmp_path)
+    png_claiming(tmp_path / "train" / "cat" / "huge.png", 30000, 30000)
+    with pytest.raises(GifError, match="huge.png: the image is larger than the 16,777,216 pixels"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path)), seed=0)

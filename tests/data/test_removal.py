@@ -103,6 +103,9 @@ def test_json_formats_and_errors(tmp_path):
         ('{"indices": [1], "labels": [0]}', "unknown key 'labels'"),
         ("[1,\n 2", "line 2: malformed JSON"),
         ("[4]", "entry 0: index 4 is out of range 0..2"),
+        ("[" * 200_000 + "]" * 200_000, "JSON nested too deeply"),
+        ("[1" + "0" * 5000 + "]", "cannot read the JSON .*digits"),
+        ('["' + "x" * 10_000 + '"]', r"entry 0: 'xxx.*\.\.\. is not an integer$"),
     ]:
         path.write_text(content)
         with pytest.raises(GifError, match=message):
@@ -122,3 +125,13 @@ def test_to_split_positions():
     train_source = torch.tensor([0, 2, 3, 5])  # 1 and 4 were held out for validation
     assert to_split_positions(torch.tensor([5, 1, 0, 3]), train_source).tolist() == [3, -1, 0, 2]
     assert to_split_positions(torch.tensor([], dtype=torch.long), train_source).tolist() == []
+
+
+def test_an_index_file_larger_than_the_limit_is_refused(tmp_path, monkeypatch):
+    from gifcli.data import removal
+
+    monkeypatch.setattr(removal, "MAX_INDEX_FILE_BYTES", 8)
+    path = tmp_path / "poison.txt"
+    path.write_text("0\n1\n2\n3\n4\n")
+    with pytest.raises(GifError, match="poison.txt: the index file is 10 bytes"):
+        read_poison_indices(path, 10)

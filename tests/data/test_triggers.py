@@ -175,3 +175,13 @@ def test_load_dataset_poisons_train_only():
     again = load_dataset(DataConfig(dataset="digits", poison=poison), seed=0)
     assert torch.equal(again.poison.indices, record.indices)
     assert torch.equal(again.train.x, splits.train.x)
+
+
+def test_blend_image_claiming_a_huge_size_is_refused_from_its_header(tmp_path):
+    from tests.conftest import png_claiming
+
+    for side in (5000, 30000):  # refused by gif's limit, and by PIL's larger one
+        path = png_claiming(tmp_path / f"huge{side}.png", side, side)
+        trigger = PoisonConfig(trigger="blend", image=str(path))
+        with pytest.raises(GifError, match="the blend image is larger than the 16,777,216"):
+            apply_trigger(torch.zeros(1, 1, 8, 8), trigger, mean=[0.0], std=[1.0])
