@@ -1,28 +1,31 @@
-"""Influence estimators of the parameter change ``Δ`` that removes the removal set (SPEC §1).
+"""Influence estimators of the parameter change ``Δ`` that removes the removal set (see
+docs/design.md, estimators).
 
-Notation: ``n`` training points, ``m`` of them in the removal set ``U``, ``H`` the curvature of
-the retained risk (``CurvatureOperator``), ``g`` the removal gradient, ``t`` the target
-coordinates (``target_flat``), ``λ`` the damping. The edited model is ``θ̂ + s Δ``.
+Notation: ``n`` training points, ``m`` of them in the removal set ``U``, ``p = m / n``, ``H``
+the curvature of the retained risk (``CurvatureOperator``), ``H_U`` that of the removal loss,
+``g`` the removal gradient, ``t`` the target coordinates (``target_flat``), ``s`` the scope
+(``scope_flat``), ``λ`` the damping. The edited model is ``θ̂ + σ Δ`` (``σ`` the step scale).
 
 | method        | system solved, ``argmin ‖A x − b‖² + λ²‖x‖²``   | ``Δ``                       |
 |---------------|-------------------------------------------------|-----------------------------|
 | ``gif``       | ``A = H[:, t]``, ``b = g``                      | ``Δ_t = x``, 0 elsewhere    |
 | ``fif``       | ``A = H[t, t]``, ``b = g_t``                    | ``Δ_t = x``, 0 elsewhere    |
-| ``pif``       | ``A = H``, ``b = g``                            | ``Δ_t = x_t``, 0 elsewhere  |
-| ``if``        | ``A = H``, ``b = g``                            | ``Δ = x``                   |
-| ``sif``       | ``A = H``: ``Δ₁`` for ``b = g``, then ``Δ₂``   | ``Δ₁ + p/(1−p) Δ₂``         |
-|               | for ``b = (H − H_U) Δ₁``                        |                             |
+| ``pif``       | ``A = H[s, s]``, ``b = g_s``                    | ``Δ_t = x_t``, 0 elsewhere  |
+| ``if``        | ``A = H[s, s]``, ``b = g_s``                    | ``Δ_s = x``, 0 elsewhere    |
+| ``sif``       | ``A = H_S[s, s]``, ``H_S = (1−p) H + p H_U``:   | ``Δ_s = (1−2p)/(1−p) Δ₁``   |
+|               | ``Δ₁`` for ``b = g_s``, ``Δ₂`` for              | ``+ p/(1−p) Δ₂``            |
+|               | ``b = H_U[s, s] Δ₁``                            |                             |
 | first-order   | none                                            | ``Δ_t = g_t``, 0 elsewhere  |
 
 ``H[:, t] x`` is one HVP of ``x`` scattered into a zero vector; ``H[t, :] y = (H y)_t`` is one
-HVP followed by a gather (``H`` is symmetric). So every product costs one HVP whatever ``|t|``.
+HVP followed by a gather (``H`` is symmetric). So every product costs one HVP whatever ``|t|``
+(``sif``: one of ``H`` and one of ``H_U`` per ``H_S`` product).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,21 +33,21 @@ from torch import Tensor, nn
 from gifcli.config import INFLUENCE_METHODS, TARGETED_METHODS
 from gifcli.errors import GifError
 from gifcli.influence.hvp import loss_gradient
+from gifcli.influence.operators import (
+    Combination,
+    LinearOperator,
+    Restricted,
+    Zero,
+    products,
+    scatter,
+)
 from gifcli.influence.solvers import SOLVERS, SolveResult
 
 METHODS = INFLUENCE_METHODS
 TARGETED = TARGETED_METHODS
 """Methods whose ``Δ`` is zero outside the target mask."""
 
-
-class LinearOperator(Protocol):
-    """What the estimators need from a curvature operator (``CurvatureOperator`` has it)."""
-
-    dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def matvec(self, v: Tensor) -> Tensor: ...
+Progress = Callable[[int, float], None]
 
 
 # --------------------------------------------------------------------------- removal gradient
@@ -60,19 +63,21 @@ def removal_gradient(
     true_labels: Tensor | None = None,
     removal_size: int | None = None,
 ) -> Tensor:
-    """The removal gradient ``g`` (flat, ``[dim]``) of SPEC §1.
+    """The removal gradient ``g`` (flat, ``[dim]``) of docs/design.md.
 
     Class removal: ``g = (m / (n − m)) · ∇θ L_U(θ̂)``, ``L_U`` the mean cross-entropy over the
-    removal set ``(removal_x, removal_y)``, ``m = len(removal_x)``, ``n = n_train`` (training
-    set size, removal set included).
+    points ``(removal_x, removal_y)``, ``m = len(removal_x)`` unless ``removal_size`` says
+    otherwise, ``n = n_train`` (training set size, removal set included).
 
     Backdoor relabelling (``true_labels`` given): the poisoned points are removed with their
     poisoned labels ``removal_y`` and re-added with their true labels,
     ``g = (m / (n − m)) · (∇θ L_U(θ̂; removal_y) − ∇θ L_U(θ̂; true_labels))``.
 
-    Under ``torchrun`` each rank passes its shard of the removal set and ``removal_size``, the
-    size ``m`` of the whole set: ``loss_gradient`` reduces the gradient sums and counts over the
-    ranks, so ``L_U`` is still the mean over the whole set.
+    ``removal_size`` is the size ``m`` of the whole removal set when the points passed are only
+    part of it: a rank's shard under ``torchrun`` (``loss_gradient`` reduces the gradient sums
+    and counts over the ranks, so ``L_U`` is still the mean over the points of every rank), or
+    a random subsample that estimates ``L_U`` (``removal.gradient_samples``), whose mean
+    estimates the whole set's while ``m`` stays the whole set's size.
     """
     m = len(removal_x) if removal_size is None else removal_size
     if m == 0:
@@ -109,7 +114,8 @@ def estimate_update(
     tol: float,
     removal_operator: LinearOperator | None = None,
     removal_fraction: float | None = None,
-    progress: Callable[[int, float], None] | None = None,
+    scope_flat: Tensor | None = None,
+    progress: Progress | None = None,
     solver_options: Mapping[str, object] | None = None,
 ) -> tuple[Tensor, SolveResult]:
     """The update ``Δ`` (flat, ``[dim]``, the operator's dtype and device) and its solve record.
@@ -119,17 +125,24 @@ def estimate_update(
         operator: ``H`` of the retained risk, ``.matvec`` on flat ``[dim]`` vectors.
         gradient: the removal gradient ``g``, ``[dim]``.
         target_flat: bool ``[dim]``, True on the target parameters ``t`` (ignored by ``if``
-            and ``sif``, which change all parameters).
+            and ``sif``, which change every parameter of the scope).
         solver, damping, max_iter, tol: the solver (``SOLVERS``) and its settings; unused by
             ``first-order``.
-        removal_operator: ``H_U``, the curvature of the mean removal loss (``sif`` only).
+        removal_operator: ``H_U``, the curvature of the removal loss (``sif`` only; built by
+            ``removal_curvature`` for class removal and for backdoor relabelling).
         removal_fraction: ``p = m / n`` (``sif`` only), in ``(0, 1)``.
+        scope_flat: bool ``[dim]``, the parameters ``s`` that ``if``, ``pif`` and ``sif``
+            treat as variables (``influence.scope``); None: all. The others are constants of
+            the loss: ``H`` becomes ``H[s, s]``, ``g`` becomes ``g_s``, and ``Δ`` is 0 outside
+            ``s``. A ``pif`` target outside ``s`` joins it (what is edited is never held
+            constant). Ignored by ``gif``, ``fif`` and ``first-order``.
         progress: ``progress(iteration, relative normal residual)`` after each iteration
             (``exact``: after each column built; ``sif``: counts restart for its second solve).
         solver_options: extra keyword arguments of the solver (``neumann``: ``scale``,
-            ``scale_step``, ``max_restarts``).
+            ``scale_step``, ``max_restarts``, ``absolute_tol``).
 
-    Coordinates outside the target mask are exactly zero for the targeted methods.
+    Coordinates outside the target mask are exactly zero for the targeted methods, and outside
+    the scope for ``if`` and ``sif``.
     """
     _check(method, operator, gradient, target_flat, solver)
     g = gradient.to(operator.device, operator.dtype)
@@ -149,50 +162,101 @@ def estimate_update(
             **dict(solver_options or {}),
         )
 
-    h = operator.matvec
+    h, dim = operator.matvec, operator.dim
     index = target.nonzero().squeeze(1)
     if method == "gif":
-        x, result = solve(lambda x: h(_scatter(x, index, g)), lambda y: h(y)[index], g)
-        return _scatter(x, index, g), result
+        x, result = solve(lambda x: h(scatter(x, index, dim)), lambda y: h(y)[index], g)
+        return scatter(x, index, dim), result
     if method == "fif":
-
-        def restricted(x: Tensor) -> Tensor:  # H[t, t] is symmetric: its own transpose
-            return h(_scatter(x, index, g))[index]
-
+        restricted = Restricted(operator, index).matvec  # H[t, t] is symmetric
         x, result = solve(restricted, restricted, g[index])
-        return _scatter(x, index, g), result
-    if method in ("if", "pif"):
-        x, result = solve(h, h, g)
-        return (x if method == "if" else torch.where(target, x, torch.zeros_like(x))), result
-    return _second_order(solve, h, g, removal_operator, removal_fraction)
+        return scatter(x, index, dim), result
+    free = _scope(scope_flat, target, method, dim)
+    free_index = free.nonzero().squeeze(1)
+    if method == "sif":
+        if removal_operator is None:
+            raise GifError("influence.method: 'sif' needs the removal set's curvature H_U")
+        x, result = _second_order(
+            solve,
+            _restrict(operator, free_index),
+            _restrict(removal_operator, free_index),
+            g[free_index],
+            removal_fraction,
+        )
+        return scatter(x, free_index, dim), result
+    restricted = _restrict(operator, free_index).matvec
+    x, result = solve(restricted, restricted, g[free_index])
+    delta = scatter(x, free_index, dim)
+    if method == "pif":
+        delta = torch.where(target, delta, torch.zeros_like(delta))
+    return delta, result
+
+
+def _scope(scope_flat: Tensor | None, target: Tensor, method: str, dim: int) -> Tensor:
+    """The free coordinates of ``if``, ``pif`` and ``sif``, bool ``[dim]``."""
+    if scope_flat is None:
+        return torch.ones(dim, dtype=torch.bool, device=target.device)
+    if scope_flat.shape != (dim,) or scope_flat.dtype != torch.bool:
+        raise ValueError(f"scope_flat must be a bool tensor of shape ({dim},)")
+    free = scope_flat.to(target.device)
+    if method == "pif":
+        free = free | target
+    if not free.any():
+        raise GifError(
+            "influence.scope: the scope holds no parameter; set influence.scope: all, or use "
+            "a model with nn.Linear / nn.Conv2d layers"
+        )
+    return free
+
+
+def _restrict(operator: LinearOperator, index: Tensor) -> LinearOperator:
+    """``operator[s, s]``; the operator itself when ``s`` is every coordinate."""
+    if len(index) == operator.dim:
+        return operator
+    if isinstance(operator, Zero):
+        return Zero(dim=len(index), dtype=operator.dtype, device=operator.device)
+    return Restricted(operator, index)
 
 
 def _second_order(
     solve: Callable,
-    h: Callable,
+    operator: LinearOperator,
+    removal_operator: LinearOperator,
     g: Tensor,
-    removal_operator: LinearOperator | None,
     p: float | None,
 ) -> tuple[Tensor, SolveResult]:
-    """``sif`` (Basu et al. 2020): ``Δ = Δ₁ + p/(1−p) · H⁻¹ (H − H_U) Δ₁``, ``Δ₁ = H⁻¹ g``."""
-    if removal_operator is None:
-        raise GifError("influence.method: 'sif' needs the removal set's curvature H_U")
+    """``sif``, the second-order group influence of Basu et al. (ICML 2020):
+
+        Δ = ((1 − 2p)/(1 − p)) · Δ₁ + (p/(1 − p)) · H_S⁻¹ H_U Δ₁,     Δ₁ = H_S⁻¹ g,
+
+    ``H_S = (1 − p) H + p H_U`` the curvature of the *full* training risk (the retained risk
+    and the removal loss weighted by their shares of the training set), ``p = m / n``. Both
+    solves are the damped least-squares solves of the other estimators, with ``A = H_S``
+    (symmetric, its own transpose). One ``H_S`` product costs one product of ``H`` and one of
+    ``H_U`` (none of ``H_U`` when it is ``Zero``: a backdoor under Gauss-Newton curvature);
+    the record counts them all, and the product ``H_U Δ₁`` between the solves.
+    """
     if p is None or not 0 < p < 1:
         raise GifError(f"influence.method: 'sif' needs the removal fraction m/n in (0, 1), got {p}")
     started = time.perf_counter()
-    first, first_result = solve(h, h, g)
-    rhs = h(first) - removal_operator.matvec(first)
-    second, second_result = solve(h, h, rhs)
-    result = _merge(first_result, second_result, extra_hvps=2)
+    full_risk = Combination([(1 - p, operator), (p, removal_operator)])
+    h_s = full_risk.matvec  # symmetric: its own transpose
+    first, first_result = solve(h_s, h_s, g)
+    second, second_result = solve(h_s, h_s, removal_operator.matvec(first))
+    result = _merge(
+        first_result,
+        second_result,
+        per_product=products(full_risk),
+        extra_hvps=products(removal_operator),
+    )
+    if isinstance(removal_operator, Zero):
+        result.message += (
+            "; H_U = 0: a backdoor's H_U is the curvature of L_U(poisoned labels) − L_U(true "
+            "labels) and the Gauss-Newton matrix does not depend on the labels, so under ggn "
+            "curvature sif is (1 − 2p)/(1 − p) times IF with H_S = (1 − p) H"
+        )
     result.seconds = time.perf_counter() - started
-    return first + (p / (1 - p)) * second, result
-
-
-def _scatter(x: Tensor, index: Tensor, like: Tensor) -> Tensor:
-    """``x`` (``[|t|]``) placed at ``index`` in a zero vector shaped like ``like``."""
-    full = torch.zeros_like(like)
-    full[index] = x.to(like.dtype)
-    return full
+    return ((1 - 2 * p) / (1 - p)) * first + (p / (1 - p)) * second, result
 
 
 def _check(
@@ -233,12 +297,15 @@ def _first_order_result() -> SolveResult:
     )
 
 
-def _merge(first: SolveResult, second: SolveResult, *, extra_hvps: int) -> SolveResult:
-    """One record for the two solves of ``sif``: counts add up, residuals are the worse."""
+def _merge(
+    first: SolveResult, second: SolveResult, *, per_product: int, extra_hvps: int
+) -> SolveResult:
+    """One record for the two solves of ``sif``: counts add up (each solver product costing
+    ``per_product`` HVPs), residuals are the worse."""
     return SolveResult(
         solver=first.solver,
         iterations=first.iterations + second.iterations,
-        hvps=first.hvps + second.hvps + extra_hvps,
+        hvps=per_product * (first.hvps + second.hvps) + extra_hvps,
         relative_residual=max(first.relative_residual, second.relative_residual),
         normal_residual=max(first.normal_residual, second.normal_residual),
         converged=first.converged and second.converged,

@@ -6,6 +6,7 @@ import torch
 from gifcli.errors import GifError
 from gifcli.influence import METHODS, CurvatureOperator, estimate_update, removal_gradient
 from gifcli.influence.hvp import loss_gradient
+from gifcli.influence.operators import Zero, removal_curvature
 
 CURVATURE_METHODS = ("gif", "fif", "pif", "if", "sif")
 TOLERANCE = {"exact": 1e-8, "lsqr": 1e-4, "cg": 1e-4, "neumann": 1e-3}
@@ -27,10 +28,31 @@ def _operators(problem, **kwargs):
     return hessian, removal
 
 
-def _reference_update(problem, method, target, damping, reference, hessian=None):
-    """``Δ`` from the dense ``H`` with lstsq / pinv, following the SPEC table literally."""
+def _reference_update(
+    problem,
+    method,
+    target,
+    damping,
+    reference,
+    *,
+    hessian=None,
+    removal_hessian=None,
+    gradient=None,
+    scope=None,
+):
+    """``Δ`` from the dense ``H`` with lstsq / pinv, following the estimator table literally.
+
+    Defaults are the problem's dense ``H``, ``H_U`` (of ``sif``) and ``g``; ``scope``: bool
+    coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default: all).
+    """
     h = problem.hessian if hessian is None else hessian
-    g, t = problem.removal_gradient, target.nonzero().squeeze(1)
+    h_u = problem.removal_hessian if removal_hessian is None else removal_hessian
+    g = problem.removal_gradient if gradient is None else gradient
+    t = target.nonzero().squeeze(1)
+    free = torch.ones_like(target) if scope is None else scope.clone()
+    if method == "pif":
+        free |= target  # a pif target is never held constant
+    s = free.nonzero().squeeze(1)
     solve = reference.damped_lstsq
     delta = torch.zeros_like(g)
     if method == "gif":
@@ -38,14 +60,16 @@ def _reference_update(problem, method, target, damping, reference, hessian=None)
     elif method == "fif":
         delta[t] = solve(h[t][:, t], g[t], damping)
     elif method == "pif":
-        delta[t] = solve(h, g, damping)[t]
+        delta[s] = solve(h[s][:, s], g[s], damping)
+        delta[~target] = 0
     elif method == "if":
-        delta = solve(h, g, damping)
+        delta[s] = solve(h[s][:, s], g[s], damping)
     elif method == "sif":
         p = len(problem.removal_x) / problem.n_train
-        first = solve(h, g, damping)
-        second = solve(h, (h - problem.removal_hessian) @ first, damping)
-        delta = first + p / (1 - p) * second
+        h_s = ((1 - p) * h + p * h_u)[s][:, s]
+        first = solve(h_s, g[s], damping)
+        second = solve(h_s, h_u[s][:, s] @ first, damping)
+        delta[s] = (1 - 2 * p) / (1 - p) * first + p / (1 - p) * second
     else:
         delta[t] = g[t]
     return delta
@@ -117,6 +141,126 @@ def test_iterative_solvers_match_dense_reference_on_the_cnn(
     assert result.converged, result.message
     expected = _reference_update(cnn, method, target, 0.05, reference)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
+
+
+def _backdoor(problem, reference, curvature="hessian"):
+    """The problem's removal set relabelled: removed with its labels, re-added with
+    ``true``; returns (true labels, ``g``, dense ``H_U``, the ``H_U`` operator)."""
+    classes = problem.model(problem.removal_x.double()).shape[1]
+    true = (problem.removal_y + 1) % classes
+    m, n = len(problem.removal_x), problem.n_train
+    g = (
+        m
+        / (n - m)
+        * (
+            reference.gradient(problem.model, problem.removal_x, problem.removal_y)
+            - reference.gradient(problem.model, problem.removal_x, true)
+        )
+    )
+    dense = reference.ggn if curvature == "ggn" else reference.hessian
+    h_u = dense(problem.model, problem.removal_x, problem.removal_y) - dense(
+        problem.model, problem.removal_x, true
+    )
+
+    def curvature_of(x, y):
+        return CurvatureOperator(model=problem.model, x=x, y=y, batch_size=64, curvature=curvature)
+
+    operator = removal_curvature(
+        curvature_of,
+        problem.removal_x,
+        problem.removal_y,
+        true_labels=true,
+        curvature=curvature,
+    )
+    return true, g, h_u, operator
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, reference):
+    """``H_U`` of a relabelling is the curvature of ``L_U(poisoned) − L_U(true)``."""
+    problem = request.getfixturevalue(name)
+    _, g, h_u, removal = _backdoor(problem, reference)
+    hessian, _ = request.getfixturevalue(f"{name}_operators")
+    everything = torch.ones(len(g), dtype=torch.bool)
+    delta, result = estimate_update(
+        method="sif",
+        operator=hessian,
+        gradient=g,
+        target_flat=everything,
+        solver="exact",
+        damping=damping,
+        max_iter=1,
+        tol=1e-10,
+        removal_operator=removal,
+        removal_fraction=len(problem.removal_x) / problem.n_train,
+    )
+    expected = _reference_update(
+        problem, "sif", everything, damping, reference, removal_hessian=h_u, gradient=g
+    )
+    assert result.converged, result.message
+    assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
+    # Each exact solve makes len(g) + 1 products of H_S; one H_S product is one HVP over the
+    # Hessian sample and two over the removal set (both label sets); plus H_U Δ₁ in between.
+    assert result.hvps == 3 * 2 * (len(g) + 1) + 2
+
+
+def test_sif_for_a_backdoor_under_gauss_newton_has_no_removal_curvature(cnn, reference):
+    """The GGN does not depend on the labels, so the relabelling's ``H_U`` vanishes: checked on
+    the dense matrices, then ``sif`` is ``(1 − 2p)/(1 − p)`` times IF with ``H_S = (1 − p) H``."""
+    _, g, h_u, removal = _backdoor(cnn, reference, curvature="ggn")
+    assert h_u.abs().max() < 1e-14
+    assert isinstance(removal, Zero)
+    hessian, _ = _operators(cnn, curvature="ggn")
+    ggn = reference.ggn(cnn.model, cnn.x, cnn.y)
+    p = len(cnn.removal_x) / cnn.n_train
+    delta, result = estimate_update(
+        method="sif",
+        operator=hessian,
+        gradient=g,
+        target_flat=torch.ones(len(g), dtype=torch.bool),
+        solver="exact",
+        damping=0.01,
+        max_iter=1,
+        tol=1e-10,
+        removal_operator=removal,
+        removal_fraction=p,
+    )
+    expected = (1 - 2 * p) / (1 - p) * reference.damped_lstsq((1 - p) * ggn, g, 0.01)
+    assert reference.relative_error(delta, expected) < 1e-8
+    assert "H_U = 0" in result.message
+    assert result.hvps == 2 * (len(g) + 1)  # only the products of H
+
+
+def _linear_conv_scope(problem):
+    """Coordinates of the nn.Linear / nn.Conv2d parameters (the cnn's BatchNorm is left out)."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    return torch.cat(
+        [
+            torch.full((p.numel(),), isinstance(module, layers))
+            for module in problem.model.modules()
+            for p in module.parameters(recurse=False)
+        ]
+    )
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+@pytest.mark.parametrize("method", ["if", "pif", "sif"])
+def test_scope_holds_the_other_parameters_fixed(method, damping, cnn, cnn_operators, reference):
+    """``influence.scope: linear-conv`` on a model with BatchNorm: ``H[s, s]``, ``g_s``."""
+    scope = _linear_conv_scope(cnn)
+    assert 0 < int((~scope).sum()) < len(scope)  # the BatchNorm weight and bias
+    target = _target(len(cnn.theta))
+    delta, result = _estimate(
+        cnn, method, "exact", damping, target, cnn_operators, scope_flat=scope
+    )
+    expected = _reference_update(cnn, method, target, damping, reference, scope=scope)
+    assert result.converged, result.message
+    assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
+    assert not delta[~scope & ~target].any()
+    if damping:  # undamped, the near-null directions of H dominate both solutions alike
+        unscoped, _ = _estimate(cnn, method, "exact", damping, target, cnn_operators)
+        assert reference.relative_error(delta, unscoped) > 1e-5  # the scope does change it
 
 
 def test_gif_with_gauss_newton_curvature(cnn, reference):
