@@ -386,6 +386,7 @@ def edit_report_schema(task: str, *, oracle: bool) -> dict:
             "samples": NUMBER,
             "train_samples": NUMBER,
             "hessian_samples": NUMBER,
+            "gradient_samples": NUMBER,
         },
         "selection": {
             "method": TEXT,

@@ -23,10 +23,11 @@ from gifcli.checkpoint import check_writable, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import TARGETED_METHODS, Config, InfluenceConfig
 from gifcli.context import RunContext, prepare
-from gifcli.data import TensorSplit
+from gifcli.data import TensorSplit, seeded_subset
 from gifcli.errors import GifError
 from gifcli.influence.estimators import estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
+from gifcli.influence.operators import removal_curvature
 from gifcli.influence.solvers import SolveResult
 from gifcli.metrics import forget_retain, harmonic_mean, percent, predict
 from gifcli.progress import ProgressFactory, silent
@@ -36,6 +37,7 @@ from gifcli.selection import (
     load_mask,
     mask_to_flat,
     save_mask,
+    scope_mask,
     select_targets,
     summarize_mask,
 )
@@ -159,15 +161,9 @@ def select(ctx: RunContext, model: nn.Module, removal: RemovalSet) -> Selection:
 def target_selection(
     ctx: RunContext, model: nn.Module, removal: RemovalSet, mask_path: Path | None
 ) -> Selection:
-    """Every parameter for ``if``/``sif``; else a saved mask, or a selection made anew."""
+    """The scope's parameters for ``if``/``sif``; else a saved mask, or a selection made anew."""
     if ctx.config.influence.method not in TARGETED_METHODS:
-        return Selection(
-            mask={
-                name: torch.ones_like(p, dtype=torch.bool, device="cpu")
-                for name, p in model.named_parameters()
-                if p.requires_grad
-            }
-        )
+        return Selection(mask=scope_mask(model, ctx.config.influence.scope))
     if mask_path is not None:
         return Selection(mask=load_mask(mask_path, model))
     return select(ctx, model, removal)
@@ -189,6 +185,12 @@ def estimate(
     influence = ctx.config.influence
     mine = distributed.shard(len(removal.x))
     local = sample.subset(distributed.shard(len(sample)))
+    # The removal gradient averages a seeded subsample (removal.gradient_samples; default all),
+    # each rank its share of it.
+    averaged = seeded_subset(
+        len(removal.x), ctx.config.removal.gradient_samples, seed=ctx.config.seed
+    )
+    averaged = averaged[distributed.shard(len(averaged))]
 
     def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
         return CurvatureOperator(
@@ -203,16 +205,24 @@ def estimate(
     with progress("removal gradient", 1) as advance:
         gradient = removal_gradient(
             model,
-            removal_x=removal.x[mine],
-            removal_y=removal.y[mine],
+            removal_x=removal.x[averaged],
+            removal_y=removal.y[averaged],
             n_train=removal.n_train,
             batch_size=influence.batch_size,
-            true_labels=None if removal.true_y is None else removal.true_y[mine],
+            true_labels=None if removal.true_y is None else removal.true_y[averaged],
             removal_size=len(removal.x),
         )
         advance(1)
     removal_operator = (
-        curvature(removal.x[mine], removal.y[mine]) if influence.method == "sif" else None
+        removal_curvature(
+            curvature,
+            removal.x[mine],
+            removal.y[mine],
+            true_labels=None if removal.true_y is None else removal.true_y[mine],
+            curvature=influence.curvature,
+        )
+        if influence.method == "sif"
+        else None
     )
     with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
         delta, solve = estimate_update(
@@ -226,7 +236,9 @@ def estimate(
             tol=influence.tol,
             removal_operator=removal_operator,
             removal_fraction=len(removal.x) / removal.n_train,
+            scope_flat=mask_to_flat(model, scope_mask(model, influence.scope)).to(ctx.device),
             progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"),
+            solver_options=influence.solver_options(),
         )
     if not torch.isfinite(delta).all():
         raise GifError(
@@ -239,9 +251,7 @@ def estimate(
 
 def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
     """A seeded random subset of ``size`` retained training points (all when fewer)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(retained), generator=generator)[:size]
-    return retained.subset(order.sort().values)
+    return retained.subset(seeded_subset(len(retained), size, seed=seed))
 
 
 def _solver_report(solve: dict, influence: InfluenceConfig) -> dict:
@@ -352,6 +362,9 @@ def run_unlearning(
             "samples": len(removal.x),
             "train_samples": removal.n_train,
             "hessian_samples": len(sample),
+            "gradient_samples": min(
+                len(removal.x), config.removal.gradient_samples or len(removal.x)
+            ),
         },
         "selection": {
             "method": config.selection.method,

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from gifcli.data import TensorSplit, class_removal_indices, read_poison_indices, to_split_positions
+from gifcli.data import (
+    TensorSplit,
+    class_removal_indices,
+    read_poison_indices,
+    seeded_subset,
+    to_split_positions,
+)
 from gifcli.errors import GifError
 
 
@@ -122,3 +128,13 @@ def test_to_split_positions():
     train_source = torch.tensor([0, 2, 3, 5])  # 1 and 4 were held out for validation
     assert to_split_positions(torch.tensor([5, 1, 0, 3]), train_source).tolist() == [3, -1, 0, 2]
     assert to_split_positions(torch.tensor([], dtype=torch.long), train_source).tolist() == []
+
+
+def test_seeded_subset_is_sorted_seeded_and_all_when_the_size_reaches_the_count():
+    subset = seeded_subset(100, 10, seed=3)
+    assert len(subset) == 10 == len(set(subset.tolist())) and subset.dtype == torch.int64
+    assert subset.tolist() == sorted(subset.tolist())
+    assert torch.equal(subset, seeded_subset(100, 10, seed=3))
+    assert not torch.equal(subset, seeded_subset(100, 10, seed=4))
+    for size in (None, 100, 1000):
+        assert torch.equal(seeded_subset(100, size, seed=3), torch.arange(100))
