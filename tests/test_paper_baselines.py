@@ -80,7 +80,9 @@ def test_linear_conv_scope_leaves_batchnorm_as_it_was(runner, tmp_path, batchnor
     assert not edited["linear-conv"]["4.weight"].equal(edited["all"]["4.weight"])
 
 
-def test_sif_for_a_backdoor_under_gauss_newton_says_h_u_vanishes(runner, tmp_path, backdoor_mlp):
+def test_sif_for_a_backdoor_under_gauss_newton_drops_the_second_order_term(
+    runner, tmp_path, backdoor_mlp
+):
     reports = {
         curvature: edit(
             runner,
@@ -94,14 +96,14 @@ def test_sif_for_a_backdoor_under_gauss_newton_says_h_u_vanishes(runner, tmp_pat
         )
         for curvature in ("hessian", "ggn")
     }
-    assert "H_U = 0" in reports["ggn"]["solver"]["message"]
-    assert "H_U = 0" not in reports["hessian"]["solver"]["message"]
-    # LSQR makes 2 products per iteration and 3 more (start, final residual check). Under the
-    # Hessian each H_S product costs 3 HVPs (H, and H_U's two label sets), plus H_U Δ₁; under
-    # GGN 1, and the second solve's right-hand side H_U Δ₁ is 0, so it stops at once (1 product).
+    assert "second-order term 0" in reports["ggn"]["solver"]["message"]
+    assert "second-order term 0" not in reports["hessian"]["solver"]["message"]
+    # LSQR makes 2 products per iteration and 3 more (start, final residual check); each H_S
+    # product costs 2 HVPs (H and H_U). Under the Hessian H_D Δ₁ costs 2 more (both label
+    # sets) and a second solve follows; under GGN H_D = 0 and there is no second solve.
     hessian, ggn = reports["hessian"]["solver"], reports["ggn"]["solver"]
-    assert hessian["hvps"] == 3 * (2 * hessian["iterations"] + 6) + 2
-    assert ggn["hvps"] == (2 * ggn["iterations"] + 3) + 1
+    assert hessian["hvps"] == 2 * (2 * hessian["iterations"] + 6) + 2
+    assert ggn["hvps"] == 2 * (2 * ggn["iterations"] + 3)
 
 
 def test_gradient_samples_subsample_the_removal_gradient(runner, tmp_path, mlp_base):

@@ -2,9 +2,11 @@
 docs/design.md, estimators).
 
 Notation: ``n`` training points, ``m`` of them in the removal set ``U``, ``p = m / n``, ``H``
-the curvature of the retained risk (``CurvatureOperator``), ``H_U`` that of the removal loss,
-``g`` the removal gradient, ``t`` the target coordinates (``target_flat``), ``s`` the scope
-(``scope_flat``), ``λ`` the damping. The edited model is ``θ̂ + σ Δ`` (``σ`` the step scale).
+the curvature of the retained risk (``CurvatureOperator``), ``H_U`` that of the removal loss
+with the labels trained on, ``H_D`` that of the loss the edit takes out (``H_U`` for class
+removal; backdoor: of ``L_U(poisoned labels) − L_U(true labels)``), ``g`` the removal gradient,
+``t`` the target coordinates (``target_flat``), ``s`` the scope (``scope_flat``), ``λ`` the
+damping. The edited model is ``θ̂ + σ Δ`` (``σ`` the step scale).
 
 | method        | system solved, ``argmin ‖A x − b‖² + λ²‖x‖²``   | ``Δ``                       |
 |---------------|-------------------------------------------------|-----------------------------|
@@ -14,12 +16,16 @@ the curvature of the retained risk (``CurvatureOperator``), ``H_U`` that of the 
 | ``if``        | ``A = H[s, s]``, ``b = g_s``                    | ``Δ_s = x``, 0 elsewhere    |
 | ``sif``       | ``A = H_S[s, s]``, ``H_S = (1−p) H + p H_U``:   | ``Δ_s = (1−2p)/(1−p) Δ₁``   |
 |               | ``Δ₁`` for ``b = g_s``, ``Δ₂`` for              | ``+ p/(1−p) Δ₂``            |
-|               | ``b = H_U[s, s] Δ₁``                            |                             |
+|               | ``b = H_D[s, s] Δ₁``                            |                             |
 | first-order   | none                                            | ``Δ_t = g_t``, 0 elsewhere  |
 
 ``H[:, t] x`` is one HVP of ``x`` scattered into a zero vector; ``H[t, :] y = (H y)_t`` is one
 HVP followed by a gather (``H`` is symmetric). So every product costs one HVP whatever ``|t|``
 (``sif``: one of ``H`` and one of ``H_U`` per ``H_S`` product).
+
+``H_S`` is the curvature of the training risk the model was trained on, the point Basu et al.'s
+expansion starts from; for a backdoor that risk holds the poisoned labels, so ``H_S`` takes
+``H_U`` with them, and the label change enters through ``H_D`` only.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from gifcli.influence.hvp import loss_gradient
 from gifcli.influence.operators import (
     Combination,
     LinearOperator,
+    RemovalCurvature,
     Restricted,
     Zero,
     products,
@@ -112,7 +119,7 @@ def estimate_update(
     damping: float,
     max_iter: int,
     tol: float,
-    removal_operator: LinearOperator | None = None,
+    removal_operator: RemovalCurvature | LinearOperator | None = None,
     removal_fraction: float | None = None,
     scope_flat: Tensor | None = None,
     progress: Progress | None = None,
@@ -128,8 +135,9 @@ def estimate_update(
             and ``sif``, which change every parameter of the scope).
         solver, damping, max_iter, tol: the solver (``SOLVERS``) and its settings; unused by
             ``first-order``.
-        removal_operator: ``H_U``, the curvature of the removal loss (``sif`` only; built by
-            ``removal_curvature`` for class removal and for backdoor relabelling).
+        removal_operator: the removal set's curvatures (``sif`` only): a ``RemovalCurvature``
+            (``removal_curvature`` builds it for class removal and backdoor relabelling), or
+            one operator ``H_U`` that is both of them (class removal).
         removal_fraction: ``p = m / n`` (``sif`` only), in ``(0, 1)``.
         scope_flat: bool ``[dim]``, the parameters ``s`` that ``if``, ``pif`` and ``sif``
             treat as variables (``influence.scope``); None: all. The others are constants of
@@ -176,12 +184,14 @@ def estimate_update(
     if method == "sif":
         if removal_operator is None:
             raise GifError("influence.method: 'sif' needs the removal set's curvature H_U")
+        if not isinstance(removal_operator, RemovalCurvature):
+            removal_operator = RemovalCurvature(removal_operator, removal_operator)
+        removal = RemovalCurvature(
+            trained=_restrict(removal_operator.trained, free_index),
+            change=_restrict(removal_operator.change, free_index),
+        )
         x, result = _second_order(
-            solve,
-            _restrict(operator, free_index),
-            _restrict(removal_operator, free_index),
-            g[free_index],
-            removal_fraction,
+            solve, _restrict(operator, free_index), removal, g[free_index], removal_fraction
         )
         return scatter(x, free_index, dim), result
     restricted = _restrict(operator, free_index).matvec
@@ -221,42 +231,42 @@ def _restrict(operator: LinearOperator, index: Tensor) -> LinearOperator:
 def _second_order(
     solve: Callable,
     operator: LinearOperator,
-    removal_operator: LinearOperator,
+    removal: RemovalCurvature,
     g: Tensor,
     p: float | None,
 ) -> tuple[Tensor, SolveResult]:
     """``sif``, the second-order group influence of Basu et al. (ICML 2020):
 
-        Δ = ((1 − 2p)/(1 − p)) · Δ₁ + (p/(1 − p)) · H_S⁻¹ H_U Δ₁,     Δ₁ = H_S⁻¹ g,
+        Δ = ((1 − 2p)/(1 − p)) · Δ₁ + (p/(1 − p)) · H_S⁻¹ H_D Δ₁,     Δ₁ = H_S⁻¹ g,
 
-    ``H_S = (1 − p) H + p H_U`` the curvature of the *full* training risk (the retained risk
-    and the removal loss weighted by their shares of the training set), ``p = m / n``. Both
-    solves are the damped least-squares solves of the other estimators, with ``A = H_S``
-    (symmetric, its own transpose). One ``H_S`` product costs one product of ``H`` and one of
-    ``H_U`` (none of ``H_U`` when it is ``Zero``: a backdoor under Gauss-Newton curvature);
-    the record counts them all, and the product ``H_U Δ₁`` between the solves.
+    ``H_S = (1 − p) H + p H_U`` the curvature of the *full* training risk at ``θ̂`` (the retained
+    risk's ``H`` and the removal loss's ``H_U = removal.trained`` weighted by their shares of the
+    training set), ``p = m / n``, and ``H_D = removal.change`` the curvature of the loss the edit
+    takes out: ``H_U`` itself for class removal, ``H_U(poisoned) − H_U(true)`` for a backdoor.
+    Both solves are the damped least-squares solves of the other estimators, with ``A = H_S``
+    (symmetric, its own transpose). When ``H_D`` is ``Zero`` (a backdoor under Gauss-Newton
+    curvature) the second term vanishes and its solve is skipped. The record counts every
+    curvature product: one of ``H`` and one of ``H_U`` per ``H_S`` product, and ``H_D Δ₁``.
     """
     if p is None or not 0 < p < 1:
         raise GifError(f"influence.method: 'sif' needs the removal fraction m/n in (0, 1), got {p}")
     started = time.perf_counter()
-    full_risk = Combination([(1 - p, operator), (p, removal_operator)])
+    full_risk = Combination([(1 - p, operator), (p, removal.trained)])
     h_s = full_risk.matvec  # symmetric: its own transpose
     first, first_result = solve(h_s, h_s, g)
-    second, second_result = solve(h_s, h_s, removal_operator.matvec(first))
-    result = _merge(
-        first_result,
-        second_result,
-        per_product=products(full_risk),
-        extra_hvps=products(removal_operator),
-    )
-    if isinstance(removal_operator, Zero):
+    delta, results = ((1 - 2 * p) / (1 - p)) * first, [first_result]
+    if not isinstance(removal.change, Zero):
+        second, second_result = solve(h_s, h_s, removal.change.matvec(first))
+        delta, results = delta + (p / (1 - p)) * second, [first_result, second_result]
+    result = _merge(results, per_product=products(full_risk), extra_hvps=products(removal.change))
+    if isinstance(removal.change, Zero):
         result.message += (
-            "; H_U = 0: a backdoor's H_U is the curvature of L_U(poisoned labels) − L_U(true "
-            "labels) and the Gauss-Newton matrix does not depend on the labels, so under ggn "
-            "curvature sif is (1 − 2p)/(1 − p) times IF with H_S = (1 − p) H"
+            "; second-order term 0: a backdoor's H_D is the curvature of L_U(poisoned labels) − "
+            "L_U(true labels), and the Gauss-Newton matrix does not depend on the labels, so "
+            "under ggn curvature sif is (1 − 2p)/(1 − p) · H_S⁻¹ g"
         )
     result.seconds = time.perf_counter() - started
-    return ((1 - 2 * p) / (1 - p)) * first + (p / (1 - p)) * second, result
+    return delta, result
 
 
 def _check(
@@ -297,20 +307,22 @@ def _first_order_result() -> SolveResult:
     )
 
 
-def _merge(
-    first: SolveResult, second: SolveResult, *, per_product: int, extra_hvps: int
-) -> SolveResult:
-    """One record for the two solves of ``sif``: counts add up (each solver product costing
-    ``per_product`` HVPs), residuals are the worse."""
+def _merge(results: list[SolveResult], *, per_product: int, extra_hvps: int) -> SolveResult:
+    """One record for the solves of ``sif``: counts add up (each solver product costing
+    ``per_product`` HVPs, plus ``extra_hvps`` in between), residuals are the worst."""
+    first = results[0]
     return SolveResult(
         solver=first.solver,
-        iterations=first.iterations + second.iterations,
-        hvps=per_product * (first.hvps + second.hvps) + extra_hvps,
-        relative_residual=max(first.relative_residual, second.relative_residual),
-        normal_residual=max(first.normal_residual, second.normal_residual),
-        converged=first.converged and second.converged,
-        seconds=first.seconds + second.seconds,  # the caller adds the time in between
-        residual_history=first.residual_history + second.residual_history,
-        normal_history=first.normal_history + second.normal_history,
-        message=f"first solve: {first.message}; second solve: {second.message}",
+        iterations=sum(r.iterations for r in results),
+        hvps=per_product * sum(r.hvps for r in results) + extra_hvps,
+        relative_residual=max(r.relative_residual for r in results),
+        normal_residual=max(r.normal_residual for r in results),
+        converged=all(r.converged for r in results),
+        seconds=sum(r.seconds for r in results),  # the caller adds the time in between
+        residual_history=[v for r in results for v in r.residual_history],
+        normal_history=[v for r in results for v in r.normal_history],
+        message="; ".join(
+            f"{which} solve: {r.message}"
+            for which, r in zip(("first", "second"), results, strict=False)
+        ),
     )

@@ -9,6 +9,7 @@ is what the solve records count as HVPs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -90,6 +91,21 @@ def scatter(x: Tensor, index: Tensor, dim: int) -> Tensor:
     return full
 
 
+@dataclass
+class RemovalCurvature:
+    """The removal set's curvatures that ``sif`` needs (see docs/design.md, estimators).
+
+    ``trained``: ``H_U``, the curvature of the removal loss ``L_U`` with the labels the model
+    was trained on; with the retained risk's ``H`` it makes the full training risk's
+    ``H_S = (1 − p) H + p H_U``. ``change``: the curvature of the loss the edit takes out of
+    the training risk: ``L_U`` itself for class removal (the same operator), ``L_U(poisoned
+    labels) − L_U(true labels)`` for a backdoor.
+    """
+
+    trained: LinearOperator
+    change: LinearOperator
+
+
 def removal_curvature(
     curvature_of: Callable[[Tensor, Tensor], LinearOperator],
     x: Tensor,
@@ -97,23 +113,23 @@ def removal_curvature(
     *,
     true_labels: Tensor | None = None,
     curvature: str = "hessian",
-) -> LinearOperator:
-    """``H_U``, the curvature of the removal set's loss, for ``sif`` (see docs/design.md,
-    estimators).
+) -> RemovalCurvature:
+    """The ``RemovalCurvature`` of the removal set ``(x, y)`` (inputs ``[m, ...]``, the labels
+    it was trained on ``[m]``); ``curvature_of(x, y)`` builds the curvature operator of the mean
+    loss over ``(x, y)``.
 
-    ``curvature_of(x, y)`` builds the curvature operator of the mean loss over ``(x, y)``
-    (inputs ``[m, ...]``, labels ``[m]``). Class removal: ``H_U = curvature_of(x, y)``.
-    Backdoor relabelling (``true_labels`` given): the points are removed with their poisoned
-    labels ``y`` and re-added with their true labels, so ``H_U`` is the curvature of
-    ``L_U(y) − L_U(true_labels)``: the difference of the two operators on the same inputs.
-
-    With ``curvature="ggn"`` that difference is exactly zero: the Gauss-Newton matrix
-    ``Jᵀ H_out J`` of the cross-entropy does not depend on the labels (``H_out = diag(p) −
-    p pᵀ`` is the softmax's), so a ``Zero`` operator is returned and no product is spent on it.
+    Class removal: ``trained`` and ``change`` are both ``curvature_of(x, y)``. Backdoor
+    relabelling (``true_labels`` given): the points are removed with their poisoned labels
+    ``y`` and re-added with their true labels, so ``change`` is the difference of the two
+    operators on the same inputs. With ``curvature="ggn"`` that difference is exactly zero:
+    the Gauss-Newton matrix ``Jᵀ H_out J`` of the cross-entropy does not depend on the labels
+    (``H_out = diag(p) − p pᵀ`` is the softmax's), so ``change`` is ``Zero`` and costs nothing.
     """
-    removed = curvature_of(x, y)
+    trained = curvature_of(x, y)
     if true_labels is None:
-        return removed
+        return RemovalCurvature(trained=trained, change=trained)
     if curvature == "ggn":
-        return Zero(dim=removed.dim, dtype=removed.dtype, device=removed.device)
-    return Combination([(1.0, removed), (-1.0, curvature_of(x, true_labels))])
+        zero = Zero(dim=trained.dim, dtype=trained.dtype, device=trained.device)
+        return RemovalCurvature(trained=trained, change=zero)
+    change = Combination([(1.0, trained), (-1.0, curvature_of(x, true_labels))])
+    return RemovalCurvature(trained=trained, change=change)

@@ -37,16 +37,18 @@ def _reference_update(
     *,
     hessian=None,
     removal_hessian=None,
+    change_hessian=None,
     gradient=None,
     scope=None,
 ):
     """``Δ`` from the dense ``H`` with lstsq / pinv, following the estimator table literally.
 
-    Defaults are the problem's dense ``H``, ``H_U`` (of ``sif``) and ``g``; ``scope``: bool
-    coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default: all).
+    Defaults are the problem's dense ``H``, ``H_U`` and ``H_D = H_U`` (of ``sif``) and ``g``;
+    ``scope``: bool coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default: all).
     """
     h = problem.hessian if hessian is None else hessian
     h_u = problem.removal_hessian if removal_hessian is None else removal_hessian
+    h_d = h_u if change_hessian is None else change_hessian
     g = problem.removal_gradient if gradient is None else gradient
     t = target.nonzero().squeeze(1)
     free = torch.ones_like(target) if scope is None else scope.clone()
@@ -68,7 +70,7 @@ def _reference_update(
         p = len(problem.removal_x) / problem.n_train
         h_s = ((1 - p) * h + p * h_u)[s][:, s]
         first = solve(h_s, g[s], damping)
-        second = solve(h_s, h_u[s][:, s] @ first, damping)
+        second = solve(h_s, h_d[s][:, s] @ first, damping)
         delta[s] = (1 - 2 * p) / (1 - p) * first + p / (1 - p) * second
     else:
         delta[t] = g[t]
@@ -144,50 +146,35 @@ def test_iterative_solvers_match_dense_reference_on_the_cnn(
 
 
 def _backdoor(problem, reference, curvature="hessian"):
-    """The problem's removal set relabelled: removed with its labels, re-added with
-    ``true``; returns (true labels, ``g``, dense ``H_U``, the ``H_U`` operator)."""
+    """The problem's removal set relabelled: removed with its labels, re-added with ``true``.
+
+    Returns ``g``, the dense ``H_U`` (labels as trained) and ``H_D`` (of ``L_U(trained labels)
+    − L_U(true)``), and the ``RemovalCurvature`` built by the code under test."""
     classes = problem.model(problem.removal_x.double()).shape[1]
-    true = (problem.removal_y + 1) % classes
-    m, n = len(problem.removal_x), problem.n_train
+    x, y, true = problem.removal_x, problem.removal_y, (problem.removal_y + 1) % classes
+    m, n = len(x), problem.n_train
     g = (
         m
         / (n - m)
-        * (
-            reference.gradient(problem.model, problem.removal_x, problem.removal_y)
-            - reference.gradient(problem.model, problem.removal_x, true)
-        )
+        * (reference.gradient(problem.model, x, y) - reference.gradient(problem.model, x, true))
     )
     dense = reference.ggn if curvature == "ggn" else reference.hessian
-    h_u = dense(problem.model, problem.removal_x, problem.removal_y) - dense(
-        problem.model, problem.removal_x, true
-    )
+    h_u = dense(problem.model, x, y)
+    h_d = h_u - dense(problem.model, x, true)
 
-    def curvature_of(x, y):
-        return CurvatureOperator(model=problem.model, x=x, y=y, batch_size=64, curvature=curvature)
+    def curvature_of(a, b):
+        return CurvatureOperator(model=problem.model, x=a, y=b, batch_size=64, curvature=curvature)
 
-    operator = removal_curvature(
-        curvature_of,
-        problem.removal_x,
-        problem.removal_y,
-        true_labels=true,
-        curvature=curvature,
-    )
-    return true, g, h_u, operator
+    removal = removal_curvature(curvature_of, x, y, true_labels=true, curvature=curvature)
+    return g, h_u, h_d, removal
 
 
-@pytest.mark.parametrize("damping", [0.0, 0.05])
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, reference):
-    """``H_U`` of a relabelling is the curvature of ``L_U(poisoned) − L_U(true)``."""
-    problem = request.getfixturevalue(name)
-    _, g, h_u, removal = _backdoor(problem, reference)
-    hessian, _ = request.getfixturevalue(f"{name}_operators")
-    everything = torch.ones(len(g), dtype=torch.bool)
-    delta, result = estimate_update(
+def _sif(problem, operator, g, removal, damping):
+    return estimate_update(
         method="sif",
-        operator=hessian,
+        operator=operator,
         gradient=g,
-        target_flat=everything,
+        target_flat=torch.ones(len(g), dtype=torch.bool),
         solver="exact",
         damping=damping,
         max_iter=1,
@@ -195,41 +182,49 @@ def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, 
         removal_operator=removal,
         removal_fraction=len(problem.removal_x) / problem.n_train,
     )
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, reference):
+    """``H_S`` is the training risk's curvature (the poisoned labels, as trained); the second
+    term's ``H_D`` that of ``L_U(poisoned) − L_U(true)``."""
+    problem = request.getfixturevalue(name)
+    g, h_u, h_d, removal = _backdoor(problem, reference)
+    hessian, _ = request.getfixturevalue(f"{name}_operators")
+    delta, result = _sif(problem, hessian, g, removal, damping)
+    everything = torch.ones(len(g), dtype=torch.bool)
     expected = _reference_update(
-        problem, "sif", everything, damping, reference, removal_hessian=h_u, gradient=g
+        problem,
+        "sif",
+        everything,
+        damping,
+        reference,
+        removal_hessian=h_u,
+        change_hessian=h_d,
+        gradient=g,
     )
     assert result.converged, result.message
     assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
-    # Each exact solve makes len(g) + 1 products of H_S; one H_S product is one HVP over the
-    # Hessian sample and two over the removal set (both label sets); plus H_U Δ₁ in between.
-    assert result.hvps == 3 * 2 * (len(g) + 1) + 2
+    # Each exact solve makes len(g) + 1 products of H_S, one HVP over the Hessian sample and
+    # one over the removal set each; H_D Δ₁ in between costs two (both label sets).
+    assert result.hvps == 2 * 2 * (len(g) + 1) + 2
 
 
-def test_sif_for_a_backdoor_under_gauss_newton_has_no_removal_curvature(cnn, reference):
-    """The GGN does not depend on the labels, so the relabelling's ``H_U`` vanishes: checked on
-    the dense matrices, then ``sif`` is ``(1 − 2p)/(1 − p)`` times IF with ``H_S = (1 − p) H``."""
-    _, g, h_u, removal = _backdoor(cnn, reference, curvature="ggn")
-    assert h_u.abs().max() < 1e-14
-    assert isinstance(removal, Zero)
+def test_sif_for_a_backdoor_under_gauss_newton_has_no_second_order_term(cnn, reference):
+    """The GGN does not depend on the labels, so the relabelling's ``H_D`` vanishes (checked on
+    the dense matrices) and ``sif`` is ``(1 − 2p)/(1 − p) · H_S⁻¹ g``, one solve."""
+    g, h_u, h_d, removal = _backdoor(cnn, reference, curvature="ggn")
+    assert h_d.abs().max() < 1e-14
+    assert isinstance(removal.change, Zero)
     hessian, _ = _operators(cnn, curvature="ggn")
-    ggn = reference.ggn(cnn.model, cnn.x, cnn.y)
+    delta, result = _sif(cnn, hessian, g, removal, 0.01)
     p = len(cnn.removal_x) / cnn.n_train
-    delta, result = estimate_update(
-        method="sif",
-        operator=hessian,
-        gradient=g,
-        target_flat=torch.ones(len(g), dtype=torch.bool),
-        solver="exact",
-        damping=0.01,
-        max_iter=1,
-        tol=1e-10,
-        removal_operator=removal,
-        removal_fraction=p,
-    )
-    expected = (1 - 2 * p) / (1 - p) * reference.damped_lstsq((1 - p) * ggn, g, 0.01)
+    h_s = (1 - p) * reference.ggn(cnn.model, cnn.x, cnn.y) + p * h_u
+    expected = (1 - 2 * p) / (1 - p) * reference.damped_lstsq(h_s, g, 0.01)
     assert reference.relative_error(delta, expected) < 1e-8
-    assert "H_U = 0" in result.message
-    assert result.hvps == 2 * (len(g) + 1)  # only the products of H
+    assert "second-order term 0" in result.message and "second solve" not in result.message
+    assert result.hvps == 2 * (len(g) + 1)
 
 
 def _linear_conv_scope(problem):
