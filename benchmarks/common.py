@@ -107,7 +107,13 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces the numbers (``--markdown FILE`` only says where the text
+    goes, so it is left out)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--markdown" in arguments:
+        at = arguments.index("--markdown")
+        del arguments[at : at + 2]
+    arguments = [a for a in arguments if not a.startswith("--markdown=")]
     return " ".join([".venv/bin/python", f"benchmarks/{script}", *arguments])
 
 
