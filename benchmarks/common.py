@@ -90,6 +90,13 @@ def add_common_arguments(
         "models whose resolved config matches (default: a temporary folder, deleted)",
     )
     add("--output", type=Path, default=RESULTS / results, help="results JSON")
+    add(
+        "--merge",
+        action="store_true",
+        help="rerun only the given runs (e.g. --methods sif) and replace them in --output, "
+        "keeping every other number there; refused when a seed's base model or oracle measures "
+        "differently from the stored one",
+    )
     add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
     add("--render", action="store_true", help="only render the markdown of --output")
 
@@ -100,7 +107,13 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces the numbers (``--markdown FILE`` only says where the text
+    goes, so it is left out)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--markdown" in arguments:
+        at = arguments.index("--markdown")
+        del arguments[at : at + 2]
+    arguments = [a for a in arguments if not a.startswith("--markdown=")]
     return " ".join([".venv/bin/python", f"benchmarks/{script}", *arguments])
 
 
@@ -264,6 +277,7 @@ def run_benchmark(
     runs, returning what to keep), and write the results JSON."""
     log = Log()
     torch.set_num_threads(args.threads)
+    stored = stored_results(args) if args.merge else None
     results = {
         "benchmark": task,
         "command": command_line(script, argv),
@@ -300,8 +314,53 @@ def run_benchmark(
                     **kept,
                 }
             )
+    if stored is not None:
+        results = merge(stored, results)
     finish(args, results, log)
     return results
+
+
+def stored_results(args: argparse.Namespace) -> dict:
+    if not args.output.exists():
+        sys.exit(f"--merge: {args.output} does not exist; run the benchmark without --merge first")
+    return json.loads(args.output.read_text())
+
+
+def merge(stored: dict, rerun: dict) -> dict:
+    """``stored`` with the runs of ``rerun`` in place of its own, and ``rerun``'s command and
+    machine under ``reruns``. Exits when a seed's base model or oracle differs (the rows would
+    compare edits of different models) or when the settings differ."""
+    settings = {k: v for k, v in rerun["settings"].items() if k != "parameters"}
+    if settings != {k: v for k, v in stored["settings"].items() if k != "parameters"}:
+        sys.exit("--merge: the config's settings differ from the stored run's; rerun everything")
+    by_seed = {entry["seed"]: entry for entry in stored["per_seed"]}
+    for entry in rerun["per_seed"]:
+        old = by_seed.get(entry["seed"])
+        if old is None:
+            sys.exit(f"--merge: seed {entry['seed']} is not in the stored results")
+        for key in ("before", "oracle_metrics"):
+            if entry[key] != old[key]:
+                sys.exit(
+                    f"--merge: seed {entry['seed']}: the {key} metrics differ from the stored "
+                    "ones (another base model or oracle); rerun everything"
+                )
+        _merge_runs(old, {k: v for k, v in entry.items() if isinstance(v, dict) and k in old})
+    stored["methods"] += [m for m in rerun["methods"] if m not in stored["methods"]]
+    stored.setdefault("reruns", []).append(
+        {key: rerun[key] for key in ("command", "methods", "seeds", "machine")}
+    )
+    return stored
+
+
+def _merge_runs(stored: dict, new: dict) -> None:
+    """Replace the run records of ``stored`` by those of ``new`` (a run record holds
+    ``metrics``; anything else is a group of runs, merged key by key)."""
+    for key, value in new.items():
+        group = isinstance(value, dict) and "metrics" not in value
+        if group and isinstance(stored.get(key), dict):
+            _merge_runs(stored[key], value)
+        else:
+            stored[key] = value
 
 
 def settings(config: Config) -> dict:
@@ -355,9 +414,11 @@ def machine(threads: int) -> dict:
 
 
 def finish(args: argparse.Namespace, results: dict, log: Log) -> None:
+    """Stamp the wall time and load (of the last rerun when ``--merge``) and write the JSON."""
     load = log.load + [os.getloadavg()[0]]
-    results["wall_seconds"] = log.elapsed()
-    results["load_average_1min"] = {
+    where = results["reruns"][-1] if args.merge else results
+    where["wall_seconds"] = log.elapsed()
+    where["load_average_1min"] = {
         "min": min(load),
         "mean": statistics.fmean(load),
         "max": max(load),
@@ -406,7 +467,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def measured_on(results: dict) -> str:
-    """The sentence on how a run was measured: machine, seeds, wall time, load."""
+    """The sentence on how a run (or a rerun) was measured: machine, seeds, wall time, load."""
     m, load = results["machine"], results["load_average_1min"]
     minutes, seconds = divmod(round(results["wall_seconds"]), 60)
     busy = (
@@ -450,9 +511,28 @@ def how_measured(results: dict, result_file: str, scenario: str) -> list[str]:
         results["command"],
         "```",
         "",
+        *rerun_notes(results),
         f"Raw per-seed numbers: `benchmarks/results/{result_file}`.",
         "",
     ]
+
+
+def rerun_notes(results: dict) -> list[str]:
+    """One paragraph and command per ``--merge`` rerun: which rows it replaced."""
+    lines = []
+    for rerun in results.get("reruns", []):
+        rows = ", ".join(f"`{m}`" for m in rerun["methods"])
+        lines += [
+            f"The {rows} row(s) were rerun on the same base models and oracles (checked: "
+            "identical before and oracle metrics on every seed), every other row kept. "
+            + measured_on(rerun),
+            "",
+            "```",
+            rerun["command"],
+            "```",
+            "",
+        ]
+    return lines
 
 
 def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -> list[str]:

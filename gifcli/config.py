@@ -33,6 +33,7 @@ INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
 TARGETED_METHODS = ("gif", "fif", "pif", "first-order")  # Δ is zero outside the target mask
 CURVATURES = ("hessian", "ggn")
 SOLVERS = ("lsqr", "cg", "neumann", "exact")
+SCOPES = ("linear-conv", "all")
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds alike
 MAX_CLASSES = 100_000
@@ -181,6 +182,12 @@ class RemovalConfig:
         "clean training samples to trigger; null: use "
         "known poisoned samples",
     )
+    gradient_samples: int | None = _field(
+        None,
+        "removal points (a seeded random subsample) the removal gradient is averaged over, as "
+        "the paper's code does (512-1,024); m in m/(n - m) stays the whole removal set's size; "
+        "null: every point",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.trigger, str):
@@ -201,6 +208,10 @@ class RemovalConfig:
             out.append(f"removal.target: {self.target} is out of range 0..{num_classes - 1}")
         if self.synthetic_samples is not None and self.synthetic_samples < 1:
             out.append(f"removal.synthetic_samples: must be positive, got {self.synthetic_samples}")
+        if self.gradient_samples is not None and self.gradient_samples < 1:
+            out.append(
+                f"removal.gradient_samples: must be positive or null, got {self.gradient_samples}"
+            )
         if self.trigger is not None:
             out += self.trigger.problems("removal.trigger")
         return out
@@ -223,6 +234,35 @@ class SelectionConfig:
             out.append(_choice("selection.method", self.method, SELECTION_METHODS))
         if not 0.0 < self.ratio <= 1.0:
             out.append(f"selection.ratio: must be in (0, 1], got {self.ratio}")
+        return out
+
+
+@dataclass
+class NeumannConfig:
+    scale: float = _field(1.0, "neumann: the starting scale c (the loss is divided by c)")
+    scale_step: float = _field(
+        0.5, "neumann: added to c at each restart (when the iterate difference grows)"
+    )
+    max_restarts: int = _field(1000, "neumann: restarts at most before it reports divergence")
+    absolute_tol: float | None = _field(
+        None,
+        "neumann: also stop once the iterate difference is below this, as a root-mean-square "
+        "per coordinate (the paper's tol); null: only influence.tol",
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("scale", "scale_step"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                out.append(f"influence.neumann.{key}: must be a finite number > 0, got {value}")
+        if self.max_restarts < 0:
+            out.append(
+                f"influence.neumann.max_restarts: must be 0 or more, got {self.max_restarts}"
+            )
+        tol = self.absolute_tol
+        if tol is not None and not (math.isfinite(tol) and tol > 0):
+            out.append(f"influence.neumann.absolute_tol: must be a finite number > 0, got {tol}")
         return out
 
 
@@ -264,12 +304,21 @@ class InfluenceConfig:
             with contextlib.suppress(ValueError):
                 self.damping = float(self.damping)
 
+    scope: str = _field(
+        "linear-conv",
+        "if, pif, sif: the parameters they treat as variables; linear-conv: every parameter "
+        "of every nn.Linear / nn.Conv2d module (the paper's IF; BatchNorm and all others held "
+        "fixed), all: every trainable parameter",
+    )
+    neumann: NeumannConfig = _field(NeumannConfig, "settings of the neumann solver")
+
     def problems(self) -> list[str]:
         out = []
         for key, choices in (
             ("method", INFLUENCE_METHODS),
             ("curvature", CURVATURES),
             ("solver", SOLVERS),
+            ("scope", SCOPES),
         ):
             if getattr(self, key) not in choices:
                 out.append(_choice(f"influence.{key}", getattr(self, key), choices))
@@ -281,7 +330,11 @@ class InfluenceConfig:
         if self.tol <= 0:
             out.append(f"influence.tol: must be positive, got {self.tol}")
         out += self._damping_problems()
-        return out
+        return out + self.neumann.problems()
+
+    def solver_options(self) -> dict:
+        """Keyword arguments of the chosen solver beyond the shared ones (``neumann``'s)."""
+        return dataclasses.asdict(self.neumann) if self.solver == "neumann" else {}
 
     def _damping_problems(self) -> list[str]:
         out = []

@@ -28,9 +28,11 @@ from gifcli.config import (
     UpdateConfig,
 )
 from gifcli.data import DataSplits, TensorSplit
+from gifcli.data.removal import seeded_subset
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
+from gifcli.influence.operators import removal_curvature
 from gifcli.influence.solvers import SolveResult, damping_grid
 from gifcli.metrics import oracle_gap
 from gifcli.progress import ProgressFactory, silent
@@ -43,7 +45,7 @@ from gifcli.records import (
     SolverRecord,
     UpdateRecord,
 )
-from gifcli.selection import Selection, check_mask, mask_to_flat, select_targets
+from gifcli.selection import Selection, check_mask, mask_to_flat, scope_mask, select_targets
 from gifcli.tasks import RemovalSet, Task
 from gifcli.update import (
     SweepPoint,
@@ -65,6 +67,9 @@ class Settings:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    gradient_samples: int | None = None
+    """``removal.gradient_samples``: removal points the removal gradient is averaged over
+    (a seeded subsample; None: all)."""
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -73,10 +78,16 @@ class Settings:
             selection=config.selection,
             influence=config.influence,
             update=config.update,
+            gradient_samples=config.removal.gradient_samples,
         )
 
     def problems(self) -> list[str]:
-        return self.selection.problems() + self.influence.problems() + self.update.problems()
+        problems = self.selection.problems() + self.influence.problems() + self.update.problems()
+        if self.gradient_samples is not None and self.gradient_samples < 1:
+            problems.append(
+                f"gradient_samples: must be positive or None, got {self.gradient_samples}"
+            )
+        return problems
 
 
 @dataclass
@@ -142,7 +153,7 @@ def edit(
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
-    estimated = estimate(model, removal, sample, target, influence, progress)
+    estimated = estimate(model, removal, sample, target, settings, progress)
     timing["solve_seconds"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -175,6 +186,7 @@ def edit(
             samples=len(removal.x),
             train_samples=removal.n_train,
             hessian_samples=len(sample),
+            gradient_samples=min(len(removal.x), settings.gradient_samples or len(removal.x)),
         ),
         selection=SelectionRecord(
             method=settings.selection.method,
@@ -285,15 +297,10 @@ def target_selection(
     mask: dict[str, torch.Tensor] | None,
     device: torch.device,
 ) -> Selection:
-    """Every parameter for ``if``/``sif``; else the given mask, or a selection made anew."""
+    """The scope's parameters (``influence.scope``) for ``if``/``sif``; else the given mask,
+    or a selection made anew."""
     if settings.influence.method not in TARGETED_METHODS:
-        return Selection(
-            mask={
-                name: torch.ones_like(p, dtype=torch.bool, device="cpu")
-                for name, p in model.named_parameters()
-                if p.requires_grad
-            }
-        )
+        return Selection(mask=scope_mask(model, settings.influence.scope))
     if mask is not None:
         check_mask(model, mask, source="mask")
         return Selection(mask=mask)
@@ -302,9 +309,7 @@ def target_selection(
 
 def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
     """A seeded random subset of ``size`` retained training points (all when fewer)."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(retained), generator=generator)[:size]
-    return retained.subset(order.sort().values)
+    return retained.subset(seeded_subset(len(retained), size, seed=seed))
 
 
 def estimate(
@@ -312,16 +317,20 @@ def estimate(
     removal: RemovalSet,
     sample: TensorSplit,
     target: torch.Tensor,
-    influence: InfluenceConfig,
+    settings: Settings,
     progress: ProgressFactory,
 ) -> tuple[torch.Tensor, SolveResult] | UpdatePath:
     """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve;
     with ``influence.damping: auto``, the path of updates over the damping grid.
 
-    Each rank streams its share of the Hessian sample and of the removal set; the engine
-    all-reduces every product and gradient.
+    Each rank streams its share of the Hessian sample and of the removal set (of its
+    ``gradient_samples`` subsample, for the removal gradient); the engine all-reduces every
+    product and gradient.
     """
+    influence = settings.influence
     mine = distributed.shard(len(removal.x))
+    averaged = seeded_subset(len(removal.x), settings.gradient_samples, seed=settings.seed)
+    averaged = averaged[distributed.shard(len(averaged))]
     local = sample.subset(distributed.shard(len(sample)))
 
     def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
@@ -338,16 +347,24 @@ def estimate(
         with progress("removal gradient", 1) as advance:
             gradient = removal_gradient(
                 model,
-                removal_x=removal.x[mine],
-                removal_y=removal.y[mine],
+                removal_x=removal.x[averaged],
+                removal_y=removal.y[averaged],
                 n_train=removal.n_train,
                 batch_size=influence.batch_size,
-                true_labels=None if removal.true_y is None else removal.true_y[mine],
+                true_labels=None if removal.true_y is None else removal.true_y[averaged],
                 removal_size=len(removal.x),
             )
             advance(1)
         removal_operator = (
-            curvature(removal.x[mine], removal.y[mine]) if influence.method == "sif" else None
+            removal_curvature(
+                curvature,
+                removal.x[mine],
+                removal.y[mine],
+                true_labels=None if removal.true_y is None else removal.true_y[mine],
+                curvature=influence.curvature,
+            )
+            if influence.method == "sif"
+            else None
         )
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
             return estimate_update(
@@ -365,6 +382,10 @@ def estimate(
                 tol=influence.tol,
                 removal_operator=removal_operator,
                 removal_fraction=len(removal.x) / removal.n_train,
+                scope_flat=mask_to_flat(model, scope_mask(model, influence.scope)).to(
+                    target.device
+                ),
+                solver_options=influence.solver_options(),
                 progress=lambda iteration, residual: advance(iteration, f"residual {residual:.2e}"),
             )
     except ParameterError as exc:

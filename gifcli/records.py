@@ -19,13 +19,15 @@ Metrics = dict[str, Any]
 
 @dataclass
 class RemovalRecord:
-    """The removal set ``U``: what it is, ``m`` (samples), ``n`` (train_samples) and the size
-    of the Hessian sample the curvature was taken over."""
+    """The removal set ``U``: what it is, ``m`` (samples), ``n`` (train_samples), the size of
+    the Hessian sample the curvature was taken over and the number of removal points the
+    removal gradient was averaged over."""
 
     description: str
     samples: int
     train_samples: int
     hessian_samples: int
+    gradient_samples: int
 
 
 @dataclass

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from gifcli.checkpoint import save_checkpoint
-from gifcli.config import SELECTION_METHODS
+from gifcli.config import SCOPES, SELECTION_METHODS
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import trainable_parameters
 
@@ -184,6 +184,33 @@ def target_layers(
             f"layers are: {_layer_list(layers)}"
         )
     return chosen
+
+
+def scope_mask(model: nn.Module, scope: str) -> dict[str, Tensor]:
+    """The mask (every trainable parameter, CPU) of the parameters ``if``, ``pif`` and ``sif``
+    treat as variables (``influence.scope``).
+
+    ``all``: every trainable parameter. ``linear-conv``: every parameter of every `Linear` /
+    `Conv2d` module, as the paper's IF; BatchNorm and every other parameter are held fixed.
+    """
+    if scope not in SCOPES:
+        raise GifError(f"influence.scope: must be one of {', '.join(SCOPES)}, got {scope!r}")
+    mask = {
+        name: torch.full(p.shape, scope == "all", dtype=torch.bool)
+        for name, p in trainable_parameters(model).items()
+    }
+    if scope == "linear-conv":
+        for layer in model_layers(model):
+            if isinstance(layer.module, UNIT_LAYER_TYPES):
+                for name, p in layer.parameters:
+                    mask[name] = torch.ones(p.shape, dtype=torch.bool)
+        if not any(m.any() for m in mask.values()):
+            raise GifError(
+                "influence.scope: linear-conv, but the model has no trainable nn.Linear or "
+                f"nn.Conv2d parameter (layers: {_layer_list(model_layers(model))}); set "
+                "influence.scope: all"
+            )
+    return mask
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,6 +105,51 @@ def test_integers_are_accepted_for_floats_but_not_booleans():
         build_config({"influence": {"damping": True}})
 
 
+def test_neumann_settings_reach_the_solver_only_for_neumann():
+    config = build_config(
+        {
+            "influence": {
+                "solver": "neumann",
+                "neumann": {"scale": 2, "scale_step": 3, "absolute_tol": 1.0e-9},
+            }
+        }
+    )
+    assert config.influence.solver_options() == {
+        "scale": 2.0,
+        "scale_step": 3.0,
+        "max_restarts": 1000,
+        "absolute_tol": 1.0e-9,
+    }
+    assert build_config({"influence": {"solver": "lsqr"}}).influence.solver_options() == {}
+
+
+def test_invalid_scope_neumann_and_gradient_samples_name_their_keys():
+    with pytest.raises(GifError) as info:
+        build_config(
+            {
+                "influence": {
+                    "scope": "linear",
+                    "neumann": {"scale": 0, "scale_step": ".inf", "max_restarts": -1},
+                },
+                "removal": {"gradient_samples": 0},
+            }
+        )
+    message = str(info.value)
+    assert "influence.scope: 'linear' is not one of linear-conv, all" in message
+    assert "influence.neumann.scale: must be a finite number > 0, got 0.0" in message
+    assert "influence.neumann.scale_step: expected a number" in message
+    assert "influence.neumann.max_restarts: must be 0 or more" in message
+    assert "removal.gradient_samples: must be positive or null" in message
+    with pytest.raises(GifError, match="influence.neumann.absolute_tol: must be a finite"):
+        build_config({"influence": {"neumann": {"absolute_tol": float("nan")}}})
+    with pytest.raises(GifError, match="influence.neumann.scale_step: must be a finite"):
+        build_config({"influence": {"neumann": {"scale_step": float("inf")}}})
+
+
+def test_paper_scope_is_the_default():
+    assert build_config({}).influence.scope == "linear-conv"
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(GifError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

@@ -21,6 +21,7 @@ from gifcli.selection import (
     load_mask,
     mask_to_flat,
     save_mask,
+    scope_mask,
     select_target_mask,
     select_targets,
     summarize_mask,
@@ -212,6 +213,22 @@ def test_batchnorm_is_never_selected_unless_included() -> None:
     mask = select_target_mask(model, x, y, method="top-outputs", ratio=0.6, include=["1"])
     assert int(mask["1.weight"].sum() + mask["1.bias"].sum()) == 6  # ⌊0.6 · 10⌋, drawn at random
     assert not any(mask[name].any() for name in mask if not name.startswith("1."))
+
+
+def test_linear_conv_scope_is_every_linear_and_conv_parameter_and_all_is_everything() -> None:
+    model = _mixed_model()
+    scope = scope_mask(model, "linear-conv")
+    assert set(scope) == {name for name, _ in model.named_parameters()}
+    for name, mask in scope.items():
+        assert bool(mask.all()) is (not name.startswith("1.")) and bool(mask.any()) == mask.all()
+    assert all(mask.all() for mask in scope_mask(model, "all").values())
+
+
+def test_linear_conv_scope_of_a_model_without_such_layers_is_an_error() -> None:
+    with pytest.raises(GifError, match="influence.scope: all"):
+        scope_mask(nn.Sequential(nn.BatchNorm1d(3)), "linear-conv")
+    with pytest.raises(GifError, match="influence.scope"):
+        scope_mask(_mixed_model(), "conv")
 
 
 def test_include_restricts_to_matching_layers_and_exclude_removes_layers() -> None:

@@ -43,6 +43,19 @@ def class_removal_indices(train: TensorSplit, classes: Iterable[int]) -> tuple[T
     return torch.nonzero(forget).flatten(), torch.nonzero(~forget).flatten()
 
 
+def seeded_subset(count: int, size: int | None, *, seed: int) -> Tensor:
+    """Sorted int64 positions of a seeded uniform random subset of ``size`` of ``count`` items;
+    all of them (``arange(count)``) when ``size`` is None or at least ``count``.
+
+    The Hessian sample draws its retained points this way, and ``removal.gradient_samples``
+    the removal points the removal gradient is averaged over.
+    """
+    if size is None or size >= count:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=generator)[:size].sort().values
+
+
 def read_poison_indices(
     path: str | Path, n_train: int, *, num_classes: int | None = None
 ) -> tuple[Tensor, Tensor | None]:

@@ -171,17 +171,21 @@ def _finish(
     history: tuple[list[float], list[float]],
     stop: str | None,
     atb_norm: float,
+    normal_tol: float = 0.0,
 ) -> SolveResult:
     """Evaluate the true residuals of the returned ``x`` (2 products) and fill the result.
 
-    ``stop`` is the reason the iteration stopped early (NaN/Inf, divergence), if it did.
+    ``stop`` is the reason the iteration stopped early (NaN/Inf, divergence), if it did;
+    ``normal_tol`` an absolute bound on the normal residual that also counts as converged.
     """
     r = b - op.A(x)
     normal = _norm(op.At(r) - damping**2 * x)
     relative = _ratio(_norm(r), _norm(b))
     if not _finite(relative, normal):
         stop = stop or f"{name}: the residual of the returned solution is NaN or Inf; {_TRY}"
-    converged = stop is None and (relative <= tol or normal <= tol * atb_norm)
+    converged = stop is None and (
+        relative <= tol or normal <= tol * atb_norm or normal <= normal_tol
+    )
     status = (
         "breakdown"
         if stop is not None
@@ -884,6 +888,7 @@ def neumann(
     scale: float = 1.0,
     scale_step: float = 0.5,
     max_restarts: int = 1000,
+    absolute_tol: float | None = None,
 ) -> tuple[Tensor, SolveResult]:
     """The paper's solver: a Neumann series on the squared system, restarted with a larger scale.
 
@@ -902,18 +907,32 @@ def neumann(
     so the diagnostics cost nothing extra. ``max_iter`` bounds the iterations of each attempt
     (the paper's ``max_iter``), ``max_restarts`` the attempts; ``iterations``, ``hvps`` and the
     histories count all attempts. Defaults ``scale=1``,
-    ``scale_step=0.5`` and ``max_iter=200`` are the paper's (its ``normalizer``, ``step`` and
-    ``max_iter``). Two products per iteration, one to start; a restart reuses ``Aᵀ b``.
+    ``scale_step=0.5`` and ``max_iter=200`` are the defaults of the paper's code (its
+    ``normalizer``, ``step`` and ``max_iter``). Two products per iteration, one to start; a
+    restart reuses ``Aᵀ b``.
+
+    Besides ``tol`` (relative), ``absolute_tol`` is the paper's stopping rule: stop, converged,
+    once ``‖x_{k+1} − x_k‖ ≤ absolute_tol · √k`` (``k = len(x)``: a root-mean-square change per
+    coordinate below ``absolute_tol``; the paper's ``tol · √|t|``). Being absolute, it depends
+    on the scale of the loss and on ``c``; None (the default) leaves it off.
     """
     _check_inputs(b, damping, max_iter, tol)
-    if scale <= 0 or scale_step <= 0:
-        raise GifError("neumann: scale and scale_step must be > 0")
+    if not (_finite(scale, scale_step) and scale > 0 and scale_step > 0):
+        raise GifError("influence.neumann: scale and scale_step must be finite numbers > 0")
+    if max_restarts < 0:
+        raise GifError(f"influence.neumann.max_restarts: must be 0 or more, got {max_restarts}")
+    if absolute_tol is not None and not (_finite(absolute_tol) and absolute_tol > 0):
+        raise GifError(
+            f"influence.neumann.absolute_tol: must be a finite number > 0 or null, got "
+            f"{absolute_tol}"
+        )
     started, op = time.perf_counter(), _Counted(matvec, rmatvec)
     atb = op.At(b)
     atb_norm, b_norm = _norm(atb), _norm(b)
     if atb_norm == 0:
         return torch.zeros_like(atb), _trivial("neumann", b, atb, op, started, damping)
     noise = math.sqrt(torch.finfo(b.dtype).eps)
+    small_step = 0.0 if absolute_tol is None else absolute_tol * math.sqrt(atb.numel())
     history: tuple[list[float], list[float]] = ([], [])
 
     def attempt(c: float) -> tuple[Tensor, str | None, bool]:
@@ -931,7 +950,7 @@ def neumann(
             _report(progress, len(history[0]), normal_rel)
             if not _finite(relative, normal_rel):
                 return x, _breakdown("neumann", len(history[0]), "NaN/Inf in the products"), False
-            if relative <= tol or normal_rel <= tol:
+            if relative <= tol or normal_rel <= tol or diff <= small_step:
                 return x, None, False
             if diff > previous and diff > noise * first_diff:
                 return x, None, True
@@ -966,6 +985,7 @@ def neumann(
         history=history,
         stop=stop,
         atb_norm=atb_norm,
+        normal_tol=small_step * c**2,  # the iterate difference is the normal residual / c²
     )
     if stop is None:
         result.message += f" (final scale c={c:g}, {restart} restarts)"

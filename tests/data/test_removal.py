@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from gifcli.data import TensorSplit, class_removal_indices, read_poison_indices, to_split_positions
+from gifcli.data import (
+    TensorSplit,
+    class_removal_indices,
+    read_poison_indices,
+    seeded_subset,
+    to_split_positions,
+)
 from gifcli.errors import GifError
 
 
@@ -135,3 +141,13 @@ def test_an_index_file_larger_than_the_limit_is_refused(tmp_path, monkeypatch):
     path.write_text("0\n1\n2\n3\n4\n")
     with pytest.raises(GifError, match="poison.txt: the index file is 10 bytes"):
         read_poison_indices(path, 10)
+
+
+def test_seeded_subset_is_sorted_seeded_and_all_when_the_size_reaches_the_count():
+    subset = seeded_subset(100, 10, seed=3)
+    assert len(subset) == 10 == len(set(subset.tolist())) and subset.dtype == torch.int64
+    assert subset.tolist() == sorted(subset.tolist())
+    assert torch.equal(subset, seeded_subset(100, 10, seed=3))
+    assert not torch.equal(subset, seeded_subset(100, 10, seed=4))
+    for size in (None, 100, 1000):
+        assert torch.equal(seeded_subset(100, size, seed=3), torch.arange(100))

@@ -13,6 +13,7 @@ from gifcli.influence import (
     removal_gradient,
 )
 from gifcli.influence.hvp import loss_gradient
+from gifcli.influence.operators import Zero, removal_curvature
 
 CURVATURE_METHODS = ("gif", "fif", "pif", "if", "sif")
 TOLERANCE = {"exact": 1e-8, "lsqr": 1e-4, "cg": 1e-4, "neumann": 1e-3}
@@ -34,10 +35,33 @@ def _operators(problem, **kwargs):
     return hessian, removal
 
 
-def _reference_update(problem, method, target, damping, reference, hessian=None):
-    """``Δ`` from the dense ``H`` with lstsq / pinv, following the SPEC table literally."""
+def _reference_update(
+    problem,
+    method,
+    target,
+    damping,
+    reference,
+    *,
+    hessian=None,
+    removal_hessian=None,
+    change_hessian=None,
+    gradient=None,
+    scope=None,
+):
+    """``Δ`` from the dense ``H`` with lstsq / pinv, following the estimator table literally.
+
+    Defaults are the problem's dense ``H``, ``H_U`` and ``H_D = H_U`` (of ``sif``) and ``g``;
+    ``scope``: bool coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default: all).
+    """
     h = problem.hessian if hessian is None else hessian
-    g, t = problem.removal_gradient, target.nonzero().squeeze(1)
+    h_u = problem.removal_hessian if removal_hessian is None else removal_hessian
+    h_d = h_u if change_hessian is None else change_hessian
+    g = problem.removal_gradient if gradient is None else gradient
+    t = target.nonzero().squeeze(1)
+    free = torch.ones_like(target) if scope is None else scope.clone()
+    if method == "pif":
+        free |= target  # a pif target is never held constant
+    s = free.nonzero().squeeze(1)
     solve = reference.damped_lstsq
     delta = torch.zeros_like(g)
     if method == "gif":
@@ -45,14 +69,16 @@ def _reference_update(problem, method, target, damping, reference, hessian=None)
     elif method == "fif":
         delta[t] = solve(h[t][:, t], g[t], damping)
     elif method == "pif":
-        delta[t] = solve(h, g, damping)[t]
+        delta[s] = solve(h[s][:, s], g[s], damping)
+        delta[~target] = 0
     elif method == "if":
-        delta = solve(h, g, damping)
+        delta[s] = solve(h[s][:, s], g[s], damping)
     elif method == "sif":
         p = len(problem.removal_x) / problem.n_train
-        first = solve(h, g, damping)
-        second = solve(h, (h - problem.removal_hessian) @ first, damping)
-        delta = first + p / (1 - p) * second
+        h_s = ((1 - p) * h + p * h_u)[s][:, s]
+        first = solve(h_s, g[s], damping)
+        second = solve(h_s, h_d[s][:, s] @ first, damping)
+        delta[s] = (1 - 2 * p) / (1 - p) * first + p / (1 - p) * second
     else:
         delta[t] = g[t]
     return delta
@@ -124,6 +150,118 @@ def test_iterative_solvers_match_dense_reference_on_the_cnn(
     assert result.converged, result.message
     expected = _reference_update(cnn, method, target, 0.05, reference)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
+
+
+def _backdoor(problem, reference, curvature="hessian"):
+    """The problem's removal set relabelled: removed with its labels, re-added with ``true``.
+
+    Returns ``g``, the dense ``H_U`` (labels as trained) and ``H_D`` (of ``L_U(trained labels)
+    − L_U(true)``), and the ``RemovalCurvature`` built by the code under test."""
+    classes = problem.model(problem.removal_x.double()).shape[1]
+    x, y, true = problem.removal_x, problem.removal_y, (problem.removal_y + 1) % classes
+    m, n = len(x), problem.n_train
+    g = (
+        m
+        / (n - m)
+        * (reference.gradient(problem.model, x, y) - reference.gradient(problem.model, x, true))
+    )
+    dense = reference.ggn if curvature == "ggn" else reference.hessian
+    h_u = dense(problem.model, x, y)
+    h_d = h_u - dense(problem.model, x, true)
+
+    def curvature_of(a, b):
+        return CurvatureOperator(model=problem.model, x=a, y=b, batch_size=64, curvature=curvature)
+
+    removal = removal_curvature(curvature_of, x, y, true_labels=true, curvature=curvature)
+    return g, h_u, h_d, removal
+
+
+def _sif(problem, operator, g, removal, damping):
+    return estimate_update(
+        method="sif",
+        operator=operator,
+        gradient=g,
+        target_flat=torch.ones(len(g), dtype=torch.bool),
+        solver="exact",
+        damping=damping,
+        max_iter=1,
+        tol=1e-10,
+        removal_operator=removal,
+        removal_fraction=len(problem.removal_x) / problem.n_train,
+    )
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, reference):
+    """Both ``H_U`` of the formula are the curvature of ``L_U(poisoned) − L_U(true)``."""
+    problem = request.getfixturevalue(name)
+    g, h_u, h_d, removal = _backdoor(problem, reference)
+    hessian, _ = request.getfixturevalue(f"{name}_operators")
+    delta, result = _sif(problem, hessian, g, removal, damping)
+    everything = torch.ones(len(g), dtype=torch.bool)
+    expected = _reference_update(
+        problem,
+        "sif",
+        everything,
+        damping,
+        reference,
+        removal_hessian=h_d,
+        change_hessian=h_d,
+        gradient=g,
+    )
+    assert result.converged, result.message
+    assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
+    # Each exact solve makes len(g) + 1 products of H_S: one HVP over the Hessian sample and
+    # two over the removal set (both label sets); H_D Δ₁ in between costs two more.
+    assert result.hvps == 2 * 3 * (len(g) + 1) + 2
+
+
+def test_sif_for_a_backdoor_under_gauss_newton_has_no_second_order_term(cnn, reference):
+    """The GGN does not depend on the labels, so the relabelling's ``H_D`` vanishes (checked on
+    the dense matrices) and ``sif`` is ``(1 − 2p)/(1 − p) · H_S⁻¹ g``, one solve."""
+    g, h_u, h_d, removal = _backdoor(cnn, reference, curvature="ggn")
+    assert h_d.abs().max() < 1e-14
+    assert isinstance(removal.change, Zero)
+    hessian, _ = _operators(cnn, curvature="ggn")
+    delta, result = _sif(cnn, hessian, g, removal, 0.01)
+    p = len(cnn.removal_x) / cnn.n_train
+    h_s = (1 - p) * reference.ggn(cnn.model, cnn.x, cnn.y)  # + p · H_D, which is 0
+    expected = (1 - 2 * p) / (1 - p) * reference.damped_lstsq(h_s, g, 0.01)
+    assert reference.relative_error(delta, expected) < 1e-8
+    assert "second-order term 0" in result.message and "second solve" not in result.message
+    assert result.hvps == len(g) + 1
+
+
+def _linear_conv_scope(problem):
+    """Coordinates of the nn.Linear / nn.Conv2d parameters (the cnn's BatchNorm is left out)."""
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    return torch.cat(
+        [
+            torch.full((p.numel(),), isinstance(module, layers))
+            for module in problem.model.modules()
+            for p in module.parameters(recurse=False)
+        ]
+    )
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+@pytest.mark.parametrize("method", ["if", "pif", "sif"])
+def test_scope_holds_the_other_parameters_fixed(method, damping, cnn, cnn_operators, reference):
+    """``influence.scope: linear-conv`` on a model with BatchNorm: ``H[s, s]``, ``g_s``."""
+    scope = _linear_conv_scope(cnn)
+    assert 0 < int((~scope).sum()) < len(scope)  # the BatchNorm weight and bias
+    target = _target(len(cnn.theta))
+    delta, result = _estimate(
+        cnn, method, "exact", damping, target, cnn_operators, scope_flat=scope
+    )
+    expected = _reference_update(cnn, method, target, damping, reference, scope=scope)
+    assert result.converged, result.message
+    assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
+    assert not delta[~scope & ~target].any()
+    if damping:  # undamped, the near-null directions of H dominate both solutions alike
+        unscoped, _ = _estimate(cnn, method, "exact", damping, target, cnn_operators)
+        assert reference.relative_error(delta, unscoped) > 1e-5  # the scope does change it
 
 
 def test_gif_with_gauss_newton_curvature(cnn, reference):
@@ -395,7 +533,12 @@ def test_relative_damping_solves_with_lambda_times_sigma_max(
     )
     assert result.converged, result.message
     size = int(target.sum()) if method == "gif" else len(mlp.theta)
-    system = mlp.hessian[:, target] if method == "gif" else mlp.hessian
+    p = len(mlp.removal_x) / mlp.n_train
+    system = (
+        mlp.hessian[:, target]
+        if method == "gif"
+        else (1 - p) * mlp.hessian + p * mlp.removal_hessian  # sif solves with H_S
+    )
     assert result.sigma_max == pytest.approx(float(torch.linalg.matrix_norm(system, 2)), rel=1e-3)
     assert result.damping == pytest.approx(0.1 * result.sigma_max) and size > 0
     expected = _reference_update(mlp, method, target, result.damping, reference)

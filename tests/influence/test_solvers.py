@@ -381,3 +381,39 @@ def test_every_solver_records_the_damping_it_used():
     for name in SOLVERS:
         _, result = _solve(name, a, b, damping=0.3)
         assert result.damping == 0.3 and result.sigma_max is None
+
+
+def test_neumann_absolute_tolerance_stops_on_the_iterate_difference(reference):
+    """The paper's rule: stop once ‖x_{k+1} − x_k‖ ≤ absolute_tol · √len(x)."""
+    a, b = _system()
+    options = {"damping": 0.3, "max_iter": 3000, "tol": 1e-12, "scale": 2.0}  # 2c² > σ_max²
+    x_full, full = _solve("neumann", a, b, **options)
+    bound = 1e-4 * len(x_full) ** 0.5
+
+    def next_difference(x):
+        return float((a.T @ (b - a @ x) - 0.3**2 * x).norm()) / 2.0**2
+
+    x, result = _solve("neumann", a, b, **options, absolute_tol=1e-4)
+    assert result.converged, result.message
+    assert "0 restarts" in result.message and result.iterations < full.iterations
+    assert next_difference(x) <= bound
+    # Stopped at the first iterate below: the one before it (one step fewer; the stopping
+    # iteration returns its iterate unstepped) was still above the bound.
+    x_before, _ = _solve("neumann", a, b, **options | {"max_iter": result.iterations - 2})
+    assert next_difference(x_before) > bound
+    assert reference.relative_error(x, x_full) < 1e-2  # an early stop, near the solution
+
+
+@pytest.mark.parametrize(
+    "options,key",
+    [
+        ({"scale": 0.0}, "scale"),
+        ({"scale_step": float("inf")}, "scale_step"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"absolute_tol": 0.0}, "absolute_tol"),
+    ],
+)
+def test_neumann_rejects_invalid_options_naming_the_key(options, key):
+    a, b = _system()
+    with pytest.raises(GifError, match=f"influence.neumann.*{key}"):
+        _solve("neumann", a, b, **options)
