@@ -1,7 +1,12 @@
 """Data sets, triggers and poisoning, removal sets; everything in memory as tensors."""
 
 from gifcli.data.datasets import DataSplits, TensorSplit, load_dataset, stratified_split
-from gifcli.data.removal import class_removal_indices, read_poison_indices, to_split_positions
+from gifcli.data.removal import (
+    class_removal_indices,
+    read_poison_indices,
+    read_removal_indices,
+    to_split_positions,
+)
 from gifcli.data.triggers import Poisoning, apply_trigger, poison_split
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "load_dataset",
     "poison_split",
     "read_poison_indices",
+    "read_removal_indices",
     "stratified_split",
     "to_split_positions",
 ]
