@@ -84,7 +84,7 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
     settings = Settings.from_config(config)
     with distributed.process_group(ctx.device):
         started = time.perf_counter()
-        removal = task.removal_set(ctx.data, device=ctx.device)
+        removal = task.removal_set(ctx.data, device=ctx.device, model=model)
         selection = select(model, removal, settings, device=ctx.device)
         seconds = time.perf_counter() - started
         if distributed.is_main():

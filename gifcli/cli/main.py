@@ -5,7 +5,14 @@ from __future__ import annotations
 import typer
 
 from gifcli import __version__
-from gifcli.cli import evaluate, recover_backdoor, remove_class, select_params, train
+from gifcli.cli import (
+    evaluate,
+    recover_backdoor,
+    remove_class,
+    remove_samples,
+    select_params,
+    train,
+)
 from gifcli.cli.common import EXIT_CODES
 
 app = typer.Typer(
@@ -37,5 +44,5 @@ def main(
     --check failed."""
 
 
-for module in (train, select_params, remove_class, recover_backdoor, evaluate):
+for module in (train, select_params, remove_class, recover_backdoor, remove_samples, evaluate):
     module.register(app)
