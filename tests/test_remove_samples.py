@@ -116,7 +116,9 @@ def test_positions_are_checked_against_the_training_split():
     with pytest.raises(GifError, match="forget: no training sample"):
         RemoveSamples(forget=[])
     with pytest.raises(GifError, match="forget: position 5000 is out of range 0..1293"):
-        RemoveSamples(forget=[5000]).retrain_split(digits_splits())
+        RemoveSamples(forget=[3, 5000]).retrain_split(digits_splits())
+    with pytest.raises(GifError, match="forget: position -2 is out of range"):
+        RemoveSamples(forget=[-2, 3]).retrain_split(digits_splits())
 
 
 # ------------------------------------------------------------------------------ the objective
@@ -313,6 +315,32 @@ def test_retrain_trains_the_oracle_without_the_samples(tmp_path):
     report = run_train(config=config, output=out, retrain=True, force=False)
     assert report["oracle_for"] == RemoveSamples.name
     assert report["train_samples"] == 1294 - 65
+
+
+def test_a_given_step_needs_no_validation_split(runner, tmp_path, tiny_mlp):
+    result = invoke(
+        runner,
+        "remove-samples",
+        DIGITS_SAMPLES,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        "data.val_fraction=0",
+        "update.scale=1.0",
+        f"output.dir={tmp_path}",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["update"]["sweep"] == []
+    result = invoke(
+        runner,
+        "remove-samples",
+        DIGITS_SAMPLES,
+        *FAST,
+        f"checkpoint={tiny_mlp}",
+        "data.val_fraction=0",
+        f"output.dir={tmp_path / 'auto'}",
+    )
+    assert result.exit_code == 1 and "data.val_fraction" in result.output
 
 
 def test_evaluate_and_the_library_use_the_task(runner, tiny_mlp):
