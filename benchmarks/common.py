@@ -28,7 +28,7 @@ import torch
 from gifcli.config import TARGETED_METHODS, Config, load_config
 from gifcli.metrics import scalar_metrics
 from gifcli.runs import run_edit
-from gifcli.tasks import RemoveClass
+from gifcli.tasks import task_type
 from gifcli.train import run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,46 +195,66 @@ def _train_summary(report: dict) -> dict:
 
 class SeedRuns:
     """The unlearning runs of one seed; reuses a run with identical settings and the mask of an
-    earlier run with the same selection (so masked methods share one mask)."""
+    earlier run with the same selection (so masked methods share one mask).
+
+    ``scenario``: config overrides of every run (e.g. the removal set); ``oracle``: the retrain
+    oracle of that scenario.
+    """
 
     def __init__(
-        self, args: argparse.Namespace, seed: int, folder: Path, oracle: Path, task: str, log: Log
+        self,
+        args: argparse.Namespace,
+        seed: int,
+        folder: Path,
+        oracle: Path,
+        task: str,
+        log: Log,
+        scenario: Sequence[str] = (),
     ) -> None:
         self.args, self.seed, self.folder, self.oracle = args, seed, folder, oracle
-        self.task, self.log = task, log
+        self.task, self.log, self.scenario = task, log, list(scenario)
         self.runs: dict[tuple, dict] = {}
         self.masks: dict[tuple, tuple[str, Path]] = {}
         self.before: dict | None = None
         self.oracle_metrics: dict | None = None
         self.total: int | None = None  # trainable parameters of the model
 
-    def run(self, method: str, selection: str | None = None, ratio: float | None = None) -> dict:
-        """One ``run_edit``; ``selection``/``ratio`` default to the config's."""
+    def config(self, extra: Sequence[str] = ()) -> Config:
+        return seed_config(self.args, self.seed, self.folder, [*self.scenario, *extra])
+
+    def run(
+        self,
+        method: str,
+        selection: str | None = None,
+        ratio: float | None = None,
+        options: Sequence[str] = (),
+    ) -> dict:
+        """One ``run_edit``; ``selection``/``ratio`` default to the config's; ``options``: more
+        overrides (e.g. the step objective), which do not change the mask."""
         masked = method in TARGETED_METHODS
-        config = seed_config(self.args, self.seed, self.folder)
+        config = self.config(options)
         selection = selection or config.selection.method
         ratio = config.selection.ratio if ratio is None else ratio
         if not masked:
-            key: tuple = (method,)
+            mask_key: tuple = ()
         elif ratio == 1.0:  # every selection method takes every Linear/Conv2d parameter
-            key = (method, "all", 1.0)
+            mask_key = ("all", 1.0)
         else:
-            key = (method, selection, ratio)
+            mask_key = (selection, ratio)
+        key = (method, *mask_key, *options)
         if key in self.runs:
             return self.runs[key]
-        name = "-".join(str(part) for part in key)
-        config = seed_config(
-            self.args,
-            self.seed,
-            self.folder,
+        name = "-".join(str(part).rpartition("=")[2] for part in key)
+        config = self.config(
             [
+                *options,
                 f"influence.method={method}",
                 f"selection.method={selection}",
                 f"selection.ratio={ratio}",
                 f"output.dir={self.folder / 'runs' / name}",
-            ],
+            ]
         )
-        shared = self.masks.get(key[1:]) if masked else None  # (run name, mask file)
+        shared = self.masks.get(mask_key) if masked else None  # (run name, mask file)
         report = run_edit(
             config=config,
             command=self.task,
@@ -243,25 +263,21 @@ class SeedRuns:
             force=True,
         )
         if masked and shared is None:
-            self.masks[key[1:]] = (name, Path(config.output.dir) / "mask.safetensors")
+            self.masks[mask_key] = (name, Path(config.output.dir) / "mask.safetensors")
         self.before = self.before or scalar_metrics(report["metrics"]["before"])
         self.oracle_metrics = self.oracle_metrics or scalar_metrics(report["metrics"]["oracle"])
         record = summarize(report, mask_from=shared[0] if shared else None)
         self.total = record["total_params"]
         self.runs[key] = record
         self.log(
-            f"seed {self.seed}: {name}: "
+            f"seed {self.seed}: {' '.join([*self.scenario, name])}: "
             + ", ".join(f"{k} {record['metrics'][k]:.1f}" for k in self.headline())
             + f" ({record['seconds']:.1f} s)"
         )
         return record
 
     def headline(self) -> tuple[str, ...]:
-        return (
-            ("forget_acc_test", "retain_acc_test")
-            if self.task == RemoveClass.name
-            else ("clean_acc_test", "asr_test")
-        )
+        return task_type(self.task).metric_keys[:2]
 
 
 def run_benchmark(

@@ -28,6 +28,7 @@ _EXPORTS = {
     "Task": "gifcli.tasks",
     "RemoveClass": "gifcli.tasks",
     "RecoverBackdoor": "gifcli.tasks",
+    "RemoveSamples": "gifcli.tasks",
     "DataSplits": "gifcli.data",
     "TensorSplit": "gifcli.data",
     "GifError": "gifcli.errors",
@@ -46,6 +47,7 @@ __all__ = [
     "Task",
     "RemoveClass",
     "RecoverBackdoor",
+    "RemoveSamples",
     "DataSplits",
     "TensorSplit",
     "GifError",
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from gifcli.errors import GifError, ParameterError
     from gifcli.pipeline import EditResult, Settings, edit
     from gifcli.report import write_outputs
-    from gifcli.tasks import RecoverBackdoor, RemoveClass, Task
+    from gifcli.tasks import RecoverBackdoor, RemoveClass, RemoveSamples, Task
 
 
 def __getattr__(name: str) -> Any:

@@ -43,6 +43,7 @@ MAX_GRID_POINTS = 10_000
 MAX_INT = 2**63 - 1  # what a tensor index or count can hold
 ALIAS_BUDGET = 100_000
 MAX_CONFIG_BYTES = 1 << 20
+SAMPLE_OBJECTIVES = ("ks", "mean-gap")  # remove-samples: see docs/design.md, "Tasks"
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -161,6 +162,19 @@ class DataConfig:
 
 
 @dataclass
+class RandomRemovalConfig:
+    """A random removal set, for experiments: a share of the training split, seeded."""
+
+    fraction: float = _field(0.05, "share of the training split to forget, in (0, 1)")
+    seed: int = _field(0, "seed of the draw (independent of the config seed)")
+
+    def problems(self, prefix: str) -> list[str]:
+        if not 0.0 < self.fraction < 1.0:
+            return [f"{prefix}.fraction: must be in (0, 1), got {self.fraction}"]
+        return []
+
+
+@dataclass
 class RemovalConfig:
     classes: list[int] = _field([3], "remove-class: the classes to forget")
     trigger: TriggerConfig | str | None = _field(
@@ -188,6 +202,24 @@ class RemovalConfig:
         "the paper's code does (512-1,024); m in m/(n - m) stays the whole removal set's size; "
         "null: every point",
     )
+    indices: str | None = _field(
+        None,
+        "remove-samples: file of training indices to forget (.txt one per line, .npy, .json), "
+        "counted from 0 in the data set's training split before the validation split is "
+        "held out",
+    )
+    random: RandomRemovalConfig | None = _field(
+        None, "remove-samples: forget a random {fraction, seed} of the training split instead"
+    )
+    objective: str = _field(
+        "ks",
+        "remove-samples: step objective, " + " | ".join(SAMPLE_OBJECTIVES) + " (see README)",
+    )
+    tolerance: float = _field(
+        1.0,
+        "remove-samples: validation accuracy (points) the step may lose against the "
+        "model before the edit",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.trigger, str):
@@ -214,6 +246,27 @@ class RemovalConfig:
             )
         if self.trigger is not None:
             out += self.trigger.problems("removal.trigger")
+        out += self.sample_problems()
+        return out
+
+    def sample_problems(self) -> list[str]:
+        """The remove-samples keys: one removal set, of one kind."""
+        out = []
+        if self.indices is not None and self.random is not None:
+            out.append(
+                "removal.indices, removal.random: give one removal set; set the other to null"
+            )
+        if (self.indices is not None or self.random is not None) and self.poison_indices:
+            out.append(
+                "removal.poison_indices: a remove-samples config (removal.indices or "
+                "removal.random) cannot also list poisoned samples; set one to null"
+            )
+        if self.random is not None:
+            out += self.random.problems("removal.random")
+        if self.objective not in SAMPLE_OBJECTIVES:
+            out.append(_choice("removal.objective", self.objective, SAMPLE_OBJECTIVES))
+        if self.tolerance < 0:
+            out.append(f"removal.tolerance: must be non-negative, got {self.tolerance}")
         return out
 
 

@@ -7,6 +7,7 @@ Everything is computed with the model in ``eval()`` mode.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,23 +18,65 @@ from gifcli.data import TensorSplit
 EVAL_BATCH = 512
 
 
+def _logits(
+    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """float32 logits [B, K] on CPU and labels [B] of each batch, the model in eval()."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in split.batches(batch_size):
+            yield model(x.to(device)).float().cpu(), y.view(-1, 1).cpu()
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels [N] and the softmax probability of the given label [N], on CPU."""
-    was_training = model.training
-    model.eval()
-    labels, true_probs = [], []
-    for x, y in split.batches(batch_size):
-        logits = model(x.to(device)).float()
-        labels.append(logits.argmax(1).cpu())
-        probs = logits.softmax(1).cpu()
-        true_probs.append(probs.gather(1, y.view(-1, 1)).squeeze(1))
-    model.train(was_training)
-    if not labels:
-        return torch.empty(0, dtype=torch.long), torch.empty(0)
+    labels, true_probs = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+    for logits, y in _logits(model, split, device=device, batch_size=batch_size):
+        labels.append(logits.argmax(1))
+        true_probs.append(logits.softmax(1).gather(1, y).squeeze(1))
     return torch.cat(labels), torch.cat(true_probs)
+
+
+@torch.no_grad()
+def predict_loss(
+    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = EVAL_BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels [N] and the cross-entropy of the given label [N] (nats, float64), on
+    CPU.
+
+    The loss is taken in float64 from the logits, so confident samples keep distinct losses
+    (down to about 1e-15) where their float32 probabilities all round to 1.0.
+    """
+    labels, losses = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.float64)]
+    for logits, y in _logits(model, split, device=device, batch_size=batch_size):
+        labels.append(logits.argmax(1))
+        losses.append(-logits.double().log_softmax(1).gather(1, y).squeeze(1))
+    return torch.cat(labels), torch.cat(losses)
+
+
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic ``sup_x |F_a(x) − F_b(x)|`` of two 1-D samples,
+    in [0, 1] (0: the same empirical distribution); NaN when either is empty."""
+    if a.numel() == 0 or b.numel() == 0:
+        return float("nan")
+    a, b = a.double().flatten().sort().values, b.double().flatten().sort().values
+    points = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, points, right=True).double() / len(a)
+    cdf_b = torch.searchsorted(b, points, right=True).double() / len(b)
+    return float((cdf_a - cdf_b).abs().max())
+
+
+def ks_critical(n: int, m: int, *, alpha: float = 0.05) -> float:
+    """The two-sample KS distance above which samples of sizes ``n`` and ``m`` differ at level
+    ``alpha`` (the asymptotic bound ``sqrt(−ln(α/2) / 2) · sqrt((n + m) / (n m))``; 0.05:
+    ``1.358 · ...``)."""
+    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
 
 
 def percent(hits: torch.Tensor) -> float:
@@ -116,6 +159,32 @@ def remove_class_metrics(
         "f1": harmonic_mean(100 - forget_test, retain_test),
         "mia_efficacy": mia,
         "acc_test": percent(test_pred == test.y),
+        "per_class_acc_test": per_class_accuracy(test_pred, test.y, num_classes),
+    }
+
+
+def remove_samples_metrics(
+    model: nn.Module,
+    *,
+    train: TensorSplit,
+    test: TensorSplit,
+    removed: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict:
+    """The remove-samples metrics, in percent. ``removed``: bool [N] over ``train``, True on
+    the removal set; the membership attack's non-members are the whole test split."""
+    test_pred, test_prob = predict(model, test, device=device)
+    train_pred, train_prob = predict(model, train, device=device)
+    hits = train_pred == train.y
+    return {
+        "forget_acc_train": percent(hits[removed]),
+        "acc_test": percent(test_pred == test.y),
+        "mia_efficacy": mia_efficacy(
+            member=train_prob[~removed], non_member=test_prob, target=train_prob[removed], seed=seed
+        ),
+        "retain_acc_train": percent(hits[~removed]),
         "per_class_acc_test": per_class_accuracy(test_pred, test.y, num_classes),
     }
 

@@ -143,7 +143,7 @@ def edit(
             "hold out a validation split or give a numeric update.scale",
         )
     model = (model if inplace else copy.deepcopy(model)).eval()
-    removal = task.removal_set(data, device=device)
+    removal = task.removal_set(data, device=device, model=model)
     influence = settings.influence
 
     clock = time.perf_counter()

@@ -116,7 +116,8 @@ class CheckpointRecord:
 
 @dataclass
 class EditReport:
-    """The report of one edit (``gif remove-class``, ``gif recover-backdoor``, ``gifcli.edit``)."""
+    """The report of one edit (``gif remove-class``, ``gif recover-backdoor``, ``gif
+    remove-samples``, ``gifcli.edit``)."""
 
     task: str
     method: str

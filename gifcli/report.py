@@ -129,7 +129,7 @@ def plot_sweep(report: dict, path: Path) -> None:
         axis.set_ylabel("validation objective (%)")
     else:
         scales = [p["scale"] for p in sweep]
-        keys = [k for k in sweep[0] if k.endswith("_val")] + ["objective"]
+        keys = [k for k in sweep[0] if k.endswith(("_val", "_train"))] + ["objective"]
         for key in keys:
             axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
         axis.axvline(
@@ -219,7 +219,7 @@ def markdown(report: dict) -> str:
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
     chosen = (
-        "searched on the validation split (best harmonic-mean objective, ties to the "
+        "searched on the validation split (best task objective, ties to the "
         f"smaller step) over {len(update['sweep'])} log-spaced scales"
         if update["sweep"]
         else "given in the config"

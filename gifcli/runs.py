@@ -1,9 +1,10 @@
 """Runs from a config: load the model and data a config names, run the library, write files.
 
 These are the bodies of the commands without their printing: ``run_edit`` (``gif
-remove-class``, ``gif recover-backdoor``), ``run_select`` (``gif select-params``) and
-``run_evaluate`` (``gif evaluate``). Each checks what can be checked before the first
-expensive step: the task the config describes, the output folder, the oracle checkpoint.
+remove-class``, ``gif recover-backdoor``, ``gif remove-samples``), ``run_select`` (``gif
+select-params``) and ``run_evaluate`` (``gif evaluate``). Each checks what can be checked
+before the first expensive step: the task the config describes, the output folder, the oracle
+checkpoint.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
     settings = Settings.from_config(config)
     with distributed.process_group(ctx.device):
         started = time.perf_counter()
-        removal = task.removal_set(ctx.data, device=ctx.device)
+        removal = task.removal_set(ctx.data, device=ctx.device, model=model)
         selection = select(model, removal, settings, device=ctx.device)
         seconds = time.perf_counter() - started
         if distributed.is_main():

@@ -13,10 +13,14 @@ from gifcli.train import run_train
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
 DIGITS_BACKDOOR = ROOT / "configs" / "digits-backdoor.yaml"
+DIGITS_SAMPLES = ROOT / "configs" / "digits-samples.yaml"
+MLP = ["model.arch=mlp", "model.kwargs={hidden: 8}"]
 
 
-def train_checkpoint(config_path: Path, output: Path, *, retrain: bool = False) -> Path:
-    config = load_config(config_path, [f"checkpoint={output}"])
+def train_checkpoint(
+    config_path: Path, output: Path, *, retrain: bool = False, overrides: tuple[str, ...] = ()
+) -> Path:
+    config = load_config(config_path, [f"checkpoint={output}", *overrides])
     run_train(config=config, output=output, retrain=retrain, force=False)
     return output
 
@@ -46,6 +50,23 @@ def digits_oracle(tmp_path_factory) -> Path:
     """The retrain oracle of configs/digits.yaml: trained without class 3."""
     return train_checkpoint(
         DIGITS, tmp_path_factory.mktemp("oracle") / "oracle.safetensors", retrain=True
+    )
+
+
+@pytest.fixture(scope="session")
+def samples_oracle(tmp_path_factory) -> Path:
+    """The retrain oracle of configs/digits-samples.yaml: trained without a random 5%. (Its
+    base model is ``digits_base``: the two configs train alike.)"""
+    return train_checkpoint(
+        DIGITS_SAMPLES, tmp_path_factory.mktemp("samples") / "oracle.safetensors", retrain=True
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(tmp_path_factory) -> Path:
+    """A 682-parameter MLP on digits: small enough for the dense exact solver, fast to edit."""
+    return train_checkpoint(
+        DIGITS, tmp_path_factory.mktemp("mlp") / "mlp.safetensors", overrides=tuple(MLP)
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gifcli.checks import edit_report_schema
-from gifcli.tasks import RecoverBackdoor, RemoveClass
+from gifcli.tasks import RecoverBackdoor, RemoveClass, RemoveSamples
 from tests.conftest import ROOT
 from tests.test_checks import assert_report_matches_schema
 
@@ -57,7 +57,7 @@ def outputs_written(out: Path) -> bool:
     )
 
 
-@pytest.mark.parametrize("name", ["unlearn-class.sh", "repair-backdoor.sh"])
+@pytest.mark.parametrize("name", ["unlearn-class.sh", "repair-backdoor.sh", "forget-samples.sh"])
 def test_scripts_are_executable_bash(name):
     script = SCRIPTS / name
     assert os.access(script, os.X_OK)
@@ -167,3 +167,59 @@ def test_repair_backdoor_trains_gates_and_keeps_artefacts(tmp_path):
         {k: v for k, v in report.items() if k != "checks"},
         edit_report_schema(RecoverBackdoor.metric_keys, oracle=False),
     )
+
+
+@pytest.mark.slow
+def test_forget_samples_trains_gates_against_the_oracle_and_keeps_artefacts(tmp_path):
+    base, oracle, out = (
+        tmp_path / "base.safetensors",
+        tmp_path / "oracle.safetensors",
+        tmp_path / "out",
+    )
+    indices = tmp_path / "deletion request.txt"  # a path with a space, as users name them
+    indices.write_text("".join(f"{i}\n" for i in range(0, 400, 8)))
+    settings = {"BASE": str(base), "ORACLE": str(oracle), "OUT_DIR": str(out)}
+
+    lenient = run_script(
+        "forget-samples.sh",
+        **settings,
+        INDICES=str(indices),
+        MAX_TEST_DROP="100",
+        MAX_RETAIN_DROP="100",
+        MAX_PARAMS_FRACTION="1",
+        MAX_FORGET_GAP="100",
+        MAX_ORACLE_GAP="100",
+    )
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert base.exists() and oracle.exists() and outputs_written(out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == RemoveSamples.name
+    assert report["removal"]["description"].startswith(f"{report['removal']['samples']} training")
+    assert f"listed in {indices}" in report["removal"]["description"]
+    oracle_report = json.loads(oracle.with_suffix(".report.json").read_text())
+    removal = report["removal"]
+    assert oracle_report["train_samples"] == removal["train_samples"] - removal["samples"]
+    assert [c["expression"] for c in report["checks"]] == [
+        "after.acc_test>=before.acc_test-100",
+        "after.retain_acc_train>=before.retain_acc_train-100",
+        "params.fraction<=1",
+        "gap.forget_acc_train<=100",
+        "gap.mean<=100",
+    ]
+    assert all(c["passed"] for c in report["checks"])
+    assert f"artefacts: {out}" in lenient.stdout
+    assert "\x1b[" not in lenient.stdout + lenient.stderr
+    assert_report_matches_schema(
+        {k: v for k, v in report.items() if k != "checks"},
+        edit_report_schema(RemoveSamples.metric_keys, oracle=True),
+    )
+
+    # without INDICES the config's removal set (a random 5%), so an oracle of its own
+    settings["ORACLE"] = str(tmp_path / "oracle-random.safetensors")
+    strict = run_script("forget-samples.sh", **settings, MAX_FORGET_GAP="-1")
+    assert strict.returncode == 3, strict.stdout + strict.stderr
+    assert "reusing base checkpoint" in strict.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert "random 5%" in report["removal"]["description"]
+    assert [c["passed"] for c in report["checks"]][3] is False
+    assert "FAIL" in strict.stderr and "checks failed" in strict.stderr

@@ -18,7 +18,14 @@ def run(runner, *args):
 def test_help_lists_every_command(runner):
     result = run(runner, "--help")
     assert result.exit_code == 0, result.output
-    for command in ("train", "select-params", "remove-class", "recover-backdoor", "evaluate"):
+    for command in (
+        "train",
+        "select-params",
+        "remove-class",
+        "recover-backdoor",
+        "remove-samples",
+        "evaluate",
+    ):
         assert command in result.output
 
 

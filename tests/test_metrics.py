@@ -8,11 +8,15 @@ from gifcli.data import TensorSplit
 from gifcli.metrics import (
     forget_retain,
     harmonic_mean,
+    ks_critical,
+    ks_distance,
     mia_efficacy,
     oracle_gap,
     per_class_accuracy,
     predict,
+    predict_loss,
     remove_class_metrics,
+    remove_samples_metrics,
 )
 
 
@@ -85,3 +89,58 @@ def test_mia_counts_nan_probabilities_as_no_confidence():
     target = torch.full((6,), float("nan"))
     score = mia_efficacy(member=member, non_member=non_member, target=target)
     assert score == 100.0, "no confidence at all looks like a non-member"
+
+
+def test_predict_loss_is_the_cross_entropy_and_keeps_confident_samples_apart():
+    data = split([[2.0, 0.0], [0.0, 0.0], [20.0, 0.0], [30.0, 0.0]], [0, 1, 0, 0])
+    labels, losses = predict_loss(Fixed(), data, device=torch.device("cpu"), batch_size=3)
+    _, probs = predict(Fixed(), data, device=torch.device("cpu"))
+    assert labels.tolist() == [0, 0, 0, 0]
+    logits = data.x[:, 0, 0, :].double()
+    expected = nn.functional.cross_entropy(logits, data.y, reduction="none")
+    assert torch.allclose(losses, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(torch.exp(-losses[:2]).float(), probs[:2])
+    assert probs[2] == probs[3] == 1.0  # float32 softmax cannot tell them apart
+    assert losses[2] > losses[3] > 0  # the loss can
+
+
+def test_ks_distance_equals_scipy_with_and_without_ties():
+    from scipy.stats import ks_2samp
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        (torch.randn(50, generator=generator), torch.randn(80, generator=generator) + 0.3),
+        (
+            torch.randint(0, 5, (40,), generator=generator).float(),
+            torch.randint(0, 7, (30,)).float(),
+        ),
+        (torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])),
+        (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])),
+    ]
+    for a, b in pairs:
+        assert ks_distance(a, b) == pytest.approx(ks_2samp(a.numpy(), b.numpy()).statistic)
+    assert math.isnan(ks_distance(torch.tensor([]), torch.tensor([1.0])))
+
+
+def test_ks_critical_is_the_asymptotic_5_percent_bound():
+    from scipy.special import kolmogi
+
+    for n, m in [(65, 144), (13, 144), (1000, 1000)]:
+        # the one-term bound differs from the exact quantile by about 2e-6 relative
+        expected = kolmogi(0.05) * math.sqrt((n + m) / (n * m))
+        assert ks_critical(n, m) == pytest.approx(expected, rel=1e-5)
+    assert ks_critical(65, 144) == pytest.approx(0.2029, abs=1e-4)
+
+
+def test_remove_samples_metrics_on_a_fixed_model():
+    train = split([[5, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]], [0, 1, 2, 2])
+    test = split([[5, 0, 0], [0, 5, 0], [5, 0, 0]], [0, 1, 2])
+    removed = torch.tensor([False, False, True, True])
+    metrics = remove_samples_metrics(
+        Fixed(), train=train, test=test, removed=removed, num_classes=3, device=torch.device("cpu")
+    )
+    assert metrics["forget_acc_train"] == 50.0 and metrics["retain_acc_train"] == 100.0
+    assert metrics["acc_test"] == pytest.approx(200 / 3)
+    assert metrics["per_class_acc_test"] == [100.0, 100.0, 0.0]
+    assert 0 <= metrics["mia_efficacy"] <= 100
+    assert "f1" not in metrics

@@ -120,20 +120,6 @@ def test_existing_outputs_need_force(runner, removal, digits_base):
     assert (out / "report.json").stat().st_mtime_ns == stamp
 
 
-@pytest.fixture(scope="module")
-def tiny_mlp(tmp_path_factory):
-    """A 682-parameter MLP on digits: small enough for the dense exact solver."""
-    path = tmp_path_factory.mktemp("mlp") / "mlp.safetensors"
-    from gifcli.config import load_config
-    from gifcli.train import run_train
-
-    config = load_config(
-        DIGITS, ["model.arch=mlp", "model.kwargs={hidden: 8}", f"checkpoint={path}"]
-    )
-    run_train(config=config, output=path, retrain=False, force=False)
-    return path
-
-
 FAST = [
     "model.arch=mlp",
     "model.kwargs={hidden: 8}",

@@ -10,6 +10,7 @@ from gifcli.cli import (
     evaluate,
     recover_backdoor,
     remove_class,
+    remove_samples,
     restore_sigint,
     select_params,
     train,
@@ -45,7 +46,15 @@ def main(
     --check failed."""
 
 
-for module in (train, select_params, remove_class, recover_backdoor, evaluate, configs):
+for module in (
+    train,
+    select_params,
+    remove_class,
+    recover_backdoor,
+    remove_samples,
+    evaluate,
+    configs,
+):
     module.register(app)
 
 restore_sigint()  # every command is imported: Ctrl-C is a KeyboardInterrupt again

@@ -43,7 +43,8 @@ def train(
         False,
         "--retrain",
         help="Train the retrain oracle: without "
-        "removal.classes, or with the poisoned labels corrected.",
+        "removal.classes, with the poisoned labels corrected, or without the samples of "
+        "removal.indices / removal.random.",
     ),
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,

@@ -4,6 +4,7 @@ from gifcli.data.datasets import DataSplits, TensorSplit, load_dataset, stratifi
 from gifcli.data.removal import (
     class_removal_indices,
     read_poison_indices,
+    read_removal_indices,
     seeded_subset,
     to_split_positions,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "poison_split",
     "read_poison_indices",
     "seeded_subset",
+    "read_removal_indices",
     "stratified_split",
     "to_split_positions",
 ]

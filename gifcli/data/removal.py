@@ -1,10 +1,12 @@
-"""Removal sets: the samples of the classes to forget, and files of known poisoned samples.
+"""Removal sets: the samples of the classes to forget, and files of training indices.
 
-A poisoned-index file lists indices into the full training set, one format of three:
+An index file (known poisoned samples, or samples to forget) lists indices into the data set's
+full training set, counted from 0 before the validation split is held out, one format of three:
 
-- ``.txt``: one index per line, optionally a second whitespace-separated column with the
-  sample's true label; ``#`` starts a comment, blank lines are skipped.
-- ``.npy``: a 1-D integer array of indices, or an N x 2 array of (index, true label) rows.
+- ``.txt``: one index per line, for poisoned samples optionally a second whitespace-separated
+  column with the sample's true label; ``#`` starts a comment, blank lines are skipped.
+- ``.npy``: a 1-D integer array of indices, or (poisoned samples) an N x 2 array of
+  (index, true label) rows.
 - ``.json``: a list of indices, or ``{"indices": [...], "true_labels": [...]}``.
 
 A file is at most ``MAX_INDEX_FILE_BYTES`` long, and every index and label must fit 64 bits.
@@ -65,11 +67,25 @@ def read_poison_indices(
     ``n_train`` is the size of the training set the indices refer to; ``num_classes``, when
     given, bounds the true labels. Raises GifError naming the file and the line or entry.
     """
+    entries = _read_entries(path, "removal.poison_indices", labels=True)
+    return _check(entries, Path(path), n_train, num_classes)
+
+
+def read_removal_indices(path: str | Path, n_train: int, *, key: str) -> Tensor:
+    """Indices (int64, sorted) of the training samples a file asks to forget: one index per
+    entry, no label column. ``n_train`` is the size of the training set they refer to;
+    ``key`` is the setting that named the file (for messages). Raises GifError naming the
+    file and the line or entry."""
+    indices, _ = _check(_read_entries(path, key, labels=False), Path(path), n_train, None)
+    return indices
+
+
+def _read_entries(path: str | Path, key: str, *, labels: bool) -> list[_Entry]:
+    """The entries of an index file; ``labels``: whether a true-label column is allowed."""
     path = Path(path)
     if not path.is_file():
         raise GifError(
-            f"removal.poison_indices: {path} not found; point it at a .txt, .npy or "
-            f".json file of training indices"
+            f"{key}: {path} not found; point it at a .txt, .npy or .json file of training indices"
         )
     size = path.stat().st_size
     if size > MAX_INDEX_FILE_BYTES:
@@ -79,14 +95,21 @@ def read_poison_indices(
         )
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        entries = _read_txt(path)
+        entries = _read_txt(path, labels=labels)
     elif suffix == ".npy":
         entries = _read_npy(path)
     elif suffix == ".json":
         entries = _read_json(path)
     else:
-        raise GifError(f"removal.poison_indices: {path} is not a .txt, .npy or .json file")
-    return _check(entries, path, n_train, num_classes)
+        raise GifError(f"{key}: {path} is not a .txt, .npy or .json file")
+    if not labels:
+        for where, _, label in entries:
+            if label is not None:
+                raise GifError(
+                    f"{path}: {where}: carries a second value ({label}); list training "
+                    f"indices only, one per entry"
+                )
+    return entries
 
 
 def to_split_positions(indices: Tensor, split_source: Tensor) -> Tensor:
@@ -106,25 +129,23 @@ def to_split_positions(indices: Tensor, split_source: Tensor) -> Tensor:
     return lookup[indices]
 
 
-def _read_txt(path: Path) -> list[_Entry]:
+def _read_txt(path: Path, *, labels: bool) -> list[_Entry]:
     entries = []
     text = _read_text(path)
+    expected = "an index and an optional true label" if labels else "one index per line"
     for number, line in enumerate(text.splitlines(), start=1):
         tokens = line.split("#", 1)[0].split()
         if not tokens:
             continue
         where = f"line {number}"
-        if len(tokens) > 2:
-            raise GifError(
-                f"{path}: {where}: expected an index and an optional true label, "
-                f"got {line.strip()!r}"
-            )
+        if len(tokens) > (2 if labels else 1):
+            raise GifError(f"{path}: {where}: expected {expected}, got {line.strip()!r}")
         try:
             values = [int(token) for token in tokens]
         except ValueError as exc:
             raise GifError(
-                f"{path}: {where}: {line.strip()!r} is not an integer index "
-                f"(and optional integer true label)"
+                f"{path}: {where}: {line.strip()!r} is not an integer index"
+                + (" (and optional integer true label)" if labels else "")
             ) from exc
         entries.append((where, values[0], values[1] if len(values) == 2 else None))
     return entries
@@ -212,7 +233,7 @@ def _check(
     entries: list[_Entry], path: Path, n_train: int, num_classes: int | None
 ) -> tuple[Tensor, Tensor | None]:
     if not entries:
-        raise GifError(f"{path}: lists no indices; give at least one poisoned training index")
+        raise GifError(f"{path}: lists no indices; give at least one training index")
     labelled = entries[0][2] is not None
     first_seen: dict[int, str] = {}
     for where, index, label in entries:
@@ -230,7 +251,7 @@ def _check(
         if index in first_seen:
             raise GifError(
                 f"{path}: {where}: index {index} is repeated (first at "
-                f"{first_seen[index]}); list each poisoned sample once"
+                f"{first_seen[index]}); list each sample once"
             )
         first_seen[index] = where
         if label is not None and (label < 0 or (num_classes is not None and label >= num_classes)):

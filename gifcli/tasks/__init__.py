@@ -3,6 +3,7 @@
 - ``RemoveClass``: forget the training samples of some classes.
 - ``RecoverBackdoor``: remove poisoned samples with their poisoned labels and re-add them with
   their true labels.
+- ``RemoveSamples``: forget arbitrary training samples (a file of indices, or a random share).
 
 Nothing outside this package asks which task it is: it calls the task's methods.
 """
@@ -15,13 +16,16 @@ from gifcli.errors import GifError
 from gifcli.tasks.base import Objective, RemovalSet, Task
 from gifcli.tasks.recover_backdoor import RecoverBackdoor
 from gifcli.tasks.remove_class import RemoveClass
+from gifcli.tasks.remove_samples import RemoveSamples
 
 if TYPE_CHECKING:
     from gifcli.config import Config
     from gifcli.data import DataSplits
 
-TASKS: tuple[type[Task], ...] = (RecoverBackdoor, RemoveClass)
-"""In the order a config is matched against them (the last is the default)."""
+TASKS: tuple[type[Task], ...] = (RemoveSamples, RecoverBackdoor, RemoveClass)
+"""In the order a config is matched against them (the last is the default): a removal set
+named explicitly (``removal.indices``, ``removal.random``) wins over a poison scenario, which
+may only describe the data a deletion request is made on."""
 TASK_NAMES = tuple(task.name for task in TASKS)
 
 
@@ -63,6 +67,7 @@ __all__ = [
     "RecoverBackdoor",
     "RemovalSet",
     "RemoveClass",
+    "RemoveSamples",
     "Task",
     "check_task",
     "described_task",

@@ -72,8 +72,11 @@ class Task(ABC):
         """What is removed, in a few words (``classes [3]``)."""
 
     @abstractmethod
-    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
-        """The removal set and the validation objective on ``data``."""
+    def removal_set(
+        self, data: DataSplits, *, device: torch.device, model: nn.Module
+    ) -> RemovalSet:
+        """The removal set and the validation objective on ``data``; ``model`` is the model
+        as it is before the edit (an objective may be measured against it)."""
 
     @abstractmethod
     def metrics(

@@ -133,7 +133,9 @@ class RecoverBackdoor(Task):
         clean[self.poisoned] = False
         return clean
 
-    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
+    def removal_set(
+        self, data: DataSplits, *, device: torch.device, model: nn.Module
+    ) -> RemovalSet:
         train = data.train
         keep = torch.ones(len(data.val), dtype=torch.bool)
         keep[self.val_poisoned] = False

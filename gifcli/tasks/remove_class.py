@@ -52,7 +52,9 @@ class RemoveClass(Task):
     def description(self) -> str:
         return f"classes {self.classes}"
 
-    def removal_set(self, data: DataSplits, *, device: torch.device) -> RemovalSet:
+    def removal_set(
+        self, data: DataSplits, *, device: torch.device, model: nn.Module
+    ) -> RemovalSet:
         train, val = data.train, data.val
         removed, retained = class_removal_indices(train, self.classes)
 

@@ -10,6 +10,7 @@ from gifcli.data import (
     TensorSplit,
     class_removal_indices,
     read_poison_indices,
+    read_removal_indices,
     seeded_subset,
     to_split_positions,
 )
@@ -151,3 +152,47 @@ def test_seeded_subset_is_sorted_seeded_and_all_when_the_size_reaches_the_count(
     assert not torch.equal(subset, seeded_subset(100, 10, seed=4))
     for size in (None, 100, 1000):
         assert torch.equal(seeded_subset(100, size, seed=3), torch.arange(100))
+
+
+def test_removal_indices_in_every_format(tmp_path):
+    txt, npy, js = tmp_path / "a.txt", tmp_path / "a.npy", tmp_path / "a.json"
+    txt.write_text("# deletion request\n7\n\n  2  # trailing comment\n5\n")
+    np.save(npy, np.array([7, 2, 5], dtype=np.int16))
+    js.write_text(json.dumps({"indices": [7, 2, 5]}))
+    for path in (txt, npy, js):
+        indices = read_removal_indices(path, 8, key="removal.indices")
+        assert indices.tolist() == [2, 5, 7] and indices.dtype == torch.int64, path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1\n2\n9\n", "line 3: index 9 is out of range 0..4"),
+        ("-1\n", "line 1: index -1 is out of range 0..4"),
+        ("3\n\n1\n3\n", r"line 4: index 3 is repeated \(first at line 1\)"),
+        ("1\n1.5\n", "line 2: '1.5' is not an integer index$"),
+        ("1\nfour\n", "line 2: 'four' is not an integer index$"),
+        ("1 2\n", "line 1: expected one index per line, got '1 2'"),
+        ("", "lists no indices"),
+        ("# nothing yet\n\n", "lists no indices"),
+    ],
+    ids=["out-of-range", "negative", "duplicate", "float", "word", "two-columns", "empty", "blank"],
+)
+def test_removal_index_errors_name_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "forget.txt"
+    path.write_text(text)
+    with pytest.raises(GifError, match=message) as info:
+        read_removal_indices(path, 5, key="removal.indices")
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_removal_index_files_take_no_label(tmp_path):
+    pairs, js = tmp_path / "pairs.npy", tmp_path / "a.json"
+    np.save(pairs, np.array([[3, 0], [1, 2]]))
+    js.write_text(json.dumps({"indices": [1], "true_labels": [4]}))
+    with pytest.raises(GifError, match="row 0: carries a second value"):
+        read_removal_indices(pairs, 5, key="removal.indices")
+    with pytest.raises(GifError, match=r"indices\[0\]: carries a second value"):
+        read_removal_indices(js, 5, key="removal.indices")
+    with pytest.raises(GifError, match="^removal.indices: .*missing.txt not found"):
+        read_removal_indices(tmp_path / "missing.txt", 5, key="removal.indices")

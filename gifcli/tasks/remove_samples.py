@@ -1,0 +1,226 @@
+"""``remove-samples``: forget arbitrary training samples (a deletion request, mislabelled data).
+
+The removal set is a file of training indices (``removal.indices``) or a seeded random share
+of the training split (``removal.random``). Success is judged against the retrain oracle, not
+against accuracy 0: a model that never saw a sample still classifies most such samples
+correctly. With no oracle at edit time, the step search asks instead that the removal set
+*look unseen*: that the model's losses on it match its losses on the validation split, which
+it never trained on either, while validation accuracy stays within ``tolerance`` of the
+model's before the edit. See docs/design.md, "Tasks".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from gifcli.config import SAMPLE_OBJECTIVES
+from gifcli.data import DataSplits, TensorSplit, read_removal_indices, to_split_positions
+from gifcli.errors import GifError
+from gifcli.metrics import (
+    ks_critical,
+    ks_distance,
+    percent,
+    predict_loss,
+    remove_samples_metrics,
+)
+from gifcli.tasks.base import RemovalSet, Task
+
+if TYPE_CHECKING:
+    from gifcli.config import Config
+
+
+@dataclass
+class RemoveSamples(Task):
+    """Forget the training samples at positions ``forget`` of the training split.
+
+    ``val_excluded``: positions in the validation split of listed samples that the split held
+    out there; the model never trained on them, and as deleted data they are left out of every
+    validation measurement. ``objective``: the step objective (``ks`` or ``mean-gap``, see
+    ``match``); ``tolerance``: validation accuracy, in points, the step may lose against the
+    model before the edit. ``source``: how the samples were chosen, for the description.
+    """
+
+    forget: torch.Tensor
+    val_excluded: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    objective: str = "ks"
+    tolerance: float = 1.0
+    source: str = "listed samples"
+
+    name: ClassVar[str] = "remove-samples"
+    described_by: ClassVar[str] = "removal.indices or removal.random"
+    metric_keys: ClassVar[tuple[str, ...]] = (
+        "forget_acc_train",
+        "acc_test",
+        "mia_efficacy",
+        "retain_acc_train",
+    )
+
+    def __post_init__(self) -> None:
+        self.forget = torch.as_tensor(self.forget, dtype=torch.long).flatten().sort().values
+        self.val_excluded = torch.as_tensor(self.val_excluded, dtype=torch.long).flatten()
+        if len(self.forget) == 0:
+            raise GifError("forget: no training sample to forget; give at least one position")
+        if bool((self.forget[1:] == self.forget[:-1]).any()):
+            raise GifError("forget: a position is repeated; list each sample once")
+        if self.objective not in SAMPLE_OBJECTIVES:
+            raise GifError(
+                f"objective: {self.objective!r} is not one of {', '.join(SAMPLE_OBJECTIVES)}"
+            )
+        if not self.tolerance >= 0:
+            raise GifError(f"tolerance: must be non-negative, got {self.tolerance}")
+
+    # -------------------------------------------------------------------------- from a config
+
+    @classmethod
+    def describes(cls, config: Config) -> bool:
+        return config.removal.indices is not None or config.removal.random is not None
+
+    @classmethod
+    def from_config(cls, config: Config, data: DataSplits) -> RemoveSamples:
+        removal = config.removal
+        options = {"objective": removal.objective, "tolerance": removal.tolerance}
+        if removal.random is not None:
+            return cls.at_random(
+                len(data.train), removal.random.fraction, seed=removal.random.seed, **options
+            )
+        return cls(**options, **_listed(removal.indices, data))
+
+    @classmethod
+    def at_random(cls, n_train: int, fraction: float, *, seed: int, **options) -> RemoveSamples:
+        """``round(fraction · n_train)`` positions of the training split (at least one), drawn
+        uniformly with ``seed``."""
+        if not 0 < fraction < 1:
+            raise GifError(f"removal.random.fraction: must be in (0, 1), got {fraction}")
+        count = max(1, round(fraction * n_train))
+        generator = torch.Generator().manual_seed(seed)
+        forget = torch.randperm(n_train, generator=generator)[:count]
+        source = f"random {100 * fraction:g}% of the training split (seed {seed})"
+        return cls(forget=forget, source=source, **options)
+
+    # -------------------------------------------------------------------------- the task
+
+    @property
+    def description(self) -> str:
+        text = f"{len(self.forget)} training samples: {self.source}"
+        if len(self.val_excluded):
+            text += f"; {len(self.val_excluded)} listed validation samples left out of it"
+        return text
+
+    def validation(self, data: DataSplits) -> TensorSplit:
+        """The validation split without the listed samples it holds."""
+        keep = torch.ones(len(data.val), dtype=torch.bool)
+        keep[self.val_excluded] = False
+        return data.val.subset(keep)
+
+    def removed_mask(self, data: DataSplits) -> torch.Tensor:
+        """A boolean mask over the training split, True on the removal set."""
+        n = len(data.train)
+        outside = self.forget[(self.forget < 0) | (self.forget >= n)]
+        if len(outside):
+            raise GifError(
+                f"forget: position {int(outside[0])} is out of range 0..{n - 1} (the "
+                f"training split has {n} samples)"
+            )
+        removed = torch.zeros(n, dtype=torch.bool)
+        removed[self.forget] = True
+        return removed
+
+    def match(
+        self, forget_loss: torch.Tensor, val_loss: torch.Tensor, accuracy_gap: float
+    ) -> tuple[float, dict]:
+        """How alike the removal set and the validation split look to the model, 0-100, and
+        its parts for the sweep.
+
+        ``ks``: the Kolmogorov-Smirnov distance between the per-sample losses of the two
+        (unchanged by any monotone transform of the loss, so the same on true-class
+        probabilities), counted only above the distance a two-sample test at the 5% level
+        tolerates for these sizes: ``100 · (1 − max(0, KS − KS_5%))``. Every step that makes
+        the two indistinguishable scores 100 and the smallest of them wins, so an edit stops
+        as soon as the removal set looks unseen (at once, if it already does).
+        ``mean-gap``: 100 minus the mean of the accuracy gap and the mean true-class
+        probability gap, both in points: it matches the two sets' means, however noisy.
+        """
+        if self.objective == "ks":
+            distance = ks_distance(forget_loss, val_loss)
+            excess = max(0.0, distance - ks_critical(len(forget_loss), len(val_loss)))
+            return 100 * (1 - excess), {"ks_val": 100 * distance}
+        confidence_gap = 100 * abs(
+            float(torch.exp(-forget_loss).mean()) - float(torch.exp(-val_loss).mean())
+        )
+        return 100 - (accuracy_gap + confidence_gap) / 2, {"confidence_gap_val": confidence_gap}
+
+    def removal_set(
+        self, data: DataSplits, *, device: torch.device, model: nn.Module
+    ) -> RemovalSet:
+        train = data.train
+        removed = self.removed_mask(data)
+        forget = train.subset(removed)
+        val = self.validation(data)  # empty only with a given step, which needs no objective
+        predicted, _ = predict_loss(model, val, device=device)
+        floor = percent(predicted == val.y) - self.tolerance
+
+        def objective(edited: nn.Module) -> tuple[float, dict]:
+            forget_pred, forget_loss = predict_loss(edited, forget, device=device)
+            val_pred, val_loss = predict_loss(edited, val, device=device)
+            forget_acc, val_acc = percent(forget_pred == forget.y), percent(val_pred == val.y)
+            match, parts = self.match(forget_loss, val_loss, abs(forget_acc - val_acc))
+            # a step that costs more validation accuracy than the tolerance ranks below every
+            # step that does not (the smallest steps are about the unedited model, so one
+            # always qualifies), and the less it costs, the higher
+            shortfall = max(0.0, floor - val_acc)
+            value = match - (100 + shortfall if shortfall > 0 else 0.0)
+            return value, {
+                "match_val": match,
+                **parts,
+                "acc_val": val_acc,
+                "forget_acc_train": forget_acc,
+            }
+
+        return RemovalSet(
+            x=forget.x,
+            y=forget.y,
+            true_y=None,
+            n_train=len(train),
+            retained=train.subset(~removed),
+            objective=objective,
+            description=self.description,
+        )
+
+    def metrics(
+        self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
+    ) -> dict:
+        return remove_samples_metrics(
+            model,
+            train=data.train,
+            test=data.test,
+            removed=self.removed_mask(data),
+            num_classes=data.num_classes,
+            device=device,
+            seed=seed,
+        )
+
+    def retrain_split(self, data: DataSplits) -> TensorSplit:
+        return data.train.subset(~self.removed_mask(data))
+
+
+def _listed(path: str, data: DataSplits) -> dict:
+    """The samples of a ``removal.indices`` file: indices into the data set's full training
+    set (before the validation split), mapped to positions in the training split; those the
+    validation split holds are left out of it."""
+    indices = read_removal_indices(path, len(data.train) + len(data.val), key="removal.indices")
+    positions = to_split_positions(indices, data.train_source)
+    in_train = positions >= 0
+    if not in_train.any():
+        raise GifError(
+            f"{path}: every listed sample is in the validation split, which the model never "
+            f"trained on; check the indices (they count the full training set from 0)"
+        )
+    return {
+        "forget": positions[in_train],
+        "val_excluded": to_split_positions(indices[~in_train], data.val_source),
+        "source": f"listed in {path}",
+    }
