@@ -52,6 +52,7 @@ class RemoveSamples(Task):
 
     name: ClassVar[str] = "remove-samples"
     described_by: ClassVar[str] = "removal.indices or removal.random"
+    headline: ClassVar[tuple[str, ...]] = ("forget_acc_train", "acc_test")
     metric_keys: ClassVar[tuple[str, ...]] = (
         "forget_acc_train",
         "acc_test",
