@@ -143,3 +143,20 @@ def test_evaluate_scores_the_removal_set_the_checkpoint_was_edited_for(
         invoke(runner, "evaluate", DIGITS, "-c", model, "removal.classes=[3]", "--json").stdout
     )
     assert given["removal"] == "classes [3]" and "command line" in given["notes"][0]
+
+
+def test_a_config_of_another_task_is_refused_before_any_work(runner, tmp_path):
+    result = invoke(
+        runner,
+        "remove-class",
+        DIGITS_BACKDOOR,
+        "-o",
+        tmp_path / "out",
+        "--check",
+        "after.forget_acc_test<=100",
+    )
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "describes a recover-backdoor task" in lines[0]
+    assert "gif recover-backdoor" in lines[0]
+    assert not (tmp_path / "out").exists()
