@@ -31,9 +31,12 @@ EPILOG = """Examples:
   gif remove-class configs/digits.yaml --class 3 --class 5 \\
     influence.method=fif -o runs/digits/forget-3-5
 
-  gif remove-class configs/digits.yaml -o runs/digits/checked --quiet \\
-    --check 'after.forget_acc_test<=1' --check 'solver.ok==true' \\
-    --check 'after.retain_acc_test>=before.retain_acc_test-2'
+  gif remove-class configs/digits.yaml \\
+    --oracle runs/digits/oracle.safetensors -o runs/digits/gated \\
+    --check 'after.forget_acc_test<=1' \\
+    --check 'after.retain_acc_test>=before.retain_acc_test-2' \\
+    --check 'gap.mean<=3' --check 'params.fraction<=0.05' \\
+    --check 'solver.ok==true'
 """
 
 

@@ -32,9 +32,6 @@ EPILOG = """Examples:
   gif remove-samples configs/digits-samples.yaml \\
     --indices configs/digits-deletion-request.txt -o runs/digits-samples/request
 
-  gif remove-samples configs/digits-samples.yaml removal.random.fraction=0.1 \\
-    -o runs/digits-samples/random-10 --json
-
   gif remove-samples configs/digits-samples.yaml -o runs/digits-samples/checked \\
     --oracle runs/digits-samples/oracle.safetensors --quiet \\
     --check 'gap.forget_acc_train<=3' --check 'after.acc_test>=before.acc_test-1'
