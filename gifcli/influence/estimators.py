@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from gifcli.config import INFLUENCE_METHODS, TARGETED_METHODS
-from gifcli.errors import GifError
+from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import loss_gradient
 from gifcli.influence.operators import (
     Combination,
@@ -163,12 +163,13 @@ def estimate_update(
     the scope for ``if`` and ``sif``.
     """
     if isinstance(damping, str) and damping != AUTO:
-        raise GifError(f"influence.damping: must be {AUTO!r} or a number >= 0, got {damping!r}")
+        raise ParameterError("damping", f"must be {AUTO!r} or a number >= 0, got {damping!r}")
     if damping == AUTO and method != "first-order":
         if solver != "lsqr":
-            raise GifError(
-                f"influence.damping: 'auto' runs the LSQR regularisation path; set "
-                f"influence.solver to lsqr (got {solver!r}) or give a number"
+            raise ParameterError(
+                "damping",
+                f"'auto' runs the LSQR regularisation path; set "
+                f"influence.solver to lsqr (got {solver!r}) or give a number",
             )
         return estimate_path(
             method=method,
@@ -209,7 +210,7 @@ def estimate_update(
         x, result = solve_system(matvec, rmatvec, b)
         return to_update(x), result
     if removal_operator is None:
-        raise GifError("influence.method: 'sif' needs the removal set's curvature H_U")
+        raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
     if not isinstance(removal_operator, RemovalCurvature):
         removal_operator = RemovalCurvature(removal_operator, removal_operator)
     free_index = _scope(scope_flat, target, method, operator.dim).nonzero().squeeze(1)
@@ -310,9 +311,9 @@ def estimate_path(
     orthonormal (see ``lsqr_path``).
     """
     if method not in PATH_METHODS:
-        raise GifError(
-            f"influence.damping: 'auto' supports the methods {', '.join(PATH_METHODS)}, not "
-            f"{method!r}; give a number"
+        raise ParameterError(
+            "damping",
+            f"'auto' supports the methods {', '.join(PATH_METHODS)}, not {method!r}; give a number",
         )
     _check(method, operator, gradient, target_flat, "lsqr")
     g = gradient.to(operator.device, operator.dtype)
@@ -344,9 +345,10 @@ def _scope(scope_flat: Tensor | None, target: Tensor, method: str, dim: int) -> 
     if method == "pif":
         free = free | target
     if not free.any():
-        raise GifError(
-            "influence.scope: the scope holds no parameter; set influence.scope: all, or use "
-            "a model with nn.Linear / nn.Conv2d layers"
+        raise ParameterError(
+            "scope",
+            "the scope holds no parameter; set influence.scope: all, or use "
+            "a model with nn.Linear / nn.Conv2d layers",
         )
     return free
 
@@ -381,7 +383,7 @@ def _second_order(
     curvature product: one of ``H`` and one of ``H_U`` per ``H_S`` product, and ``H_D Δ₁``.
     """
     if p is None or not 0 < p < 1:
-        raise GifError(f"influence.method: 'sif' needs the removal fraction m/n in (0, 1), got {p}")
+        raise ParameterError("method", f"'sif' needs the removal fraction m/n in (0, 1), got {p}")
     started = time.perf_counter()
     full_risk = Combination([(1 - p, operator), (p, removal.trained)])
     h_s = full_risk.matvec  # symmetric: its own transpose
@@ -406,9 +408,9 @@ def _check(
 ) -> None:
     """Raise on inputs that cannot be estimated from."""
     if method not in METHODS:
-        raise GifError(f"influence.method: unknown {method!r}; use one of {', '.join(METHODS)}")
+        raise ParameterError("method", f"unknown {method!r}; use one of {', '.join(METHODS)}")
     if method != "first-order" and solver not in SOLVERS:
-        raise GifError(f"influence.solver: unknown {solver!r}; use one of {', '.join(SOLVERS)}")
+        raise ParameterError("solver", f"unknown {solver!r}; use one of {', '.join(SOLVERS)}")
     if gradient.shape != (operator.dim,):
         raise ValueError(f"gradient has shape {tuple(gradient.shape)}; expected ({operator.dim},)")
     if target_flat.shape != (operator.dim,) or target_flat.dtype != torch.bool:

@@ -52,7 +52,7 @@ from torch.func import functional_call, grad, jvp, linearize, vjp
 
 from gifcli import distributed
 from gifcli.config import CURVATURES
-from gifcli.errors import GifError
+from gifcli.errors import GifError, ParameterError
 
 HVP_MODES = ("forward-over-reverse", "reverse-over-reverse", "linearize")
 DEFAULT_HVP_MODE = "linearize"
@@ -155,7 +155,7 @@ def _check_sample(x: Tensor, y: Tensor, batch_size: int, what: str) -> None:
     if len(x) == 0:
         raise GifError(f"{what}: the sample is empty; it needs at least one point")
     if batch_size < 1:
-        raise GifError(f"influence.batch_size: must be >= 1, got {batch_size}")
+        raise ParameterError("batch_size", f"must be >= 1, got {batch_size}")
 
 
 def loss_gradient(
@@ -309,7 +309,7 @@ class CurvatureOperator:
         cache_bytes: int = LINEARIZE_CACHE_BYTES,
     ) -> None:
         if curvature not in CURVATURES:
-            raise GifError(f"influence.curvature: unknown {curvature!r}; use one of {CURVATURES}")
+            raise ParameterError("curvature", f"unknown {curvature!r}; use one of {CURVATURES}")
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode: unknown {hvp_mode!r}; use one of {HVP_MODES}")
         _check_sample(x, y, batch_size, "Hessian sample")

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from gifcli.errors import GifError
+from gifcli.errors import GifError, ParameterError
 
 Operator = Callable[[Tensor], Tensor]
 Progress = Callable[[int, float], None]
@@ -150,11 +150,11 @@ def _check_inputs(b: Tensor, damping: float, max_iter: int, tol: float) -> None:
     if not torch.isfinite(b).all():
         raise GifError("removal gradient: contains NaN or Inf; check the checkpoint and data")
     if damping < 0 or not math.isfinite(damping):
-        raise GifError(f"influence.damping: must be a finite number >= 0, got {damping}")
+        raise ParameterError("damping", f"must be a finite number >= 0, got {damping}")
     if max_iter < 1:
-        raise GifError(f"influence.max_iter: must be >= 1, got {max_iter}")
+        raise ParameterError("max_iter", f"must be >= 1, got {max_iter}")
     if tol < 0:
-        raise GifError(f"influence.tol: must be >= 0, got {tol}")
+        raise ParameterError("tol", f"must be >= 0, got {tol}")
 
 
 def _finish(
@@ -462,11 +462,12 @@ def relative_damping(value: float, sigma_max: float) -> float:
     loss scale: ``λ`` scales with ``A``.
     """
     if value < 0 or not math.isfinite(value):
-        raise GifError(f"influence.damping: must be a finite number >= 0, got {value}")
+        raise ParameterError("damping", f"must be a finite number >= 0, got {value}")
     if sigma_max < 0 or not math.isfinite(sigma_max):
-        raise GifError(
-            f"influence.damping: the curvature scale σ_max is {sigma_max}, so a relative damping "
-            f"has no meaning; {_TRY}"
+        raise ParameterError(
+            "damping",
+            f"the curvature scale σ_max is {sigma_max}, so a relative damping "
+            f"has no meaning; {_TRY}",
         )
     return value * sigma_max
 
@@ -787,7 +788,7 @@ def solve(
     solvers. The record carries the absolute ``λ`` (``damping``) and ``sigma_max``.
     """
     if name not in SOLVERS:
-        raise GifError(f"influence.solver: unknown {name!r}; use one of {', '.join(SOLVERS)}")
+        raise ParameterError("solver", f"unknown {name!r}; use one of {', '.join(SOLVERS)}")
     settings = {"max_iter": max_iter, "tol": tol, "progress": progress}
     if not relative:
         return SOLVERS[name](matvec, rmatvec, b, damping=damping, **settings, **options)
@@ -918,13 +919,12 @@ def neumann(
     """
     _check_inputs(b, damping, max_iter, tol)
     if not (_finite(scale, scale_step) and scale > 0 and scale_step > 0):
-        raise GifError("influence.neumann: scale and scale_step must be finite numbers > 0")
+        raise ParameterError("neumann", "scale and scale_step must be finite numbers > 0")
     if max_restarts < 0:
-        raise GifError(f"influence.neumann.max_restarts: must be 0 or more, got {max_restarts}")
+        raise ParameterError("neumann.max_restarts", f"must be 0 or more, got {max_restarts}")
     if absolute_tol is not None and not (_finite(absolute_tol) and absolute_tol > 0):
-        raise GifError(
-            f"influence.neumann.absolute_tol: must be a finite number > 0 or null, got "
-            f"{absolute_tol}"
+        raise ParameterError(
+            "neumann.absolute_tol", f"must be a finite number > 0 or null, got {absolute_tol}"
         )
     started, op = time.perf_counter(), _Counted(matvec, rmatvec)
     atb = op.At(b)
@@ -1023,10 +1023,11 @@ def exact(
     atb = op.At(b)
     n, k = b.numel(), atb.numel()
     if n * k > MAX_DENSE_ENTRIES:
-        raise GifError(
-            f"influence.solver: 'exact' would build a dense {n}x{k} matrix "
+        raise ParameterError(
+            "solver",
+            f"'exact' would build a dense {n}x{k} matrix "
             f"({8 * n * k / 2**30:.1f} GiB, {k} Hessian-vector products); use 'lsqr' for a model "
-            "this size"
+            "this size",
         )
     dense = _dense_matrix(op, k, b, progress)
     if not torch.isfinite(dense).all():

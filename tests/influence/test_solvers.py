@@ -91,9 +91,9 @@ def test_invalid_inputs_raise_gif_errors():
     a, b = _system()
     with pytest.raises(GifError, match="NaN"):
         _solve("lsqr", a, torch.full_like(b, float("nan")))
-    with pytest.raises(GifError, match="influence.damping"):
+    with pytest.raises(GifError, match="^damping: "):
         _solve("cg", a, b, damping=-1.0)
-    with pytest.raises(GifError, match="influence.max_iter"):
+    with pytest.raises(GifError, match="^max_iter: "):
         _solve("neumann", a, b, max_iter=0)
 
 
@@ -370,7 +370,7 @@ def test_sigma_max_estimate_and_relative_damping_checks():
     assert products <= 2 * solvers.SIGMA_STEPS + 1
     assert sigma_max == pytest.approx(float(torch.linalg.matrix_norm(a, 2)), rel=1e-6)
     assert solvers.relative_damping(0.01, 2.0) == pytest.approx(0.02)
-    with pytest.raises(GifError, match="influence.damping"):
+    with pytest.raises(GifError, match="^damping: "):
         solvers.relative_damping(-1.0, 2.0)
     with pytest.raises(GifError, match="σ_max"):
         solvers.relative_damping(0.1, float("nan"))
@@ -415,5 +415,5 @@ def test_neumann_absolute_tolerance_stops_on_the_iterate_difference(reference):
 )
 def test_neumann_rejects_invalid_options_naming_the_key(options, key):
     a, b = _system()
-    with pytest.raises(GifError, match=f"influence.neumann.*{key}"):
+    with pytest.raises(GifError, match=f"^neumann.*{key}"):
         _solve("neumann", a, b, **options)
