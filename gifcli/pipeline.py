@@ -413,13 +413,7 @@ def step_scale(
     """``update.scale``, or the best scale on the validation split (and the sweep)."""
     if update.scale != "auto":
         return float(update.scale), []
-    grid = scale_grid(
-        delta_norm=float(delta.norm()),
-        target_norm=float(theta[target].norm()),
-        points=update.grid_points,
-        smallest=update.grid_min,
-        largest=update.grid_max,
-    )
+    grid = step_grid(delta, float(theta[target].norm()), update)
     with progress("step search", len(grid)) as advance:
         return search_scale(
             model,
@@ -430,6 +424,19 @@ def step_scale(
             objective=removal.objective,
             advance=advance,
         )
+
+
+def step_grid(
+    delta: torch.Tensor, target_norm: float, update: UpdateConfig
+) -> list[tuple[float, float]]:
+    """The (scale, relative step) grid of ``update`` for the update ``delta``."""
+    return scale_grid(
+        delta_norm=float(delta.norm()),
+        target_norm=target_norm,
+        points=update.grid_points,
+        smallest=update.grid_min,
+        largest=update.grid_max,
+    )
 
 
 def damping_and_step(
@@ -449,13 +456,7 @@ def damping_and_step(
         if update.scale != "auto":
             scale = float(update.scale)
             return [(scale, scale * float(delta.norm()) / (target_norm or 1.0))]
-        return scale_grid(
-            delta_norm=float(delta.norm()),
-            target_norm=target_norm,
-            points=update.grid_points,
-            smallest=update.grid_min,
-            largest=update.grid_max,
-        )
+        return step_grid(delta, target_norm, update)
 
     points = 1 if update.scale != "auto" else update.grid_points
     with progress("damping and step search", len(path) * points) as advance:
