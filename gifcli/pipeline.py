@@ -161,11 +161,13 @@ def edit(
     target_norm = float(theta[target].norm())
     if isinstance(estimated, UpdatePath):
         delta, solve, scale, sweep = damping_and_step(
-            model, theta, estimated, target, removal, settings.update, progress
+            model, theta, estimated, target, target_norm, removal, settings.update, progress
         )
     else:
         delta, solve = estimated
-        scale, sweep = step_scale(model, theta, delta, target, removal, settings.update, progress)
+        scale, sweep = step_scale(
+            model, theta, delta, target, target_norm, removal, settings.update, progress
+        )
     _check_finite(delta, solve, influence)
     delta_norm = float(delta.norm())
     timing["sweep_seconds"] = time.perf_counter() - clock
@@ -406,14 +408,16 @@ def step_scale(
     theta: torch.Tensor,
     delta: torch.Tensor,
     target: torch.Tensor,
+    target_norm: float,
     removal: RemovalSet,
     update: UpdateConfig,
     progress: ProgressFactory,
 ) -> tuple[float, list[SweepPoint]]:
-    """``update.scale``, or the best scale on the validation split (and the sweep)."""
+    """``update.scale``, or the best scale on the validation split (and the sweep);
+    ``target_norm`` is ``|θ̂_t|``, the reference of the relative steps."""
     if update.scale != "auto":
         return float(update.scale), []
-    grid = step_grid(delta, float(theta[target].norm()), update)
+    grid = step_grid(delta, target_norm, update)
     with progress("step search", len(grid)) as advance:
         return search_scale(
             model,
@@ -444,13 +448,13 @@ def damping_and_step(
     theta: torch.Tensor,
     path: UpdatePath,
     target: torch.Tensor,
+    target_norm: float,
     removal: RemovalSet,
     update: UpdateConfig,
     progress: ProgressFactory,
 ) -> tuple[torch.Tensor, SolveResult, float, list[SweepPoint]]:
     """``influence.damping: auto``: the damping and the step chosen together on the validation
     split (with a numeric ``update.scale``, the damping alone at that scale)."""
-    target_norm = float(theta[target].norm())
 
     def grid_for(delta: torch.Tensor) -> list[tuple[float, float]]:
         if update.scale != "auto":
