@@ -197,9 +197,10 @@ class RemovalConfig:
         "known poisoned samples",
     )
     gradient_samples: int | None = _field(
-        None,
-        "removal points (a seeded random subsample) the removal gradient is averaged over, as "
-        "the paper's code does (512-1,024); m in m/(n - m) stays the whole removal set's size; "
+        1024,
+        "removal points (a seeded random subsample) the removal gradient and the selection "
+        "statistics are averaged over, as the paper's code does (512-1,024), so that their cost "
+        "does not grow with the data; m in m/(n - m) stays the whole removal set's size; "
         "null: every point",
     )
     indices: str | None = _field(
@@ -324,7 +325,10 @@ class InfluenceConfig:
     method: str = _field("gif", " | ".join(INFLUENCE_METHODS))
     curvature: str = _field("hessian", "hessian | ggn (Gauss-Newton, positive semi-definite)")
     solver: str = _field("lsqr", " | ".join(SOLVERS))
-    hessian_samples: int = _field(1024, "retained training samples in the Hessian sample")
+    hessian_samples: int | str = _field(
+        "auto",
+        "retained training samples in the Hessian sample; auto: sized by influence.budget",
+    )
     batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
     cache_mb: int = _field(
         1024,
@@ -332,7 +336,15 @@ class InfluenceConfig:
         "makes repeated products faster; 0 keeps nothing between products, "
         "so memory is bounded by batch_size alone",
     )
-    max_iter: int = _field(20, "solver iterations at most")
+    max_iter: int | str = _field(
+        "auto", "solver iterations at most; auto: sized by influence.budget"
+    )
+    budget: float = _field(
+        0.6,
+        "auto hessian_samples / max_iter: the edit's work as a fraction of one retraining's "
+        "(train.epochs x retrained samples, in sample passes); the dearest rung of the budget "
+        "ladder (64x3, 128x5, 128x10, 256x10 samples x iterations) that fits is used",
+    )
     tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
     damping: float | str = _field(
         1.0e-2,
@@ -375,9 +387,16 @@ class InfluenceConfig:
         ):
             if getattr(self, key) not in choices:
                 out.append(_choice(f"influence.{key}", getattr(self, key), choices))
-        for key in ("hessian_samples", "batch_size", "max_iter"):
-            if getattr(self, key) < 1:
-                out.append(f"influence.{key}: must be positive, got {getattr(self, key)}")
+        for key in ("hessian_samples", "max_iter"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "auto":
+                out.append(f"influence.{key}: must be 'auto' or a positive integer, got {value!r}")
+            elif isinstance(value, int) and value < 1:
+                out.append(f"influence.{key}: must be positive, got {value}")
+        if self.batch_size < 1:
+            out.append(f"influence.batch_size: must be positive, got {self.batch_size}")
+        if not 0 < self.budget < float("inf"):
+            out.append(f"influence.budget: must be a finite number > 0, got {self.budget}")
         if self.cache_mb < 0:
             out.append(f"influence.cache_mb: must be 0 or more, got {self.cache_mb}")
         if self.tol <= 0:
@@ -428,6 +447,12 @@ class UpdateConfig:
     grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
     grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
     grid_max: float = _field(10.0, "auto: largest step, as |s*delta| / |target params|")
+    search_samples: int | None = _field(
+        512,
+        "auto: samples of each split the step search scores (the validation split; "
+        "remove-samples also the removal set), a seeded subsample, so that the search does not "
+        "grow with the data; null: all",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -441,6 +466,10 @@ class UpdateConfig:
             )
         if not 0 < self.grid_min < self.grid_max:
             out.append("update.grid_min, update.grid_max: need 0 < grid_min < grid_max")
+        if self.search_samples is not None and self.search_samples < 1:
+            out.append(
+                f"update.search_samples: must be positive or null, got {self.search_samples}"
+            )
         return out
 
 

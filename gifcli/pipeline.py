@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -25,22 +26,34 @@ from gifcli.config import (
     Config,
     InfluenceConfig,
     SelectionConfig,
+    TrainConfig,
     UpdateConfig,
+)
+from gifcli.cost import (
+    FORWARD_PASSES,
+    SOLVE_OVERHEAD_HVPS,
+    cost_record,
+    counted_forwards,
+    measure_rates,
+    plan_budget,
+    retrain_record,
 )
 from gifcli.data import DataSplits, TensorSplit
 from gifcli.data.removal import seeded_subset
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
-from gifcli.influence.hvp import CurvatureOperator, flatten_params
+from gifcli.influence.hvp import CurvatureOperator, flatten_params, hvp_mode_for
 from gifcli.influence.operators import removal_curvature
 from gifcli.influence.solvers import SolveResult, damping_grid
 from gifcli.metrics import oracle_gap
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import (
+    BudgetRecord,
     EditReport,
     MetricsRecord,
     ParamsRecord,
     RemovalRecord,
+    RetrainRecord,
     SelectionRecord,
     SolverRecord,
     UpdateRecord,
@@ -67,9 +80,12 @@ class Settings:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
-    gradient_samples: int | None = None
-    """``removal.gradient_samples``: removal points the removal gradient is averaged over
-    (a seeded subsample; None: all)."""
+    gradient_samples: int | None = 1024
+    """``removal.gradient_samples``: removal points the removal gradient and the selection
+    statistics are averaged over (a seeded subsample; None: all)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """How the model was (and a retraining would be) trained: the retraining estimate of the
+    report's ``cost`` and the budget of ``influence.budget`` are taken from it."""
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -79,10 +95,12 @@ class Settings:
             influence=config.influence,
             update=config.update,
             gradient_samples=config.removal.gradient_samples,
+            train=config.train,
         )
 
     def problems(self) -> list[str]:
         problems = self.selection.problems() + self.influence.problems() + self.update.problems()
+        problems += self.train.problems()
         if self.gradient_samples is not None and self.gradient_samples < 1:
             problems.append(
                 f"gradient_samples: must be positive or None, got {self.gradient_samples}"
@@ -108,6 +126,10 @@ class EditResult:
     report: EditReport
 
 
+def _quiet(message: str) -> None:
+    del message
+
+
 def edit(
     model: nn.Module,
     task: Task,
@@ -118,6 +140,7 @@ def edit(
     oracle: nn.Module | None = None,
     progress: ProgressFactory = silent,
     inplace: bool = False,
+    note: Callable[[str], None] = _quiet,
 ) -> EditResult:
     """Make ``model`` forget ``task``'s removal set on ``data``; nothing is written.
 
@@ -130,11 +153,14 @@ def edit(
         oracle: the retrained model, to report its metrics and the gap to it.
         progress: a progress hook (``gifcli.progress``); silent by default.
         inplace: edit ``model`` itself instead of a copy of it.
+        note: hears a one-line warning before the work (an edit predicted to cost more than
+            one retraining).
     """
     settings = settings or Settings()
     _validate(settings)
     started = time.perf_counter()
-    timing: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    passes: dict[str, float] = {}
     device = next(model.parameters()).device
     if settings.update.scale == "auto" and len(data.val) == 0:
         raise ParameterError(
@@ -143,41 +169,87 @@ def edit(
             "hold out a validation split or give a numeric update.scale",
         )
     model = (model if inplace else copy.deepcopy(model)).eval()
-    removal = task.removal_set(data, device=device, model=model)
-    influence = settings.influence
+    removal = task.removal_set(
+        data,
+        device=device,
+        model=model,
+        search_samples=settings.update.search_samples,
+        seed=settings.seed,
+    )
+    seconds["removal_set"] = time.perf_counter() - started
 
     clock = time.perf_counter()
-    selection = target_selection(model, removal, settings, mask=mask, device=device)
+    rates = measure_rates(
+        model,
+        removal.retained,
+        train=settings.train,
+        batch_size=settings.influence.batch_size,
+        device=device,
+    )
+    retrain = retrain_record(
+        epochs=settings.train.epochs, samples=len(task.retrain_split(data)), rates=rates
+    )
+    budget = _plan(settings, removal, retrain, validation=len(data.val), mask=mask)
+    if budget.predicted_ratio > 1:
+        note(
+            f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
+            f"retraining ({budget.predicted_passes:,.0f} of {retrain.passes:,.0f} sample passes) "
+            "and runs anyway; influence.hessian_samples=auto and influence.max_iter=auto size "
+            "it to influence.budget"
+        )
+    settings = replace(
+        settings,
+        influence=replace(
+            settings.influence, hessian_samples=budget.hessian_samples, max_iter=budget.max_iter
+        ),
+    )
+    influence = settings.influence
+    seconds["probe"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    with counted_forwards(model) as forwards:
+        selection = target_selection(model, removal, settings, mask=mask, device=device)
     target = mask_to_flat(model, selection.mask).to(device)
-    timing["selection_seconds"] = time.perf_counter() - clock
+    seconds["selection"] = time.perf_counter() - clock
+    by_gradient = settings.selection.method.endswith("gradients")
+    passes["selection"] = forwards[0] * (1.0 if by_gradient else rates.forward_passes)
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
     estimated = estimate(model, removal, sample, target, settings, progress)
-    timing["solve_seconds"] = time.perf_counter() - clock
+    estimate_seconds = time.perf_counter() - clock
 
     clock = time.perf_counter()
     theta = flatten_params(model)
     target_norm = float(theta[target].norm())
-    if isinstance(estimated, UpdatePath):
-        delta, solve, scale, sweep = damping_and_step(
-            model, theta, estimated, target, target_norm, removal, settings.update, progress
-        )
-    else:
-        delta, solve = estimated
-        scale, sweep = step_scale(
-            model, theta, delta, target, target_norm, removal, settings.update, progress
-        )
+    with counted_forwards(model) as forwards:
+        if isinstance(estimated, UpdatePath):
+            delta, solve, scale, sweep = damping_and_step(
+                model, theta, estimated, target, target_norm, removal, settings.update, progress
+            )
+        else:
+            delta, solve = estimated
+            scale, sweep = step_scale(
+                model, theta, delta, target, target_norm, removal, settings.update, progress
+            )
     _check_finite(delta, solve, influence)
     delta_norm = float(delta.norm())
-    timing["sweep_seconds"] = time.perf_counter() - clock
+    seconds["step_search"] = time.perf_counter() - clock
+    passes["step_search"] = forwards[0] * rates.forward_passes
+    seconds["solve"] = min(solve.seconds, estimate_seconds)
+    seconds["removal_gradient"] = estimate_seconds - seconds["solve"]
+    gradient_samples = min(len(removal.x), settings.gradient_samples or len(removal.x))
+    passes["removal_gradient"] = gradient_samples * (1 if removal.true_y is None else 2)
+    passes["solve"] = seconds["solve"] / rates.gradient if solve.hvps else 0.0
+    hvp_passes = passes["solve"] / (solve.hvps * len(sample)) if solve.hvps else None
 
     clock = time.perf_counter()
     new_theta = updated(theta, delta, target, scale)
     check_finite(new_theta, scale)
-    metrics = measure(task, data, model, new_theta, oracle=oracle, seed=settings.seed)
-    timing["metrics_seconds"] = time.perf_counter() - clock
-    timing["total_seconds"] = time.perf_counter() - started
+    with counted_forwards(model) as forwards:
+        metrics = measure(task, data, model, new_theta, oracle=oracle, seed=settings.seed)
+    seconds["metrics"] = time.perf_counter() - clock
+    passes["metrics"] = forwards[0] * rates.forward_passes
 
     changed = int((new_theta != theta).sum())
     report = EditReport(
@@ -188,7 +260,7 @@ def edit(
             samples=len(removal.x),
             train_samples=removal.n_train,
             hessian_samples=len(sample),
-            gradient_samples=min(len(removal.x), settings.gradient_samples or len(removal.x)),
+            gradient_samples=gradient_samples,
         ),
         selection=SelectionRecord(
             method=settings.selection.method,
@@ -208,7 +280,14 @@ def edit(
             sweep=[point.to_dict() for point in sweep],
         ),
         metrics=metrics,
-        timing=timing,
+        cost=cost_record(
+            seconds=seconds,
+            passes=passes,
+            rates=rates,
+            hvp_passes=hvp_passes,
+            retrain=retrain,
+            budget=budget,
+        ),
     )
     return EditResult(
         model=model,
@@ -220,6 +299,30 @@ def edit(
         solve=solve,
         sweep=sweep,
         report=report,
+    )
+
+
+def _plan(
+    settings: Settings,
+    removal: RemovalSet,
+    retrain: RetrainRecord,
+    *,
+    validation: int,
+    mask: dict[str, torch.Tensor] | None,
+) -> BudgetRecord:
+    """The solve's size under ``influence.budget``, before any of the edit's work."""
+    method = settings.selection.method
+    selects = settings.influence.method in TARGETED_METHODS and mask is None
+    per_sample = 1.0 if method.endswith("gradients") else FORWARD_PASSES
+    averaged = min(len(removal.x), settings.gradient_samples or len(removal.x))
+    selection = averaged * per_sample if selects and method != "random" else 0.0
+    gradient = averaged * (1 if removal.true_y is None else 2)
+    return plan_budget(
+        settings.influence,
+        settings.update,
+        retrain_passes=retrain.passes,
+        fixed_passes=selection + gradient,
+        validation=min(validation, settings.update.search_samples or validation),
     )
 
 
@@ -269,9 +372,10 @@ def _validate(settings: Settings) -> None:
 def select(
     model: nn.Module, removal: RemovalSet, settings: Settings, *, device: torch.device
 ) -> Selection:
-    """The target parameters from this rank's share of the removal set (statistics
-    all-reduced across ranks under torchrun)."""
-    mine = distributed.shard(len(removal.x))
+    """The target parameters from this rank's share of the removal set's ``gradient_samples``
+    subsample (statistics all-reduced across ranks under torchrun)."""
+    averaged = seeded_subset(len(removal.x), settings.gradient_samples, seed=settings.seed)
+    mine = averaged[distributed.shard(len(averaged))]
     chosen = settings.selection
     try:
         return select_targets(
@@ -342,6 +446,7 @@ def estimate(
             y=y,
             batch_size=influence.batch_size,
             curvature=influence.curvature,
+            hvp_mode=hvp_mode_for(_expected_products(influence)),
             cache_bytes=influence.cache_mb << 20,
         )
 
@@ -392,6 +497,14 @@ def estimate(
             )
     except ParameterError as exc:
         raise exc.under(f"influence.{exc.parameter}") from None
+
+
+def _expected_products(influence: InfluenceConfig) -> int:
+    """About how many HVPs the solve takes (``exact`` builds the matrix: many)."""
+    if influence.solver == "exact":
+        return 2**31
+    solves = 2 if influence.method == "sif" else 1
+    return solves * (int(influence.max_iter) + SOLVE_OVERHEAD_HVPS)
 
 
 def _check_finite(delta: torch.Tensor, solve: SolveResult, influence: InfluenceConfig) -> None:

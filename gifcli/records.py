@@ -105,6 +105,52 @@ class MetricsRecord:
 
 
 @dataclass
+class BudgetRecord:
+    """How the solve was sized: ``influence.budget`` (a fraction of one retraining, in sample
+    passes), the Hessian sample and iterations used, whether the budget or the config chose
+    them, and the edit's predicted passes (fixed conversion factors) against those allowed."""
+
+    fraction: float
+    hessian_samples: int
+    max_iter: int
+    chosen_by: str
+    predicted_passes: float
+    allowed_passes: float
+    predicted_ratio: float
+
+
+@dataclass
+class RetrainRecord:
+    """One retraining of the same model, estimated: ``epochs × samples`` sample passes, and
+    the seconds of that many samples at the rate of ``timed_steps`` real training steps."""
+
+    epochs: int
+    samples: int
+    passes: float
+    seconds: float
+    seconds_per_sample: float
+    timed_steps: int
+
+
+@dataclass
+class CostRecord:
+    """What the edit cost. ``seconds`` and ``passes`` per stage (``edit``: every stage but
+    ``metrics``); ``hvp_passes`` and ``forward_passes``: one HVP over a sample and one forward
+    pass of a sample in sample passes, as measured; ``retrain_ratio``: edit seconds over the
+    retraining's, ``passes_ratio``: the same in passes."""
+
+    seconds: dict[str, float]
+    passes: dict[str, float]
+    hvp_passes: float | None
+    forward_passes: float
+    gradient_seconds_per_sample: float
+    retrain: RetrainRecord
+    retrain_ratio: float | None
+    passes_ratio: float | None
+    budget: BudgetRecord
+
+
+@dataclass
 class CheckpointRecord:
     """The input checkpoint and the written model, by path and sha256 (None in memory)."""
 
@@ -127,7 +173,7 @@ class EditReport:
     solver: SolverRecord
     update: UpdateRecord
     metrics: MetricsRecord
-    timing: dict[str, float] = field(default_factory=dict)
+    cost: CostRecord
     checkpoint: CheckpointRecord = field(default_factory=CheckpointRecord)
     checks: list[dict] = field(default_factory=list)
 

@@ -192,7 +192,29 @@ def summary_lines(report: dict) -> list[str]:
     return [
         f"solver {solve_text(report['solver'])}",
         f"step scale {update['scale']:.4g} ({chosen}); {changed_text(report)}",
+        cost_text(report["cost"]),
     ]
+
+
+def cost_text(cost: dict) -> str:
+    """``edit 12.5 s ≈ 0.18× retraining (est. 70.0 s …)``: the edit's cost in one line."""
+    retrain, ratio = cost["retrain"], cost["retrain_ratio"]
+    against = f"≈ {ratio:.2f}× retraining" if ratio is not None else "against no retraining"
+    return (
+        f"edit {cost['seconds']['edit']:.1f} s {against} (est. {retrain['seconds']:.1f} s: "
+        f"{retrain['epochs']} epochs over {retrain['samples']:,} samples)"
+    )
+
+
+def budget_text(budget: dict) -> str:
+    """How the solve was sized, in words."""
+    size = f"{budget['hessian_samples']} Hessian samples × {budget['max_iter']} iterations"
+    if budget["chosen_by"] == "config":
+        return f"solve sized by the config ({size})"
+    return (
+        f"solve sized by influence.budget {budget['fraction']:g} of a retraining ({size}, "
+        f"predicted {budget['predicted_ratio']:.2f}× in sample passes)"
+    )
 
 
 def format_cell(value: object, spec: str = ".2f") -> str:
@@ -236,7 +258,7 @@ def markdown(report: dict) -> str:
         f"{report['selection']['ratio']:g}; {changed_text(report)}",
         f"- step scale: {update['scale']:.4g}, {chosen}; update norm {update['norm']:.4g}",
         _input_line(report["checkpoint"]),
-        f"- time: {report['timing']['total_seconds']:.1f} s",
+        f"- cost: {cost_text(report['cost'])}; {budget_text(report['cost']['budget'])}",
         "",
         "Metrics are percentages on the test split (``*_train`` on the training split); "
         "the step scale never saw the test split.",

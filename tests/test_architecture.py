@@ -23,6 +23,7 @@ LAYERS = {
         "metrics",
         "checks",
         "outputs",
+        "cost",
     },
     2: {"tasks"},
     3: {"pipeline", "context", "report", "train", "runs", "shipped"},

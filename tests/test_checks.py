@@ -203,7 +203,7 @@ def validate(text, schema=None):
         "update.scale<=10",
         "after.per_class_acc_test.3<=1",
         "update.sweep.4.objective>0",
-        "timing.solve_seconds<60",
+        "cost.seconds.solve<60",
         "metrics.before.mia_efficacy<=10",
     ],
 )

@@ -18,7 +18,7 @@ REPORT_KEYS = {
     "solver",
     "update",
     "metrics",
-    "timing",
+    "cost",
     "checkpoint",
 }
 

@@ -16,7 +16,11 @@ rank streams only its shard of the sample and ``reduce_sum`` is an all-reduce
 (``gifcli.distributed``). Memory is per process: one batch's forward and backward passes plus,
 on the default path, the linearisation cache below (its budget counts per rank).
 
-HVP path. Three ``torch.func`` compositions give ``H v`` for one batch:
+HVP path. Four compositions give ``H v`` for one batch:
+
+- double backward (``torch.autograd.grad`` twice, the paper's HVP): the gradient's graph is
+  built and differentiated per product; nothing kept between products, and no ``torch.func``
+  transform, whose first use imports torch's compiler (about 1.5 s of every process);
 
 - ``linearize(grad(L), θ)`` (the default): traced once per batch at the first product, then
   each product replays only the tangent part — the forward and backward passes at ``θ̂`` are
@@ -35,8 +39,10 @@ tables in ``BENCHMARKS.md``, section "Solvers"): a replayed linearised product i
 and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
 saving of some 20 products, so a 20-iteration LSQR solve (43 products) comes out about even
 with forward-over-reverse and longer solves (more iterations, ``neumann``, ``exact``, the two
-solves of ``sif``) gain up to the per-product factor. Hence the default; forward-over-reverse
-is the fallback (cache full, or an operation linearize cannot trace).
+solves of ``sif``) gain up to the per-product factor. ``hvp_mode_for(products)`` therefore
+picks double backward below ``LINEARIZE_MIN_PRODUCTS`` products (the budgeted solves: no
+trace, and no compiler import) and ``linearize`` from there; forward-over-reverse is
+linearize's fallback (cache full, or an operation linearize cannot trace).
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ from gifcli import distributed
 from gifcli.config import CURVATURES
 from gifcli.errors import GifError, ParameterError
 
-HVP_MODES = ("forward-over-reverse", "reverse-over-reverse", "linearize")
+HVP_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse", "linearize")
 DEFAULT_HVP_MODE = "linearize"
+LINEARIZE_MIN_PRODUCTS = 40
+"""Products from which tracing ``linearize`` pays for itself (module docstring)."""
 LINEARIZE_CACHE_BYTES = 1 << 30
 """Default memory budget of the linearisation cache (1 GiB)."""
 KEPT_PER_ACTIVATION_BYTE = 10
@@ -149,6 +157,25 @@ class _FunctionalLoss:
         return torch.tensor(float(n), dtype=self.dtype, device=self.device)
 
 
+def _batch_gradient(
+    loss: _FunctionalLoss, xb: Tensor, yb: Tensor, *, create_graph: bool = False
+) -> tuple[tuple[Tensor, ...], ParamDict]:
+    """``∇θ`` of the batch's summed loss by reverse-mode autograd, one tensor per parameter
+    (a parameter the loss does not reach gets zeros), and the leaf parameters it was taken
+    at (to differentiate again, with ``create_graph``)."""
+    params = {name: p.detach().requires_grad_() for name, p in loss.params.items()}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(
+            loss.loss_sum(params, xb, yb),
+            list(params.values()),
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+    return tuple(
+        torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)
+    ), params
+
+
 def _check_sample(x: Tensor, y: Tensor, batch_size: int, what: str) -> None:
     if len(x) != len(y):
         raise GifError(f"{what}: {len(x)} inputs but {len(y)} labels")
@@ -168,12 +195,11 @@ def loss_gradient(
     """
     _check_sample(x, y, batch_size, "loss gradient")
     loss = _FunctionalLoss(model, loss_scale)
-    grad_fn = grad(loss.loss_sum)
     total = torch.zeros(
         sum(p.numel() for p in loss.params.values()), dtype=loss.dtype, device=loss.device
     )
     for xb, yb in loss.batches(x, y, batch_size):
-        total += flatten(grad_fn(loss.params, xb, yb).values())
+        total += flatten(_batch_gradient(loss, xb, yb)[0])
     return reduce_sum(total) / reduce_sum(loss.count(len(x)))
 
 
@@ -203,6 +229,29 @@ def _load_forward_ad() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
+
+
+def _double_backward(loss: _FunctionalLoss, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
+    grads, params = _batch_gradient(loss, xb, yb, create_graph=True)
+    reached = [(g, v[name]) for name, g in zip(params, grads, strict=True) if g.requires_grad]
+    if not reached:  # the loss is linear in every parameter: no curvature
+        return {name: torch.zeros_like(p) for name, p in params.items()}
+    with torch.enable_grad():
+        products = torch.autograd.grad(
+            [g for g, _ in reached],
+            list(params.values()),
+            grad_outputs=[direction for _, direction in reached],
+            allow_unused=True,
+        )
+    return {
+        name: torch.zeros_like(p) if h is None else h
+        for (name, p), h in zip(params.items(), products, strict=True)
+    }
+
+
+def hvp_mode_for(products: int) -> str:
+    """The fastest HVP path for a solve of about ``products`` products (module docstring)."""
+    return "linearize" if products >= LINEARIZE_MIN_PRODUCTS else "double-backward"
 
 
 def _forward_over_reverse(
@@ -313,10 +362,11 @@ class CurvatureOperator:
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode: unknown {hvp_mode!r}; use one of {HVP_MODES}")
         _check_sample(x, y, batch_size, "Hessian sample")
-        _load_forward_ad()
+        if curvature == "ggn" or hvp_mode != "double-backward":
+            _load_forward_ad()
         self._loss = _FunctionalLoss(model, loss_scale)
         self._loss.params = {name: p.clone() for name, p in self._loss.params.items()}
-        self._grad_fn = grad(self._loss.loss_sum)
+        self._grad_fn = functools.cache(lambda: grad(self._loss.loss_sum))
         self.x, self.y, self.batch_size = x, y, int(batch_size)
         self.curvature, self.hvp_mode, self.cache_bytes = curvature, hvp_mode, int(cache_bytes)
         self.dim = sum(p.numel() for p in self._loss.params.values())
@@ -353,13 +403,15 @@ class CurvatureOperator:
         """``Σ_{i∈batch} ∇²ℓ_i v`` (or its Gauss-Newton part) as a parameter dict."""
         if self.curvature == "ggn":
             return _ggn_product(self._loss, xb, v)
+        if self.hvp_mode == "double-backward":
+            return _double_backward(self._loss, xb, yb, v)
         if self.hvp_mode == "reverse-over-reverse":
-            return _reverse_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
+            return _reverse_over_reverse(self._grad_fn(), self._loss.params, xb, yb, v)
         if self.hvp_mode == "linearize":
             product = self._linearized_product(index, xb, yb, v)
             if product is not None:
                 return product
-        return _forward_over_reverse(self._grad_fn, self._loss.params, xb, yb, v)
+        return _forward_over_reverse(self._grad_fn(), self._loss.params, xb, yb, v)
 
     @property
     def cached_bytes(self) -> int:
@@ -381,7 +433,7 @@ class CurvatureOperator:
                 # linearize's tracing and constant folding (run at the first call) warn about
                 # internals they handle themselves.
                 warnings.simplefilter("ignore")
-                _, tangent_fn = linearize(lambda p: self._grad_fn(p, xb, yb), self._loss.params)
+                _, tangent_fn = linearize(lambda p: self._grad_fn()(p, xb, yb), self._loss.params)
                 product = tangent_fn(v)
         except Exception as error:  # an op without a traceable forward-mode rule
             self.linearize_error = f"{type(error).__name__}: {error}"

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gifcli.data import DataSplits, TensorSplit
+from gifcli.data.removal import seeded_subset
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -43,6 +44,14 @@ class RemovalSet:
     retained: TensorSplit
     objective: Objective
     description: str
+
+
+def searched(split: TensorSplit, samples: int | None, seed: int) -> TensorSplit:
+    """The seeded subsample of ``split`` a step-search objective scores (``update.
+    search_samples``): all of it when ``samples`` is None or at least its size."""
+    if samples is None or samples >= len(split):
+        return split
+    return split.subset(seeded_subset(len(split), samples, seed=seed))
 
 
 class Task(ABC):
@@ -73,10 +82,17 @@ class Task(ABC):
 
     @abstractmethod
     def removal_set(
-        self, data: DataSplits, *, device: torch.device, model: nn.Module
+        self,
+        data: DataSplits,
+        *,
+        device: torch.device,
+        model: nn.Module,
+        search_samples: int | None = None,
+        seed: int = 0,
     ) -> RemovalSet:
         """The removal set and the validation objective on ``data``; ``model`` is the model
-        as it is before the edit (an objective may be measured against it)."""
+        as it is before the edit (an objective may be measured against it). The objective
+        scores at most ``search_samples`` samples of each split it reads (``searched``)."""
 
     @abstractmethod
     def metrics(

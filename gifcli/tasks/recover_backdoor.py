@@ -24,7 +24,7 @@ from gifcli.data import (
 )
 from gifcli.errors import GifError
 from gifcli.metrics import backdoor_metrics, harmonic_mean, percent, predict
-from gifcli.tasks.base import RemovalSet, Task
+from gifcli.tasks.base import RemovalSet, Task, searched
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -134,12 +134,18 @@ class RecoverBackdoor(Task):
         return clean
 
     def removal_set(
-        self, data: DataSplits, *, device: torch.device, model: nn.Module
+        self,
+        data: DataSplits,
+        *,
+        device: torch.device,
+        model: nn.Module,
+        search_samples: int | None = None,
+        seed: int = 0,
     ) -> RemovalSet:
         train = data.train
         keep = torch.ones(len(data.val), dtype=torch.bool)
         keep[self.val_poisoned] = False
-        val = data.val.subset(torch.nonzero(keep).squeeze(1))
+        val = searched(data.val.subset(torch.nonzero(keep).squeeze(1)), search_samples, seed)
         clean = self.clean_mask(len(train))
         if self.synthetic_samples is None:
             x, y, true_y = train.x[self.poisoned], train.y[self.poisoned], self.true_labels

@@ -10,7 +10,7 @@ from torch import nn
 
 from gifcli.data import DataSplits, TensorSplit, class_removal_indices
 from gifcli.metrics import forget_retain, harmonic_mean, predict, remove_class_metrics
-from gifcli.tasks.base import RemovalSet, Task
+from gifcli.tasks.base import RemovalSet, Task, searched
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -53,9 +53,15 @@ class RemoveClass(Task):
         return f"classes {self.classes}"
 
     def removal_set(
-        self, data: DataSplits, *, device: torch.device, model: nn.Module
+        self,
+        data: DataSplits,
+        *,
+        device: torch.device,
+        model: nn.Module,
+        search_samples: int | None = None,
+        seed: int = 0,
     ) -> RemovalSet:
-        train, val = data.train, data.val
+        train, val = data.train, searched(data.val, search_samples, seed)
         removed, retained = class_removal_indices(train, self.classes)
 
         def objective(model: nn.Module) -> tuple[float, dict]:

@@ -27,7 +27,7 @@ from gifcli.metrics import (
     predict_loss,
     remove_samples_metrics,
 )
-from gifcli.tasks.base import RemovalSet, Task
+from gifcli.tasks.base import RemovalSet, Task, searched
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -155,19 +155,27 @@ class RemoveSamples(Task):
         return 100 - (accuracy_gap + confidence_gap) / 2, {"confidence_gap_val": confidence_gap}
 
     def removal_set(
-        self, data: DataSplits, *, device: torch.device, model: nn.Module
+        self,
+        data: DataSplits,
+        *,
+        device: torch.device,
+        model: nn.Module,
+        search_samples: int | None = None,
+        seed: int = 0,
     ) -> RemovalSet:
         train = data.train
         removed = self.removed_mask(data)
         forget = train.subset(removed)
-        val = self.validation(data)  # empty only with a given step, which needs no objective
+        scored = searched(forget, search_samples, seed)
+        # empty only with a given step, which needs no objective
+        val = searched(self.validation(data), search_samples, seed)
         predicted, _ = predict_loss(model, val, device=device)
         floor = percent(predicted == val.y) - self.tolerance
 
         def objective(edited: nn.Module) -> tuple[float, dict]:
-            forget_pred, forget_loss = predict_loss(edited, forget, device=device)
+            forget_pred, forget_loss = predict_loss(edited, scored, device=device)
             val_pred, val_loss = predict_loss(edited, val, device=device)
-            forget_acc, val_acc = percent(forget_pred == forget.y), percent(val_pred == val.y)
+            forget_acc, val_acc = percent(forget_pred == scored.y), percent(val_pred == val.y)
             match, parts = self.match(forget_loss, val_loss, abs(forget_acc - val_acc))
             # a step that costs more validation accuracy than the tolerance ranks below every
             # step that does not (the smallest steps are about the unedited model, so one

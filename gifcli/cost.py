@@ -1,0 +1,226 @@
+"""What an edit costs, against one retraining of the same model: the report's ``cost`` block,
+and the budget that sizes the solve before it runs.
+
+Work is counted in *sample passes*: one forward and backward pass of one sample is 1. A
+Hessian-vector product over a sample and a forward pass of a sample are converted to passes
+by measurement (``Rates``: one gradient, one forward and a few training steps, timed on
+batches of the same data and device before the edit). One retraining is ``train.epochs ×``
+the retrained samples passes, and its seconds are those of the timed training steps scaled to
+that many samples: an estimate from real steps, not a guess.
+
+The budget (``influence.hessian_samples`` / ``max_iter: auto``) works in passes with fixed
+conversion factors, so the same config always gives the same edit. See docs/design.md, "Cost".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
+from gifcli.data import TensorSplit
+from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
+
+BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (128, 10), (256, 10))
+"""(Hessian samples, iterations) from cheapest to dearest: the budget takes the dearest rung
+that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining")."""
+HVP_PASSES = 4.0
+"""Sample passes of one HVP over one sample, for the budget (measured: BENCHMARKS.md)."""
+FORWARD_PASSES = 0.2
+"""Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
+SOLVE_OVERHEAD_HVPS = 3
+"""HVPs an lsqr solve spends besides its iterations (the start and the residual check)."""
+TIMED_TRAINING_STEPS = 3
+
+
+@dataclass
+class Rates:
+    """Seconds per sample on this device: a gradient (forward + backward), a forward pass,
+    and a training step (forward, backward, optimiser) at the config's training batch size."""
+
+    gradient: float
+    forward: float
+    train: float
+
+    @property
+    def forward_passes(self) -> float:
+        return self.forward / self.gradient
+
+
+def _timed(run, repeats: int = 1) -> float:
+    run()  # warm-up: allocations, kernels, lazy initialisation
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - started) / repeats
+
+
+def measure_rates(
+    model: nn.Module,
+    sample: TensorSplit,
+    *,
+    train: TrainConfig,
+    batch_size: int,
+    device: torch.device,
+) -> Rates:
+    """Time one gradient and one forward pass over a batch of ``sample`` (``batch_size``)
+    and ``TIMED_TRAINING_STEPS`` training steps as ``gif train`` takes them (train mode, a
+    batch of ``train.batch_size``, forward, backward and the momentum update, computed into
+    scratch tensors). ``model`` is left exactly as it was: its parameters are not updated and
+    its buffers (BatchNorm statistics) are restored. The optimiser object itself is not used:
+    its first construction imports torch's compiler, seconds that no edit needs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = _batch(sample, batch_size, device)
+    train_x, train_y = _batch(sample, train.batch_size, device)
+    momenta = [torch.zeros_like(p) for p in params]
+
+    def gradient() -> None:
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def training_step() -> None:
+        grads = torch.autograd.grad(F.cross_entropy(model(train_x), train_y), params)
+        with torch.no_grad():
+            for p, g, m in zip(params, grads, momenta, strict=True):
+                m.mul_(train.momentum).add_(g).add_(p, alpha=train.weight_decay)
+                torch.add(p, m, alpha=-train.lr)
+
+    buffers = [b.clone() for b in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        step = _timed(training_step, TIMED_TRAINING_STEPS) / len(train_y)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+    return Rates(
+        gradient=_timed(gradient, 2) / len(y), forward=_timed(forward, 2) / len(y), train=step
+    )
+
+
+def _batch(
+    sample: TensorSplit, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` samples of ``sample`` (repeated when it holds fewer), on ``device``."""
+    rows = torch.arange(max(1, size)) % len(sample)
+    return sample.x[rows].to(device), sample.y[rows].to(device)
+
+
+@contextmanager
+def counted_forwards(model: nn.Module) -> Iterator[list[int]]:
+    """Count the samples ``model``'s forward sees inside the block (``count[0]``)."""
+    count = [0]
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            count[0] += int(args[0].shape[0])
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def plan_budget(
+    influence: InfluenceConfig,
+    update: UpdateConfig,
+    *,
+    retrain_passes: float,
+    fixed_passes: float,
+    validation: int,
+) -> BudgetRecord:
+    """The Hessian sample and iterations of the solve: the config's numbers, or (``auto``) the
+    dearest rung of ``BUDGET_LADDER`` whose predicted passes fit ``influence.budget`` of one
+    retraining (always at least the cheapest rung). ``fixed_passes``: the selection and the
+    removal gradient; ``validation``: samples of the validation split the step search scores."""
+    evaluations = 1 if update.scale != "auto" else update.grid_points
+    if influence.damping == "auto":
+        evaluations *= influence.damping_points
+    fixed = fixed_passes + FORWARD_PASSES * evaluations * validation
+
+    def predicted(samples: int, iterations: int) -> float:
+        if influence.method == "first-order":
+            return fixed
+        return fixed + HVP_PASSES * samples * (iterations + SOLVE_OVERHEAD_HVPS)
+
+    allowed = influence.budget * retrain_passes
+    auto_samples, auto_iterations = BUDGET_LADDER[0]
+    for samples, iterations in BUDGET_LADDER:
+        wanted_samples = samples if influence.hessian_samples == "auto" else 0
+        wanted_iterations = iterations if influence.max_iter == "auto" else 0
+        if (
+            predicted(
+                _given(influence.hessian_samples, wanted_samples),
+                _given(influence.max_iter, wanted_iterations),
+            )
+            > allowed
+            and (samples, iterations) != BUDGET_LADDER[0]
+        ):
+            break
+        auto_samples, auto_iterations = samples, iterations
+    samples = _given(influence.hessian_samples, auto_samples)
+    iterations = _given(influence.max_iter, auto_iterations)
+    auto = "auto" in (influence.hessian_samples, influence.max_iter)
+    return BudgetRecord(
+        fraction=influence.budget,
+        hessian_samples=samples,
+        max_iter=iterations,
+        chosen_by="budget" if auto else "config",
+        predicted_passes=predicted(samples, iterations),
+        allowed_passes=allowed,
+        predicted_ratio=predicted(samples, iterations) / retrain_passes,
+    )
+
+
+def _given(value: int | str, auto: int) -> int:
+    return auto if value == "auto" else int(value)
+
+
+def retrain_record(*, epochs: int, samples: int, rates: Rates) -> RetrainRecord:
+    """One retraining of the model: ``epochs × samples`` passes, seconds from the timed steps."""
+    return RetrainRecord(
+        epochs=epochs,
+        samples=samples,
+        passes=float(epochs * samples),
+        seconds=epochs * samples * rates.train,
+        seconds_per_sample=rates.train,
+        timed_steps=TIMED_TRAINING_STEPS,
+    )
+
+
+def cost_record(
+    *,
+    seconds: dict[str, float],
+    passes: dict[str, float],
+    rates: Rates,
+    hvp_passes: float | None,
+    retrain: RetrainRecord,
+    budget: BudgetRecord,
+) -> CostRecord:
+    """The ``cost`` block: the edit is every stage but ``metrics`` (the evaluation, which a
+    retraining would need as well)."""
+    edit_seconds = sum(v for k, v in seconds.items() if k != "metrics")
+    edit_passes = sum(v for k, v in passes.items() if k != "metrics")
+    return CostRecord(
+        seconds={**seconds, "edit": edit_seconds},
+        passes={**passes, "edit": edit_passes},
+        hvp_passes=hvp_passes,
+        forward_passes=rates.forward_passes,
+        gradient_seconds_per_sample=rates.gradient,
+        retrain=retrain,
+        retrain_ratio=edit_seconds / retrain.seconds if retrain.seconds > 0 else None,
+        passes_ratio=edit_passes / retrain.passes if retrain.passes > 0 else None,
+        budget=budget,
+    )

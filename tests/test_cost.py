@@ -1,0 +1,142 @@
+"""The report's ``cost`` block and the budget that sizes the solve (``gifcli.cost``)."""
+
+import json
+
+import pytest
+import torch
+
+import gifcli
+from gifcli.cli.main import app
+from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
+from gifcli.cost import (
+    BUDGET_LADDER,
+    FORWARD_PASSES,
+    HVP_PASSES,
+    SOLVE_OVERHEAD_HVPS,
+    Rates,
+    cost_record,
+    measure_rates,
+    plan_budget,
+    retrain_record,
+)
+from gifcli.data import TensorSplit
+from tests.conftest import DIGITS
+from tests.test_api import FAST, in_memory
+
+
+def plan(retrain_passes: float, **influence) -> gifcli.records.BudgetRecord:
+    return plan_budget(
+        InfluenceConfig(**influence),
+        UpdateConfig(scale=1.0),  # one evaluation of the validation split
+        retrain_passes=retrain_passes,
+        fixed_passes=100.0,
+        validation=50,
+    )
+
+
+def solve_passes(samples: int, iterations: int) -> float:
+    return HVP_PASSES * samples * (iterations + SOLVE_OVERHEAD_HVPS)
+
+
+def test_budget_takes_the_dearest_rung_that_fits():
+    fixed = 100.0 + FORWARD_PASSES * 50
+    samples, iterations = BUDGET_LADDER[2]
+    needed = fixed + solve_passes(samples, iterations)
+    budget = plan(needed / 0.1 + 1, budget=0.1)
+    assert (budget.hessian_samples, budget.max_iter) == (samples, iterations)
+    assert budget.chosen_by == "budget"
+    assert budget.predicted_passes == pytest.approx(needed)
+    assert budget.predicted_ratio == pytest.approx(needed / (needed / 0.1 + 1))
+    # a hair less and the rung below is taken
+    lower = plan(needed / 0.1 - 1, budget=0.1)
+    assert (lower.hessian_samples, lower.max_iter) == BUDGET_LADDER[1]
+
+
+def test_budget_never_goes_below_the_cheapest_rung_nor_above_the_dearest():
+    assert (plan(1.0).hessian_samples, plan(1.0).max_iter) == BUDGET_LADDER[0]
+    assert (plan(1e12).hessian_samples, plan(1e12).max_iter) == BUDGET_LADDER[-1]
+
+
+def test_numbers_in_the_config_are_honoured():
+    budget = plan(1.0, hessian_samples=333, max_iter=7)
+    assert (budget.hessian_samples, budget.max_iter, budget.chosen_by) == (333, 7, "config")
+    assert budget.predicted_ratio > 1  # and said to cost more than retraining
+    half = plan(1e12, hessian_samples=333)  # iterations still sized by the budget
+    assert (half.hessian_samples, half.max_iter) == (333, BUDGET_LADDER[-1][1])
+
+
+def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
+    rates = Rates(gradient=1e-4, forward=2e-5, train=2e-4)
+    retrain = retrain_record(epochs=10, samples=1000, rates=rates)
+    assert retrain.passes == 10_000 and retrain.seconds == pytest.approx(2.0)
+    cost = cost_record(
+        seconds={"selection": 0.1, "solve": 0.3, "step_search": 0.1, "metrics": 5.0},
+        passes={"selection": 10.0, "solve": 400.0, "metrics": 999.0},
+        rates=rates,
+        hvp_passes=2.0,
+        retrain=retrain,
+        budget=plan(1e6),
+    )
+    assert cost.seconds["edit"] == pytest.approx(0.5)  # evaluation (metrics) excluded
+    assert cost.retrain_ratio == pytest.approx(0.25)
+    assert cost.passes["edit"] == pytest.approx(410.0)
+    assert cost.passes_ratio == pytest.approx(0.041)
+    assert cost.forward_passes == pytest.approx(0.2)
+
+
+def test_measuring_the_rates_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # BatchNorm: buffers a training step would move
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 10),
+    ).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = TensorSplit(torch.randn(40, 1, 8, 8), torch.arange(40) % 10)
+    rates = measure_rates(
+        model, sample, train=TrainConfig(batch_size=16), batch_size=32, device=torch.device("cpu")
+    )
+    assert rates.gradient > 0 and rates.forward > 0 and rates.train > 0
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_edit_reports_its_cost(digits_base):
+    config, model, data = in_memory(digits_base)
+    result = gifcli.edit(
+        model, gifcli.RemoveClass(classes=[3]), data, gifcli.Settings.from_config(config)
+    )
+    cost = result.report.to_dict()["cost"]
+    stages = ("removal_set", "probe", "selection", "removal_gradient", "solve", "step_search")
+    assert set(cost["seconds"]) == {*stages, "metrics", "edit"}
+    assert all(cost["seconds"][k] >= 0 for k in cost["seconds"]) and cost["seconds"]["edit"] > 0
+    assert cost["passes"]["solve"] > 0 and cost["passes"]["removal_gradient"] == 131
+    assert cost["hvp_passes"] > 0 and cost["forward_passes"] > 0
+    retrain = cost["retrain"]
+    assert retrain["samples"] == len(data.train) - 131  # class 3 left out
+    assert retrain["passes"] == config.train.epochs * retrain["samples"]
+    assert cost["retrain_ratio"] == pytest.approx(cost["seconds"]["edit"] / retrain["seconds"])
+    assert (cost["budget"]["hessian_samples"], cost["budget"]["max_iter"]) == (128, 4)
+
+
+def test_a_dear_edit_is_announced_and_runs(digits_base):
+    config, model, data = in_memory(digits_base)
+    heard = []
+    settings = gifcli.Settings.from_config(config)
+    settings.influence.hessian_samples, settings.influence.max_iter = 1024, 60
+    gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings, note=heard.append)
+    assert len(heard) == 1 and "predicted to cost" in heard[0] and "retraining" in heard[0]
+
+
+def test_check_on_the_cost_block(tmp_path, runner, digits_base):
+    out = tmp_path / "out"
+    args = ["remove-class", str(DIGITS), *FAST, f"checkpoint={digits_base}", f"output.dir={out}"]
+    passed = runner.invoke(app, [*args, "--json", "--check", "cost.retrain_ratio<=1000"])
+    assert passed.exit_code == 0, passed.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["checks"][0]["passed"] and report["cost"]["retrain_ratio"] > 0
+    failed = runner.invoke(app, [*args, "--force", "--check", "cost.retrain_ratio<=0"])
+    assert failed.exit_code == 3, failed.output
+    assert "edit" in (out / "report.md").read_text() and "retraining" in failed.output
