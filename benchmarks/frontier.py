@@ -32,7 +32,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits16  # noqa: E402
 from common import (  # noqa: E402
+    FINETUNE_EPOCHS,
     RESULTS,
     ROOT,
     Log,
@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     command_line,
     csv,
     emit,
+    finetuned,
     finish,
     machine,
     mean_std,
@@ -61,7 +62,6 @@ from gifcli.config import load_config  # noqa: E402
 from gifcli.context import prepare  # noqa: E402
 from gifcli.metrics import oracle_gap, scalar_metrics  # noqa: E402
 from gifcli.pipeline import Settings, edit  # noqa: E402
-from gifcli.train import train_model  # noqa: E402
 
 CONFIGS = {
     "remove-class": "configs/digits.yaml",
@@ -85,9 +85,7 @@ FULL_GRID = [
 """(Hessian samples, iterations, damping) on digits."""
 LADDER_GRID = [(s, k, "0.01") for s, k in ((64, 3), (128, 10), (1024, 20))]
 """The same on the larger sizes (GIF's cost does not depend on n: fewer points suffice)."""
-FINETUNE_EPOCHS = (1, 2, 5)
 ASCENT_STEPS = 30
-LR_FRACTION = 0.1
 LARGE_METHODS = ("first-order", "fif")
 """The other estimators beside GIF on digits16 (``pif``/``if`` only on digits)."""
 
@@ -123,6 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "frontier.png")
     add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
     add("--render", action="store_true", help="only render the markdown and plot of --output")
+    add(
+        "--combine",
+        type=Path,
+        nargs="+",
+        help="results files of runs made in parallel (different sizes): write them as one "
+        "--output, then render",
+    )
     parser.set_defaults(merge=False)
     return parser.parse_args(argv)
 
@@ -193,11 +198,7 @@ def finetune_runs(config, model, task, data, oracle_metrics, seed, log) -> list[
     retained = task.retrain_split(data)
     rows = []
     for epochs in FINETUNE_EPOCHS:
-        tuned = copy.deepcopy(model)
-        schedule = replace(config.train, epochs=epochs, lr=config.train.lr * LR_FRACTION)
-        started = time.perf_counter()
-        train_model(tuned, retained, config=schedule, seed=seed, device=torch.device("cpu"))
-        seconds = time.perf_counter() - started
+        tuned, seconds = finetuned(model, retained, config.train, epochs=epochs, seed=seed)
         rows.append(
             {
                 "name": f"fine-tune {epochs} epoch{'s' if epochs > 1 else ''}",
@@ -340,7 +341,7 @@ def markdown(results: dict) -> str:
         "## Cost against retraining",
         "",
         "```",
-        results["command"],
+        *([results["command"]] if isinstance(results["command"], str) else results["command"]),
         "```",
         "",
         "Per task, size and seed, one base model and one retrain oracle (`gif train`'s code, "
@@ -478,7 +479,24 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
+    if args.combine:
+        parts = [json.loads(path.read_text()) for path in args.combine]
+        results = {
+            **parts[0],
+            "command": [
+                command_line("frontier.py", part["command"].split()[2:]) for part in parts
+            ],
+            "runs": [run for part in parts for run in part["runs"]],
+            "wall_seconds": max(part["wall_seconds"] for part in parts),
+            "load_average_1min": {
+                "mean": sum(p["load_average_1min"]["mean"] for p in parts) / len(parts)
+            },
+        }
+        args.output.write_text(json.dumps(results, indent=1) + "\n")
+    elif args.render:
+        results = json.loads(args.output.read_text())
+    else:
+        results = measure(args, argv)
     results["output"] = str(args.output)
     plot(results, args.plot)
     emit(args, markdown(results))

@@ -340,7 +340,7 @@ class InfluenceConfig:
         "auto", "solver iterations at most; auto: sized by influence.budget"
     )
     budget: float = _field(
-        0.6,
+        1.0,
         "auto hessian_samples / max_iter: the edit's work as a fraction of one retraining's "
         "(train.epochs x retrained samples, in sample passes); the dearest rung of the budget "
         "ladder (64x3, 128x5, 128x10, 256x10 samples x iterations) that fits is used",

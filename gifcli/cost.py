@@ -31,11 +31,17 @@ BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (128, 10), (256
 """(Hessian samples, iterations) from cheapest to dearest: the budget takes the dearest rung
 that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining")."""
 HVP_PASSES = 4.0
-"""Sample passes of one HVP over one sample, for the budget (measured: BENCHMARKS.md)."""
+"""Sample passes of one HVP over one sample, for the budget: the double-backward product the
+budgeted solves use, as measured on TinyNet (``cost.hvp_passes`` of its reports)."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
-SOLVE_OVERHEAD_HVPS = 3
-"""HVPs an lsqr solve spends besides its iterations (the start and the residual check)."""
+
+
+def solve_products(iterations: int) -> int:
+    """HVPs of an lsqr solve of ``iterations``: two a step (``A v`` and ``Aᵀ u`` of the
+    system ``H[:, t]``), the start and the final residual check."""
+    return 2 * iterations + 3
+
 TIMED_TRAINING_STEPS = 3
 
 
@@ -153,7 +159,7 @@ def plan_budget(
     def predicted(samples: int, iterations: int) -> float:
         if influence.method == "first-order":
             return fixed
-        return fixed + HVP_PASSES * samples * (iterations + SOLVE_OVERHEAD_HVPS)
+        return fixed + HVP_PASSES * samples * solve_products(iterations)
 
     allowed = influence.budget * retrain_passes
     auto_samples, auto_iterations = BUDGET_LADDER[0]

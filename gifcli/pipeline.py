@@ -31,12 +31,12 @@ from gifcli.config import (
 )
 from gifcli.cost import (
     FORWARD_PASSES,
-    SOLVE_OVERHEAD_HVPS,
     cost_record,
     counted_forwards,
     measure_rates,
     plan_budget,
     retrain_record,
+    solve_products,
 )
 from gifcli.data import DataSplits, TensorSplit
 from gifcli.data.removal import seeded_subset
@@ -504,7 +504,7 @@ def _expected_products(influence: InfluenceConfig) -> int:
     if influence.solver == "exact":
         return 2**31
     solves = 2 if influence.method == "sif" else 1
-    return solves * (int(influence.max_iter) + SOLVE_OVERHEAD_HVPS)
+    return solves * solve_products(int(influence.max_iter))
 
 
 def _check_finite(delta: torch.Tensor, solve: SolveResult, influence: InfluenceConfig) -> None:

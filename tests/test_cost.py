@@ -12,12 +12,12 @@ from gifcli.cost import (
     BUDGET_LADDER,
     FORWARD_PASSES,
     HVP_PASSES,
-    SOLVE_OVERHEAD_HVPS,
     Rates,
     cost_record,
     measure_rates,
     plan_budget,
     retrain_record,
+    solve_products,
 )
 from gifcli.data import TensorSplit
 from tests.conftest import DIGITS
@@ -35,7 +35,7 @@ def plan(retrain_passes: float, **influence) -> gifcli.records.BudgetRecord:
 
 
 def solve_passes(samples: int, iterations: int) -> float:
-    return HVP_PASSES * samples * (iterations + SOLVE_OVERHEAD_HVPS)
+    return HVP_PASSES * samples * solve_products(iterations)
 
 
 def test_budget_takes_the_dearest_rung_that_fits():
