@@ -25,9 +25,10 @@ from torch.nn import functional as F
 
 from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
 from gifcli.data import TensorSplit
+from gifcli.errors import GifError
 from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
 
-BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (128, 10), (256, 10))
+BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (256, 10), (512, 10), (1024, 20))
 """(Hessian samples, iterations) from cheapest to dearest: the budget takes the dearest rung
 that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining")."""
 HVP_PASSES = 4.0
@@ -81,6 +82,11 @@ def measure_rates(
     scratch tensors). ``model`` is left exactly as it was: its parameters are not updated and
     its buffers (BatchNorm statistics) are restored. The optimiser object itself is not used:
     its first construction imports torch's compiler, seconds that no edit needs."""
+    if len(sample) == 0:
+        raise GifError(
+            "removal: no retained training sample is left to measure on or to take the "
+            "Hessian sample from; remove fewer samples"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     x, y = _batch(sample, batch_size, device)
     train_x, train_y = _batch(sample, train.batch_size, device)
