@@ -16,19 +16,27 @@ Run as one process, nothing here does anything: every helper answers "rank 0 of 
 
 Every rank reads the same config and data and validates them identically before its first
 collective, so an input error stops every rank at the same point with the same message.
+
+torch is imported only to join a group (``init``) and to build a shard. Before torch is
+imported no group can exist, so until then every answer comes from the environment: the CLI
+asks which rank it is as each command starts, and ``gif --help`` or ``gif configs`` never load
+torch.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 _joined = False
 """True while this module's ``init`` holds the process group (a caller's own is left alone)."""
@@ -40,6 +48,11 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip().isdigit() else default
 
 
+def _dist() -> ModuleType | None:
+    """``torch.distributed`` if something imported it, else None (then no group exists)."""
+    return sys.modules.get("torch.distributed")
+
+
 def launched() -> bool:
     """True when ``torchrun`` (or an equivalent launcher) started more than one process."""
     return _env_int("WORLD_SIZE", 1) > 1
@@ -47,17 +60,23 @@ def launched() -> bool:
 
 def active() -> bool:
     """True once this process has joined a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _dist()
+    return (
+        dist is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
 
 
 def world_size() -> int:
     """Number of processes sharing the work (1 without ``torchrun``)."""
-    return dist.get_world_size() if active() else _env_int("WORLD_SIZE", 1)
+    return _dist().get_world_size() if active() else _env_int("WORLD_SIZE", 1)
 
 
 def rank() -> int:
     """This process's rank, 0 to ``world_size() - 1``."""
-    return dist.get_rank() if active() else _env_int("RANK", 0)
+    return _dist().get_rank() if active() else _env_int("RANK", 0)
 
 
 def local_rank() -> int:
@@ -80,6 +99,9 @@ def init(device: torch.device) -> None:
     global _joined
     if not launched() or active():
         return
+    import torch
+    import torch.distributed as dist
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -110,8 +132,8 @@ def finish() -> None:
     Only for paths every rank takes: on a rank that stopped on its own, the barrier would wait
     for ranks still computing.
     """
-    if _joined and active():
-        dist.barrier()
+    if _joined:
+        barrier()
     destroy()
 
 
@@ -124,16 +146,16 @@ def destroy() -> None:
     released lets the workers finish first.
     """
     global _joined
-    if _joined and dist.is_initialized():
+    if _joined and _dist().is_initialized():
         time.sleep(_SETTLE_SECONDS)
-        dist.destroy_process_group()
+        _dist().destroy_process_group()
     _joined = False
 
 
 def barrier() -> None:
     """Wait until every rank gets here (a no-op for one process)."""
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -144,6 +166,7 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     """
     if not active():
         return tensor
+    dist = _dist()
     total = tensor.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
@@ -157,6 +180,8 @@ def shard(count: int) -> Tensor:
     ranks every rank takes all of them: the engine reduces sums and counts together before
     dividing, so a replicated sample gives the same mean, and no rank is left empty.
     """
+    import torch
+
     world = world_size()
     if world == 1 or count < world:
         return torch.arange(count)

@@ -2,13 +2,18 @@
 traceback, nothing written; usage errors exit 2."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import typer
 
 from gifcli.checkpoint import load_state_dict, read_metadata, sha256_file
 from gifcli.cli.main import app
-from tests.conftest import DIGITS, DIGITS_BACKDOOR
+from gifcli.tasks import TASKS
+from tests.conftest import DIGITS, DIGITS_BACKDOOR, ROOT
 
 
 def run(runner, *args):
@@ -27,6 +32,48 @@ def test_help_lists_every_command(runner):
         "evaluate",
     ):
         assert command in result.output
+
+
+def test_each_task_has_the_command_of_its_name():
+    commands = typer.main.get_command(app).commands
+    for task in TASKS:
+        assert task.name in commands, f"no command `gif {task.name}`"
+
+
+LIGHT_INVOCATIONS = """
+import json, sys
+
+import typer
+from typer.testing import CliRunner
+
+from gifcli.cli.main import app
+
+HEAVY = ("torch", "sklearn", "matplotlib", "torchvision")
+invocations = [["--help"], ["--version"], ["configs"], ["init", "digits", "-o", sys.argv[1]]]
+invocations += [[name, "--help"] for name in typer.main.get_command(app).commands]
+loaded = {}
+for args in invocations:
+    result = CliRunner().invoke(app, args, prog_name="gif")
+    assert result.exit_code == 0, (args, result.output)
+    loaded[" ".join(args[:2])] = [name for name in HEAVY if name in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def test_help_version_configs_and_init_do_not_import_torch(tmp_path):
+    """In a fresh interpreter: rendering the help of gif and of every command, --version,
+    `gif configs` and `gif init` import none of torch, scikit-learn, matplotlib, torchvision."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT_INVOCATIONS, str(tmp_path / "digits.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"},
+    )
+    loaded = json.loads(done.stdout)
+    assert len(loaded) == 4 + len(typer.main.get_command(app).commands)
+    assert {args: heavy for args, heavy in loaded.items() if heavy} == {}
 
 
 def test_train_reaches_90_percent_on_digits(runner, tmp_path):

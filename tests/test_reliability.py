@@ -400,7 +400,7 @@ def test_an_unforeseen_exception_is_one_line_and_gif_debug_shows_it(base, monkey
     def broken(**kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr("gifcli.cli.evaluate.run_evaluate", broken)
+    monkeypatch.setattr("gifcli.runs.run_evaluate", broken)  # imported by the command as it runs
     result = invoke(*evaluate(base))
     assert result.exit_code == 1
     assert result.output == (

@@ -1,8 +1,9 @@
 """The ``gif`` command line: one module per command, each a thin layer over the core.
 
-Importing the commands takes seconds (torch); a Ctrl-C meanwhile ends the process with one line
-instead of a traceback from inside an import. ``gifcli.cli.main`` hands SIGINT back to Python
-once every command is imported.
+A Ctrl-C while the commands are imported (Typer and Rich: a few tenths of a second) ends the
+process with one line instead of a traceback from inside an import. ``gifcli.cli.main`` hands
+SIGINT back to Python once every command is imported; a command imports torch only when it
+runs, where its own handler turns a Ctrl-C into one line too.
 """
 
 import os

@@ -1,4 +1,10 @@
-"""What every command shares: stderr console, error handling, config arguments, progress."""
+"""What every command shares: stderr console, error handling, config arguments, progress.
+
+The command modules import the engine (torch and everything built on it) inside the functions
+that run it, once the config is read, never at the top: ``gif --help``, ``gif COMMAND --help``,
+``gif --version``, ``gif configs`` and ``gif init`` then start without torch (tests/test_cli.py
+checks it), and a config error is reported before torch is loaded.
+"""
 
 from __future__ import annotations
 
@@ -30,9 +36,6 @@ from gifcli.cli.failures import unexpected_error_line
 from gifcli.config import Config, load_config
 from gifcli.errors import GifError, UsageError
 from gifcli.records import format_value
-from gifcli.report import metrics_rows, summary_lines
-from gifcli.runs import run_edit as run_edit_command
-from gifcli.tasks import task_type
 
 # Rich prints plain text without escape codes when stderr is not a terminal, and honours
 # NO_COLOR and FORCE_COLOR. Under torchrun only rank 0 prints (``speak_for_rank``); the other
@@ -195,6 +198,8 @@ def progress_factory(enabled: bool) -> Callable[[str, int | None], Any]:
 
 def print_edit_report(report: dict) -> None:
     """The before/after(/oracle/gap) table of an edit, and where its outputs are."""
+    from gifcli.report import metrics_rows, summary_lines
+
     header, rows = metrics_rows(report["metrics"])
     table = Table(title=f"gif {report['task']} ({report['method']})")
     for i, name in enumerate(header):
@@ -276,6 +281,9 @@ def run_edit(
 ) -> None:
     """The shared body of the edit commands: validate the checks, run the edit, print the
     report, and exit by the checks' verdict."""
+    from gifcli.runs import run_edit as run_edit_command
+    from gifcli.tasks import task_type
+
     schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
     gates = parse_check_options(checks, schema)
     report = run_edit_command(

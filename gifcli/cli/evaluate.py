@@ -22,8 +22,6 @@ from gifcli.cli.common import (
     print_json,
     read_config,
 )
-from gifcli.runs import run_evaluate
-from gifcli.tasks import described_task
 
 EPILOG = """Examples:
 
@@ -52,6 +50,9 @@ def evaluate(
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
+    from gifcli.runs import run_evaluate
+    from gifcli.tasks import described_task
+
     gates = parse_check_options(checks, evaluate_report_schema(described_task(cfg).metric_keys))
     report = run_evaluate(
         config=cfg,

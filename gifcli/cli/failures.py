@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 
-import torch.distributed as dist
-
 from gifcli import distributed
 
 
@@ -33,6 +31,8 @@ def _peer_lost(exc: BaseException) -> str | None:
     """Under torchrun, a collective fails on every rank once one rank has stopped."""
     if not distributed.launched():
         return None
+    import torch.distributed as dist
+
     closed = "Connection closed by peer"
     if closed in str(exc):
         return f"another rank stopped ({closed}); its own message says why"

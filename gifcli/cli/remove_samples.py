@@ -22,7 +22,6 @@ from gifcli.cli.common import (
     read_config,
     run_edit,
 )
-from gifcli.tasks import RemoveSamples
 
 EPILOG = """Examples:
 
@@ -69,6 +68,8 @@ def remove_samples(
         [f"removal.indices={json.dumps(str(indices))}", "removal.random=null"] if indices else []
     )
     cfg = read_config(config, [*(overrides or []), *extra], output_dir=output_dir)
+    from gifcli.tasks import RemoveSamples
+
     run_edit(
         task=RemoveSamples.name,
         config=cfg,
@@ -82,4 +83,5 @@ def remove_samples(
 
 
 def register(app: typer.Typer) -> None:
-    app.command(RemoveSamples.name, epilog=f"{EPILOG}\n{EXIT_CODES}")(remove_samples)
+    # named after the function, `remove-samples`: the task's name (tests/test_cli.py checks it)
+    app.command(epilog=f"{EPILOG}\n{EXIT_CODES}")(remove_samples)

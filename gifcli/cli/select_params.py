@@ -17,7 +17,6 @@ from gifcli.cli.common import (
     print_json,
     read_config,
 )
-from gifcli.runs import run_select
 
 EPILOG = """Examples:
 
@@ -40,6 +39,8 @@ def select_params(
 ) -> None:
     """Select the target parameters from the removal set's statistics and save the mask."""
     cfg = read_config(config, overrides)
+    from gifcli.runs import run_select
+
     report = run_select(config=cfg, output=output, force=force)
     if json_output:
         print_json(report)

@@ -19,7 +19,6 @@ from gifcli.cli.common import (
     progress_factory,
     read_config,
 )
-from gifcli.train import run_train
 
 EPILOG = """Examples:
 
@@ -52,6 +51,8 @@ def train(
 ) -> None:
     """Train model.arch on the config's data set and write a safetensors checkpoint."""
     cfg = read_config(config, overrides)
+    from gifcli.train import run_train
+
     report = run_train(
         config=cfg,
         output=output,
