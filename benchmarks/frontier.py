@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
     add("--render", action="store_true", help="only render the markdown and plot of --output")
     add(
+        "--grid",
+        type=csv(),
+        help="only these GIF rungs (e.g. 512x10,512x20) and the default, no baselines: to add "
+        "points to an earlier run (then --combine both; later files win)",
+    )
+    add(
         "--combine",
         type=Path,
         nargs="+",
@@ -154,6 +160,8 @@ def quality(task, model, data, oracle_metrics: dict, seed: int) -> dict:
 
 def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log) -> list[dict]:
     grid = FULL_GRID if size == "digits" else LADDER_GRID
+    if args.grid:
+        grid = [(*map(int, rung.split("x")), "0.01") for rung in args.grid]
     variants = [("gif (default budget)", "gif", [])]
     variants += [
         (
@@ -168,6 +176,7 @@ def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log)
         for s, k, damping in grid
     ]
     others = ("first-order", "fif", "pif", "if") if size == "digits" else LARGE_METHODS
+    others = () if args.grid else others
     variants += [(method, method, []) for method in others]
     rows = []
     for name, method, extra in variants:
@@ -265,10 +274,11 @@ def measure_one(args, task_name: str, size: str, seed: int, work: Path, log: Log
     oracle = ctx.load_model(folder / "oracle.safetensors", role="oracle")
     oracle_metrics = task.metrics(oracle, ctx.data, device=ctx.device, seed=seed)
     rows = gif_runs(args, CONFIGS[task_name], overrides, size, model, task, ctx.data, oracle, log)
-    rows += finetune_runs(config, model, task, ctx.data, oracle_metrics, seed, log)
-    rows.append(ascent_run(config, model, task, ctx.data, oracle_metrics, seed, log))
+    if not args.grid:
+        rows += finetune_runs(config, model, task, ctx.data, oracle_metrics, seed, log)
+        rows.append(ascent_run(config, model, task, ctx.data, oracle_metrics, seed, log))
     retrain_passes = float(config.train.epochs * oracle_report["train_samples"])
-    rows.append(
+    rows.append(  # an added-points run repeats the oracle; --combine keeps one
         {
             "name": "retrain (oracle)",
             "family": "retrain",
@@ -318,6 +328,22 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 
 # --------------------------------------------------------------------------- reporting
+
+
+def combined_runs(parts: list[dict]) -> list[dict]:
+    """The runs of several results files, one per (task, size, seed); a row of a later file
+    replaces the row of the same name of an earlier one."""
+    runs: dict[tuple, dict] = {}
+    for part in parts:
+        for run in part["runs"]:
+            key = (run["task"], run["size"], run["seed"])
+            if key not in runs:
+                runs[key] = {**run, "rows": list(run["rows"])}
+                continue
+            rows = {row["name"]: row for row in runs[key]["rows"]}
+            rows.update({row["name"]: row for row in run["rows"]})
+            runs[key]["rows"] = list(rows.values())
+    return list(runs.values())
 
 
 def grouped(results: dict) -> dict[tuple[str, str], dict[str, list[dict]]]:
@@ -483,10 +509,8 @@ def main(argv: list[str] | None = None) -> None:
         parts = [json.loads(path.read_text()) for path in args.combine]
         results = {
             **parts[0],
-            "command": [
-                command_line("frontier.py", part["command"].split()[2:]) for part in parts
-            ],
-            "runs": [run for part in parts for run in part["runs"]],
+            "command": [command_line("frontier.py", part["command"].split()[2:]) for part in parts],
+            "runs": combined_runs(parts),
             "wall_seconds": max(part["wall_seconds"] for part in parts),
             "load_average_1min": {
                 "mean": sum(p["load_average_1min"]["mean"] for p in parts) / len(parts)

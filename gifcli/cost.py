@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ def solve_products(iterations: int) -> int:
     """HVPs of an lsqr solve of ``iterations``: two a step (``A v`` and ``Aᵀ u`` of the
     system ``H[:, t]``), the start and the final residual check."""
     return 2 * iterations + 3
+
 
 TIMED_TRAINING_STEPS = 3
 
@@ -235,4 +236,15 @@ def cost_record(
         retrain_ratio=edit_seconds / retrain.seconds if retrain.seconds > 0 else None,
         passes_ratio=edit_passes / retrain.passes if retrain.passes > 0 else None,
         budget=budget,
+    )
+
+
+def with_load(cost: CostRecord, seconds: float) -> CostRecord:
+    """``cost`` with the seconds of loading the model and data (a run from a config) counted
+    in the edit, and the ratio to retraining updated."""
+    edit_seconds = cost.seconds["edit"] + seconds
+    return replace(
+        cost,
+        seconds={"load": seconds, **cost.seconds, "edit": edit_seconds},
+        retrain_ratio=edit_seconds / cost.retrain.seconds if cost.retrain.seconds > 0 else None,
     )

@@ -19,6 +19,7 @@ from gifcli.checkpoint import recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
+from gifcli.cost import with_load
 from gifcli.outputs import check_output_file, claim_output_dir
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
@@ -50,7 +51,9 @@ def run_edit(
         else nullcontext()
     )
     with claim:
-        return _edit_from_config(config, task_type, mask_path, oracle, force, progress, checks)
+        return _edit_from_config(
+            config, task_type, mask_path, oracle, force, progress, checks, note
+        )
 
 
 def _edit_from_config(
@@ -61,13 +64,16 @@ def _edit_from_config(
     force: bool,
     progress: ProgressFactory,
     checks: Sequence[Check],
+    note: Callable[[str], None],
 ) -> dict:
+    started = time.perf_counter()
     ctx = prepare(config)
     task = task_type.from_config(config, ctx.data)
     model = ctx.load_model()
     oracle_model = ctx.load_model(oracle, role="oracle") if oracle is not None else None
     mask = load_mask(mask_path, model) if mask_path is not None else None
     input_sha = sha256_file(config.checkpoint)
+    load_seconds = time.perf_counter() - started
     with distributed.process_group(ctx.device):
         result = edit(
             model,
@@ -78,7 +84,9 @@ def _edit_from_config(
             oracle=oracle_model,
             progress=progress,
             inplace=True,
+            note=note,
         )
+        result.report.cost = with_load(result.report.cost, load_seconds)
         result.report.selection.mask = str(mask_path) if mask_path else None
         result.report.checkpoint = CheckpointRecord(
             input=str(config.checkpoint),
