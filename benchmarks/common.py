@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 
 from gifcli.config import TARGETED_METHODS, Config, TrainConfig, load_config
 from gifcli.metrics import scalar_metrics
@@ -161,17 +162,30 @@ def seed_config(
 
 
 def train(config: Config, output: Path, *, retrain: bool) -> dict:
-    """``run_train`` into ``output``, or the report of an identical earlier training there."""
+    """``run_train`` into ``output``, or the report of an earlier training there whose config
+    differs at most in the sections training does not read (``TRAINING_IGNORES``)."""
     report_path = output.with_suffix(".report.json")
     config_path = output.with_suffix(".config.yaml")
     if (
         output.exists()
         and report_path.exists()
         and config_path.exists()
-        and config_path.read_text() == config.to_yaml()
+        and _trained_on(yaml.safe_load(config_path.read_text())) == _trained_on(config.to_dict())
     ):
         return {**json.loads(report_path.read_text()), "cached": True}
     return {**run_train(config=config, output=output, retrain=retrain, force=True), "cached": False}
+
+
+TRAINING_IGNORES = ("selection", "influence", "update", "output")
+REMOVAL_IGNORES = ("gradient_samples", "objective", "tolerance", "synthetic_samples")
+"""Config sections and ``removal`` keys that only the edit reads."""
+
+
+def _trained_on(config: dict) -> dict:
+    kept = {k: v for k, v in config.items() if k not in TRAINING_IGNORES}
+    removal = kept.get("removal") or {}
+    kept["removal"] = {k: v for k, v in removal.items() if k not in REMOVAL_IGNORES}
+    return kept
 
 
 def train_pair(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dict:
