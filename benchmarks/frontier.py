@@ -84,7 +84,9 @@ FULL_GRID = [
     )
 ] + [(256, 10, "auto")]
 """(Hessian samples, iterations, damping) on digits."""
-LADDER_GRID = [(s, k, "0.01") for s, k in ((64, 3), (128, 10), (1024, 20))]
+LADDER_GRID = [
+    (s, k, "0.01") for s, k in ((64, 3), (128, 5), (128, 10), (256, 10), (512, 10), (1024, 20))
+]
 """The same on the larger sizes (GIF's cost does not depend on n: fewer points suffice)."""
 ASCENT_STEPS = 30
 LARGE_METHODS = ("first-order", "fif")

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
 from gifcli.data import TensorSplit
 from gifcli.errors import GifError
+from gifcli.influence.hvp import CurvatureOperator
 from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
 
 BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (256, 10), (512, 10), (1024, 20))
@@ -55,10 +56,16 @@ class Rates:
     gradient: float
     forward: float
     train: float
+    hvp: float
+    """Seconds per sample of one Hessian-vector product (double backward)."""
 
     @property
     def forward_passes(self) -> float:
         return self.forward / self.gradient
+
+    @property
+    def hvp_passes(self) -> float:
+        return self.hvp / self.gradient
 
 
 def _timed(run, repeats: int = 1) -> float:
@@ -100,6 +107,14 @@ def measure_rates(
         with torch.no_grad():
             model(x)
 
+    operator = CurvatureOperator(
+        model=model, x=x, y=y, batch_size=len(y), hvp_mode="double-backward"
+    )
+    direction = torch.ones(operator.dim, dtype=operator.dtype, device=operator.device)
+
+    def product() -> None:
+        operator.matvec(direction)
+
     def training_step() -> None:
         grads = torch.autograd.grad(F.cross_entropy(model(train_x), train_y), params)
         with torch.no_grad():
@@ -118,7 +133,10 @@ def measure_rates(
             for b, saved in zip(model.buffers(), buffers, strict=True):
                 b.copy_(saved)
     return Rates(
-        gradient=_timed(gradient, 2) / len(y), forward=_timed(forward, 2) / len(y), train=step
+        gradient=_timed(gradient, 2) / len(y),
+        forward=_timed(forward, 2) / len(y),
+        train=step,
+        hvp=_timed(product) / len(y),
     )
 
 
@@ -218,7 +236,6 @@ def cost_record(
     seconds: dict[str, float],
     passes: dict[str, float],
     rates: Rates,
-    hvp_passes: float | None,
     retrain: RetrainRecord,
     budget: BudgetRecord,
 ) -> CostRecord:
@@ -229,7 +246,7 @@ def cost_record(
     return CostRecord(
         seconds={**seconds, "edit": edit_seconds},
         passes={**passes, "edit": edit_passes},
-        hvp_passes=hvp_passes,
+        hvp_passes=rates.hvp_passes,
         forward_passes=rates.forward_passes,
         gradient_seconds_per_sample=rates.gradient,
         retrain=retrain,

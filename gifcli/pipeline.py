@@ -240,8 +240,7 @@ def edit(
     seconds["removal_gradient"] = estimate_seconds - seconds["solve"]
     gradient_samples = min(len(removal.x), settings.gradient_samples or len(removal.x))
     passes["removal_gradient"] = gradient_samples * (1 if removal.true_y is None else 2)
-    passes["solve"] = seconds["solve"] / rates.gradient if solve.hvps else 0.0
-    hvp_passes = passes["solve"] / (solve.hvps * len(sample)) if solve.hvps else None
+    passes["solve"] = solve.hvps * len(sample) * rates.hvp_passes
 
     clock = time.perf_counter()
     new_theta = updated(theta, delta, target, scale)
@@ -284,7 +283,6 @@ def edit(
             seconds=seconds,
             passes=passes,
             rates=rates,
-            hvp_passes=hvp_passes,
             retrain=retrain,
             budget=budget,
         ),

@@ -136,12 +136,13 @@ class RetrainRecord:
 class CostRecord:
     """What the edit cost. ``seconds`` and ``passes`` per stage (``edit``: every stage but
     ``metrics``); ``hvp_passes`` and ``forward_passes``: one HVP over a sample and one forward
-    pass of a sample in sample passes, as measured; ``retrain_ratio``: edit seconds over the
+    pass of a sample in sample passes, measured against a gradient on the same batch (the HVP
+    by double backward); ``retrain_ratio``: edit seconds over the
     retraining's, ``passes_ratio``: the same in passes."""
 
     seconds: dict[str, float]
     passes: dict[str, float]
-    hvp_passes: float | None
+    hvp_passes: float
     forward_passes: float
     gradient_seconds_per_sample: float
     retrain: RetrainRecord

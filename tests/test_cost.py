@@ -66,14 +66,13 @@ def test_numbers_in_the_config_are_honoured():
 
 
 def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
-    rates = Rates(gradient=1e-4, forward=2e-5, train=2e-4)
+    rates = Rates(gradient=1e-4, forward=2e-5, train=2e-4, hvp=3e-4)
     retrain = retrain_record(epochs=10, samples=1000, rates=rates)
     assert retrain.passes == 10_000 and retrain.seconds == pytest.approx(2.0)
     cost = cost_record(
         seconds={"selection": 0.1, "solve": 0.3, "step_search": 0.1, "metrics": 5.0},
         passes={"selection": 10.0, "solve": 400.0, "metrics": 999.0},
         rates=rates,
-        hvp_passes=2.0,
         retrain=retrain,
         budget=plan(1e6),
     )
@@ -81,7 +80,7 @@ def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
     assert cost.retrain_ratio == pytest.approx(0.25)
     assert cost.passes["edit"] == pytest.approx(410.0)
     assert cost.passes_ratio == pytest.approx(0.041)
-    assert cost.forward_passes == pytest.approx(0.2)
+    assert cost.forward_passes == pytest.approx(0.2) and cost.hvp_passes == pytest.approx(3.0)
 
 
 def test_measuring_the_rates_leaves_the_model_as_it_was():
@@ -98,7 +97,7 @@ def test_measuring_the_rates_leaves_the_model_as_it_was():
     rates = measure_rates(
         model, sample, train=TrainConfig(batch_size=16), batch_size=32, device=torch.device("cpu")
     )
-    assert rates.gradient > 0 and rates.forward > 0 and rates.train > 0
+    assert rates.gradient > 0 and rates.forward > 0 and rates.train > 0 and rates.hvp > 0
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
