@@ -356,7 +356,11 @@ def grouped(results: dict) -> dict[tuple[str, str], dict[str, list[dict]]]:
         rows = out.setdefault((run["task"], run["size"]), {})
         for row in run["rows"]:
             rows.setdefault(row["name"], []).append(row)
-    return out
+
+    def order(key: tuple[str, str]) -> tuple[int, str]:
+        return (0 if key[1] == "digits" else int(key[1]), key[0] != "remove-class")
+
+    return {key: out[key] for key in sorted(out, key=order)}
 
 
 def size_label(size: str, results: dict) -> str:
@@ -546,10 +550,21 @@ def plot(results: dict, path: Path) -> None:
         len(tasks), len(sizes), figsize=(4 * len(sizes), 3.4 * len(tasks)), squeeze=False
     )
     markers = {"gif": "o", "first-order": "s", "fine-tune": "^", "gradient ascent": "v"}
+    colours = {
+        "gif": "tab:blue",
+        "gif (default budget)": "tab:red",
+        "first-order": "tab:green",
+        "fine-tune": "tab:orange",
+        "gradient ascent": "tab:purple",
+        "retrain": "black",
+    }
     for i, task_name in enumerate(tasks):
         for j, size in enumerate(sizes):
             axis = axes[i][j]
-            for per_seed in groups.get((task_name, size), {}).values():
+            if (task_name, size) not in groups:
+                axis.set_visible(False)
+                continue
+            for per_seed in groups[(task_name, size)].values():
                 family = per_seed[0]["family"]
                 x = mean_std([r["retrain_ratio"] for r in per_seed])[0]
                 y = mean_std([r["f1"] for r in per_seed])[0]
@@ -559,6 +574,7 @@ def plot(results: dict, path: Path) -> None:
                     max(x, 1e-3),
                     y,
                     marker=markers.get(family, "*"),
+                    color=colours.get(family, "tab:grey"),
                     s=60 if family != "gif" else 25,
                     label=family if family != "gif" else "gif grid",
                 )
