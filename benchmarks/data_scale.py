@@ -14,8 +14,9 @@ to the first images of each class of the largest). For each size, in fresh proce
 Every size uses the same settings, so only what must grow with the data set grows: the
 validation split is ``--val-size`` images (``data.val_fraction = val-size / n``), the
 ``*_train`` metrics a seeded sample of ``--train-samples`` (``metrics.train_samples``), the
-Hessian sample ``--hessian-samples``; the removal set (a tenth of the training images) and
-the listing of the folder grow with n. One intra-op thread, no decoding workers.
+Hessian sample ``--hessian-samples`` (its linearisation cache ``--cache-mb``); the removal
+set (a tenth of the training images) and the listing of the folder grow with n. One intra-op
+thread, no decoding workers.
 
     .venv/bin/python benchmarks/data_scale.py        # about 15 minutes on 2 cores
 
@@ -54,8 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--hessian-samples", type=int, default=256, help="influence.hessian_samples")
     add("--max-iter", type=int, default=5, help="influence.max_iter")
     add("--grid-points", type=int, default=12, help="update.grid_points")
+    add("--cache-mb", type=int, default=256, help="influence.cache_mb (linearisation cache)")
     add("--epochs", type=int, default=1, help="train.epochs of the base model")
     add("--batch-size", type=int, default=128, help="train.batch_size and influence.batch_size")
+    add("--lr", type=float, default=0.01, help="train.lr")
     add("--seed", type=int, default=0)
     add("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -103,18 +106,18 @@ def measured(args: list[str]) -> dict:
     """Run ``python -m gifcli ARGS`` with one thread; its peak RSS (MiB), wall time, exit."""
     env = {**os.environ, **THREADS, "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gifcli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"gif {' '.join(args)} exited {process.returncode}")
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gifcli", *args], env=env, stdout=subprocess.PIPE, stderr=stderr
+        )
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+        seconds = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            stderr.seek(0)
+            message = stderr.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"gif {' '.join(args)} exited {code}: {message}")
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "seconds": seconds, "stdout": stdout}
 
 
@@ -133,12 +136,13 @@ def write_config(path: Path, root: Path, n: int, options: argparse.Namespace) ->
         f"seed: {options.seed}\n"
         "device: cpu\n"
         "model: {arch: tinynet, num_classes: 10}\n"
-        f"data: {{dataset: imagefolder, root: {root}, val_fraction: {options.val_size / n}}}\n"
+        f"data: {{dataset: imagefolder, root: {root}, val_fraction: {options.val_size / n}, "
+        "mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n"
         "removal: {classes: [0]}\n"
         f"influence: {{hessian_samples: {options.hessian_samples}, max_iter: {options.max_iter}, "
-        f"batch_size: {options.batch_size}}}\n"
+        f"batch_size: {options.batch_size}, cache_mb: {options.cache_mb}}}\n"
         f"update: {{grid_points: {options.grid_points}}}\n"
-        f"train: {{epochs: {options.epochs}, batch_size: {options.batch_size}}}\n"
+        f"train: {{epochs: {options.epochs}, batch_size: {options.batch_size}, lr: {options.lr}}}\n"
         f"metrics: {{train_samples: {options.train_samples}}}\n"
         f"output: {{dir: {path.parent / 'edit'}}}\n"
     )

@@ -342,3 +342,20 @@ def test_corrupt_image_during_the_edit_exits_1_and_writes_nothing(
     assert result.output.strip().startswith("error:") and f"{image}: cannot read" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [], "no output dir, no staging"
+
+
+def test_corrupt_image_while_training_exits_1_and_writes_no_checkpoint(runner, tmp_path):
+    root = _colour_folder(tmp_path / "folder")
+    broken = root / "train" / "a" / "007.png"
+    _truncate(broken)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {arch: tinynet, num_classes: 2}\n"
+        f"data: {{dataset: imagefolder, root: {root}}}\n"
+        "train: {epochs: 1, batch_size: 4}\n"
+    )
+    checkpoint = tmp_path / "out" / "base.safetensors"
+    result = runner.invoke(app, ["train", str(config), "-o", str(checkpoint)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and f"{broken}: cannot read" in result.output
+    assert not checkpoint.parent.exists() or list(checkpoint.parent.iterdir()) == []
