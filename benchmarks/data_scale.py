@@ -18,7 +18,7 @@ Hessian sample ``--hessian-samples`` (its linearisation cache ``--cache-mb``); t
 set (a tenth of the training images) and the listing of the folder grow with n. One intra-op
 thread, no decoding workers.
 
-    .venv/bin/python benchmarks/data_scale.py        # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/data_scale.py        # about 18 minutes on 2 shared cores
 
 Writes benchmarks/results/data_scale.json (and prints a summary).
 """
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=128, help="train.batch_size and influence.batch_size")
     add("--lr", type=float, default=0.01, help="train.lr")
     add("--seed", type=int, default=0)
-    add("--output", type=Path, default=RESULTS)
+    add("--output", type=Path, default=RESULTS, help="results file")
     return parser.parse_args(argv)
 
 
@@ -175,6 +175,12 @@ def run_size(work: Path, images: Path, n: int, options: argparse.Namespace) -> d
     }
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (results name no machine)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     sizes = sorted(int(s) for s in options.sizes.split(","))
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     smallest, largest = runs[0]["edit"]["peak_rss_mib"], runs[-1]["edit"]["peak_rss_mib"]
     result = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
+        "settings": {**vars(options), "output": _shown(options.output)},
         "machine": {
             "python": platform.python_version(),
             "torch": __import__("torch").__version__,
