@@ -38,7 +38,7 @@ from gifcli.cost import (
     retrain_record,
     solve_products,
 )
-from gifcli.data import DataSplits, TensorSplit
+from gifcli.data import DataSplits, Split
 from gifcli.data.removal import seeded_subset
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
@@ -339,7 +339,9 @@ def measure(
     before = task.metrics(model, data, device=device, seed=seed)
     assign_flat(model, new_theta)
     metrics = MetricsRecord(
-        before=before, after=task.metrics(model, data, device=device, seed=seed)
+        before=before,
+        after=task.metrics(model, data, device=device, seed=seed),
+        train_samples=task.metrics_sample_size(data),
     )
     if oracle is not None:
         metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=seed)
@@ -411,15 +413,16 @@ def target_selection(
     return select(model, removal, settings, device=device)
 
 
-def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
-    """A seeded random subset of ``size`` retained training points (all when fewer)."""
-    return retained.subset(seeded_subset(len(retained), size, seed=seed))
+def hessian_sample(retained: Split, *, size: int, seed: int) -> Split:
+    """A seeded random subset of ``size`` retained training points (all when fewer), held in
+    memory (a streamed split's pixels as stored): every product reads all of it."""
+    return retained.subset(seeded_subset(len(retained), size, seed=seed)).in_memory()
 
 
 def estimate(
     model: nn.Module,
     removal: RemovalSet,
-    sample: TensorSplit,
+    sample: Split,
     target: torch.Tensor,
     settings: Settings,
     progress: ProgressFactory,
@@ -474,7 +477,7 @@ def estimate(
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
             return estimate_update(
                 method=influence.method,
-                operator=curvature(local.x, local.y),
+                operator=curvature(local.inputs, local.y),
                 gradient=gradient,
                 target_flat=target,
                 solver=influence.solver,
