@@ -339,7 +339,8 @@ def test_corrupt_image_during_the_edit_exits_1_and_writes_nothing(
         image.write_bytes(original)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert result.output.strip().startswith("error:") and f"{image}: cannot read" in result.output
+    said = [line for line in result.output.splitlines() if not line.startswith("note:")]
+    assert said[0].startswith("error:") and f"{image}: cannot read" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [], "no output dir, no staging"
 
