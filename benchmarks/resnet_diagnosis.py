@@ -11,7 +11,11 @@ the test split. Variants:
   evaluated); ``ggn``: the Gauss-Newton matrix instead; ``train-bn``: the Hessian with
   BatchNorm on each batch's statistics (running statistics left unchanged), the loss the
   network was trained on; ``bn-in-mask``: BatchNorm layers added to the target mask;
-  ``samples-1024``, ``iter-30``: a larger Hessian sample, more iterations.
+  ``samples-1024``, ``iter-30``: a larger Hessian sample, more iterations;
+  ``recalibrate-bn``: the tool's update, but every edited model (in the step search and on
+  test) gets its BatchNorm running statistics re-estimated on 1,024 retained training points;
+  ``top-gradients``: the mask ranked by the removal loss's gradient instead of the mean
+  convolution output (which BatchNorm subtracts again).
 
 Per variant and ``λ``: ``λ / σ_max``, ``‖Δ‖``, the cosine of ``Δ`` with the first-order
 direction ``g_t`` and with ``(H g)_t`` (the limit of GIF as ``λ → ∞``), the chosen relative
@@ -37,12 +41,21 @@ from gifcli.context import prepare
 from gifcli.influence.estimators import estimate_path, removal_gradient
 from gifcli.influence.hvp import CurvatureOperator, flatten_params
 from gifcli.metrics import forget_retain, harmonic_mean, predict
-from gifcli.pipeline import Settings, hessian_sample, select
-from gifcli.selection import mask_to_flat
+from gifcli.pipeline import hessian_sample
+from gifcli.selection import mask_to_flat, select_targets
 from gifcli.update import assign_flat, scale_grid, search_scale, updated
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("eval-bn", "ggn", "train-bn", "bn-in-mask", "samples-1024", "iter-30")
+VARIANTS = (
+    "eval-bn",
+    "ggn",
+    "train-bn",
+    "bn-in-mask",
+    "samples-1024",
+    "iter-30",
+    "recalibrate-bn",
+    "top-gradients",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--variants", default=",".join(VARIANTS))
     add("--dampings", default="1e-4,1e-3,1e-2,1e-1,1,10", help="absolute λ grid")
     add("--grid-points", type=int, default=24, help="step-search points (relative 1e-3..10)")
+    add(
+        "--raw-outputs",
+        action="store_true",
+        help="top-outputs ranks convolutions by their raw output even before a BatchNorm "
+        "(the selection before it ranked by the normalised output)",
+    )
     add("--output", type=Path, default=ROOT / "benchmarks/results/resnet_diagnosis.json")
     return parser.parse_args(argv)
 
@@ -119,7 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         "variants": {},
     }
 
-    def search(delta: torch.Tensor, target: torch.Tensor) -> dict:
+    calibration = hessian_sample(removal.retained, size=1024, seed=config.seed + 1).x
+
+    def search(delta: torch.Tensor, target: torch.Tensor, recalibrate: bool = False) -> dict:
+        objective = removal.objective
+        if recalibrate:
+
+            def objective(model: nn.Module) -> tuple[float, dict]:
+                with recalibrated(model, calibration):
+                    return removal.objective(model)
+
         target_norm = float(theta[target].norm())
         grid = scale_grid(
             delta_norm=float(delta.norm()),
@@ -129,12 +157,13 @@ def main(argv: list[str] | None = None) -> None:
             largest=10.0,
         )
         scale, sweep = search_scale(
-            model, theta=theta, delta=delta, target=target, grid=grid, objective=removal.objective
+            model, theta=theta, delta=delta, target=target, grid=grid, objective=objective
         )
         chosen = next(p for p in sweep if p.scale == scale)
         new = updated(theta, delta, target, scale)
         assign_flat(model, new)
-        scores = test_scores(model, data, task.classes, device)
+        with recalibrated(model, calibration) if recalibrate else _Nothing():
+            scores = test_scores(model, data, task.classes, device)
         assign_flat(model, theta)
         return {
             "relative_step": chosen.relative_step,
@@ -152,20 +181,33 @@ def main(argv: list[str] | None = None) -> None:
         influence = config.influence
         samples, iterations, curvature = influence.hessian_samples, influence.max_iter, "hessian"
         selection = config.selection
+        recalibrate = variant == "recalibrate-bn"
         if variant == "ggn":
             curvature = "ggn"
         if variant == "samples-1024":
             samples = 1024
         if variant == "iter-30":
             iterations = 30
+        if variant == "top-gradients":
+            selection = type(selection)(method="top-gradients", ratio=selection.ratio)
         if variant == "bn-in-mask":
             selection = type(selection)(
                 method=selection.method,
                 ratio=selection.ratio,
                 include=["*"],  # every layer: BatchNorm too (drawn at random)
             )
-        settings = Settings(seed=config.seed, selection=selection, influence=influence)
-        mask = select(model, removal, settings, device=device).mask
+        mask = select_targets(
+            model,
+            removal.x,
+            removal.y,
+            method=selection.method,
+            ratio=selection.ratio,
+            include=selection.include,
+            seed=config.seed,
+            batch_size=influence.batch_size,
+            device=device,
+            after_batchnorm=not args.raw_outputs,
+        ).mask
         target = mask_to_flat(model, mask).to(device)
         sample = hessian_sample(removal.retained, size=samples, seed=config.seed)
         operator = CurvatureOperator(
@@ -200,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             "iterations": iterations,
             "curvature": curvature,
             "solve_seconds": solve_seconds,
-            "first_order": search(first, target),
+            "first_order": search(first, target, recalibrate),
             "path": [],
         }
         for index, lam in enumerate(path.lambdas):
@@ -213,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cos_first_order": _cos(delta, first),
                     "cos_hg": _cos(delta, hg_t),
                     "relative_residual": path.record(index).relative_residual,
-                    **search(delta, target),
+                    **search(delta, target, recalibrate),
                 }
             )
         record["seconds"] = time.perf_counter() - clock
@@ -235,6 +277,42 @@ def main(argv: list[str] | None = None) -> None:
             f"retain {fo['retain_acc_test']:.1f} F1 {fo['f1']:.1f}",
             file=sys.stderr,
         )
+
+
+class recalibrated:  # noqa: N801 - used as a context, like torch.no_grad
+    """BatchNorm running statistics re-estimated on ``x`` (cumulative average, train mode,
+    no gradient) inside the block, the model's own restored on exit."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
+        self.model, self.x, self.batch_size = model, x, batch_size
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [
+            (
+                m.running_mean.clone(),
+                m.running_var.clone(),
+                m.num_batches_tracked.clone(),
+                m.momentum,
+            )
+            for m in self.norms
+        ]
+        for m in self.norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for start in range(0, len(self.x), self.batch_size):
+                self.model(self.x[start : start + self.batch_size])
+        for m in self.norms:
+            m.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, (mean, var, count, momentum) in zip(self.norms, self.saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
 
 
 class _Nothing:
