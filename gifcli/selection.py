@@ -263,8 +263,8 @@ class _UnitSums:
             for layer in layers
         }
         self.counts = dict.fromkeys(self.sums, 0)
-        # outputs: a layer's output that a BatchNorm normalises next is ranked by the
-        # normalised value (the BatchNorm's output), since the normalisation removes its mean
+        # outputs, after_batchnorm: a layer's output that a BatchNorm normalises next is
+        # ranked by the normalised value (the BatchNorm's output)
         self.normalised = {name: torch.zeros_like(s) for name, s in self.sums.items()}
         self.normalised_counts = dict.fromkeys(self.sums, 0)
         self.latest: dict[int, tuple[str, Tensor]] = {}  # this batch's outputs, by id
@@ -349,15 +349,16 @@ def unit_statistics(
     batch_size: int,
     device: torch.device | str,
     reduce: Callable[[Tensor], Tensor],
-    after_batchnorm: bool = True,
+    after_batchnorm: bool = False,
 ) -> dict[str, Tensor]:
     """Per-unit mean output or mean output gradient of each layer over the removal set.
 
     removal_x: [M, ...] inputs, removal_y: [M] int labels; `statistic` is "outputs" or
     "gradients". The model runs in eval() (restored afterwards) on `device`, in batches of
-    `batch_size`. With "outputs", a layer whose output goes straight into a BatchNorm is ranked
-    by that BatchNorm's output (``after_batchnorm``): the normalisation subtracts the running
-    mean, so the raw output's mean says more about the mean than about the removal set.
+    `batch_size`. With "outputs" and ``after_batchnorm``, a layer whose output goes straight
+    into a BatchNorm is ranked by that BatchNorm's output instead (the normalisation subtracts
+    the running mean); off by default: on a ResNet-18 it did not improve the edit
+    (BENCHMARKS.md, "ResNet-18 with BatchNorm").
     The gradient is that of the summed cross-entropy, i.e. per-sample gradients,
     so its mean over samples is the gradient of the mean removal loss. Sums and counts are
     accumulated in float64, packed into one tensor and passed once through `reduce` (the hook
@@ -480,7 +481,7 @@ def select_targets(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     reduce: Callable[[Tensor], Tensor] | None = None,
-    after_batchnorm: bool = True,
+    after_batchnorm: bool = False,
 ) -> Selection:
     """Select the target parameters of `model` for unlearning the removal set.
 
@@ -494,7 +495,8 @@ def select_targets(
     reduce:    applied once to the packed float64 statistic sums and counts before dividing
                (identity by default; an all-reduce under torch.distributed).
     after_batchnorm: `top-/lowest-outputs` rank a layer whose output a BatchNorm normalises
-               next by the BatchNorm's output (False: by the raw output, as before).
+               next by the BatchNorm's output (default False: by the raw output, the paper's
+               statistic; the normalised one did not improve a ResNet-18 edit).
 
     Returns a Selection whose mask has one BoolTensor per trainable parameter (CPU, all-False
     for non-targets) and the whole units chosen per ranked layer.
@@ -556,7 +558,7 @@ def _ranking_statistics(
     batch_size: int,
     device: torch.device | str,
     reduce: Callable[[Tensor], Tensor],
-    after_batchnorm: bool = True,
+    after_batchnorm: bool = False,
 ) -> dict[str, Tensor]:
     """The per-unit statistic ``method`` ranks by, for each layer of ``ranked``."""
     if len(removal_x) != len(removal_y):
