@@ -428,6 +428,12 @@ class UpdateConfig:
     grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
     grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
     grid_max: float = _field(10.0, "auto: largest step, as |s*delta| / |target params|")
+    recalibrate_batchnorm: bool = _field(
+        False,
+        "true: re-estimate the BatchNorm running statistics of every edited model (in the step "
+        "search and the output) on the Hessian sample; an edit moves the activations they "
+        "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm)",
+    )
 
     def problems(self) -> list[str]:
         out = []
