@@ -461,6 +461,12 @@ class UpdateConfig:
         "remove-samples also the removal set), a seeded subsample, so that the search does not "
         "grow with the data; null: all",
     )
+    recalibrate_batchnorm: bool = _field(
+        False,
+        "true: re-estimate the BatchNorm running statistics of every edited model (in the step "
+        "search and the output) on the Hessian sample; an edit moves the activations they "
+        "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm)",
+    )
 
     def problems(self) -> list[str]:
         out = []
