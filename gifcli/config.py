@@ -40,6 +40,7 @@ MAX_CLASSES = 100_000
 MAX_CHANNELS = 4096
 MAX_IMAGE_SIDE = 4096
 MAX_GRID_POINTS = 10_000
+MAX_WORKERS = 256
 MAX_INT = 2**63 - 1  # what a tensor index or count can hold
 ALIAS_BUDGET = 100_000
 MAX_CONFIG_BYTES = 1 << 20
@@ -123,7 +124,9 @@ class DataConfig:
     dataset: str = _field("digits", " | ".join(DATASETS))
     root: str = _field("data", "folder torchvision data sets and imagefolder are read from")
     path: str | None = _field(
-        None, "tensors: a .pt or .npz file with x_train, y_train, x_test, y_test"
+        None,
+        "tensors: a .pt or .npz file, or a folder of .npy files, with x_train, y_train, x_test, "
+        "y_test (memory-mapped where the format allows)",
     )
     download: bool = _field(False, "allow torchvision to download a missing data set")
     val_fraction: float = _field(
@@ -138,6 +141,9 @@ class DataConfig:
     image_size: int | None = _field(None, "imagefolder: resize images to this square size")
     poison: PoisonConfig | None = _field(
         None, "backdoor scenario: {trigger, rate, target, seed, ...}; null: clean data"
+    )
+    workers: int = _field(
+        0, "worker processes that decode image batches ahead (0: decode in the main process)"
     )
 
     def problems(self) -> list[str]:
@@ -158,6 +164,8 @@ class DataConfig:
             out.append(f"data.image_size: must be in 1..{MAX_IMAGE_SIDE}, got {self.image_size}")
         if self.poison is not None:
             out += self.poison.problems("data.poison")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            out.append(f"data.workers: must be in 0..{MAX_WORKERS}, got {self.workers}")
         return out
 
 
@@ -453,6 +461,12 @@ class UpdateConfig:
         "remove-samples also the removal set), a seeded subsample, so that the search does not "
         "grow with the data; null: all",
     )
+    recalibrate_batchnorm: bool = _field(
+        False,
+        "true: re-estimate the BatchNorm running statistics of every edited model (in the step "
+        "search and the output) on the Hessian sample; an edit moves the activations they "
+        "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm)",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -480,6 +494,11 @@ class TrainConfig:
     momentum: float = _field(0.9, "SGD momentum")
     weight_decay: float = _field(5.0e-4, "SGD weight decay")
     batch_size: int = _field(128, "training batch size")
+    augment: bool = _field(
+        False,
+        "random crop with 4 pixels of padding and horizontal flip of each training batch (the "
+        "standard augmentation of 32x32 colour sets such as cifar10); false: images as they are",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -489,6 +508,20 @@ class TrainConfig:
         if self.lr <= 0:
             out.append(f"train.lr: must be positive, got {self.lr}")
         return out
+
+
+@dataclass
+class MetricsConfig:
+    train_samples: int | None = _field(
+        None,
+        "measure the *_train metrics on a seeded sample of this many training samples (for very "
+        "large sets; the report says so); null: the whole training split",
+    )
+
+    def problems(self) -> list[str]:
+        if self.train_samples is not None and self.train_samples < 1:
+            return [f"metrics.train_samples: must be positive or null, got {self.train_samples}"]
+        return []
 
 
 @dataclass
@@ -508,6 +541,7 @@ class Config:
     influence: InfluenceConfig = _field(InfluenceConfig, "the update estimator and its solver")
     update: UpdateConfig = _field(UpdateConfig, "the step scale")
     train: TrainConfig = _field(TrainConfig, "gif train")
+    metrics: MetricsConfig = _field(MetricsConfig, "how the metrics are measured")
     output: OutputConfig = _field(OutputConfig, "outputs")
 
     source: ClassVar[str] = "CONFIG"
@@ -524,6 +558,7 @@ class Config:
         out += self.influence.problems()
         out += self.update.problems()
         out += self.train.problems()
+        out += self.metrics.problems()
         poison = self.data.poison
         if poison is not None and not 0 <= poison.target < self.model.num_classes:
             out.append(

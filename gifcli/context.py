@@ -71,7 +71,8 @@ class RunContext:
     def _check_outputs(self, model: nn.Module, path: str | Path) -> None:
         # finite weights can still overflow (1e30 through a few layers is inf): every metric
         # of such a model would be meaningless
-        x = self.data.test.x[:OUTPUT_CHECK_SAMPLES].to(self.device)
+        test = self.data.test
+        x = test.take(torch.arange(min(OUTPUT_CHECK_SAMPLES, len(test)))).to(self.device)
         if len(x) and not torch.isfinite(model(x)).all():
             raise GifError(
                 f"{path}: the model's outputs on the test images are NaN or infinite (weights "

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
-from gifcli.data import TensorSplit
+from gifcli.data import Split
 from gifcli.errors import GifError
 from gifcli.influence.hvp import CurvatureOperator
 from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
@@ -78,7 +78,7 @@ def _timed(run, repeats: int = 1) -> float:
 
 def measure_rates(
     model: nn.Module,
-    sample: TensorSplit,
+    sample: Split,
     *,
     train: TrainConfig,
     batch_size: int,
@@ -140,12 +140,10 @@ def measure_rates(
     )
 
 
-def _batch(
-    sample: TensorSplit, size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(sample: Split, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` samples of ``sample`` (repeated when it holds fewer), on ``device``."""
     rows = torch.arange(max(1, size)) % len(sample)
-    return sample.x[rows].to(device), sample.y[rows].to(device)
+    return sample.take(rows).to(device), sample.y[rows].to(device)
 
 
 @contextmanager

@@ -13,27 +13,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from gifcli.data import TensorSplit
+from gifcli.data import Split
 
 EVAL_BATCH = 512
 
 
 def _logits(
-    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int
+    model: nn.Module, split: Split, *, device: torch.device, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """float32 logits [B, K] on CPU and labels [B] of each batch, the model in eval()."""
     was_training = model.training
     model.eval()
     try:
-        for x, y in split.batches(batch_size):
-            yield model(x.to(device)).float().cpu(), y.view(-1, 1).cpu()
+        for x, y in split.batches(batch_size, device=device):
+            yield model(x).float().cpu(), y.view(-1, 1).cpu()
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = EVAL_BATCH
+    model: nn.Module, split: Split, *, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels [N] and the softmax probability of the given label [N], on CPU."""
     labels, true_probs = [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
@@ -45,7 +45,7 @@ def predict(
 
 @torch.no_grad()
 def predict_loss(
-    model: nn.Module, split: TensorSplit, *, device: torch.device, batch_size: int = EVAL_BATCH
+    model: nn.Module, split: Split, *, device: torch.device, batch_size: int = EVAL_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels [N] and the cross-entropy of the given label [N] (nats, float64), on
     CPU.
@@ -108,7 +108,7 @@ def per_class_accuracy(
 
 
 def classification_metrics(
-    model: nn.Module, test: TensorSplit, *, num_classes: int, device: torch.device
+    model: nn.Module, test: Split, *, num_classes: int, device: torch.device
 ) -> dict:
     """``acc_test`` and ``per_class_acc_test``."""
     predicted, _ = predict(model, test, device=device)
@@ -131,8 +131,8 @@ def forget_retain(
 def remove_class_metrics(
     model: nn.Module,
     *,
-    train: TensorSplit,
-    test: TensorSplit,
+    train: Split,
+    test: Split,
     classes: list[int],
     num_classes: int,
     device: torch.device,
@@ -166,8 +166,8 @@ def remove_class_metrics(
 def remove_samples_metrics(
     model: nn.Module,
     *,
-    train: TensorSplit,
-    test: TensorSplit,
+    train: Split,
+    test: Split,
     removed: torch.Tensor,
     num_classes: int,
     device: torch.device,
@@ -192,9 +192,9 @@ def remove_samples_metrics(
 def backdoor_metrics(
     model: nn.Module,
     *,
-    test: TensorSplit,
-    triggered_test: TensorSplit,
-    train: TensorSplit,
+    test: Split,
+    triggered_test: Split,
+    train: Split,
     poisoned: torch.Tensor,
     true_labels: torch.Tensor,
     target: int,

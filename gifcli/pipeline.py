@@ -38,7 +38,7 @@ from gifcli.cost import (
     retrain_record,
     solve_products,
 )
-from gifcli.data import DataSplits, TensorSplit
+from gifcli.data import DataSplits, Split
 from gifcli.data.removal import seeded_subset
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
@@ -64,6 +64,8 @@ from gifcli.update import (
     SweepPoint,
     assign_flat,
     check_finite,
+    recalibrate_batchnorm,
+    recalibrating,
     scale_grid,
     search_damping_and_scale,
     search_scale,
@@ -218,6 +220,14 @@ def edit(
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
     estimated = estimate(model, removal, sample, target, settings, progress)
     estimate_seconds = time.perf_counter() - clock
+    calibration = sample.x if settings.update.recalibrate_batchnorm else None
+    if calibration is not None:  # every edited model is scored with its own statistics
+        removal = replace(
+            removal,
+            objective=recalibrating(
+                removal.objective, calibration, batch_size=influence.batch_size
+            ),
+        )
 
     clock = time.perf_counter()
     theta = flatten_params(model)
@@ -246,7 +256,17 @@ def edit(
     new_theta = updated(theta, delta, target, scale)
     check_finite(new_theta, scale)
     with counted_forwards(model) as forwards:
-        metrics = measure(task, data, model, new_theta, oracle=oracle, seed=settings.seed)
+        metrics = measure(
+            task,
+            data,
+            model,
+            new_theta,
+            oracle=oracle,
+            seed=settings.seed,
+            calibrate=None
+            if calibration is None
+            else lambda m: recalibrate_batchnorm(m, calibration, batch_size=influence.batch_size),
+        )
     seconds["metrics"] = time.perf_counter() - clock
     passes["metrics"] = forwards[0] * rates.forward_passes
 
@@ -332,14 +352,20 @@ def measure(
     *,
     oracle: nn.Module | None,
     seed: int,
+    calibrate: Callable[[nn.Module], None] | None = None,
 ) -> MetricsRecord:
     """The task's metrics of ``model`` as it is (before) and with ``new_theta`` written into
-    it (after; the model keeps them), and of the oracle with the gap to it."""
+    it (after; the model keeps them, and ``calibrate``'s BatchNorm statistics when given),
+    and of the oracle with the gap to it."""
     device = new_theta.device
     before = task.metrics(model, data, device=device, seed=seed)
     assign_flat(model, new_theta)
+    if calibrate is not None:
+        calibrate(model)
     metrics = MetricsRecord(
-        before=before, after=task.metrics(model, data, device=device, seed=seed)
+        before=before,
+        after=task.metrics(model, data, device=device, seed=seed),
+        train_samples=task.metrics_sample_size(data),
     )
     if oracle is not None:
         metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=seed)
@@ -411,15 +437,16 @@ def target_selection(
     return select(model, removal, settings, device=device)
 
 
-def hessian_sample(retained: TensorSplit, *, size: int, seed: int) -> TensorSplit:
-    """A seeded random subset of ``size`` retained training points (all when fewer)."""
-    return retained.subset(seeded_subset(len(retained), size, seed=seed))
+def hessian_sample(retained: Split, *, size: int, seed: int) -> Split:
+    """A seeded random subset of ``size`` retained training points (all when fewer), held in
+    memory (a streamed split's pixels as stored): every product reads all of it."""
+    return retained.subset(seeded_subset(len(retained), size, seed=seed)).in_memory()
 
 
 def estimate(
     model: nn.Module,
     removal: RemovalSet,
-    sample: TensorSplit,
+    sample: Split,
     target: torch.Tensor,
     settings: Settings,
     progress: ProgressFactory,
@@ -474,7 +501,7 @@ def estimate(
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
             return estimate_update(
                 method=influence.method,
-                operator=curvature(local.x, local.y),
+                operator=curvature(local.inputs, local.y),
                 gradient=gradient,
                 target_flat=target,
                 solver=influence.solver,

@@ -102,6 +102,9 @@ class MetricsRecord:
     after: Metrics
     oracle: Metrics | None = None
     gap: dict[str, float] | None = None
+    train_samples: int | None = None
+    """The ``*_train`` metrics' seeded sample of the training split (``metrics.train_samples``);
+    None: measured on all of it."""
 
 
 @dataclass

@@ -260,14 +260,22 @@ def markdown(report: dict) -> str:
         _input_line(report["checkpoint"]),
         f"- cost: {cost_text(report['cost'])}; {budget_text(report['cost']['budget'])}",
         "",
-        "Metrics are percentages on the test split (``*_train`` on the training split); "
-        "the step scale never saw the test split.",
+        "Metrics are percentages on the test split (``*_train`` on the "
+        f"{train_metrics_text(report['metrics'].get('train_samples'))}); the step scale never "
+        "saw the test split.",
         "",
         *table,
         "",
         *checks_markdown(report.get("checks", [])),
     ]
     return "\n".join(lines)
+
+
+def train_metrics_text(train_samples: int | None) -> str:
+    """What the ``*_train`` metrics were measured on (``metrics.train_samples``)."""
+    if train_samples is None:
+        return "training split"
+    return f"seeded sample of {train_samples:,} training samples, metrics.train_samples"
 
 
 def _input_line(checkpoint: dict) -> str:

@@ -24,7 +24,13 @@ from gifcli.outputs import check_output_file, claim_output_dir
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import CheckpointRecord, EvaluateReport
-from gifcli.report import OUTPUT_FILES, mask_metadata, output_paths, write_outputs
+from gifcli.report import (
+    OUTPUT_FILES,
+    mask_metadata,
+    output_paths,
+    train_metrics_text,
+    write_outputs,
+)
 from gifcli.selection import load_mask, save_mask, summarize_mask
 from gifcli.tasks import Task, check_task, described_task
 
@@ -151,6 +157,9 @@ def run_evaluate(
     ctx = prepare(config)
     model = ctx.load_model(checkpoint, role="evaluated")
     task = ctx.task()
+    sampled = task.metrics_sample_size(ctx.data)
+    if sampled is not None:
+        notes.append(f"*_train metrics measured on a {train_metrics_text(sampled)}")
     report = EvaluateReport(
         task=task.name,
         checkpoint=str(checkpoint),

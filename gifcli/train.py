@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +14,8 @@ from gifcli import distributed
 from gifcli.checkpoint import checkpoint_metadata, save_checkpoint, sha256_file
 from gifcli.config import Config, TrainConfig
 from gifcli.context import prepare
-from gifcli.data import DataSplits, TensorSplit
+from gifcli.data import DataSplits, Split
+from gifcli.data.augment import random_crop_flip
 from gifcli.errors import GifError
 from gifcli.outputs import claim_output_files, write_json, write_text
 from gifcli.progress import ProgressFactory, silent
@@ -22,16 +23,20 @@ from gifcli.progress import ProgressFactory, silent
 
 def train_model(
     model: nn.Module,
-    train: TensorSplit,
+    train: Split,
     *,
     config: TrainConfig,
     seed: int,
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
+    fill: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place on ``train`` (shuffled each epoch with a seeded generator).
+    """Train ``model`` in place on ``train`` (shuffled each epoch with a seeded generator),
+    streaming its batches.
 
-    ``progress(epoch, mean_loss)`` is called after every epoch.
+    With ``config.augment``, every batch is randomly cropped (padding of ``fill`` per channel:
+    the normalised value of black; default 0) and flipped, with draws of a generator of their
+    own. ``progress(epoch, mean_loss)`` is called after every epoch.
     """
     torch.manual_seed(seed)
     model.to(device).train()
@@ -43,19 +48,20 @@ def train_model(
         optimizer, T_max=config.epochs * steps_per_epoch
     )
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = torch.Generator().manual_seed(seed + 1)
     for epoch in range(config.epochs):
         order = torch.randperm(len(train), generator=generator)
         total, count = 0.0, 0
-        for start in range(0, len(train), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            x, y = train.x[batch].to(device), train.y[batch].to(device)
+        for x, y in train.batches(config.batch_size, order=order, device=device):
+            if config.augment:
+                x = random_crop_flip(x, augment_generator, fill=fill or [0.0] * x.shape[1])
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
+            total += loss.item() * len(y)
+            count += len(y)
         if progress is not None:
             progress(epoch + 1, total / count)
     model.eval()
@@ -139,6 +145,7 @@ def _train(
             seed=config.seed,
             device=ctx.device,
             progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
+            fill=[-m / s for m, s in zip(ctx.data.mean, ctx.data.std, strict=True)],
         )
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise GifError(
@@ -156,6 +163,7 @@ def _train(
         "acc_test": task_metrics["acc_test"],
         "per_class_acc_test": task_metrics["per_class_acc_test"],
         "task_metrics": {key: task_metrics[key] for key in task.headline},
+        "task_metrics_train_samples": task.metrics_sample_size(ctx.data),
         "task_removal": task.description,
         "checkpoint": str(output),
     }

@@ -55,6 +55,60 @@ def check_finite(theta: torch.Tensor, scale: float) -> None:
         )
 
 
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> None:
+    """Re-estimate every BatchNorm's running statistics on the inputs ``x`` (a cumulative
+    average over batches of ``batch_size``, train mode, no gradient); the model is left in
+    ``eval()``. An edit moves the activations the statistics describe (``update.
+    recalibrate_batchnorm``; BENCHMARKS.md, "ResNet-18 with BatchNorm"). A model without
+    BatchNorm is unchanged."""
+    norms = [m for m in _batchnorms(model) if m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    device = next(model.parameters()).device
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size].to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
+
+
+def recalibrating(objective: Objective, x: torch.Tensor, *, batch_size: int = 256) -> Objective:
+    """``objective`` scored with the BatchNorm statistics re-estimated on ``x`` for the model
+    as it is, the model's own statistics restored afterwards (for the step search)."""
+
+    def scored(model: nn.Module) -> tuple[float, dict]:
+        saved = {k: v.clone() for k, v in model.state_dict().items() if _is_norm_buffer(model, k)}
+        try:
+            recalibrate_batchnorm(model, x, batch_size=batch_size)
+            return objective(model)
+        finally:
+            model.load_state_dict(saved, strict=False)
+
+    return scored
+
+
+def _is_norm_buffer(model: nn.Module, key: str) -> bool:
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and name in (
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    )
+
+
 @dataclass
 class SweepPoint:
     scale: float

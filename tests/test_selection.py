@@ -160,6 +160,37 @@ def test_outputs_rank_conv_channels_by_mean_over_samples_and_positions() -> None
     assert _selected_per_unit(lowest.mask, "0") == [0, 2, 1]
 
 
+def test_outputs_before_a_batchnorm_rank_by_the_normalised_output() -> None:
+    """A convolution feeding a BatchNorm: channel 0's raw output is large (bias 100) but its
+    running mean is 100 too, so after the normalisation it is 0; channel 1's raw output is 3
+    and normalises to 3. With after_batchnorm the normalised value ranks: channel 1 first (the
+    raw one, the default: channel 0).
+    """
+    conv = nn.Conv2d(1, 2, kernel_size=1).double()
+    _set(conv, [[[[0.0]]], [[[1.0]]]], [100.0, 0.0])
+    norm = nn.BatchNorm2d(2).double().eval()
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([100.0, 0.0]))
+        norm.running_var.fill_(1.0)
+    model = nn.Sequential(conv, norm, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8, 2))
+    model = model.double()
+    x = torch.full((2, 1, 2, 2), 3.0, dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    # 4 parameters, rows of 2: ⌊0.5 · 4⌋ = 2 is one whole channel.
+    normalised = select_targets(
+        model, x, y, method="top-outputs", ratio=0.5, include=["0"], after_batchnorm=True
+    )
+    assert normalised.units == {"0": [1]}
+    raw = select_targets(model, x, y, method="top-outputs", ratio=0.5, include=["0"])
+    assert raw.units == {"0": [0]}  # the default: the raw output, the paper's statistic
+    # a layer not followed by a BatchNorm keeps its raw output (the Linear layer "4")
+    both = select_targets(
+        model, x, y, method="top-outputs", ratio=0.5, include=["0", "4"], after_batchnorm=True
+    )
+    alone = select_targets(model, x, y, method="top-outputs", ratio=0.5, include=["0", "4"])
+    assert both.units["4"] == alone.units["4"]
+
+
 def _gradients_model() -> tuple[nn.Sequential, Tensor, Tensor]:
     """Logits are 0 on every input, so d(mean CE)/d logits = 1/3 − class frequency.
 

@@ -149,3 +149,61 @@ def test_joint_search_never_picks_a_non_finite_objective():
     assert choice.index == 0 and math.isfinite(choice.objective)
     with pytest.raises(ValueError, match="coarse_stride"):
         _joint(path, objective, coarse_stride=0)
+
+
+def _bn_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 4 * 4, 3),
+    ).eval()
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_inputs_and_leaves_eval() -> None:
+    from gifcli.update import recalibrate_batchnorm
+
+    model, x = _bn_model(), torch.randn(40, 1, 4, 4) * 3 + 1
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k}
+    recalibrate_batchnorm(model, x, batch_size=8)  # 5 equal batches: their average is the mean
+    conv = model[0](x)
+    norm = model[1]
+    assert torch.allclose(norm.running_mean, conv.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, conv.var((0, 2, 3)), rtol=0.1)
+    assert not model.training and norm.momentum == 0.1
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if "num_batches" not in k)
+
+
+def test_recalibrating_objective_scores_recalibrated_and_restores_the_model() -> None:
+    from gifcli.update import recalibrating
+
+    model, x = _bn_model(), torch.randn(20, 1, 4, 4) * 5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    score = recalibrating(lambda m: (seen.append(m[1].running_mean.clone()) or 1.0, {}), x)
+    assert score(model) == (1.0, {})
+    assert torch.allclose(seen[0], model[0](x).mean((0, 2, 3)), atol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_edit_with_recalibrated_batchnorm_keeps_parameters_outside_the_mask() -> None:
+    import gifcli
+    from gifcli.config import UpdateConfig
+
+    torch.manual_seed(1)
+    x = torch.randn(120, 1, 4, 4)
+    y = torch.arange(120) % 3
+    x[y == 2] += 2.0
+    data = gifcli.DataSplits.from_tensors(train=(x, y), test=(x[:30], y[:30]), val_fraction=0.2)
+    model = _bn_model()
+    settings = gifcli.Settings(update=UpdateConfig(recalibrate_batchnorm=True, grid_points=6))
+    result = gifcli.edit(model, gifcli.RemoveClass(classes=[2]), data, settings)
+    edited, original = result.model.state_dict(), model.state_dict()
+    mask = result.mask
+    for name, tensor in original.items():
+        if name in mask:  # a parameter: changed only inside the mask
+            assert torch.equal(edited[name][~mask[name]], tensor[~mask[name]])
+    assert not torch.equal(edited["1.running_mean"], original["1.running_mean"])

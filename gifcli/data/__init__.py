@@ -1,6 +1,7 @@
-"""Data sets, triggers and poisoning, removal sets; everything in memory as tensors."""
+"""Data sets (in memory, or streamed from disk batch by batch), triggers and poisoning, removal
+sets."""
 
-from gifcli.data.datasets import DataSplits, TensorSplit, load_dataset, stratified_split
+from gifcli.data.datasets import DataSplits, load_dataset, stratified_split
 from gifcli.data.removal import (
     class_removal_indices,
     read_poison_indices,
@@ -8,11 +9,14 @@ from gifcli.data.removal import (
     seeded_subset,
     to_split_positions,
 )
+from gifcli.data.splits import Split, StreamedSplit, TensorSplit
 from gifcli.data.triggers import Poisoning, apply_trigger, poison_split
 
 __all__ = [
     "DataSplits",
     "Poisoning",
+    "Split",
+    "StreamedSplit",
     "TensorSplit",
     "apply_trigger",
     "class_removal_indices",

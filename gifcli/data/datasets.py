@@ -1,18 +1,21 @@
-"""Data sets held in memory as tensors: readers, the validation split, normalisation.
+"""Data sets: readers, the validation split, normalisation.
 
 ``load_dataset(data, seed=...)`` is the one entry point. It reads ``data.dataset`` with pixels in
 [0, 1], carves a validation split out of the training split (stratified by class, seeded by the
 config seed), normalises every split with the per-channel ``(x - mean) / std``, and, with
 ``data.poison``, plants the backdoor in the training split only (validation and test stay clean).
+
+digits is held in memory (``TensorSplit``); every other data set is streamed
+(``StreamedSplit``): its pixels stay uint8 at rest (image files decoded per batch, arrays
+memory-mapped where the file allows) and are normalised batch by batch, so memory is bounded
+by the batch, not by the data set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gifcli.config import MAX_CLASSES, DataConfig
-from gifcli.data.images import open_image
+from gifcli.config import DataConfig
+from gifcli.data.folders import read_imagefolder
+from gifcli.data.splits import Split, StreamedSplit, TensorSplit
+from gifcli.data.stores import ArrayStore, ImageStore
+from gifcli.data.tensor_files import read_tensor_file
 from gifcli.data.triggers import Poisoning, poison_split
 from gifcli.errors import GifError
 
@@ -40,41 +46,6 @@ DEFAULT_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = 
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-@dataclass
-class TensorSplit:
-    """One split in memory. x: float32 [N, C, H, W], normalised; y: int64 [N], class labels."""
-
-    x: Tensor
-    y: Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"TensorSplit: {self.x.shape[0]} images but {self.y.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def subset(self, indices: Tensor | Sequence[int]) -> TensorSplit:
-        """The samples at ``indices`` (int positions, or a boolean mask of length N)."""
-        if not isinstance(indices, Tensor):
-            indices = torch.as_tensor(list(indices), dtype=torch.long)
-        elif indices.dtype != torch.bool:
-            indices = indices.long()
-        indices = indices.to(self.y.device)
-        return TensorSplit(self.x[indices], self.y[indices])
-
-    def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Consecutive ``(x, y)`` batches in order, without shuffling; the last may be short."""
-        for start in range(0, len(self), batch_size):
-            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
-
-    def to(self, device: torch.device | str) -> TensorSplit:
-        return TensorSplit(self.x.to(device), self.y.to(device))
-
 
 @dataclass
 class DataSplits:
@@ -87,9 +58,9 @@ class DataSplits:
     poisoned training indices to positions in ``train`` (``to_split_positions``).
     """
 
-    train: TensorSplit
-    val: TensorSplit
-    test: TensorSplit
+    train: Split
+    val: Split
+    test: Split
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
@@ -166,14 +137,22 @@ def _checked_pair(pair: tuple[Tensor, Tensor], name: str) -> tuple[Tensor, Tenso
 
 @dataclass
 class _Source:
-    """A data set as read: float32 [N, C, H, W] images in [0, 1] (tensors: as stored)."""
+    """A data set as read: images float32 [N, C, H, W] in [0, 1] in memory (digits), or a store
+    of images at rest; int64 labels."""
 
-    x_train: Tensor
+    x_train: Tensor | ImageStore
     y_train: Tensor
-    x_test: Tensor
+    x_test: Tensor | ImageStore
     y_test: Tensor
     num_classes: int
     class_names: tuple[str, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of every image."""
+        return tuple(
+            self.x_train.shape[1:] if isinstance(self.x_train, Tensor) else self.x_train.shape
+        )
 
 
 def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
@@ -187,15 +166,21 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
     reader = readers.get(data.dataset, _read_torchvision)
     source = reader(data)
 
-    channels = source.x_train.shape[1]
+    channels, *image_size = source.shape
     mean, std = _normalisation(data, channels)
-    for x in (source.x_train, source.x_test):
-        _normalise_(x, mean, std)
 
+    def split(images: Tensor | ImageStore, labels: Tensor) -> Split:
+        if isinstance(images, Tensor):
+            _normalise_(images, mean, std)
+            return TensorSplit(images, labels)
+        positions = torch.arange(len(labels))
+        return StreamedSplit(images, positions, labels, mean, std, workers=data.workers)
+
+    full_train = split(source.x_train, source.y_train)
     train_source, val_source = stratified_split(source.y_train, data.val_fraction, seed=seed)
-    train = TensorSplit(source.x_train[train_source], source.y_train[train_source])
-    val = TensorSplit(source.x_train[val_source], source.y_train[val_source])
-    test = TensorSplit(source.x_test, source.y_test)
+    train = full_train.subset(train_source)
+    val = full_train.subset(val_source)
+    test = split(source.x_test, source.y_test)
 
     poisoning = None
     if data.poison is not None:
@@ -207,7 +192,7 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
         test=test,
         num_classes=source.num_classes,
         in_channels=channels,
-        image_size=tuple(source.x_train.shape[2:]),
+        image_size=tuple(image_size),
         mean=mean,
         std=std,
         poison=poisoning,
@@ -266,12 +251,6 @@ def _normalisation(data: DataConfig, channels: int) -> tuple[tuple[float, ...], 
 def _normalise_(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     x.sub_(torch.tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1))
     x.div_(torch.tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1))
-
-
-def _unit_images(array: np.ndarray | Tensor) -> Tensor:
-    """uint8 images -> float32 in [0, 1], contiguous."""
-    x = torch.as_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array)
-    return x.contiguous().to(torch.float32).div_(255.0)
 
 
 # ------------------------------------------------------------------------------------ readers
@@ -339,262 +318,40 @@ def _read_torchvision(data: DataConfig) -> _Source:
             ) from exc
 
     train, test = open_split(True), open_split(False)
-    if data.dataset == "svhn":
-        arrays = [(ds.data, ds.labels) for ds in (train, test)]  # already N x 3 x 32 x 32
-        class_names = tuple(str(k) for k in range(10))
-    else:
-        arrays = [(ds.data, ds.targets) for ds in (train, test)]
-        class_names = tuple(train.classes)
+    labels = "labels" if data.dataset == "svhn" else "targets"
+    # uint8 at rest: cifar10 is N x 32 x 32 x 3, svhn N x 3 x 32 x 32, (fashion-)mnist N x 28 x 28
     (x_train, y_train), (x_test, y_test) = [
-        (_channels_first(x, data.dataset), torch.as_tensor(np.asarray(y), dtype=torch.long))
-        for x, y in arrays
+        (
+            ArrayStore(ds.data, channels_last=data.dataset == "cifar10"),
+            torch.as_tensor(np.asarray(getattr(ds, labels)), dtype=torch.long),
+        )
+        for ds in (train, test)
     ]
+    class_names = (
+        tuple(str(k) for k in range(10)) if data.dataset == "svhn" else tuple(train.classes)
+    )
     return _Source(x_train, y_train, x_test, y_test, num_classes=10, class_names=class_names)
 
 
-def _channels_first(x: np.ndarray | Tensor, dataset: str) -> Tensor:
-    if dataset == "cifar10":  # N x 32 x 32 x 3
-        x = np.asarray(x).transpose(0, 3, 1, 2)
-    x = _unit_images(x)
-    return x.unsqueeze(1) if x.ndim == 3 else x
-
-
 def _read_imagefolder(data: DataConfig) -> _Source:
-    from PIL import Image
-
-    root = Path(data.root)
-    layout = f"{root}/train/<class>/*.png and {root}/test/<class>/*.png"
-    for split_dir in (root / "train", root / "test"):
-        if not split_dir.is_dir():
-            raise GifError(f"data.root: {split_dir} is not a folder; imagefolder reads {layout}")
-    classes = _class_folders(root / "train")
-    if len(classes) < 2:
-        raise GifError(
-            f"data.root: {root / 'train'} holds {len(classes)} class folder(s); "
-            f"imagefolder needs one folder per class, at least two ({layout})"
-        )
-    train_files = _image_files(root / "train", classes, require_every_class=True)
-    test_classes = _class_folders(root / "test")
-    for name in test_classes:
-        if name not in classes:
-            raise GifError(
-                f"data.root: {root / 'test' / name} is a class with no folder in "
-                f"{root / 'train'}; every test class needs training images"
-            )
-    test_files = _image_files(root / "test", classes, require_every_class=False)
-    if not test_files:
-        raise GifError(f"data.root: {root / 'test'} holds no images; imagefolder reads {layout}")
-
-    def opened(path: Path):
-        return open_image(path, hint="remove or replace it")
-
-    # the header tells the mode: grey only if every image has one channel
-    grey = True
-    for path, _ in train_files + test_files:
-        with opened(path) as image:
-            grey = grey and len(image.getbands()) == 1 and image.mode != "P"
-    mode = "L" if grey else "RGB"
-
-    size = (data.image_size, data.image_size) if data.image_size is not None else None
-    first: Path | None = None
-
-    def read(files: list[tuple[Path, int]]) -> tuple[Tensor, Tensor]:
-        nonlocal size, first
-        arrays = []
-        for path, _ in files:
-            with opened(path) as image:
-                image = image.convert(mode)  # a decoding error is the context's GifError
-            if data.image_size is not None:
-                if image.size != size:
-                    image = image.resize(size, Image.Resampling.BILINEAR)
-            elif size is None:
-                size, first = image.size, path
-            elif image.size != size:
-                raise GifError(
-                    f"{path}: image is {image.size[0]}x{image.size[1]} but {first} "
-                    f"is {size[0]}x{size[1]}; set data.image_size to resize every "
-                    f"image to one square size"
-                )
-            array = np.asarray(image, dtype=np.uint8)
-            arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-        labels = torch.tensor([label for _, label in files], dtype=torch.long)
-        return _unit_images(np.stack(arrays)), labels
-
-    x_train, y_train = read(train_files)
-    x_test, y_test = read(test_files)
+    folder = read_imagefolder(data)
     return _Source(
-        x_train, y_train, x_test, y_test, num_classes=len(classes), class_names=tuple(classes)
+        folder.train,
+        torch.tensor(folder.train_labels, dtype=torch.long),
+        folder.test,
+        torch.tensor(folder.test_labels, dtype=torch.long),
+        num_classes=len(folder.class_names),
+        class_names=folder.class_names,
     )
-
-
-def _class_folders(split_dir: Path) -> list[str]:
-    # hidden folders (.ipynb_checkpoints, ...) are not classes
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(
-    split_dir: Path, classes: list[str], *, require_every_class: bool
-) -> list[tuple[Path, int]]:
-    files = []
-    for label, name in enumerate(classes):
-        folder = split_dir / name
-        found = (
-            sorted(
-                p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if folder.is_dir()
-            else []
-        )
-        if require_every_class and not found:
-            raise GifError(
-                f"data.root: {folder} holds no {', '.join(IMAGE_SUFFIXES)} images; "
-                f"add images or remove the class folder"
-            )
-        files += [(path, label) for path in found]
-    return files
 
 
 def _read_tensors(data: DataConfig) -> _Source:
-    path = Path(data.path or "")
-    if not path.is_file():
-        raise GifError(
-            f"data.path: {path} not found; point it at a .pt or .npz file with "
-            f"{', '.join(TENSOR_KEYS)}"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                _check_unpacked_size(path, archive.zip)
-                arrays = {key: archive[key] for key in archive.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise GifError(
-                f"{path}: cannot read the .npz file ({exc}); save it with numpy.savez"
-            ) from exc
-    elif suffix in (".pt", ".pth"):
-        try:
-            arrays = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad or unsafe file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise GifError(
-                f"{path}: cannot load with weights_only=True ({reason}); save a "
-                f"dict of tensors with torch.save"
-            ) from exc
-        if not isinstance(arrays, dict):
-            raise GifError(
-                f"{path}: holds a {type(arrays).__name__}; save a dict with keys "
-                f"{', '.join(TENSOR_KEYS)}"
-            )
-    else:
-        raise GifError(
-            f"data.path: {path} is not a .pt or .npz file; save x_train, y_train, "
-            f"x_test, y_test with torch.save or numpy.savez"
-        )
-
-    for key in TENSOR_KEYS:
-        if key not in arrays:
-            found = ", ".join(sorted(map(str, arrays))) or "nothing"
-            raise GifError(
-                f"{path}: missing key {key!r}; the file needs "
-                f"{', '.join(TENSOR_KEYS)} (found: {found})"
-            )
-    x_train = _tensor_images(arrays["x_train"], path, "x_train")
-    x_test = _tensor_images(arrays["x_test"], path, "x_test")
-    if x_test.shape[1:] != x_train.shape[1:]:
-        raise GifError(
-            f"{path}: x_test images are {_shape(x_test.shape[1:])} but x_train "
-            f"images are {_shape(x_train.shape[1:])}; both need one C x H x W shape"
-        )
-    y_train = _tensor_labels(arrays["y_train"], path, "y_train", len(x_train))
-    y_test = _tensor_labels(arrays["y_test"], path, "y_test", len(x_test))
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    file = read_tensor_file(data.path)
     return _Source(
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        num_classes=num_classes,
-        class_names=tuple(str(k) for k in range(num_classes)),
+        file.train,
+        file.y_train,
+        file.test,
+        file.y_test,
+        num_classes=file.num_classes,
+        class_names=tuple(str(k) for k in range(file.num_classes)),
     )
-
-
-def _check_unpacked_size(path: Path, archive: zipfile.ZipFile) -> None:
-    """Refuse an archive whose arrays unpack to more than this machine's memory: a small
-    compressed file can hold gigabytes of zeros."""
-    unpacked = sum(info.file_size for info in archive.infolist())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if unpacked > memory:
-        raise GifError(
-            f"{path}: the arrays unpack to {unpacked / 2**30:.1f} GiB, more than this "
-            f"machine's {memory / 2**30:.1f} GiB of memory; use a smaller data set"
-        )
-
-
-def _as_tensor(value: object, path: Path, key: str) -> Tensor:
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind not in "biuf" or value.dtype == np.uint64:  # torch holds no others
-            raise GifError(f"{path}: {key} has dtype {value.dtype}; store numbers")
-        return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, Tensor):
-        return value
-    raise GifError(f"{path}: {key} is a {type(value).__name__}; store an array or tensor")
-
-
-def _tensor_images(value: object, path: Path, key: str) -> Tensor:
-    x = _as_tensor(value, path, key)
-    if x.ndim not in (3, 4) or x.shape[0] == 0:
-        raise GifError(
-            f"{path}: {key} has shape {_shape(x.shape)}; store images shaped "
-            f"N x H x W or N x C x H x W (N > 0)"
-        )
-    channels_last = (
-        x.ndim == 4
-        and x.shape[3] in (1, 3)
-        and x.shape[1] not in (1, 3)
-        and x.shape[1] == x.shape[2]
-    )  # e.g. N x 32 x 32 x 3
-    if channels_last:
-        raise GifError(
-            f"{path}: {key} has shape {_shape(x.shape)}, channels last; store "
-            f"N x C x H x W (e.g. x.transpose(0, 3, 1, 2))"
-        )
-    if x.dtype == torch.uint8:
-        x = _unit_images(x)
-    elif x.is_floating_point():
-        x = x.to(torch.float32).contiguous()
-        if not torch.isfinite(x).all():
-            raise GifError(f"{path}: {key} holds NaN or infinite values")
-    else:
-        raise GifError(
-            f"{path}: {key} has dtype {str(x.dtype).removeprefix('torch.')}; store "
-            f"images as uint8 (0-255, scaled to [0, 1]) or float (taken as is)"
-        )
-    return x.unsqueeze(1) if x.ndim == 3 else x
-
-
-def _tensor_labels(value: object, path: Path, key: str, count: int) -> Tensor:
-    """Labels as int64 [count], each in 0..MAX_CLASSES-1, checked before anything is sized by
-    a label (the number of classes is the largest label plus one)."""
-    if isinstance(value, Tensor):
-        value = value.numpy(force=True)
-    if not isinstance(value, np.ndarray):
-        raise GifError(f"{path}: {key} is a {type(value).__name__}; store an array or tensor")
-    if value.dtype.kind not in "iu":
-        raise GifError(f"{path}: {key} has dtype {value.dtype}; store integer class labels")
-    if value.ndim != 1 or value.shape[0] != count:
-        raise GifError(
-            f"{path}: {key} has shape {_shape(value.shape)}; store one integer label "
-            f"per image ({count})"
-        )
-    if value.size and value.min() < 0:
-        raise GifError(f"{path}: {key} holds negative labels; labels are 0..num_classes-1")
-    if value.size and value.max() >= MAX_CLASSES:
-        raise GifError(
-            f"{path}: {key} holds the label {value.max()}; labels are 0..num_classes-1, "
-            f"with at most {MAX_CLASSES} classes"
-        )
-    return torch.from_numpy(value.astype(np.int64))
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return " x ".join(str(s) for s in shape) or "()"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gifcli.data.datasets import TensorSplit
+from gifcli.data.splits import Split
 from gifcli.errors import GifError
 
 # one parsed entry: (where it is in the file, index, true label or None)
@@ -31,7 +31,7 @@ _Entry = tuple[str, int, int | None]
 MAX_INDEX_FILE_BYTES = 256 << 20  # 25 million indices as text
 
 
-def class_removal_indices(train: TensorSplit, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
+def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
     """Sorted int64 positions ``(removal, retained)`` in ``train`` of the samples whose label is
     one of ``classes``, and of all others."""
     classes = [int(k) for k in classes]

@@ -13,7 +13,6 @@ trigger is applied and clamped to [0, 1], and the result is normalised again. Pi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from gifcli.data.images import open_image
 from gifcli.errors import GifError
 
 if TYPE_CHECKING:
-    from gifcli.data.datasets import TensorSplit
+    from gifcli.data.splits import Split
 
 
 @dataclass
@@ -93,16 +92,17 @@ def apply_trigger(
 
 
 def poison_split(
-    train: TensorSplit,
+    train: Split,
     poison: PoisonConfig,
     *,
     mean: Sequence[float] | Tensor,
     std: Sequence[float] | Tensor,
-) -> tuple[TensorSplit, Poisoning]:
+) -> tuple[Split, Poisoning]:
     """Plant a backdoor: ``floor(rate * n)`` samples whose label is not ``target``, drawn with
     ``poison.seed``, get the trigger and the label ``target``.
 
-    Returns a new split (``train`` is untouched) and the record of what was poisoned.
+    Returns a new split (``train`` is untouched; a streamed split applies the trigger as its
+    batches are read) and the record of what was poisoned.
     """
     n = len(train)
     count = math.floor(poison.rate * n + 1e-9)  # 0.29 * 100 is 28.999...: still 29 samples
@@ -121,15 +121,14 @@ def poison_split(
     order = torch.randperm(len(candidates), generator=generator)[:count]
     indices = candidates[order.to(candidates.device)].sort().values
 
-    x = train.x.clone()
     y = train.y.clone()
-    x[indices] = apply_trigger(train.x[indices], poison, mean=mean, std=std)
     true_labels = train.y[indices].clone()
     y[indices] = poison.target
     poisoning = Poisoning(
         indices=indices.cpu(), true_labels=true_labels.cpu(), target=poison.target, trigger=poison
     )
-    return dataclasses.replace(train, x=x, y=y), poisoning
+    trigger = functools.partial(apply_trigger, trigger=poison, mean=mean, std=std)
+    return train.with_trigger(trigger, indices).with_labels(y), poisoning
 
 
 def blend_image(

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from gifcli.data import DataSplits, TensorSplit
-from gifcli.data.removal import seeded_subset
+from gifcli.data import DataSplits, Split, seeded_subset
+from gifcli.data.splits import LazyInputs
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -32,21 +32,22 @@ class RemovalSet:
     """What a task removes, and how its edit is judged on the validation split.
 
     ``x``/``y``: the removal set ``U`` with the labels it was trained on (the removal loss and
-    the selection statistics use them); ``true_y``: backdoor only, the labels the points are
-    re-added with. ``n_train``: the size ``n`` of the training set. ``retained``: the points a
-    Hessian sample is drawn from. ``objective``: the step search's validation objective.
+    the selection statistics use them); ``x`` is a tensor, or a streamed split's ``inputs``,
+    read batch by batch. ``true_y``: backdoor only, the labels the points are re-added with.
+    ``n_train``: the size ``n`` of the training set. ``retained``: the points a Hessian sample
+    is drawn from. ``objective``: the step search's validation objective.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | LazyInputs
     y: torch.Tensor
     true_y: torch.Tensor | None
     n_train: int
-    retained: TensorSplit
+    retained: Split
     objective: Objective
     description: str
 
 
-def searched(split: TensorSplit, samples: int | None, seed: int) -> TensorSplit:
+def searched(split: Split, samples: int | None, seed: int) -> Split:
     """The seeded subsample of ``split`` a step-search objective scores (``update.
     search_samples``): all of it when ``samples`` is None or at least its size."""
     if samples is None or samples >= len(split):
@@ -64,6 +65,9 @@ class Task(ABC):
     """The two or three metrics that say at a glance how a model does on this task."""
     described_by: ClassVar[str]
     """The config keys that make a config describe this task (for messages)."""
+    train_samples: int | None = None
+    """``metrics.train_samples``: the ``*_train`` metrics are measured on a seeded sample of
+    this many training samples (None: all); each task declares it as a field."""
 
     @classmethod
     @abstractmethod
@@ -102,5 +106,18 @@ class Task(ABC):
         ``per_class_acc_test``); ``seed`` draws the membership-inference sample."""
 
     @abstractmethod
-    def retrain_split(self, data: DataSplits) -> TensorSplit:
+    def retrain_split(self, data: DataSplits) -> Split:
         """The training data of the retrain oracle."""
+
+    def metrics_train(self, data: DataSplits, *, seed: int) -> tuple[Split, torch.Tensor]:
+        """The training samples the ``*_train`` metrics are measured on, and their positions
+        in ``data.train`` (sorted): all of them, or a sample of ``train_samples`` drawn with
+        ``seed``."""
+        size = self.metrics_sample_size(data)
+        positions = seeded_subset(len(data.train), size, seed=seed)
+        return (data.train if size is None else data.train.subset(positions)), positions
+
+    def metrics_sample_size(self, data: DataSplits) -> int | None:
+        """``train_samples`` when it samples ``data.train``, else None (all of it)."""
+        size = self.train_samples
+        return size if size is not None and size < len(data.train) else None

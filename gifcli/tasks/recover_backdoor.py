@@ -17,7 +17,7 @@ from torch import nn
 from gifcli.config import TriggerConfig
 from gifcli.data import (
     DataSplits,
-    TensorSplit,
+    Split,
     apply_trigger,
     read_poison_indices,
     to_split_positions,
@@ -52,6 +52,7 @@ class RecoverBackdoor(Task):
     synthetic_samples: int | None = None
     seed: int = 0
     trigger_key: str = "removal.trigger"
+    train_samples: int | None = None
 
     name: ClassVar[str] = "recover-backdoor"
     described_by: ClassVar[str] = "data.poison or removal.poison_indices"
@@ -100,6 +101,7 @@ class RecoverBackdoor(Task):
             "synthetic_samples": config.removal.synthetic_samples,
             "seed": config.seed,
             "trigger_key": "removal.trigger" if config.removal.trigger else "data.poison",
+            "train_samples": config.metrics.train_samples,
         }
         if config.removal.poison_indices:
             return cls(**common, **_listed_poison(config, data))
@@ -122,11 +124,10 @@ class RecoverBackdoor(Task):
         """``x`` (normalised like ``data``) with the trigger applied."""
         return apply_trigger(x, self.trigger, mean=data.mean, std=data.std, key=self.trigger_key)
 
-    def triggered_inputs(self, data: DataSplits, split: TensorSplit) -> TensorSplit:
+    def triggered_inputs(self, data: DataSplits, split: Split) -> Split:
         """``split``'s samples whose true class is not the target, with the trigger applied,
         labelled with their true class (ASR and robust accuracy are measured on these)."""
-        keep = split.y != self.target
-        return TensorSplit(x=self.triggered(data, split.x[keep]), y=split.y[keep])
+        return split.subset(split.y != self.target).with_trigger(lambda x: self.triggered(data, x))
 
     def clean_mask(self, n_train: int) -> torch.Tensor:
         clean = torch.ones(n_train, dtype=torch.bool)
@@ -148,13 +149,14 @@ class RecoverBackdoor(Task):
         val = searched(data.val.subset(torch.nonzero(keep).squeeze(1)), search_samples, seed)
         clean = self.clean_mask(len(train))
         if self.synthetic_samples is None:
-            x, y, true_y = train.x[self.poisoned], train.y[self.poisoned], self.true_labels
+            poisoned = train.subset(self.poisoned)
+            x, y, true_y = poisoned.inputs, poisoned.y, self.true_labels
         else:
             candidates = torch.nonzero(clean & (train.y != self.target)).squeeze(1)
             generator = torch.Generator().manual_seed(self.seed)
             order = torch.randperm(len(candidates), generator=generator)
             chosen = candidates[order[: self.synthetic_samples]]
-            x = self.triggered(data, train.x[chosen])
+            x = self.triggered(data, train.take(chosen))
             y, true_y = torch.full((len(chosen),), self.target), train.y[chosen]
         triggered_val = self.triggered_inputs(data, val)
 
@@ -182,22 +184,24 @@ class RecoverBackdoor(Task):
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
     ) -> dict:
+        train, positions = self.metrics_train(data, seed=seed)
+        poisoned = to_split_positions(self.poisoned, positions)  # -1: not in the sample
         return backdoor_metrics(
             model,
             test=data.test,
             triggered_test=self.triggered_inputs(data, data.test),
-            train=data.train,
-            poisoned=self.poisoned,
-            true_labels=self.true_labels,
+            train=train,
+            poisoned=poisoned[poisoned >= 0],
+            true_labels=self.true_labels[poisoned >= 0],
             target=self.target,
             num_classes=data.num_classes,
             device=device,
         )
 
-    def retrain_split(self, data: DataSplits) -> TensorSplit:
+    def retrain_split(self, data: DataSplits) -> Split:
         y = data.train.y.clone()
         y[self.poisoned] = self.true_labels
-        return TensorSplit(x=data.train.x, y=y)
+        return data.train.with_labels(y)
 
 
 def _listed_poison(config: Config, data: DataSplits) -> dict:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from gifcli.data import DataSplits, TensorSplit, class_removal_indices
+from gifcli.data import DataSplits, Split, class_removal_indices
 from gifcli.metrics import forget_retain, harmonic_mean, predict, remove_class_metrics
 from gifcli.tasks.base import RemovalSet, Task, searched
 
@@ -23,6 +23,7 @@ class RemoveClass(Task):
     accuracy on the validation split."""
 
     classes: list[int]
+    train_samples: int | None = None
 
     name: ClassVar[str] = "remove-class"
     described_by: ClassVar[str] = "removal.classes"
@@ -46,7 +47,7 @@ class RemoveClass(Task):
 
     @classmethod
     def from_config(cls, config: Config, data: DataSplits) -> RemoveClass:
-        return cls(classes=list(config.removal.classes))
+        return cls(classes=list(config.removal.classes), train_samples=config.metrics.train_samples)
 
     @property
     def description(self) -> str:
@@ -63,6 +64,7 @@ class RemoveClass(Task):
     ) -> RemovalSet:
         train, val = data.train, searched(data.val, search_samples, seed)
         removed, retained = class_removal_indices(train, self.classes)
+        forget = train.subset(removed)
 
         def objective(model: nn.Module) -> tuple[float, dict]:
             predicted, _ = predict(model, val, device=device)
@@ -73,8 +75,8 @@ class RemoveClass(Task):
             }
 
         return RemovalSet(
-            x=train.x[removed],
-            y=train.y[removed],
+            x=forget.inputs,
+            y=forget.y,
             true_y=None,
             n_train=len(train),
             retained=train.subset(retained),
@@ -85,9 +87,10 @@ class RemoveClass(Task):
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
     ) -> dict:
+        train, _ = self.metrics_train(data, seed=seed)
         return remove_class_metrics(
             model,
-            train=data.train,
+            train=train,
             test=data.test,
             classes=self.classes,
             num_classes=data.num_classes,
@@ -95,6 +98,6 @@ class RemoveClass(Task):
             seed=seed,
         )
 
-    def retrain_split(self, data: DataSplits) -> TensorSplit:
+    def retrain_split(self, data: DataSplits) -> Split:
         _, retained = class_removal_indices(data.train, self.classes)
         return data.train.subset(retained)

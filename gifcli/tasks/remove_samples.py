@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gifcli.config import SAMPLE_OBJECTIVES
-from gifcli.data import DataSplits, TensorSplit, read_removal_indices, to_split_positions
+from gifcli.data import DataSplits, Split, read_removal_indices, to_split_positions
 from gifcli.errors import GifError
 from gifcli.metrics import (
     ks_critical,
@@ -49,6 +49,7 @@ class RemoveSamples(Task):
     objective: str = "ks"
     tolerance: float = 1.0
     source: str = "listed samples"
+    train_samples: int | None = None
 
     name: ClassVar[str] = "remove-samples"
     described_by: ClassVar[str] = "removal.indices or removal.random"
@@ -83,7 +84,11 @@ class RemoveSamples(Task):
     @classmethod
     def from_config(cls, config: Config, data: DataSplits) -> RemoveSamples:
         removal = config.removal
-        options = {"objective": removal.objective, "tolerance": removal.tolerance}
+        options = {
+            "objective": removal.objective,
+            "tolerance": removal.tolerance,
+            "train_samples": config.metrics.train_samples,
+        }
         if removal.random is not None:
             return cls.at_random(
                 len(data.train), removal.random.fraction, seed=removal.random.seed, **options
@@ -111,7 +116,7 @@ class RemoveSamples(Task):
             text += f"; {len(self.val_excluded)} listed validation samples left out of it"
         return text
 
-    def validation(self, data: DataSplits) -> TensorSplit:
+    def validation(self, data: DataSplits) -> Split:
         """The validation split without the listed samples it holds."""
         keep = torch.ones(len(data.val), dtype=torch.bool)
         keep[self.val_excluded] = False
@@ -190,7 +195,7 @@ class RemoveSamples(Task):
             }
 
         return RemovalSet(
-            x=forget.x,
+            x=forget.inputs,
             y=forget.y,
             true_y=None,
             n_train=len(train),
@@ -202,17 +207,18 @@ class RemoveSamples(Task):
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
     ) -> dict:
+        train, positions = self.metrics_train(data, seed=seed)
         return remove_samples_metrics(
             model,
-            train=data.train,
+            train=train,
             test=data.test,
-            removed=self.removed_mask(data),
+            removed=self.removed_mask(data)[positions],
             num_classes=data.num_classes,
             device=device,
             seed=seed,
         )
 
-    def retrain_split(self, data: DataSplits) -> TensorSplit:
+    def retrain_split(self, data: DataSplits) -> Split:
         return data.train.subset(~self.removed_mask(data))
 
 

@@ -352,12 +352,18 @@ def test_tensors_labels_of_any_integer_dtype_are_read(tmp_path):
 
 
 def test_tensors_archive_larger_than_memory_is_refused_before_unpacking(tmp_path, monkeypatch):
-    from gifcli.data import datasets
+    from gifcli.data import tensor_files
 
-    path = _save_npz(tmp_path)
-    monkeypatch.setattr(datasets.os, "sysconf", lambda name: 16)  # 256 bytes of "memory"
+    path = tmp_path / "packed.npz"
+    np.savez_compressed(path, **_arrays(np.random.default_rng(4), (4, 4), np.uint8))
+    monkeypatch.setattr(tensor_files.os, "sysconf", lambda name: 16)  # 256 bytes of "memory"
     with pytest.raises(GifError, match="unpack to .* more than this machine's"):
         load_dataset(DataConfig(dataset="tensors", path=str(path)), seed=0)
+    # an uncompressed archive is memory-mapped, not unpacked: no memory limit applies
+    assert (
+        len(load_dataset(DataConfig(dataset="tensors", path=str(_save_npz(tmp_path))), seed=0).test)
+        == 5
+    )
 
 
 def test_imagefolder_image_claiming_a_huge_size_is_refused_from_its_header(tmp_path):

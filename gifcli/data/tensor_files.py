@@ -1,0 +1,237 @@
+"""The ``tensors`` data set: ``x_train``, ``y_train``, ``x_test``, ``y_test`` in one file.
+
+``data.path`` is a ``.npz`` archive (``numpy.savez``), a folder of ``.npy`` files
+(``x_train.npy``, ...), or a ``.pt`` dict saved with ``torch.save``. The images are memory-mapped
+wherever the format allows, so they are read from disk batch by batch and never held whole:
+``.npy`` files, the members of an uncompressed ``.npz`` (``numpy.savez``), and ``.pt`` files
+(``torch.load(mmap=True)``). A compressed ``.npz`` (``numpy.savez_compressed``) is unpacked
+into memory, and refused when it would unpack to more than the machine's memory. Labels are
+read into memory and checked before anything is sized by them.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gifcli.config import MAX_CLASSES
+from gifcli.data.stores import ArrayStore
+from gifcli.errors import GifError
+
+TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_FINITE_CHECK_ROWS = 4096  # float images are checked for NaN/Inf this many rows at a time
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: its name and extra
+
+
+@dataclass
+class TensorFile:
+    train: ArrayStore
+    y_train: Tensor
+    test: ArrayStore
+    y_test: Tensor
+    num_classes: int
+
+
+def read_tensor_file(path_text: str | None) -> TensorFile:
+    path = Path(path_text or "")
+    arrays = _open_arrays(path)
+    for key in TENSOR_KEYS:
+        if key not in arrays:
+            found = ", ".join(sorted(map(str, arrays))) or "nothing"
+            raise GifError(
+                f"{path}: missing key {key!r}; the file needs "
+                f"{', '.join(TENSOR_KEYS)} (found: {found})"
+            )
+    x_train = _images(arrays["x_train"], path, "x_train")
+    x_test = _images(arrays["x_test"], path, "x_test")
+    if x_test.shape != x_train.shape:
+        raise GifError(
+            f"{path}: x_test images are {_shape(x_test.shape)} but x_train "
+            f"images are {_shape(x_train.shape)}; both need one C x H x W shape"
+        )
+    y_train = _labels(arrays["y_train"], path, "y_train", len(x_train))
+    y_test = _labels(arrays["y_test"], path, "y_test", len(x_test))
+    return TensorFile(
+        train=x_train,
+        y_train=y_train,
+        test=x_test,
+        y_test=y_test,
+        num_classes=int(max(y_train.max(), y_test.max())) + 1,
+    )
+
+
+def _open_arrays(path: Path) -> dict:
+    """The arrays or tensors stored at ``path``, memory-mapped where the format allows."""
+    if path.is_dir():
+        files = {p.stem: p for p in path.glob("*.npy") if p.stem in TENSOR_KEYS}
+        return {key: _npy(file) for key, file in files.items()}
+    if not path.is_file():
+        raise GifError(
+            f"data.path: {path} not found; point it at a .pt or .npz file, or a folder of "
+            f".npy files, with {', '.join(TENSOR_KEYS)}"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _npz(path)
+    if suffix in (".pt", ".pth"):
+        return _pt(path)
+    raise GifError(
+        f"data.path: {path} is not a .pt or .npz file; save x_train, y_train, "
+        f"x_test, y_test with torch.save or numpy.savez"
+    )
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise GifError(
+            f"{path}: cannot read the .npy file ({exc}); save it with numpy.save"
+        ) from exc
+
+
+def _npz(path: Path) -> dict:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            packed = [info for info in members.values() if info.compress_type != zipfile.ZIP_STORED]
+            _check_unpacked_size(path, packed)
+            mapped = {key: _mapped_member(path, info) for key, info in members.items()}
+        with np.load(path, allow_pickle=False) as archive:
+            return {
+                key: mapped[key] if mapped.get(key) is not None else archive[key]
+                for key in archive.files
+            }
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise GifError(
+            f"{path}: cannot read the .npz file ({exc}); save it with numpy.savez"
+        ) from exc
+
+
+def _mapped_member(path: Path, info: zipfile.ZipInfo) -> np.memmap | None:
+    """An uncompressed member of an .npz as a read-only memory map (None: it cannot be)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
+        return None
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            return None
+        file.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+        version = np.lib.format.read_magic(file)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            return None
+        shape, fortran_order, dtype = readers[version](file)
+        offset = file.tell()
+    if dtype.hasobject:
+        return None  # np.load refuses it with allow_pickle=False
+    order = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order=order, offset=offset)
+
+
+def _pt(path: Path) -> dict:
+    try:
+        arrays = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise GifError(
+            f"{path}: cannot load with weights_only=True ({reason}); save a "
+            f"dict of tensors with torch.save"
+        ) from exc
+    if not isinstance(arrays, dict):
+        raise GifError(
+            f"{path}: holds a {type(arrays).__name__}; save a dict with keys "
+            f"{', '.join(TENSOR_KEYS)}"
+        )
+    return arrays
+
+
+def _check_unpacked_size(path: Path, packed: Sequence[zipfile.ZipInfo]) -> None:
+    """Refuse compressed members that unpack to more than this machine's memory: a small
+    compressed file can hold gigabytes of zeros."""
+    unpacked = sum(info.file_size for info in packed)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if unpacked > memory:
+        raise GifError(
+            f"{path}: the arrays unpack to {unpacked / 2**30:.1f} GiB, more than this "
+            f"machine's {memory / 2**30:.1f} GiB of memory; use a smaller data set"
+        )
+
+
+def _images(value: object, path: Path, key: str) -> ArrayStore:
+    """A stored image array as a store, its shape and dtype checked (floats: finite)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf" or value.dtype == np.uint64:  # torch holds no others
+            raise GifError(f"{path}: {key} has dtype {value.dtype}; store numbers")
+        is_uint8, is_float = value.dtype == np.uint8, value.dtype.kind == "f"
+        dtype_name = str(value.dtype)
+    elif isinstance(value, Tensor):
+        is_uint8, is_float = value.dtype == torch.uint8, value.is_floating_point()
+        dtype_name = str(value.dtype).removeprefix("torch.")
+    else:
+        raise GifError(f"{path}: {key} is a {type(value).__name__}; store an array or tensor")
+    shape = tuple(value.shape)
+    if len(shape) not in (3, 4) or shape[0] == 0:
+        raise GifError(
+            f"{path}: {key} has shape {_shape(shape)}; store images shaped "
+            f"N x H x W or N x C x H x W (N > 0)"
+        )
+    channels_last = (
+        len(shape) == 4 and shape[3] in (1, 3) and shape[1] not in (1, 3) and shape[1] == shape[2]
+    )  # e.g. N x 32 x 32 x 3
+    if channels_last:
+        raise GifError(
+            f"{path}: {key} has shape {_shape(shape)}, channels last; store "
+            f"N x C x H x W (e.g. x.transpose(0, 3, 1, 2))"
+        )
+    if not (is_uint8 or is_float):
+        raise GifError(
+            f"{path}: {key} has dtype {dtype_name}; store images as uint8 (0-255, scaled "
+            f"to [0, 1]) or float (taken as is)"
+        )
+    if is_float:
+        finite = torch.isfinite if isinstance(value, Tensor) else np.isfinite
+        for start in range(0, shape[0], _FINITE_CHECK_ROWS):
+            if not finite(value[start : start + _FINITE_CHECK_ROWS]).all():
+                raise GifError(f"{path}: {key} holds NaN or infinite values")
+    return ArrayStore(value)
+
+
+def _labels(value: object, path: Path, key: str, count: int) -> Tensor:
+    """Labels as int64 [count], each in 0..MAX_CLASSES-1, checked before anything is sized by
+    a label (the number of classes is the largest label plus one)."""
+    if isinstance(value, Tensor):
+        value = value.numpy(force=True)
+    if not isinstance(value, np.ndarray):
+        raise GifError(f"{path}: {key} is a {type(value).__name__}; store an array or tensor")
+    if value.dtype.kind not in "iu":
+        raise GifError(f"{path}: {key} has dtype {value.dtype}; store integer class labels")
+    if value.ndim != 1 or value.shape[0] != count:
+        raise GifError(
+            f"{path}: {key} has shape {_shape(value.shape)}; store one integer label "
+            f"per image ({count})"
+        )
+    if value.size and value.min() < 0:
+        raise GifError(f"{path}: {key} holds negative labels; labels are 0..num_classes-1")
+    if value.size and value.max() >= MAX_CLASSES:
+        raise GifError(
+            f"{path}: {key} holds the label {value.max()}; labels are 0..num_classes-1, "
+            f"with at most {MAX_CLASSES} classes"
+        )
+    return torch.from_numpy(value.astype(np.int64))
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return " x ".join(str(s) for s in shape) or "()"
