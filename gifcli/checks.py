@@ -389,7 +389,7 @@ def edit_report_schema(metric_keys: Sequence[str], *, oracle: bool) -> dict:
     schema = _schema_of(EditReport)
     del schema["checks"]
     metrics = metrics_schema(metric_keys)
-    groups = {"before": metrics, "after": metrics}
+    groups = {"before": metrics, "after": metrics, "train_samples": NUMBER}
     if oracle:
         gap = {key: NUMBER for key, node in metrics.items() if node is NUMBER}
         groups.update(oracle=metrics, gap={**gap, "mean": NUMBER})
