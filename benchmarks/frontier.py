@@ -165,7 +165,8 @@ def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log)
     grid = FULL_GRID if size == "digits" else LADDER_GRID
     if args.grid:
         grid = [(*map(int, rung.split("x")), "0.01") for rung in args.grid]
-    variants = [("gif (default budget)", "gif", [])]
+    budgeted = ["influence.hessian_samples=auto", "influence.max_iter=auto"]
+    variants = [("gif (default budget)", "gif", budgeted)]
     variants += [
         (
             f"gif {s}×{k} λ={damping}",
@@ -180,7 +181,7 @@ def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log)
     ]
     others = ("first-order", "fif", "pif", "if") if size == "digits" else LARGE_METHODS
     others = () if args.grid else others
-    variants += [(method, method, []) for method in others]
+    variants += [(method, method, budgeted) for method in others]
     rows = []
     for name, method, extra in variants:
         config = load_config(ROOT / config_path, [*overrides, f"influence.method={method}", *extra])
