@@ -69,7 +69,7 @@ def test_report_has_every_key_and_the_oracle_gap(removal):
     assert {"scale", "norm", "sweep"} <= set(report["update"])
     assert len(report["update"]["sweep"]) >= 40
     metrics = report["metrics"]
-    assert set(metrics) == {"before", "after", "oracle", "gap"}
+    assert set(metrics) == {"before", "after", "oracle", "gap", "train_samples"}
     for key in (
         "forget_acc_test",
         "retain_acc_test",
