@@ -185,22 +185,16 @@ def plan_budget(
         return fixed + HVP_PASSES * samples * solve_products(iterations)
 
     allowed = influence.budget * retrain_passes
-    auto_samples, auto_iterations = BUDGET_LADDER[0]
-    for samples, iterations in BUDGET_LADDER:
-        wanted_samples = samples if influence.hessian_samples == "auto" else 0
-        wanted_iterations = iterations if influence.max_iter == "auto" else 0
-        if (
-            predicted(
-                _given(influence.hessian_samples, wanted_samples),
-                _given(influence.max_iter, wanted_iterations),
-            )
-            > allowed
-            and (samples, iterations) != BUDGET_LADDER[0]
-        ):
+
+    def sized(rung: tuple[int, int]) -> tuple[int, int]:
+        return _given(influence.hessian_samples, rung[0]), _given(influence.max_iter, rung[1])
+
+    chosen = BUDGET_LADDER[0]
+    for rung in BUDGET_LADDER[1:]:  # dearer rungs predict more passes: stop at the first over
+        if predicted(*sized(rung)) > allowed:
             break
-        auto_samples, auto_iterations = samples, iterations
-    samples = _given(influence.hessian_samples, auto_samples)
-    iterations = _given(influence.max_iter, auto_iterations)
+        chosen = rung
+    samples, iterations = sized(chosen)
     auto = "auto" in (influence.hessian_samples, influence.max_iter)
     return BudgetRecord(
         fraction=influence.budget,
