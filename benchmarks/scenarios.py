@@ -119,6 +119,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--scenarios", type=csv(), default=list(SCENARIOS), help="default: all")
     add("--methods", type=csv(), default=list(METHODS), help="default: all")
     add("--seeds", type=csv(int), default=[0, 1, 2, 3, 4])
+    add(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra dotted config override for every scenario and method, repeatable "
+        "(e.g. influence.hessian_samples=auto)",
+    )
     add("--threads", type=int, default=1)
     add("--work-dir", type=Path, help="keep (and reuse) checkpoints here")
     add("--output", type=Path, default=RESULTS / "scenarios.json")
@@ -151,6 +160,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "benchmark": "scenarios",
         "command": command_line("scenarios.py", argv),
         "seeds": args.seeds,
+        "overrides": args.overrides,
         "methods": {name: METHODS[name] for name in args.methods},
         "machine": machine(args.threads),
         "scenarios": stored.get("scenarios", {}),
@@ -159,7 +169,10 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
         for name in args.scenarios:
             task, config, overrides, why = SCENARIOS[name]
             scenario_args = argparse.Namespace(
-                config=ROOT / config, data=None, overrides=overrides, threads=args.threads
+                config=ROOT / config,
+                data=None,
+                overrides=[*overrides, *args.overrides],
+                threads=args.threads,
             )
             per_seed = []
             started = log.elapsed()

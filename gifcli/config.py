@@ -351,7 +351,8 @@ class InfluenceConfig:
         0.5,
         "auto hessian_samples / max_iter: the edit's work as a fraction of one retraining's "
         "(train.epochs x retrained samples, in sample passes); the dearest rung of the budget "
-        "ladder (64x3, 128x5, 256x10, 512x10, 1024x20 samples x iterations) that fits is used",
+        "ladder (64x3, 128x5, 256x5, 512x5, 1024x5, 2048x5, 1024x20 samples x iterations) "
+        "that fits is used",
     )
     tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
     damping: float | str = _field(

@@ -29,9 +29,19 @@ from gifcli.errors import GifError
 from gifcli.influence.hvp import CurvatureOperator
 from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
 
-BUDGET_LADDER: tuple[tuple[int, int], ...] = ((64, 3), (128, 5), (256, 10), (512, 10), (1024, 20))
+BUDGET_LADDER: tuple[tuple[int, int], ...] = (
+    (64, 3),
+    (128, 5),
+    (256, 5),
+    (512, 5),
+    (1024, 5),
+    (2048, 5),
+    (1024, 20),
+)
 """(Hessian samples, iterations) from cheapest to dearest: the budget takes the dearest rung
-that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining")."""
+that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining"):
+beyond 5 iterations a larger Hessian sample buys more than more iterations; the top rung is
+the solve the tool used before the budget."""
 HVP_PASSES = 4.0
 """Sample passes of one HVP over one sample, for the budget: the double-backward product the
 budgeted solves use, as measured on TinyNet (``cost.hvp_passes`` of its reports)."""
