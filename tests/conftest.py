@@ -1,5 +1,6 @@
 """Shared fixtures: base checkpoints trained once per test session on scikit-learn's digits."""
 
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -15,6 +16,15 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 DIGITS_BACKDOOR = ROOT / "configs" / "digits-backdoor.yaml"
 DIGITS_SAMPLES = ROOT / "configs" / "digits-samples.yaml"
 MLP = ["model.arch=mlp", "model.kwargs={hidden: 8}"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interruptible() -> None:
+    """Ctrl-C is tested by sending SIGINT; a suite started in the background of a
+    non-interactive shell inherits SIGINT ignored (and so would every child it starts), so the
+    default handler is put back for the session."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def train_checkpoint(
