@@ -64,14 +64,7 @@ def add_common_arguments(
         help="a tensors .npz/.pt file instead of the config's data set "
         "(sets data.dataset=tensors data.path=FILE)",
     )
-    add(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra dotted config override, repeatable (e.g. influence.hessian_samples=512)",
-    )
+    add_overrides(parser, "extra dotted config override, repeatable")
     add("--seeds", type=csv(int), default=[0, 1, 2], help="config seeds (default 0,1,2)")
     add(
         "--methods",
@@ -102,6 +95,18 @@ def add_common_arguments(
     )
     add("--markdown", type=Path, help="write the markdown section here (default: stdout)")
     add("--render", action="store_true", help="only render the markdown of --output")
+
+
+def add_overrides(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{help_text} (e.g. influence.hessian_samples=512)",
+    )
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
@@ -489,6 +494,17 @@ def emit(args: argparse.Namespace, text: str) -> None:
         args.markdown.write_text(text + "\n")
     else:
         print(text)
+
+
+def measure_or_render(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    measure: Callable[[argparse.Namespace, Sequence[str] | None], dict],
+    markdown: Callable[[dict], str],
+) -> None:
+    """A benchmark's main: measure (or, with ``--render``, read ``--output``) and emit."""
+    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
+    emit(args, markdown(results))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -20,17 +20,16 @@ section (``--markdown FILE`` writes it to a file).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from common import (
     SeedRuns,
     add_common_arguments,
     cell,
-    emit,
     f1_verdict,
     how_measured,
     mean_std,
+    measure_or_render,
     method_table,
     metric_of,
     paired,
@@ -139,9 +138,7 @@ def asr_verdict(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
-    emit(args, markdown(results))
+    measure_or_render(parse_args(argv), argv, measure, markdown)
 
 
 if __name__ == "__main__":

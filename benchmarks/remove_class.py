@@ -21,7 +21,6 @@ section (``--markdown FILE`` writes it to a file).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from common import (
@@ -29,10 +28,10 @@ from common import (
     add_common_arguments,
     cell,
     csv,
-    emit,
     f1_verdict,
     how_measured,
     mean_std,
+    measure_or_render,
     method_table,
     run_benchmark,
     table,
@@ -171,9 +170,7 @@ def table1_section(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
-    emit(args, markdown(results))
+    measure_or_render(parse_args(argv), argv, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ section (``--markdown FILE`` writes it to a file).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -30,10 +29,10 @@ from common import (
     add_common_arguments,
     cell,
     csv,
-    emit,
     finetuned,
     how_measured,
     mean_std,
+    measure_or_render,
     paired,
     run_benchmark,
     table,
@@ -360,9 +359,7 @@ def verdict(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
-    emit(args, markdown(results))
+    measure_or_render(parse_args(argv), argv, measure, markdown)
 
 
 if __name__ == "__main__":

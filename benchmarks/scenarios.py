@@ -32,12 +32,13 @@ from common import (
     ROOT,
     Log,
     SeedRuns,
+    add_overrides,
     cell,
     command_line,
     csv,
-    emit,
     machine,
     mean_std,
+    measure_or_render,
     paired,
     table,
     train_pair,
@@ -119,15 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--scenarios", type=csv(), default=list(SCENARIOS), help="default: all")
     add("--methods", type=csv(), default=list(METHODS), help="default: all")
     add("--seeds", type=csv(int), default=[0, 1, 2, 3, 4])
-    add(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra dotted config override for every scenario and method, repeatable "
-        "(e.g. influence.hessian_samples=auto)",
-    )
+    add_overrides(parser, "extra dotted config override for every scenario and method, repeatable")
     add("--threads", type=int, default=1)
     add("--work-dir", type=Path, help="keep (and reuse) checkpoints here")
     add("--output", type=Path, default=RESULTS / "scenarios.json")
@@ -309,9 +302,7 @@ def _who(diff: float, spread: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    results = json.loads(args.output.read_text()) if args.render else measure(args, argv)
-    emit(args, markdown(results))
+    measure_or_render(parse_args(argv), argv, measure, markdown)
 
 
 if __name__ == "__main__":
