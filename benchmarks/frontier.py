@@ -69,7 +69,7 @@ CONFIGS = {
     "recover-backdoor": "configs/digits-backdoor.yaml",
 }
 FULL_GRID = [
-    (s, k, "0.01")
+    (s, k, "0.01", "hessian")
     for s, k in (
         (64, 3),
         (64, 10),
@@ -82,10 +82,11 @@ FULL_GRID = [
         (1024, 20),
         (2048, 10),
     )
-] + [(256, 10, "auto")]
-"""(Hessian samples, iterations, damping) on digits."""
+] + [(256, 10, "auto", "hessian")]
+"""(Hessian samples, iterations, damping, curvature) on digits."""
 LADDER_GRID = [
-    (s, k, "0.01") for s, k in ((64, 3), (128, 5), (128, 10), (256, 10), (512, 10), (1024, 20))
+    (s, k, "0.01", "hessian")
+    for s, k in ((64, 3), (128, 5), (128, 10), (256, 10), (512, 10), (1024, 20))
 ]
 """The same on the larger sizes (GIF's cost does not depend on n: fewer points suffice)."""
 ASCENT_STEPS = 30
@@ -127,7 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--grid",
         type=csv(),
-        help="only these GIF rungs (e.g. 512x10,512x20) and the default, no baselines: to add "
+        help="only these GIF rungs (e.g. 512x10,512x20; 512x5:ggn on the Gauss-Newton curvature) "
+        "and the default, no baselines: to add "
         "points to an earlier run (then --combine both; later files win)",
     )
     add(
@@ -161,23 +163,31 @@ def quality(task, model, data, oracle_metrics: dict, seed: int) -> dict:
     }
 
 
+def _rung(rung: str) -> tuple[int, int, str, str]:
+    """``SxK`` (Hessian samples × iterations) or ``SxK:ggn`` (on the Gauss-Newton curvature)."""
+    size, _, curvature = rung.partition(":")
+    samples, iterations = map(int, size.split("x"))
+    return samples, iterations, "0.01", curvature or "hessian"
+
+
 def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log) -> list[dict]:
     grid = FULL_GRID if size == "digits" else LADDER_GRID
     if args.grid:
-        grid = [(*map(int, rung.split("x")), "0.01") for rung in args.grid]
+        grid = [_rung(rung) for rung in args.grid]
     budgeted = ["influence.hessian_samples=auto", "influence.max_iter=auto"]
     variants = [("gif (default budget)", "gif", budgeted)]
     variants += [
         (
-            f"gif {s}×{k} λ={damping}",
+            f"gif {s}×{k} λ={damping}{' GGN' if curvature == 'ggn' else ''}",
             "gif",
             [
                 f"influence.hessian_samples={s}",
                 f"influence.max_iter={k}",
                 f"influence.damping={damping}",
+                f"influence.curvature={curvature}",
             ],
         )
-        for s, k, damping in grid
+        for s, k, damping, curvature in grid
     ]
     others = ("first-order", "fif", "pif", "if") if size == "digits" else LARGE_METHODS
     others = () if args.grid else others

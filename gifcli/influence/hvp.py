@@ -43,6 +43,12 @@ solves of ``sif``) gain up to the per-product factor. ``hvp_mode_for(products)``
 picks double backward below ``LINEARIZE_MIN_PRODUCTS`` products (the budgeted solves: no
 trace, and no compiler import) and ``linearize`` from there; forward-over-reverse is
 linearize's fallback (cache full, or an operation linearize cannot trace).
+
+Gauss-Newton path (``curvature="ggn"``): ``Jᵀ H_out J v`` is a ``jvp`` of the logits and a
+backward pass through the batch's forward graph at ``θ̂``, which is built once and kept within
+the same memory budget (one forward pass fewer per product: on TinyNet at 14,400 images a
+5-iteration solve over 1,024 samples took 2.6 s against 3.6 s rebuilding the graph, and 4.8 s
+for the Hessian's double backward).
 """
 
 from __future__ import annotations
@@ -206,20 +212,44 @@ def loss_gradient(
 # --------------------------------------------------------------------------- products
 
 
-def _ggn_product(loss: _FunctionalLoss, xb: Tensor, v: ParamDict) -> ParamDict:
-    """``Σ_i J_iᵀ H_out,i J_i v`` with ``H_out = s · (diag(p) − p pᵀ)``, p = softmax(logits).
+class _GaussNewtonBatch:
+    """One batch's Gauss-Newton product ``Jᵀ H_out J v``, ``H_out = s · (diag(p) − p pᵀ)``
+    with ``p = softmax(logits)``, through the batch's forward graph at ``θ̂``, built once:
+    each product is a ``jvp`` (``J v``) and a backward pass through the kept graph (``Jᵀ u``),
+    one forward pass fewer than building the graph per product.
 
     The labels do not enter: the cross-entropy's Hessian in the logits does not depend on them.
+    ``kept_bytes``: the tensors the graph saves for the backward pass (counted as they are
+    saved), the memory a cached batch holds.
     """
 
-    def logits(params: ParamDict) -> Tensor:
-        return loss.logits(params, xb)
+    def __init__(self, loss: _FunctionalLoss, xb: Tensor) -> None:
+        self.loss, self.xb = loss, xb
+        self.params = {name: p.detach().requires_grad_() for name, p in loss.params.items()}
+        storages: dict[int, int] = {}
 
-    z, jv = jvp(logits, (loss.params,), (v,))
-    p = torch.softmax(z, dim=-1)
-    h_jv = loss.loss_scale * (p * jv - p * (p * jv).sum(dim=-1, keepdim=True))
-    _, vjp_fn = vjp(logits, loss.params)
-    return vjp_fn(h_jv)[0]
+        def pack(t: Tensor) -> Tensor:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.z = loss.logits(self.params, xb)
+        self.p = torch.softmax(self.z.detach(), dim=-1)
+        self.kept_bytes = sum(storages.values())
+
+    def product(self, v: ParamDict) -> ParamDict:
+        jv = jvp(lambda params: self.loss.logits(params, self.xb), (self.loss.params,), (v,))[1]
+        p = self.p
+        h_jv = self.loss.loss_scale * (p * jv - p * (p * jv).sum(dim=-1, keepdim=True))
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                self.z, list(self.params.values()), h_jv, retain_graph=True, allow_unused=True
+            )
+        return {
+            name: torch.zeros_like(p) if h is None else h
+            for (name, p), h in zip(self.params.items(), products, strict=True)
+        }
 
 
 @functools.cache
@@ -337,9 +367,11 @@ class CurvatureOperator:
             to it when the removal gradient is scaled alike).
         hvp_mode: the Hessian path, one of ``HVP_MODES`` (module docstring); ignored for
             ``"ggn"``, whose product is a ``jvp`` then a ``vjp``.
-        cache_bytes: memory budget of the ``"linearize"`` cache (the tensors each linearised
-            batch keeps, counted after tracing); batches beyond it use forward-over-reverse,
-            so memory stops growing with the sample size once the budget is reached.
+        cache_bytes: memory budget of the cache: the tensors each linearised batch keeps
+            (``"linearize"``, counted after tracing; batches beyond it use
+            forward-over-reverse) or each batch's forward graph keeps for the Gauss-Newton
+            product (``"ggn"``, counted as they are saved; batches beyond it rebuild theirs per
+            product). Memory stops growing with the sample size once it is reached.
 
     ``matvec(v)`` maps a flat ``[dim]`` vector to ``H v`` ``[dim]`` in the parameters' dtype and
     device; ``hvp_count`` counts the products over the whole sample.
@@ -374,6 +406,7 @@ class CurvatureOperator:
         self.hvp_count = 0
         self.linearize_error: str | None = None
         self._linearized: dict[int, Callable[[ParamDict], ParamDict]] = {}
+        self._gauss_newton: dict[int, _GaussNewtonBatch] = {}
         self._cached_bytes = 0
         self._cache_full = False
 
@@ -383,8 +416,9 @@ class CurvatureOperator:
 
     @property
     def cached_batches(self) -> int:
-        """Batches whose linearisation is cached (``"linearize"`` mode only)."""
-        return len(self._linearized)
+        """Batches whose linearisation (``"linearize"`` mode) or Gauss-Newton graph
+        (``"ggn"``) is cached."""
+        return len(self._linearized) + len(self._gauss_newton)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat ``v`` of shape ``[dim]``; returns ``[dim]``."""
@@ -402,7 +436,7 @@ class CurvatureOperator:
     def _batch_product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
         """``Σ_{i∈batch} ∇²ℓ_i v`` (or its Gauss-Newton part) as a parameter dict."""
         if self.curvature == "ggn":
-            return _ggn_product(self._loss, xb, v)
+            return self._gauss_newton_batch(index, xb).product(v)
         if self.hvp_mode == "double-backward":
             return _double_backward(self._loss, xb, yb, v)
         if self.hvp_mode == "reverse-over-reverse":
@@ -412,6 +446,19 @@ class CurvatureOperator:
             if product is not None:
                 return product
         return _forward_over_reverse(self._grad_fn(), self._loss.params, xb, yb, v)
+
+    def _gauss_newton_batch(self, index: int, xb: Tensor) -> _GaussNewtonBatch:
+        """The batch's Gauss-Newton graph: cached while the budget has room, else built for
+        this product alone (memory then stops growing with the sample size)."""
+        if index in self._gauss_newton:
+            return self._gauss_newton[index]
+        batch = _GaussNewtonBatch(self._loss, xb)
+        if not self._cache_full and self._cached_bytes + batch.kept_bytes <= self.cache_bytes:
+            self._gauss_newton[index] = batch
+            self._cached_bytes += batch.kept_bytes
+        else:
+            self._cache_full = True
+        return batch
 
     @property
     def cached_bytes(self) -> int:

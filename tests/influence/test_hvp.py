@@ -84,19 +84,27 @@ def test_loss_gradient_matches_autograd_for_any_batch_size(cnn, reference):
         assert reference.relative_error(actual, expected) < 1e-12
 
 
-def test_linearize_cache_respects_its_budget(mlp, reference):
-    dense = mlp.hessian
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_cache_respects_its_budget(curvature, mlp, reference):
+    """The linearised Hessian batches and the kept Gauss-Newton graphs: the same products
+    cached, partly cached and uncached, the first product and the replayed second."""
+    dense = mlp.hessian if curvature == "hessian" else reference.ggn(mlp.model, mlp.x, mlp.y)
     v = torch.randn(dense.shape[0], dtype=torch.float64)
-    full = _operator(mlp, hvp_mode="linearize", batch_size=20)  # two batches of 20
+
+    def operator(**kwargs):  # two batches of 20
+        return _operator(mlp, hvp_mode="linearize", batch_size=20, curvature=curvature, **kwargs)
+
+    full = operator()
     full.matvec(v)
     per_batch = full.cached_bytes // 2
     assert full.cached_batches == 2 and per_batch > 0
-    partial = _operator(mlp, hvp_mode="linearize", batch_size=20, cache_bytes=3 * per_batch // 2)
-    uncached = _operator(mlp, hvp_mode="linearize", batch_size=20, cache_bytes=0)
-    for operator in (full, partial, uncached):
-        for _ in range(2):  # traced (or not) on the first product, replayed on the second
-            assert reference.relative_error(operator.matvec(v), dense @ v) < 1e-10
+    partial = operator(cache_bytes=3 * per_batch // 2)
+    uncached = operator(cache_bytes=0)
+    for each in (full, partial, uncached):
+        for _ in range(2):  # built (or not) on the first product, replayed on the second
+            assert reference.relative_error(each.matvec(v), dense @ v) < 1e-10
     assert partial.cached_batches == 1 and uncached.cached_batches == 0
+    assert partial.cached_bytes == per_batch and uncached.cached_bytes == 0
 
 
 def test_every_accumulation_goes_through_reduce_sum(monkeypatch, mlp):
