@@ -5,7 +5,8 @@ every method edits the same base model through ``run_edit`` (the step searched o
 validation split, the oracle's metrics in the same report). Methods: ``gif`` with the defaults
 of the config (absolute damping 0.01), ``gif-rel`` (damping 0.025 × σ_max), ``gif-auto``
 (``influence.damping: auto``, damping chosen with the step on validation), ``gif-ggn``
-(Gauss-Newton curvature), ``fif``, ``first-order``, and ``gif-recal`` and
+(Gauss-Newton curvature, the default since the runs of ``scenarios.json``), ``gif-hessian``
+(the paper's Hessian), ``fif``, ``first-order``, and ``gif-recal`` and
 ``first-order-recal`` (BatchNorm statistics re-estimated on retained data for every edited
 model), all on the same mask. Tables: F1 per
 method, each minus first-order paired over seeds, |F1 − oracle F1|, and the seconds of an
@@ -118,6 +119,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "gif-rel": ("gif", ["influence.damping_relative=true", "influence.damping=0.025"]),
     "gif-auto": ("gif", ["influence.damping=auto"]),
     "gif-ggn": ("gif", ["influence.curvature=ggn"]),
+    "gif-hessian": ("gif", ["influence.curvature=hessian"]),
     "fif": ("fif", []),
     "first-order": ("first-order", []),
     "gif-recal": ("gif", ["update.recalibrate_batchnorm=true"]),

@@ -331,7 +331,11 @@ class NeumannConfig:
 @dataclass
 class InfluenceConfig:
     method: str = _field("gif", " | ".join(INFLUENCE_METHODS))
-    curvature: str = _field("hessian", "hessian | ggn (Gauss-Newton, positive semi-definite)")
+    curvature: str = _field(
+        "ggn",
+        "ggn (Gauss-Newton, positive semi-definite; about half the Hessian's cost a product) "
+        "| hessian (the paper's)",
+    )
     solver: str = _field("lsqr", " | ".join(SOLVERS))
     hessian_samples: int | str = _field(
         "auto",
@@ -340,8 +344,9 @@ class InfluenceConfig:
     batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
     cache_mb: int = _field(
         1024,
-        "per-process budget (MiB) of the linearised-HVP cache that "
-        "makes repeated products faster; 0 keeps nothing between products, "
+        "per-process budget (MiB) of the cache that makes repeated curvature products "
+        "faster (linearised Hessian batches, kept Gauss-Newton graphs); 0 keeps nothing "
+        "between products, "
         "so memory is bounded by batch_size alone",
     )
     max_iter: int | str = _field(
@@ -463,10 +468,11 @@ class UpdateConfig:
         "grow with the data; null: all",
     )
     recalibrate_batchnorm: bool = _field(
-        False,
-        "true: re-estimate the BatchNorm running statistics of every edited model (in the step "
-        "search and the output) on the Hessian sample; an edit moves the activations they "
-        "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm)",
+        True,
+        "re-estimate the BatchNorm running statistics of every edited model (in the step "
+        "search and the output) on the Hessian sample: an edit moves the activations they "
+        "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm); a model without BatchNorm "
+        "is unchanged; false: keep the input's statistics",
     )
 
     def problems(self) -> list[str]:

@@ -42,9 +42,12 @@ BUDGET_LADDER: tuple[tuple[int, int], ...] = (
 that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining"):
 beyond 5 iterations a larger Hessian sample buys more than more iterations; the top rung is
 the solve the tool used before the budget."""
-HVP_PASSES = 4.0
-"""Sample passes of one HVP over one sample, for the budget: the double-backward product the
-budgeted solves use, as measured on TinyNet (``cost.hvp_passes`` of its reports)."""
+HVP_PASSES: dict[str, float] = {"hessian": 4.0, "ggn": 2.0}
+"""Sample passes of one curvature product over one sample, for the budget, per
+``influence.curvature``: the Hessian's double backward (measured 3.0-3.5 on TinyNet) and the
+Gauss-Newton product through the kept forward graph (1.4-1.5 on 16×16 and 32×32 images, 3.4
+on 8×8 digits, where per-call overhead dominates), each rounded up. Constants, not the probe's
+timing, so that one config always plans the same solve."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
 
@@ -67,7 +70,8 @@ class Rates:
     forward: float
     train: float
     hvp: float
-    """Seconds per sample of one Hessian-vector product (double backward)."""
+    """Seconds per sample of one curvature product (the Hessian's double backward, or the
+    Gauss-Newton product through the kept graph)."""
 
     @property
     def forward_passes(self) -> float:
@@ -93,6 +97,7 @@ def measure_rates(
     train: TrainConfig,
     batch_size: int,
     device: torch.device,
+    curvature: str = "hessian",
 ) -> Rates:
     """Time one gradient and one forward pass over a batch of ``sample`` (``batch_size``)
     and ``TIMED_TRAINING_STEPS`` training steps as ``gif train`` takes them (train mode, a
@@ -118,7 +123,7 @@ def measure_rates(
             model(x)
 
     operator = CurvatureOperator(
-        model=model, x=x, y=y, batch_size=len(y), hvp_mode="double-backward"
+        model=model, x=x, y=y, batch_size=len(y), curvature=curvature, hvp_mode="double-backward"
     )
     direction = torch.ones(operator.dim, dtype=operator.dtype, device=operator.device)
 
@@ -192,7 +197,7 @@ def plan_budget(
     def predicted(samples: int, iterations: int) -> float:
         if influence.method == "first-order":
             return fixed
-        return fixed + HVP_PASSES * samples * solve_products(iterations)
+        return fixed + HVP_PASSES[influence.curvature] * samples * solve_products(iterations)
 
     allowed = influence.budget * retrain_passes
 

@@ -187,6 +187,7 @@ def edit(
         train=settings.train,
         batch_size=settings.influence.batch_size,
         device=device,
+        curvature=settings.influence.curvature,
     )
     retrain = retrain_record(
         epochs=settings.train.epochs, samples=len(task.retrain_split(data)), rates=rates

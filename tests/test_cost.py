@@ -35,7 +35,7 @@ def plan(retrain_passes: float, **influence) -> gifcli.records.BudgetRecord:
 
 
 def solve_passes(samples: int, iterations: int) -> float:
-    return HVP_PASSES * samples * solve_products(iterations)
+    return HVP_PASSES["ggn"] * samples * solve_products(iterations)
 
 
 def test_budget_takes_the_dearest_rung_that_fits():
@@ -139,3 +139,15 @@ def test_check_on_the_cost_block(tmp_path, runner, digits_base):
     failed = runner.invoke(app, [*args, "--force", "--check", "cost.retrain_ratio<=0"])
     assert failed.exit_code == 3, failed.output
     assert "edit" in (out / "report.md").read_text() and "retraining" in failed.output
+
+
+def test_budget_counts_a_curvature_product_at_its_own_cost():
+    fixed = 100.0 + FORWARD_PASSES * 50
+    samples, iterations = BUDGET_LADDER[3]
+    retrain = (fixed + solve_passes(samples, iterations)) / 0.1 + 1  # GGN's rung 3 fits
+    ggn = plan(retrain, budget=0.1)
+    hessian = plan(retrain, budget=0.1, curvature="hessian")
+    assert (ggn.hessian_samples, ggn.max_iter) == (samples, iterations)
+    assert HVP_PASSES["hessian"] > HVP_PASSES["ggn"]
+    assert hessian.hessian_samples < ggn.hessian_samples  # the dearer product buys less
+    assert hessian.predicted_passes <= hessian.allowed_passes

@@ -220,17 +220,19 @@ class _GaussNewtonBatch:
 
     The labels do not enter: the cross-entropy's Hessian in the logits does not depend on them.
     ``kept_bytes``: the tensors the graph saves for the backward pass (counted as they are
-    saved), the memory a cached batch holds.
+    saved, the parameters themselves left out), the memory a cached batch holds.
     """
 
     def __init__(self, loss: _FunctionalLoss, xb: Tensor) -> None:
         self.loss, self.xb = loss, xb
         self.params = {name: p.detach().requires_grad_() for name, p in loss.params.items()}
+        shared = {p.untyped_storage().data_ptr() for p in loss.params.values()}
         storages: dict[int, int] = {}
 
         def pack(t: Tensor) -> Tensor:
             storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in shared:  # the parameters are held once, not per batch
+                storages[storage.data_ptr()] = storage.nbytes()
             return t
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
