@@ -46,9 +46,8 @@ linearize's fallback (cache full, or an operation linearize cannot trace).
 
 Gauss-Newton path (``curvature="ggn"``): ``Jᵀ H_out J v`` is a ``jvp`` of the logits and a
 backward pass through the batch's forward graph at ``θ̂``, which is built once and kept within
-the same memory budget (one forward pass fewer per product: on TinyNet at 14,400 images a
-5-iteration solve over 1,024 samples took 2.6 s against 3.6 s rebuilding the graph, and 4.8 s
-for the Hessian's double backward).
+the same memory budget: one forward pass fewer per product, and a third to a half of the
+cost of the Hessian's double backward (BENCHMARKS.md, "Cost against retraining").
 """
 
 from __future__ import annotations
