@@ -46,9 +46,9 @@ HVP_PASSES: dict[str, float] = {"hessian": 4.0, "ggn": 2.0}
 """Sample passes of one curvature product over one sample, for the budget, per
 ``influence.curvature``: the Hessian's double backward (the reports' ``cost.hvp_passes``
 measure 3-5 on TinyNet) and the Gauss-Newton product through the kept forward graph, which
-the scenario benchmarks time at a third to a half of it (BENCHMARKS.md, "Cost against
-retraining"), each rounded up. Constants, not the probe's timing, so that one config always
-plans the same solve."""
+the benchmarks time at about half of it on 16×16 and larger images (level on 8×8 digits,
+where per-call overhead dominates; BENCHMARKS.md, "Cost against retraining"), each rounded.
+Constants, not the probe's timing, so that one config always plans the same solve."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
 

@@ -46,8 +46,9 @@ linearize's fallback (cache full, or an operation linearize cannot trace).
 
 Gauss-Newton path (``curvature="ggn"``): ``Jᵀ H_out J v`` is a ``jvp`` of the logits and a
 backward pass through the batch's forward graph at ``θ̂``, which is built once and kept within
-the same memory budget: one forward pass fewer per product, and a third to a half of the
-cost of the Hessian's double backward (BENCHMARKS.md, "Cost against retraining").
+the same memory budget: one forward pass fewer per product, and about half the cost of the
+Hessian's double backward on 32×32 images (level on 8×8 digits, where per-call overhead
+dominates; BENCHMARKS.md, "Cost against retraining").
 """
 
 from __future__ import annotations
