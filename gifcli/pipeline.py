@@ -69,6 +69,7 @@ from gifcli.update import (
     scale_grid,
     search_damping_and_scale,
     search_scale,
+    tracks_batch_statistics,
     updated,
 )
 
@@ -221,7 +222,8 @@ def edit(
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
     estimated = estimate(model, removal, sample, target, settings, progress)
     estimate_seconds = time.perf_counter() - clock
-    calibration = sample.x if settings.update.recalibrate_batchnorm else None
+    recalibrates = settings.update.recalibrate_batchnorm and tracks_batch_statistics(model)
+    calibration = sample.x if recalibrates else None
     if calibration is not None:  # every edited model is scored with its own statistics
         removal = replace(
             removal,

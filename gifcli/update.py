@@ -59,6 +59,11 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def tracks_batch_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm with running statistics (what recalibration renews)."""
+    return any(m.track_running_stats for m in _batchnorms(model))
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> None:
     """Re-estimate every BatchNorm's running statistics on the inputs ``x`` (a cumulative
@@ -67,7 +72,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int 
     recalibrate_batchnorm``; BENCHMARKS.md, "ResNet-18 with BatchNorm"). A model without
     BatchNorm is unchanged."""
     norms = [m for m in _batchnorms(model) if m.track_running_stats]
-    if not norms:
+    if not norms:  # nothing to renew
         return
     momenta = [m.momentum for m in norms]
     device = next(model.parameters()).device

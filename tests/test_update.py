@@ -207,3 +207,13 @@ def test_edit_with_recalibrated_batchnorm_keeps_parameters_outside_the_mask() ->
         if name in mask:  # a parameter: changed only inside the mask
             assert torch.equal(edited[name][~mask[name]], tensor[~mask[name]])
     assert not torch.equal(edited["1.running_mean"], original["1.running_mean"])
+
+
+def test_only_a_batchnorm_with_running_statistics_is_recalibrated() -> None:
+    from gifcli.update import tracks_batch_statistics
+
+    untracked = _bn_model()
+    untracked[1].track_running_stats = False
+    assert tracks_batch_statistics(_bn_model())
+    assert not tracks_batch_statistics(untracked)
+    assert not tracks_batch_statistics(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -163,6 +163,14 @@ class _FunctionalLoss:
         return torch.tensor(float(n), dtype=self.dtype, device=self.device)
 
 
+def _or_zeros(params: ParamDict, grads: Iterable[Tensor | None]) -> ParamDict:
+    """``grads`` by parameter name, zeros for a parameter autograd did not reach (``None``)."""
+    return {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
 def _batch_gradient(
     loss: _FunctionalLoss, xb: Tensor, yb: Tensor, *, create_graph: bool = False
 ) -> tuple[tuple[Tensor, ...], ParamDict]:
@@ -177,9 +185,7 @@ def _batch_gradient(
             create_graph=create_graph,
             allow_unused=True,
         )
-    return tuple(
-        torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)
-    ), params
+    return tuple(_or_zeros(params, grads).values()), params
 
 
 def _check_sample(x: Tensor, y: Tensor, batch_size: int, what: str) -> None:
@@ -248,10 +254,7 @@ class _GaussNewtonBatch:
             products = torch.autograd.grad(
                 self.z, list(self.params.values()), h_jv, retain_graph=True, allow_unused=True
             )
-        return {
-            name: torch.zeros_like(p) if h is None else h
-            for (name, p), h in zip(self.params.items(), products, strict=True)
-        }
+        return _or_zeros(self.params, products)
 
 
 @functools.cache
@@ -275,10 +278,7 @@ def _double_backward(loss: _FunctionalLoss, xb: Tensor, yb: Tensor, v: ParamDict
             grad_outputs=[direction for _, direction in reached],
             allow_unused=True,
         )
-    return {
-        name: torch.zeros_like(p) if h is None else h
-        for (name, p), h in zip(params.items(), products, strict=True)
-    }
+    return _or_zeros(params, products)
 
 
 def hvp_mode_for(products: int) -> str:
@@ -368,7 +368,7 @@ class CurvatureOperator:
         loss_scale: multiplies the loss, hence ``H`` (the undamped GIF solution is invariant
             to it when the removal gradient is scaled alike).
         hvp_mode: the Hessian path, one of ``HVP_MODES`` (module docstring); ignored for
-            ``"ggn"``, whose product is a ``jvp`` then a ``vjp``.
+            ``"ggn"``, whose product is a ``jvp`` and a backward pass through the kept graph.
         cache_bytes: memory budget of the cache: the tensors each linearised batch keeps
             (``"linearize"``, counted after tracing; batches beyond it use
             forward-over-reverse) or each batch's forward graph keeps for the Gauss-Newton
@@ -464,7 +464,7 @@ class CurvatureOperator:
 
     @property
     def cached_bytes(self) -> int:
-        """Bytes kept by the cached linearisations."""
+        """Bytes kept by the cached linearisations or Gauss-Newton graphs."""
         return self._cached_bytes
 
     def _linearized_product(
