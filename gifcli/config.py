@@ -42,18 +42,70 @@ MAX_IMAGE_SIDE = 4096
 MAX_GRID_POINTS = 10_000
 MAX_WORKERS = 256
 MAX_INT = 2**63 - 1  # what a tensor index or count can hold
+MAX_COUNT = 10**9  # samples, iterations, batch sizes: far beyond any data set gif edits
+MAX_DAMPING_POINTS = 64  # the damping path holds one update per point
 ALIAS_BUDGET = 100_000
 MAX_CONFIG_BYTES = 1 << 20
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed
 SAMPLE_OBJECTIVES = ("ks", "mean-gap")  # remove-samples: see docs/design.md, "Tasks"
 
 
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its help text (shown by the config reference)."""
+@dataclass(frozen=True)
+class Within:
+    """The range of a numeric key, declared beside its field (``_field(..., within=...)``) and
+    checked by ``range_problems`` for every config section: ``"1..4096"`` (integers, both
+    ends included) or an interval such as ``"(0, 1]"`` or ``"[0, inf)"`` (numbers). A list
+    of numbers is checked element by element. Every integer key has a ceiling: a count that
+    sizes an allocation or a loop cannot reach 64 bits."""
+
+    text: str
+
+    def bounds(self) -> tuple[float, float, bool, bool]:
+        """``(low, high, low included, high included)``."""
+        if ".." in self.text:
+            low, high = self.text.split("..")
+            return int(low), int(high), True, True
+        low, high = self.text[1:-1].split(",")
+        return float(low), float(high), self.text[0] == "[", self.text[-1] == "]"
+
+    def holds(self, value: float) -> bool:
+        low, high, with_low, with_high = self.bounds()
+        above = value >= low if with_low else value > low
+        below = value <= high if with_high else value < high
+        return above and below
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _field(default: Any, help: str, *, within: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (shown by the config reference) and, for a
+    number, its range (``Within``)."""
+    metadata = {"help": help, **({"within": Within(within)} if within else {})}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=default, metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def range_problems(section: Any, prefix: str) -> list[str]:
+    """The numeric keys of a config section outside the range declared beside them, one line
+    per key (a long list is not echoed element by element); ``prefix``: the section's dotted
+    path with its dot, e.g. ``"influence."``."""
+    out = []
+    for f in dataclasses.fields(section):
+        within = f.metadata.get("within")
+        value = getattr(section, f.name)
+        values = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, number in values:
+            numeric = isinstance(number, int | float) and not isinstance(number, bool)
+            if within is None or not numeric or within.holds(number):
+                continue  # 'auto', null, or in range
+            key = prefix + f.name + ("" if i is None else f"[{i}]")
+            out.append(f"{key}: must be in {within}, got {_show(number)}")
+            break
+    return out
 
 
 @dataclass
@@ -62,16 +114,14 @@ class ModelConfig:
         "tinynet",
         "builtin name (tinynet, mlp, lenet), torchvision:<name>, or package.module:callable",
     )
-    num_classes: int = _field(10, "number of output classes")
-    in_channels: int | None = _field(None, "input channels; null: taken from the data set")
+    num_classes: int = _field(10, "number of output classes", within=f"2..{MAX_CLASSES}")
+    in_channels: int | None = _field(
+        None, "input channels; null: taken from the data set", within=f"1..{MAX_CHANNELS}"
+    )
     kwargs: dict = _field({}, "keyword arguments for a package.module:callable architecture")
 
     def problems(self) -> list[str]:
-        out = []
-        if not 2 <= self.num_classes <= MAX_CLASSES:
-            out.append(f"model.num_classes: must be in 2..{MAX_CLASSES}, got {self.num_classes}")
-        if self.in_channels is not None and not 1 <= self.in_channels <= MAX_CHANNELS:
-            out.append(f"model.in_channels: must be in 1..{MAX_CHANNELS}, got {self.in_channels}")
+        out = range_problems(self, "model.")
         if not self.arch:
             out.append("model.arch: must not be empty")
         return out
@@ -80,23 +130,21 @@ class ModelConfig:
 @dataclass
 class TriggerConfig:
     trigger: str = _field("checkerboard", "checkerboard | patch | blend")
-    intensity: float = _field(16.0, "checkerboard: added on a 0-255 scale on alternating pixels")
-    size: int = _field(3, "patch: side of the square, in pixels")
-    value: float = _field(1.0, "patch: pixel value in [0, 1] before normalisation")
+    intensity: float = _field(
+        16.0, "checkerboard: added on a 0-255 scale on alternating pixels", within="[-255, 255]"
+    )
+    size: int = _field(3, "patch: side of the square, in pixels", within=f"1..{MAX_IMAGE_SIDE}")
+    value: float = _field(1.0, "patch: pixel value in [0, 1] before normalisation", within="[0, 1]")
     corner: str = _field("bottom-right", "patch: top-left | top-right | bottom-left | bottom-right")
     image: str | None = _field(None, "blend: path of the image mixed into inputs")
-    alpha: float = _field(0.2, "blend: weight of the blended image")
+    alpha: float = _field(0.2, "blend: weight of the blended image", within="(0, 1]")
 
     def problems(self, prefix: str) -> list[str]:
-        out = []
+        out = range_problems(self, f"{prefix}.")
         if self.trigger not in TRIGGERS:
             out.append(_choice(f"{prefix}.trigger", self.trigger, TRIGGERS))
         if self.trigger == "blend" and not self.image:
             out.append(f"{prefix}.image: the blend trigger needs an image path")
-        if not 0.0 < self.alpha <= 1.0:
-            out.append(f"{prefix}.alpha: must be in (0, 1], got {self.alpha}")
-        if self.size < 1:
-            out.append(f"{prefix}.size: must be positive, got {self.size}")
         corners = ("top-left", "top-right", "bottom-left", "bottom-right")
         if self.corner not in corners:
             out.append(_choice(f"{prefix}.corner", self.corner, corners))
@@ -107,16 +155,9 @@ class TriggerConfig:
 class PoisonConfig(TriggerConfig):
     """A backdoor scenario planted in the training data: a trigger, and whom it poisons."""
 
-    rate: float = _field(0.1, "fraction of training samples poisoned")
-    target: int = _field(0, "label the trigger flips inputs to")
-    seed: int = _field(0, "seed of the poisoned-index draw")
-
-    def problems(self, prefix: str) -> list[str]:
-        out = super().problems(prefix)
-        if not 0.0 < self.rate < 1.0:
-            out.append(f"{prefix}.rate: must be in (0, 1), got {self.rate}")
-        out += _seed_problems(f"{prefix}.seed", self.seed)
-        return out
+    rate: float = _field(0.1, "fraction of training samples poisoned", within="(0, 1)")
+    target: int = _field(0, "label the trigger flips inputs to", within=f"0..{MAX_CLASSES - 1}")
+    seed: int = _field(0, "seed of the poisoned-index draw", within=f"0..{MAX_SEED}")
 
 
 @dataclass
@@ -130,42 +171,40 @@ class DataConfig:
     )
     download: bool = _field(False, "allow torchvision to download a missing data set")
     val_fraction: float = _field(
-        0.1, "held out from train for the step-size search; never the test split"
+        0.1, "held out from train for the step-size search; never the test split", within="[0, 1)"
     )
     mean: list[float] | None = _field(
-        None, "per-channel normalisation mean; null: the data set's default"
+        None, "per-channel normalisation mean; null: the data set's default", within="[-1e6, 1e6]"
     )
     std: list[float] | None = _field(
-        None, "per-channel normalisation std; null: the data set's default"
+        None,
+        "per-channel normalisation std; null: the data set's default",
+        within="[1e-6, 1e6]",  # a std of 1e-300 would turn every input into inf
     )
-    image_size: int | None = _field(None, "imagefolder: resize images to this square size")
+    image_size: int | None = _field(
+        None, "imagefolder: resize images to this square size", within=f"1..{MAX_IMAGE_SIDE}"
+    )
     poison: PoisonConfig | None = _field(
         None, "backdoor scenario: {trigger, rate, target, seed, ...}; null: clean data"
     )
     workers: int = _field(
-        0, "worker processes that decode image batches ahead (0: decode in the main process)"
+        0,
+        "worker processes that decode image batches ahead (0: decode in the main process)",
+        within=f"0..{MAX_WORKERS}",
     )
 
     def problems(self) -> list[str]:
-        out = []
+        out = range_problems(self, "data.")
         if self.dataset not in DATASETS:
             out.append(_choice("data.dataset", self.dataset, DATASETS))
         if self.dataset == "tensors" and not self.path:
             out.append("data.path: the tensors data set needs a .pt or .npz file")
-        if not 0.0 <= self.val_fraction < 1.0:
-            out.append(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and not values:
                 out.append(f"data.{key}: must list one number per channel")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            out.append("data.std: every entry must be positive")
-        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIDE:
-            out.append(f"data.image_size: must be in 1..{MAX_IMAGE_SIDE}, got {self.image_size}")
         if self.poison is not None:
             out += self.poison.problems("data.poison")
-        if not 0 <= self.workers <= MAX_WORKERS:
-            out.append(f"data.workers: must be in 0..{MAX_WORKERS}, got {self.workers}")
         return out
 
 
@@ -173,24 +212,30 @@ class DataConfig:
 class RandomRemovalConfig:
     """A random removal set, for experiments: a share of the training split, seeded."""
 
-    fraction: float = _field(0.05, "share of the training split to forget, in (0, 1)")
-    seed: int = _field(0, "seed of the draw (independent of the config seed)")
+    fraction: float = _field(
+        0.05, "share of the training split to forget, in (0, 1)", within="(0, 1)"
+    )
+    seed: int = _field(
+        0, "seed of the draw (independent of the config seed)", within=f"0..{MAX_SEED}"
+    )
 
     def problems(self, prefix: str) -> list[str]:
-        if not 0.0 < self.fraction < 1.0:
-            return [f"{prefix}.fraction: must be in (0, 1), got {self.fraction}"]
-        return []
+        return range_problems(self, f"{prefix}.")
 
 
 @dataclass
 class RemovalConfig:
-    classes: list[int] = _field([3], "remove-class: the classes to forget")
+    classes: list[int] = _field(
+        [3], "remove-class: the classes to forget", within=f"0..{MAX_CLASSES - 1}"
+    )
     trigger: TriggerConfig | str | None = _field(
         None,
         "recover-backdoor: the known trigger, a name or {trigger, ...options}; null: data.poison's",
     )
     target: int | None = _field(
-        None, "recover-backdoor: the backdoor's target label; null: data.poison.target"
+        None,
+        "recover-backdoor: the backdoor's target label; null: data.poison.target",
+        within=f"0..{MAX_CLASSES - 1}",
     )
     poison_indices: str | None = _field(
         None,
@@ -203,6 +248,7 @@ class RemovalConfig:
         "recover-backdoor from a trigger alone: "
         "clean training samples to trigger; null: use "
         "known poisoned samples",
+        within=f"1..{MAX_COUNT}",
     )
     gradient_samples: int | None = _field(
         1024,
@@ -210,6 +256,7 @@ class RemovalConfig:
         "statistics are averaged over, as the paper's code does (512-1,024), so that their cost "
         "does not grow with the data; m in m/(n - m) stays the whole removal set's size; "
         "null: every point",
+        within=f"1..{MAX_COUNT}",
     )
     indices: str | None = _field(
         None,
@@ -228,6 +275,7 @@ class RemovalConfig:
         1.0,
         "remove-samples: validation accuracy (points) the step may lose against the "
         "model before the edit",
+        within="[0, 100]",
     )
 
     def __post_init__(self) -> None:
@@ -235,24 +283,20 @@ class RemovalConfig:
             self.trigger = TriggerConfig(trigger=self.trigger)
 
     def problems(self, num_classes: int) -> list[str]:
-        out = []
+        out = range_problems(self, "removal.")
         if not self.classes:
             out.append("removal.classes: list at least one class")
-        if len(set(self.classes)) != len(self.classes):
-            out.append(f"removal.classes: repeated class in {self.classes}")
-        for k in self.classes:
-            if not 0 <= k < num_classes:
-                out.append(f"removal.classes: class {k} is out of range 0..{num_classes - 1}")
+        ordered = sorted(self.classes)
+        repeated = [k for k, before in zip(ordered[1:], ordered, strict=False) if k == before]
+        if repeated:
+            out.append(f"removal.classes: class {repeated[0]} is listed twice; list it once")
+        outside = [k for k in self.classes if not 0 <= k < num_classes][:1]
+        if outside:
+            out.append(f"removal.classes: class {outside[0]} is out of range 0..{num_classes - 1}")
         if len(self.classes) >= num_classes:
             out.append("removal.classes: at least one class must be retained")
         if self.target is not None and not 0 <= self.target < num_classes:
             out.append(f"removal.target: {self.target} is out of range 0..{num_classes - 1}")
-        if self.synthetic_samples is not None and self.synthetic_samples < 1:
-            out.append(f"removal.synthetic_samples: must be positive, got {self.synthetic_samples}")
-        if self.gradient_samples is not None and self.gradient_samples < 1:
-            out.append(
-                f"removal.gradient_samples: must be positive or null, got {self.gradient_samples}"
-            )
         if self.trigger is not None:
             out += self.trigger.problems("removal.trigger")
         out += self.sample_problems()
@@ -274,8 +318,6 @@ class RemovalConfig:
             out += self.random.problems("removal.random")
         if self.objective not in SAMPLE_OBJECTIVES:
             out.append(_choice("removal.objective", self.objective, SAMPLE_OBJECTIVES))
-        if self.tolerance < 0:
-            out.append(f"removal.tolerance: must be non-negative, got {self.tolerance}")
         return out
 
 
@@ -283,7 +325,9 @@ class RemovalConfig:
 class SelectionConfig:
     method: str = _field("top-outputs", " | ".join(SELECTION_METHODS))
     ratio: float = _field(
-        0.05, "fraction of each Linear/Conv2d layer's parameters that are targets, in (0, 1]"
+        0.05,
+        "fraction of each Linear/Conv2d layer's parameters that are targets, in (0, 1]",
+        within="(0, 1]",
     )
     include: list[str] | None = _field(
         None, "glob patterns of layer names to include (also non-Linear/Conv2d layers)"
@@ -291,41 +335,34 @@ class SelectionConfig:
     exclude: list[str] | None = _field(None, "glob patterns of layer names to exclude")
 
     def problems(self) -> list[str]:
-        out = []
+        out = range_problems(self, "selection.")
         if self.method not in SELECTION_METHODS:
             out.append(_choice("selection.method", self.method, SELECTION_METHODS))
-        if not 0.0 < self.ratio <= 1.0:
-            out.append(f"selection.ratio: must be in (0, 1], got {self.ratio}")
         return out
 
 
 @dataclass
 class NeumannConfig:
-    scale: float = _field(1.0, "neumann: the starting scale c (the loss is divided by c)")
-    scale_step: float = _field(
-        0.5, "neumann: added to c at each restart (when the iterate difference grows)"
+    scale: float = _field(
+        1.0, "neumann: the starting scale c (the loss is divided by c)", within="(0, 1e12]"
     )
-    max_restarts: int = _field(1000, "neumann: restarts at most before it reports divergence")
+    scale_step: float = _field(
+        0.5,
+        "neumann: added to c at each restart (when the iterate difference grows)",
+        within="(0, 1e12]",
+    )
+    max_restarts: int = _field(
+        1000, "neumann: restarts at most before it reports divergence", within=f"0..{MAX_COUNT}"
+    )
     absolute_tol: float | None = _field(
         None,
         "neumann: also stop once the iterate difference is below this, as a root-mean-square "
         "per coordinate (the paper's tol); null: only influence.tol",
+        within="(0, inf)",
     )
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("scale", "scale_step"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                out.append(f"influence.neumann.{key}: must be a finite number > 0, got {value}")
-        if self.max_restarts < 0:
-            out.append(
-                f"influence.neumann.max_restarts: must be 0 or more, got {self.max_restarts}"
-            )
-        tol = self.absolute_tol
-        if tol is not None and not (math.isfinite(tol) and tol > 0):
-            out.append(f"influence.neumann.absolute_tol: must be a finite number > 0, got {tol}")
-        return out
+        return range_problems(self, "influence.neumann.")
 
 
 @dataclass
@@ -341,17 +378,21 @@ class InfluenceConfig:
     hessian_samples: int | str = _field(
         "auto",
         "retained training samples in the Hessian sample; auto: sized by influence.budget",
+        within=f"1..{MAX_COUNT}",
     )
-    batch_size: int = _field(256, "samples per HVP batch; bounds HVP memory")
+    batch_size: int = _field(
+        256, "samples per HVP batch; bounds HVP memory", within=f"1..{MAX_COUNT}"
+    )
     cache_mb: int = _field(
         1024,
         "per-process budget (MiB) of the cache that makes repeated curvature products "
         "faster (linearised Hessian batches, kept Gauss-Newton graphs); 0 keeps nothing "
         "between products, "
         "so memory is bounded by batch_size alone",
+        within=f"0..{1 << 30}",  # a PiB: bytes still fit 64 bits
     )
     max_iter: int | str = _field(
-        "auto", "solver iterations at most; auto: sized by influence.budget"
+        "auto", "solver iterations at most; auto: sized by influence.budget", within="1..1000000"
     )
     budget: float = _field(
         0.5,
@@ -359,13 +400,15 @@ class InfluenceConfig:
         "(train.epochs x retrained samples, in sample passes); the dearest rung of the budget "
         "ladder (64x3, 128x5, 256x5, 512x5, 1024x5, 2048x5, 1024x20 samples x iterations) "
         "that fits is used",
+        within="(0, 1e6]",
     )
-    tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
+    tol: float = _field(1.0e-6, "solver stopping tolerance (relative)", within="(0, 1]")
     damping: float | str = _field(
         1.0e-2,
         "lambda of min |Ax - b|^2 + lambda^2 |x|^2 (default measured: see BENCHMARKS.md); "
         "auto: every lambda of the damping grid from one lsqr run, chosen with the step on "
         "the validation split",
+        within="[0, 1e10]",  # lambda^2 stays finite in float32
     )
     damping_relative: bool = _field(
         False,
@@ -374,9 +417,15 @@ class InfluenceConfig:
         "own run; other solvers: 10 extra steps, 21 HVPs); false: lambda = damping. The auto "
         "grid is always relative",
     )
-    damping_points: int = _field(8, "auto: lambdas on the log-spaced damping grid")
-    damping_min: float = _field(1.0e-4, "auto: smallest lambda, as a multiple of sigma_max")
-    damping_max: float = _field(1.0, "auto: largest lambda, as a multiple of sigma_max")
+    damping_points: int = _field(
+        8, "auto: lambdas on the log-spaced damping grid", within=f"1..{MAX_DAMPING_POINTS}"
+    )
+    damping_min: float = _field(
+        1.0e-4, "auto: smallest lambda, as a multiple of sigma_max", within="(0, 1e6]"
+    )
+    damping_max: float = _field(
+        1.0, "auto: largest lambda, as a multiple of sigma_max", within="(0, 1e6]"
+    )
 
     def __post_init__(self) -> None:
         # YAML reads 1e-3 (no dot) as text; a damping written that way is still a number.
@@ -393,7 +442,7 @@ class InfluenceConfig:
     neumann: NeumannConfig = _field(NeumannConfig, "settings of the neumann solver")
 
     def problems(self) -> list[str]:
-        out = []
+        out = range_problems(self, "influence.")
         for key, choices in (
             ("method", INFLUENCE_METHODS),
             ("curvature", CURVATURES),
@@ -406,16 +455,6 @@ class InfluenceConfig:
             value = getattr(self, key)
             if isinstance(value, str) and value != "auto":
                 out.append(f"influence.{key}: must be 'auto' or a positive integer, got {value!r}")
-            elif isinstance(value, int) and value < 1:
-                out.append(f"influence.{key}: must be positive, got {value}")
-        if self.batch_size < 1:
-            out.append(f"influence.batch_size: must be positive, got {self.batch_size}")
-        if not 0 < self.budget < float("inf"):
-            out.append(f"influence.budget: must be a finite number > 0, got {self.budget}")
-        if self.cache_mb < 0:
-            out.append(f"influence.cache_mb: must be 0 or more, got {self.cache_mb}")
-        if self.tol <= 0:
-            out.append(f"influence.tol: must be positive, got {self.tol}")
         out += self._damping_problems()
         return out + self.neumann.problems()
 
@@ -425,18 +464,13 @@ class InfluenceConfig:
 
     def _damping_problems(self) -> list[str]:
         out = []
-        if self.damping_points < 1:
-            out.append(f"influence.damping_points: must be positive, got {self.damping_points}")
-        if not 0 < self.damping_min <= self.damping_max:
+        if not self.damping_min <= self.damping_max:
             out.append(
                 "influence.damping_min, influence.damping_max: need 0 < damping_min <= "
                 f"damping_max, got {self.damping_min:g} and {self.damping_max:g}"
             )
         if not isinstance(self.damping, str):
-            if not 0 <= self.damping < float("inf"):
-                out.append(
-                    f"influence.damping: must be a finite number >= 0 or 'auto', got {self.damping}"
-                )
+            pass  # a number: its range is the field's
         elif self.damping != "auto":
             out.append(f"influence.damping: must be 'auto' or a number, got {self.damping!r}")
         else:
@@ -458,15 +492,23 @@ class UpdateConfig:
     scale: float | str = _field(
         "auto",
         "auto: searched on the validation split; or a number (1.0 is the raw theoretical step)",
+        within="(0, inf)",  # a scale too large for the model is refused after the solve
     )
-    grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
-    grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
-    grid_max: float = _field(10.0, "auto: largest step, as |s*delta| / |target params|")
+    grid_points: int = _field(
+        48, "auto: points of the log-spaced scale grid", within=f"2..{MAX_GRID_POINTS}"
+    )
+    grid_min: float = _field(
+        1.0e-3, "auto: smallest step, as |s*delta| / |target params|", within="(0, 1e6]"
+    )
+    grid_max: float = _field(
+        10.0, "auto: largest step, as |s*delta| / |target params|", within="(0, 1e6]"
+    )
     search_samples: int | None = _field(
         512,
         "auto: samples of each split the step search scores (the validation split; "
         "remove-samples also the removal set), a seeded subsample, so that the search does not "
         "grow with the data; null: all",
+        within=f"1..{MAX_COUNT}",
     )
     recalibrate_batchnorm: bool = _field(
         True,
@@ -477,31 +519,21 @@ class UpdateConfig:
     )
 
     def problems(self) -> list[str]:
-        out = []
+        out = range_problems(self, "update.")
         if isinstance(self.scale, str) and self.scale != "auto":
             out.append(f"update.scale: must be 'auto' or a number, got {self.scale!r}")
-        if isinstance(self.scale, float) and self.scale <= 0:
-            out.append(f"update.scale: must be positive, got {self.scale}")
-        if not 2 <= self.grid_points <= MAX_GRID_POINTS:
-            out.append(
-                f"update.grid_points: must be in 2..{MAX_GRID_POINTS}, got {self.grid_points}"
-            )
-        if not 0 < self.grid_min < self.grid_max:
+        if not self.grid_min < self.grid_max:
             out.append("update.grid_min, update.grid_max: need 0 < grid_min < grid_max")
-        if self.search_samples is not None and self.search_samples < 1:
-            out.append(
-                f"update.search_samples: must be positive or null, got {self.search_samples}"
-            )
         return out
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _field(15, "training epochs")
-    lr: float = _field(0.05, "SGD learning rate (cosine schedule)")
-    momentum: float = _field(0.9, "SGD momentum")
-    weight_decay: float = _field(5.0e-4, "SGD weight decay")
-    batch_size: int = _field(128, "training batch size")
+    epochs: int = _field(15, "training epochs", within="1..1000000")
+    lr: float = _field(0.05, "SGD learning rate (cosine schedule)", within="(0, inf)")
+    momentum: float = _field(0.9, "SGD momentum", within="[0, 1]")
+    weight_decay: float = _field(5.0e-4, "SGD weight decay", within="[0, 1]")
+    batch_size: int = _field(128, "training batch size", within=f"1..{MAX_COUNT}")
     augment: bool = _field(
         False,
         "random crop with 4 pixels of padding and horizontal flip of each training batch (the "
@@ -509,13 +541,7 @@ class TrainConfig:
     )
 
     def problems(self) -> list[str]:
-        out = []
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                out.append(f"train.{key}: must be positive, got {getattr(self, key)}")
-        if self.lr <= 0:
-            out.append(f"train.lr: must be positive, got {self.lr}")
-        return out
+        return range_problems(self, "train.")
 
 
 @dataclass
@@ -524,12 +550,11 @@ class MetricsConfig:
         None,
         "measure the *_train metrics on a seeded sample of this many training samples (for very "
         "large sets; the report says so); null: the whole training split",
+        within=f"1..{MAX_COUNT}",
     )
 
     def problems(self) -> list[str]:
-        if self.train_samples is not None and self.train_samples < 1:
-            return [f"metrics.train_samples: must be positive or null, got {self.train_samples}"]
-        return []
+        return range_problems(self, "metrics.")
 
 
 @dataclass
@@ -539,7 +564,9 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    seed: int = _field(0, "seed of every random draw (split, selection, training)")
+    seed: int = _field(
+        0, "seed of every random draw (split, selection, training)", within=f"0..{MAX_SEED}"
+    )
     device: str = _field("auto", "auto | cpu | cuda[:N]")
     model: ModelConfig = _field(ModelConfig, "the architecture")
     checkpoint: str | None = _field(None, "trained weights: .safetensors, or .pt/.pth")
@@ -556,7 +583,7 @@ class Config:
     """The YAML file the config was read from (set by ``load_config``), for messages."""
 
     def problems(self) -> list[str]:
-        out = _seed_problems("seed", self.seed)
+        out = range_problems(self, "")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             out.append(f"device: must be auto, cpu or cuda[:N], got {self.device!r}")
         out += self.model.problems()
@@ -589,10 +616,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _seed_problems(key: str, seed: int) -> list[str]:
-    return [] if 0 <= seed <= MAX_SEED else [f"{key}: must be in 0..{MAX_SEED}, got {seed}"]
-
-
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     hint = difflib.get_close_matches(str(value), choices, n=1)
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -607,13 +630,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UsageError(
-            f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. selection.ratio=0.1"
+            f"override {_show(text)}: expected KEY=VALUE with a dotted key, e.g. "
+            f"selection.ratio=0.1"
         )
     try:
-        value = safe_yaml(raw, source=f"override {text!r}") if raw.strip() else None
+        value = safe_yaml(raw, source=f"override {_show(text)}") if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UsageError(
-            f"override {text!r}: the value is not valid YAML ({_first_line(exc)})"
+            f"override {_show(text)}: the value is not valid YAML ({_first_line(exc)})"
         ) from None
     except GifError as exc:
         raise UsageError(str(exc)) from None
@@ -622,7 +646,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def safe_yaml(text: str, *, source: str) -> Any:
     """``yaml.safe_load`` within the budget of the module doc; GifError naming ``source``."""
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -648,6 +672,7 @@ def _check_aliases(root: yaml.Node, source: str) -> None:
         if finished:
             entered.discard(id(node))
             sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            _check_unique_keys(node, source)
             continue
         if id(node) in sizes:
             continue
@@ -664,6 +689,23 @@ def _check_aliases(root: yaml.Node, source: str) -> None:
             f"{source}: YAML aliases (*name) repeat more than {ALIAS_BUDGET:,} values; write "
             f"the values out instead of nesting anchors"
         )
+
+
+def _check_unique_keys(node: yaml.Node, source: str) -> None:
+    """Refuse a mapping that gives one key twice: YAML would silently keep the last."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, yaml.Node] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if key.value in seen:
+            first = seen[key.value].start_mark.line + 1
+            raise GifError(
+                f"{source}: key {_show(key.value)} is given twice (lines {first} and "
+                f"{key.start_mark.line + 1}); keep one"
+            )
+        seen[key.value] = key
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -754,12 +796,13 @@ def build_config(
 
 
 def _label(problem: str, overrides: list[str] | tuple[str, ...]) -> str:
-    """``problem`` with the override that set its key, if one did."""
+    """``problem`` with the override that set its key, if one did (the last one: a later
+    override of a key replaces an earlier one)."""
     key = problem.split(":", 1)[0]
-    for text in overrides:
+    for text in reversed(overrides):
         dotted = text.partition("=")[0].strip()
         if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
-            return f"{problem} (from the override {text!r})"
+            return f"{problem} (from the override {_show(text)})"
     return problem
 
 

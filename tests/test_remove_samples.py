@@ -72,7 +72,7 @@ def test_a_config_with_a_removal_set_describes_remove_samples(tmp_path):
             "removal.poison_indices: a remove-samples",
         ),
         ({"objective": "kss"}, "removal.objective: 'kss' is not one of ks, mean-gap; did you mean"),
-        ({"tolerance": -1}, "removal.tolerance: must be non-negative"),
+        ({"tolerance": -1}, r"removal.tolerance: must be in \[0, 100\], got -1"),
     ],
 )
 def test_removal_set_keys_are_validated(removal, message):
