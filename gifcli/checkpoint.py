@@ -23,6 +23,7 @@ from torch import nn
 from gifcli import __version__
 from gifcli.config import safe_yaml
 from gifcli.errors import GifError
+from gifcli.inputs import check_input, open_input
 from gifcli.outputs import atomic_path
 
 WRAPPER_KEYS = ("net", "state_dict", "model")
@@ -40,9 +41,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, *, what: str = "the checkpoint") -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_input(path, what=what, missing="it was removed while gif ran") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -51,11 +52,7 @@ def sha256_file(path: str | Path) -> str:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, on CPU, ``module.`` prefixes stripped."""
     path = Path(path)
-    if not path.is_file():
-        raise GifError(
-            f"{path}: checkpoint not found; train one with `gif train CONFIG -o "
-            f"{path}` or set `checkpoint:` in the config"
-        )
+    check_checkpoint(path)
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path), device="cpu")
@@ -68,6 +65,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors, .pt or .pth"
         )
     return {_strip(k): v for k, v in state.items()}
+
+
+def check_checkpoint(
+    path: str | Path,
+    missing: str = "train one with `gif train CONFIG -o PATH` or set `checkpoint:` in the config",
+) -> None:
+    """Refuse a checkpoint path that is not a regular file (``gifcli.inputs``), at once."""
+    check_input(path, what="checkpoint", missing=missing.replace("PATH", str(path)))
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -217,6 +222,7 @@ def save_checkpoint(
 def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    check_checkpoint(path)
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
 

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import yaml
 
 from gifcli.errors import GifError, UsageError
+from gifcli.inputs import read_input
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder", "tensors")
 TRIGGERS = ("checkerboard", "patch", "blend")
@@ -746,18 +747,14 @@ def _first_line(exc: Exception) -> str:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise GifError(
-            f"{path}: config file not found; pass the path of a YAML config (see configs/)"
-        )
+    text = read_input(
+        path,
+        what="config file",
+        missing="pass the path of a YAML config (see configs/)",
+        limit=MAX_CONFIG_BYTES,
+    )
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise GifError(
-                f"{path}: the config is {size:,} bytes; a config is at most "
-                f"{MAX_CONFIG_BYTES:,} bytes"
-            )
-        raw = safe_yaml(path.read_text(), source=str(path))
+        raw = safe_yaml(text.decode(), source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

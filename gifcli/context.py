@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gifcli.checkpoint import load_into
+from gifcli.checkpoint import check_checkpoint, load_into
 from gifcli.config import Config
 from gifcli.data import DataSplits, load_dataset
 from gifcli.device import resolve_device
@@ -51,14 +51,13 @@ class RunContext:
                 "checkpoint: no checkpoint given; set `checkpoint:` in the config or "
                 f"train one: `gif train {source} -o runs/base.safetensors`"
             )
-        if not Path(path).is_file():
-            hints = {
-                "model": f"train it with `gif train {source} -o {path}`, or set `checkpoint:`",
-                "oracle": f"train the retrain oracle with `gif train {source} --retrain -o {path}`",
-                "evaluated": "pass a checkpoint written by `gif train` or by an edit "
-                "(OUTPUT_DIR/model.safetensors)",
-            }
-            raise GifError(f"{path}: checkpoint not found; {hints[role]}")
+        hints = {
+            "model": f"train it with `gif train {source} -o {path}`, or set `checkpoint:`",
+            "oracle": f"train the retrain oracle with `gif train {source} --retrain -o {path}`",
+            "evaluated": "pass a checkpoint written by `gif train` or by an edit "
+            "(OUTPUT_DIR/model.safetensors)",
+        }
+        check_checkpoint(path, hints[role])
         model = build_model(
             self.config.model, in_channels=self.data.in_channels, image_size=self.data.image_size
         )

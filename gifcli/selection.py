@@ -51,6 +51,7 @@ from gifcli.checkpoint import save_checkpoint
 from gifcli.config import SCOPES, SELECTION_METHODS
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import trainable_parameters
+from gifcli.inputs import check_input
 
 UNIT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 MASK_FORMAT = "gif-target-mask"
@@ -751,6 +752,9 @@ def load_mask(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Tenso
     Returns parameter name -> BoolTensor (CPU) in the model's parameter order. Raises GifError
     naming the path if the file cannot be read, or the first tensor that does not fit.
     """
+    check_input(
+        path, what="the mask", missing="pass a mask.safetensors written by `gif select-params`"
+    )
     try:
         tensors = load_file(os.fspath(path), device="cpu")
     except (OSError, SafetensorError) as err:

@@ -10,7 +10,7 @@ from gifcli.tasks import TASK_NAMES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gifcli"
 LAYERS = {
-    0: {"", "errors", "config", "progress", "records"},
+    0: {"", "errors", "inputs", "config", "progress", "records"},
     1: {
         "data",
         "models",

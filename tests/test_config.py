@@ -314,7 +314,7 @@ def test_overrides_are_read_with_the_same_budget(tmp_path):
 def test_a_config_larger_than_the_limit_is_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("#" * (MAX_CONFIG_BYTES + 1))
-    with pytest.raises(GifError, match="a config is at most"):
+    with pytest.raises(GifError, match="config file is 1,048,577 bytes; gif reads at most"):
         load_config(path)
 
 

@@ -27,7 +27,7 @@ from gifcli.checkpoint import save_checkpoint
 from gifcli.cli.main import app
 from gifcli.config import ModelConfig
 from gifcli.models import build_model
-from tests.conftest import DIGITS, DIGITS_BACKDOOR, ROOT, png_claiming
+from tests.conftest import DIGITS, DIGITS_BACKDOOR, DIGITS_SAMPLES, ROOT, png_claiming
 
 FAST = [
     "influence.max_iter=2",
@@ -66,6 +66,8 @@ def tree(root: Path) -> dict[str, str]:
                 found[key] = f"link to {os.readlink(path)}"
             elif path.is_dir():
                 found[key] = "folder"
+            elif not path.is_file():
+                found[key] = "not a regular file"  # a FIFO: reading it would block
             else:
                 found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -672,3 +674,67 @@ def test_a_full_disk_keeps_the_previous_set(tmp_path, base):
     )
     assert done.stdout == "rc=1\nout\n"
     published(kept)
+
+
+# ------------------------------------------------------ inputs: regular files, bounded memory
+
+
+def gif(*args, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    """``gif ARGS`` in its own process, killed after ``timeout`` seconds (a hang fails)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gifcli", *map(str, args)],
+        env=_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert done.returncode == code, done.stderr
+    assert done.stderr.startswith("error:") and fragment in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+FIFOS = {
+    "--mask": lambda tmp, base: edit(tmp, base, "--mask", _fifo(tmp / "m.safetensors")),
+    "evaluate -c": lambda tmp, base: evaluate(_fifo(tmp / "c.safetensors")),
+    "--oracle": lambda tmp, base: edit(tmp, base, "--oracle", _fifo(tmp / "o.safetensors")),
+    "config": lambda tmp, base: ["evaluate", _fifo(tmp / "c.yaml"), "-c", base],
+    "removal.indices": lambda tmp, base: edit(
+        tmp,
+        base,
+        f"removal.indices={_fifo(tmp / 'i.txt')}",
+        "removal.random=null",
+        config=DIGITS_SAMPLES,
+        command="remove-samples",
+    ),
+    "a file of a tensors folder": lambda tmp, base: evaluate(
+        base, "data.dataset=tensors", f"data.path={_tensors_folder_with_fifo(tmp)}"
+    ),
+}
+
+
+def _tensors_folder_with_fifo(tmp: Path) -> Path:
+    folder = tmp / "arrays"
+    folder.mkdir()
+    with np.load(_npz(tmp)) as arrays:
+        for key in ("x_train", "y_train", "x_test"):
+            np.save(folder / f"{key}.npy", arrays[key])
+    _fifo(folder / "y_test.npy")
+    return folder
+
+
+@pytest.mark.parametrize("where", list(FIFOS), ids=list(FIFOS))
+def test_a_fifo_is_refused_at_once_wherever_a_file_is_read(tmp_path, base, where):
+    args = FIFOS[where](tmp_path, base)
+    before = tree(tmp_path)
+    done = gif(*args, timeout=60)
+    one_line_error(done, 1, "is a named pipe (FIFO), not a regular file")
+    assert tree(tmp_path) == before, "nothing written, no lock left"

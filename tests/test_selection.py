@@ -454,9 +454,11 @@ def test_unreadable_mask_file_names_the_path(tmp_path: Path) -> None:
     model = _mixed_model()
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
-    for path in (garbage, tmp_path / "missing.safetensors"):
-        with pytest.raises(GifError, match="^" + re.escape(f"{path}: cannot read the mask")):
-            load_mask(path, model)
+    with pytest.raises(GifError, match="^" + re.escape(f"{garbage}: cannot read the mask")):
+        load_mask(garbage, model)
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(GifError, match="^" + re.escape(f"{missing}: the mask not found")):
+        load_mask(missing, model)
 
 
 # --------------------------------------------------------------------------------------------

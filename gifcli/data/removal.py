@@ -9,14 +9,23 @@ full training set, counted from 0 before the validation split is held out, one f
   (index, true label) rows.
 - ``.json``: a list of indices, or ``{"indices": [...], "true_labels": [...]}``.
 
-A file is at most ``MAX_INDEX_FILE_BYTES`` long, and every index and label must fit 64 bits.
+A file is at most ``MAX_INDEX_FILE_BYTES`` long (a JSON file at most
+``_JSON_BYTES_PER_ENTRY`` bytes a training sample), a ``.txt`` index is written in ASCII
+digits, and a ``.npy`` header must match the file's size. The entries are checked as they are
+read, so a bad file fails at its first bad entry and memory stays within one entry per training
+sample, whatever the file's size.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,9 +33,7 @@ from torch import Tensor
 
 from gifcli.data.splits import Split
 from gifcli.errors import GifError
-
-# one parsed entry: (where it is in the file, index, true label or None)
-_Entry = tuple[str, int, int | None]
+from gifcli.inputs import check_input, open_input
 
 MAX_INDEX_FILE_BYTES = 256 << 20  # 25 million indices as text
 
@@ -67,8 +74,7 @@ def read_poison_indices(
     ``n_train`` is the size of the training set the indices refer to; ``num_classes``, when
     given, bounds the true labels. Raises GifError naming the file and the line or entry.
     """
-    entries = _read_entries(path, "removal.poison_indices", labels=True)
-    return _check(entries, Path(path), n_train, num_classes)
+    return _read_index_file(Path(path), "removal.poison_indices", n_train, num_classes, True)
 
 
 def read_removal_indices(path: str | Path, n_train: int, *, key: str) -> Tensor:
@@ -76,40 +82,97 @@ def read_removal_indices(path: str | Path, n_train: int, *, key: str) -> Tensor:
     entry, no label column. ``n_train`` is the size of the training set they refer to;
     ``key`` is the setting that named the file (for messages). Raises GifError naming the
     file and the line or entry."""
-    indices, _ = _check(_read_entries(path, key, labels=False), Path(path), n_train, None)
+    indices, _ = _read_index_file(Path(path), key, n_train, None, False)
     return indices
 
 
-def _read_entries(path: str | Path, key: str, *, labels: bool) -> list[_Entry]:
-    """The entries of an index file; ``labels``: whether a true-label column is allowed."""
-    path = Path(path)
-    if not path.is_file():
-        raise GifError(
-            f"{key}: {path} not found; point it at a .txt, .npy or .json file of training indices"
-        )
-    size = path.stat().st_size
-    if size > MAX_INDEX_FILE_BYTES:
-        raise GifError(
-            f"{path}: the index file is {size:,} bytes; it may be at most "
-            f"{MAX_INDEX_FILE_BYTES:,} bytes"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        entries = _read_txt(path, labels=labels)
-    elif suffix == ".npy":
-        entries = _read_npy(path)
-    elif suffix == ".json":
-        entries = _read_json(path)
-    else:
+def _read_index_file(
+    path: Path, key: str, n_train: int, num_classes: int | None, labels: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Each entry is checked as it is read (``_Entries``), so a file fails at its first bad
+    entry and memory stays within ``n_train`` entries, whatever the file's size."""
+    readers = {".txt": _read_txt, ".npy": _read_npy, ".json": _read_json}
+    reader = readers.get(path.suffix.lower())
+    missing = "point it at a .txt, .npy or .json file of training indices"
+    check_input(path, what=key, missing=missing, limit=MAX_INDEX_FILE_BYTES)
+    if reader is None:
         raise GifError(f"{key}: {path} is not a .txt, .npy or .json file")
-    if not labels:
-        for where, _, label in entries:
-            if label is not None:
-                raise GifError(
-                    f"{path}: {where}: carries a second value ({label}); list training "
-                    f"indices only, one per entry"
-                )
-    return entries
+    entries = _Entries(path, n_train, num_classes, labels)
+    with open_input(path, what=key, missing=missing, limit=MAX_INDEX_FILE_BYTES) as handle:
+        reader(handle, entries)
+    return entries.result()
+
+
+class _Entries:
+    """The entries of one index file, checked one by one as they are read: index in range,
+    not repeated, a true label for all or none (and only where labels are allowed). At most
+    ``n_train`` entries can pass, so this holds at most that many, however long the file.
+
+    A reader sets ``where``, the format of an entry's place (``"line {}"``), and adds each
+    entry with its position in that format."""
+
+    def __init__(self, path: Path, n_train: int, num_classes: int | None, labels: bool) -> None:
+        self.path, self.n_train, self.num_classes, self.labels = path, n_train, num_classes, labels
+        self.where = "entry {}"
+        self.indices = np.empty(0, dtype=np.int64)
+        self.true_labels = np.empty(0, dtype=np.int64)
+        self.first = np.full(n_train, -1, dtype=np.int64)  # index -> position that listed it
+        self.count = 0
+        self.labelled: bool | None = None
+        self.first_where = ""
+
+    def fail(self, position: int | str, detail: str) -> GifError:
+        return GifError(f"{self.path}: {self.where.format(position)}: {detail}")
+
+    def add(self, position: int, index: int, label: int | None = None) -> None:
+        where = self.where.format(position)
+        if label is not None and not self.labels:
+            raise self.fail(
+                position,
+                f"carries a second value ({label}); list training indices only, one per entry",
+            )
+        if self.labelled is None:
+            self.labelled, self.first_where = label is not None, where
+        elif (label is not None) != self.labelled:
+            raise self.fail(
+                position,
+                f"{'has no' if self.labelled else 'has a'} true label but {self.first_where} "
+                f"{'has one' if self.labelled else 'has none'}; give a true label for every "
+                f"index or for none",
+            )
+        if not 0 <= index < self.n_train:
+            raise self.fail(
+                position,
+                f"index {index} is out of range 0..{self.n_train - 1} (the training set has "
+                f"{self.n_train} samples)",
+            )
+        if self.first[index] >= 0:
+            raise self.fail(
+                position,
+                f"index {index} is repeated (first at {self.where.format(self.first[index])}); "
+                f"list each sample once",
+            )
+        bound = self.num_classes
+        if label is not None and (label < 0 or (bound is not None and label >= bound)):
+            shown = f"0..{bound - 1}" if bound is not None else "non-negative"
+            raise self.fail(position, f"true label {label} is out of range ({shown})")
+        self.first[index] = position
+        if self.count == len(self.indices):  # grows by doubling, at most to n_train
+            size = min(self.n_train, max(1024, 2 * self.count))
+            self.indices = np.resize(self.indices, size)
+            self.true_labels = np.resize(self.true_labels, size)
+        self.indices[self.count] = index
+        self.true_labels[self.count] = -1 if label is None else label
+        self.count += 1
+
+    def result(self) -> tuple[Tensor, Tensor | None]:
+        if not self.count:
+            raise GifError(f"{self.path}: lists no indices; give at least one training index")
+        indices = torch.from_numpy(self.indices[: self.count].copy())
+        order = indices.argsort()
+        if not self.labelled:
+            return indices[order], None
+        return indices[order], torch.from_numpy(self.true_labels[: self.count].copy())[order]
 
 
 def to_split_positions(indices: Tensor, split_source: Tensor) -> Tensor:
@@ -129,71 +192,119 @@ def to_split_positions(indices: Tensor, split_source: Tensor) -> Tensor:
     return lookup[indices]
 
 
-def _read_txt(path: Path, *, labels: bool) -> list[_Entry]:
-    entries = []
-    text = _read_text(path)
-    expected = "an index and an optional true label" if labels else "one index per line"
-    for number, line in enumerate(text.splitlines(), start=1):
-        tokens = line.split("#", 1)[0].split()
+_MAX_LINE = 4096  # bytes in one line of a .txt index file
+_DIGITS = re.compile(rb"-?[0-9]+")  # ASCII digits only (int() would take 1_0 and other scripts)
+_JSON_BYTES_PER_ENTRY = 64  # a JSON file of n_train entries is at most this much per entry
+_NPY_CHUNK = 1 << 16  # rows of an .npy index file checked at a time
+
+
+def _read_txt(handle: BinaryIO, entries: _Entries) -> None:
+    """One index per line (and an optional true label, where allowed); ``#`` comments."""
+    entries.where = "line {}"
+    expected = "an index and an optional true label" if entries.labels else "one index per line"
+    for number in itertools.count(1):
+        line = handle.readline(_MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > _MAX_LINE and not line.endswith(b"\n"):
+            raise entries.fail(number, f"longer than {_MAX_LINE:,} bytes; one index per line")
+        tokens = line.split(b"#", 1)[0].split()
         if not tokens:
             continue
-        where = f"line {number}"
-        if len(tokens) > (2 if labels else 1):
-            raise GifError(f"{path}: {where}: expected {expected}, got {line.strip()!r}")
-        try:
-            values = [int(token) for token in tokens]
-        except ValueError as exc:
-            raise GifError(
-                f"{path}: {where}: {line.strip()!r} is not an integer index"
-                + (" (and optional integer true label)" if labels else "")
-            ) from exc
-        entries.append((where, values[0], values[1] if len(values) == 2 else None))
-    return entries
+        shown = _show(line.strip())
+        if len(tokens) > (2 if entries.labels else 1):
+            raise entries.fail(number, f"expected {expected}, got {shown}")
+        if not all(_DIGITS.fullmatch(token) for token in tokens):
+            label = " (and optional integer true label)" if entries.labels else ""
+            raise entries.fail(number, f"{shown} is not an integer index{label}")
+        values = [int(token) for token in tokens]
+        entries.add(number, values[0], values[1] if len(values) == 2 else None)
 
 
-def _read_npy(path: Path) -> list[_Entry]:
+def _read_npy(handle: BinaryIO, entries: _Entries) -> None:
+    """A 1-D integer array, or N x 2 (index, true label) rows: the header is checked against
+    the file before anything is read, then the rows are checked a chunk at a time."""
+    path = entries.path
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        version = np.lib.format.read_magic(handle)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            raise ValueError(f"format version {version} is not read")
+        shape, fortran_order, dtype = readers[version](handle)
+    except ValueError as exc:
         raise GifError(
             f"{path}: cannot read the .npy file ({exc}); save it with numpy.save"
-        ) from exc
-    if not np.issubdtype(array.dtype, np.integer):
-        raise GifError(f"{path}: holds {array.dtype} values; store integer indices")
-    if array.ndim == 1:
-        return [(f"entry {i}", int(v), None) for i, v in enumerate(array.tolist())]
-    if array.ndim == 2 and array.shape[1] == 2:
-        return [
-            (f"row {i}", int(index), int(label)) for i, (index, label) in enumerate(array.tolist())
-        ]
-    raise GifError(
-        f"{path}: array has shape {array.shape}; store a 1-D array of indices or an "
-        f"N x 2 array of (index, true label) rows"
+        ) from None
+    if dtype.hasobject or not np.issubdtype(dtype, np.integer):
+        raise GifError(f"{path}: holds {dtype} values; store integer indices")
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 2)):
+        raise GifError(
+            f"{path}: array has shape {shape}; store a 1-D array of indices or an "
+            f"N x 2 array of (index, true label) rows"
+        )
+    declared = math.prod(shape) * dtype.itemsize
+    offset = handle.tell()
+    size = os.fstat(handle.fileno()).st_size
+    if offset + declared != size:
+        raise GifError(
+            f"{path}: the header declares {shape} {dtype} values ({declared:,} bytes) but the "
+            f"file holds {size - offset:,} bytes of data; save it again with numpy.save"
+        )
+    if not declared:
+        return
+    array = np.memmap(
+        handle,
+        dtype=dtype,
+        mode="r",
+        shape=shape,
+        order="F" if fortran_order else "C",
+        offset=offset,
     )
+    entries.where = "entry {}" if len(shape) == 1 else "row {}"
+    for start in range(0, shape[0], _NPY_CHUNK):
+        rows = np.asarray(array[start : start + _NPY_CHUNK]).tolist()
+        for position, row in enumerate(rows, start=start):
+            if isinstance(row, list):
+                entries.add(position, row[0], row[1])
+            else:
+                entries.add(position, row)
 
 
-def _read_json(path: Path) -> list[_Entry]:
+def _read_json(handle: BinaryIO, entries: _Entries) -> None:
+    """A list of indices, or ``{"indices": [...], "true_labels": [...]}``; read whole, so
+    its size is bounded by the training set's (``_JSON_BYTES_PER_ENTRY`` bytes an entry)."""
+    path = entries.path
+    limit = 4096 + _JSON_BYTES_PER_ENTRY * entries.n_train
+    text = handle.read(limit + 1)
+    if len(text) > limit:
+        raise GifError(
+            f"{path}: a JSON index file for a training set of {entries.n_train:,} samples is at "
+            f"most {limit:,} bytes; list each index once, or use a .txt or .npy file"
+        )
     try:
-        content = json.loads(_read_text(path))
+        content = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GifError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from exc
+        raise GifError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
     except RecursionError:
         raise GifError(
             f'{path}: JSON nested too deeply; expected a list of indices or {{"indices": [...]}}'
         ) from None
-    except ValueError as exc:  # an integer of more than 4300 digits
+    except (ValueError, UnicodeDecodeError) as exc:  # an integer of more than 4300 digits
         raise GifError(f"{path}: cannot read the JSON ({exc}); store plain indices") from None
     if isinstance(content, list):
-        return [
-            (f"entry {i}", _json_int(v, path, f"entry {i}"), None) for i, v in enumerate(content)
-        ]
+        for i, value in enumerate(content):
+            entries.add(i, _json_int(value, path, f"entry {i}"))
+        return
     if not isinstance(content, dict) or "indices" not in content:
         raise GifError(
             f'{path}: expected a list of indices or {{"indices": [...], "true_labels": [...]}}'
         )
     unknown = sorted(set(content) - {"indices", "true_labels"})
     if unknown:
-        raise GifError(f"{path}: unknown key {unknown[0]!r}; use indices and true_labels")
+        raise GifError(f"{path}: unknown key {_show(unknown[0])}; use indices and true_labels")
     indices = content["indices"]
     labels = content.get("true_labels")
     for key, values in (("indices", indices), ("true_labels", labels)):
@@ -204,62 +315,19 @@ def _read_json(path: Path) -> list[_Entry]:
             f"{path}: {len(indices)} indices but {len(labels)} true_labels; give "
             f"one true label per index"
         )
-    return [
-        (
-            f"indices[{i}]",
-            _json_int(v, path, f"indices[{i}]"),
-            None if labels is None else _json_int(labels[i], path, f"true_labels[{i}]"),
-        )
-        for i, v in enumerate(indices)
-    ]
+    entries.where = "indices[{}]"
+    for i, value in enumerate(indices):
+        label = None if labels is None else _json_int(labels[i], path, f"true_labels[{i}]")
+        entries.add(i, _json_int(value, path, f"indices[{i}]"), label)
 
 
 def _json_int(value: object, path: Path, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        shown = repr(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise GifError(f"{path}: {where}: {shown} is not an integer")
+        raise GifError(f"{path}: {where}: {_show(value)} is not an integer")
     return value
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GifError(f"{path}: cannot read the file ({exc})") from exc
-
-
-def _check(
-    entries: list[_Entry], path: Path, n_train: int, num_classes: int | None
-) -> tuple[Tensor, Tensor | None]:
-    if not entries:
-        raise GifError(f"{path}: lists no indices; give at least one training index")
-    labelled = entries[0][2] is not None
-    first_seen: dict[int, str] = {}
-    for where, index, label in entries:
-        if (label is not None) != labelled:
-            raise GifError(
-                f"{path}: {where}: {'has no' if labelled else 'has a'} true label "
-                f"but {entries[0][0]} {'has one' if labelled else 'has none'}; give a "
-                f"true label for every index or for none"
-            )
-        if not 0 <= index < n_train:
-            raise GifError(
-                f"{path}: {where}: index {index} is out of range 0..{n_train - 1} "
-                f"(the training set has {n_train} samples)"
-            )
-        if index in first_seen:
-            raise GifError(
-                f"{path}: {where}: index {index} is repeated (first at "
-                f"{first_seen[index]}); list each sample once"
-            )
-        first_seen[index] = where
-        if label is not None and (label < 0 or (num_classes is not None and label >= num_classes)):
-            bound = f"0..{num_classes - 1}" if num_classes is not None else "non-negative"
-            raise GifError(f"{path}: {where}: true label {label} is out of range ({bound})")
-    indices = torch.tensor([index for _, index, _ in entries], dtype=torch.long)
-    order = indices.argsort()
-    if not labelled:
-        return indices[order], None
-    labels = torch.tensor([label for _, _, label in entries], dtype=torch.long)
-    return indices[order], labels[order]
+def _show(value: object, most: int = 40) -> str:
+    """``repr(value)`` (text for bytes), cut short."""
+    shown = repr(value.decode(errors="replace") if isinstance(value, bytes) else value)
+    return shown if len(shown) <= most else shown[: most - 3] + "..."

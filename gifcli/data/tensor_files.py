@@ -5,13 +5,16 @@
 wherever the format allows, so they are read from disk batch by batch and never held whole:
 ``.npy`` files, the members of an uncompressed ``.npz`` (``numpy.savez``), and ``.pt`` files
 (``torch.load(mmap=True)``). A compressed ``.npz`` (``numpy.savez_compressed``) is unpacked
-into memory, and refused when it would unpack to more than the machine's memory. Labels are
-read into memory and checked before anything is sized by them.
+into memory, and refused when it would unpack to more than ``MAX_UNPACKED_BYTES``. The header of
+every ``.npz`` member is read first and checked against the size the archive gives it and
+against the other members (one label per image) before any array is read. Labels are read into
+memory and checked before anything is sized by them. Every file is opened through
+``gifcli.inputs`` (regular files only).
 """
 
 from __future__ import annotations
 
-import os
+import math
 import struct
 import zipfile
 from collections.abc import Sequence
@@ -25,10 +28,16 @@ from torch import Tensor
 from gifcli.config import MAX_CLASSES
 from gifcli.data.stores import ArrayStore
 from gifcli.errors import GifError
+from gifcli.inputs import check_input
 
 TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _FINITE_CHECK_ROWS = 4096  # float images are checked for NaN/Inf this many rows at a time
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: its name and extra
+MAX_UNPACKED_BYTES = 4 << 30  # compressed .npz members are unpacked into memory
+_MISSING = (
+    f"point data.path at a .pt or .npz file, or a folder of .npy files, with "
+    f"{', '.join(TENSOR_KEYS)}"
+)
 
 
 @dataclass
@@ -73,11 +82,7 @@ def _open_arrays(path: Path) -> dict:
     if path.is_dir():
         files = {p.stem: p for p in path.glob("*.npy") if p.stem in TENSOR_KEYS}
         return {key: _npy(file) for key, file in files.items()}
-    if not path.is_file():
-        raise GifError(
-            f"data.path: {path} not found; point it at a .pt or .npz file, or a folder of "
-            f".npy files, with {', '.join(TENSOR_KEYS)}"
-        )
+    check_input(path, what="data.path", missing=_MISSING)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return _npz(path)
@@ -90,6 +95,7 @@ def _open_arrays(path: Path) -> dict:
 
 
 def _npy(path: Path) -> np.ndarray:
+    check_input(path, what="a data.path file", missing=_MISSING)
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -102,6 +108,9 @@ def _npz(path: Path) -> dict:
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            _check_headers(
+                path, {key: _member_header(archive, info) for key, info in members.items()}
+            )
             packed = [info for info in members.values() if info.compress_type != zipfile.ZIP_STORED]
             _check_unpacked_size(path, packed)
             mapped = {key: _mapped_member(path, info) for key, info in members.items()}
@@ -158,15 +167,50 @@ def _pt(path: Path) -> dict:
     return arrays
 
 
+def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple, np.dtype]:
+    """The shape and dtype a member's .npy header declares, read without its data; refused
+    when they do not fill the member's size exactly (a few bytes cannot declare gigabytes)."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            raise ValueError(f"{info.filename}: .npy format version {version} is not read")
+        shape, _, dtype = readers[version](member)
+        header = member.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and header + declared != info.file_size:
+        raise ValueError(
+            f"{info.filename}: the header declares {_shape(shape)} {dtype} values "
+            f"({declared:,} bytes) but the member holds {info.file_size - header:,}"
+        )
+    return shape, dtype
+
+
+def _check_headers(path: Path, headers: dict[str, tuple[tuple, np.dtype]]) -> None:
+    """One label per image, from the headers alone (before any array is read)."""
+    for split in ("train", "test"):
+        images, labels = headers.get(f"x_{split}"), headers.get(f"y_{split}")
+        if not (images and labels and images[0]):
+            continue  # missing, or a scalar: named when the arrays are checked
+        if labels[0] != images[0][:1]:
+            raise GifError(
+                f"{path}: y_{split} has shape {_shape(labels[0])}; store one integer label per "
+                f"image ({images[0][0]})"
+            )
+
+
 def _check_unpacked_size(path: Path, packed: Sequence[zipfile.ZipInfo]) -> None:
-    """Refuse compressed members that unpack to more than this machine's memory: a small
+    """Refuse compressed members that unpack to more than ``MAX_UNPACKED_BYTES``: a small
     compressed file can hold gigabytes of zeros."""
     unpacked = sum(info.file_size for info in packed)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if unpacked > memory:
+    if unpacked > MAX_UNPACKED_BYTES:
         raise GifError(
-            f"{path}: the arrays unpack to {unpacked / 2**30:.1f} GiB, more than this "
-            f"machine's {memory / 2**30:.1f} GiB of memory; use a smaller data set"
+            f"{path}: the compressed arrays unpack to {unpacked / 2**30:.1f} GiB; gif unpacks "
+            f"at most {MAX_UNPACKED_BYTES / 2**30:.0f} GiB into memory: save the arrays "
+            f"uncompressed with numpy.savez (they are then read from disk as needed)"
         )
 
 

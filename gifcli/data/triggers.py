@@ -27,6 +27,7 @@ from torch import Tensor
 from gifcli.config import PoisonConfig, TriggerConfig
 from gifcli.data.images import open_image
 from gifcli.errors import GifError
+from gifcli.inputs import check_input
 
 if TYPE_CHECKING:
     from gifcli.data.splits import Split
@@ -138,8 +139,7 @@ def blend_image(
     if not trigger.image:
         raise GifError(f"{key}.image: the blend trigger needs an image path")
     path = Path(trigger.image)
-    if not path.is_file():
-        raise GifError(f"{key}.image: {path} not found; point it at an image file (.png, .jpg)")
+    check_input(path, what=f"{key}.image", missing="point it at an image file (.png, .jpg)")
     return _read_blend_image(str(path.resolve()), path.stat().st_mtime_ns, channels, height, width)
 
 
