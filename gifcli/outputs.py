@@ -51,6 +51,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -343,12 +344,28 @@ def _locked(lock: Path, *, what: str, note: Callable[[str], None]) -> Iterator[N
         os.close(fd)
 
 
+def _open_lock(lock: Path, flags: int) -> int:
+    """``lock`` opened with ``flags``, never through a link, and only if it is a regular file:
+    a link planted at a lock path would otherwise have gif write its pid into the link's
+    target."""
+    try:
+        fd = os.open(lock, flags | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(lock):
+            raise GifError(
+                f"{lock}: the lock file is a symbolic link; gif never follows a link for its "
+                f"lock: remove the link"
+            ) from None
+        raise write_failed(lock.parent, exc) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise GifError(f"{lock}: the lock path is not a regular file; remove it")
+    return fd
+
+
 def _acquire(lock: Path, *, what: str, note: Callable[[str], None]) -> int:
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise write_failed(lock.parent, exc) from None
+        fd = _open_lock(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -374,6 +391,32 @@ def _acquire(lock: Path, *, what: str, note: Callable[[str], None]) -> int:
         return fd
 
 
+def _refuse_enclosing_run(path: Path) -> None:
+    """Refuse, at once, a path inside an output folder that another gif run holds (its
+    ``DIR.lock`` is locked): that run replaces the folder as a whole when it publishes."""
+    if fcntl is None:
+        return
+    for folder in Path(os.path.abspath(path)).parents:
+        lock = _lock_name(folder)
+        if not folder.name or os.path.abspath(lock) in _held or not os.path.lexists(lock):
+            continue
+        try:
+            fd = _open_lock(lock, os.O_RDONLY)
+        except GifError:
+            continue  # not a lock gif made
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            by = f" (pid {holder})" if holder else ""
+            raise GifError(
+                f"{path}: inside output.dir {folder}, which another gif run{by} is writing "
+                f"({lock} is locked); wait for that run to finish, or choose another output path"
+            ) from None
+        finally:
+            os.close(fd)
+
+
 def _read_pid(fd: int) -> int | None:
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return int(text) if text.isdigit() else None
@@ -394,6 +437,29 @@ def _lock_name(path: Path) -> Path:
     return path.parent / f"{path.name}.lock"
 
 
+def _named(directory: str | Path) -> Path:
+    """``directory``, made absolute when it has no name of its own (``.``, ``..``): its lock and
+    staging folder are named after it, beside it."""
+    directory = Path(directory)
+    return Path(os.path.abspath(directory)) if directory.name in ("", "..") else directory
+
+
+def refuse_inputs_inside(directory: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse, before any work, an output folder that holds one of the run's ``inputs``
+    (``{what it is: path}``; None: not given): the folder is replaced as a whole when the run
+    publishes, input included."""
+    root = os.path.realpath(directory)
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            raise GifError(
+                f"{path}: {what} is inside output.dir {directory}, which the run replaces as a "
+                f"whole; choose another output.dir or move the input out of it"
+            )
+
+
 def _own_leftover(name: str, names: Iterable[str]) -> bool:
     """A file gif itself leaves in an output folder: a temporary file of one of its outputs."""
     return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{n}.") for n in names)
@@ -406,9 +472,10 @@ def check_output_dir(directory: str | Path, *, force: bool, names: Iterable[str]
     anything but regular files named in ``names`` (and gif's own temporary files) is refused.
     A symbolic link or a file at the path is refused too (``check_writable``).
     """
-    directory = Path(directory)
+    directory = _named(directory)
     names = list(names)
     check_writable(directory)
+    _refuse_enclosing_run(directory)
     if not os.path.lexists(directory):
         return
     if directory.is_symlink():
@@ -517,9 +584,10 @@ def claim_output_dir(
     ``names``: the file names the run writes; ``note(message)`` receives what the recovery
     did. Claims nest within one process (the inner one reuses the lock).
     """
-    directory = Path(directory)
+    directory = _named(directory)
     names = tuple(names)
     check_writable(directory)
+    _refuse_enclosing_run(directory)
     created = _make_parents(directory.parent)
     published = False
     try:
@@ -590,6 +658,7 @@ def claim_output_files(
     paths = [Path(p) for p in paths]
     for path in paths:
         check_writable(path.parent)
+        _refuse_enclosing_run(path)
     created = _make_parents(paths[0].parent)
     written = False
     try:
@@ -629,6 +698,7 @@ def check_output_file(path: str | Path, *, force: bool) -> None:
     ``force``, and a folder at its path always."""
     path = Path(path)
     check_writable(path.parent)
+    _refuse_enclosing_run(path)
     if path.is_dir() and not path.is_symlink():
         raise GifError(f"{path}: is a folder; remove it or choose another output path")
     if os.path.lexists(path) and not force:

@@ -20,7 +20,7 @@ from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
 from gifcli.cost import with_load
-from gifcli.outputs import check_output_file, claim_output_dir
+from gifcli.outputs import claim_output_dir, claim_output_files, refuse_inputs_inside
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import CheckpointRecord, EvaluateReport
@@ -51,6 +51,7 @@ def run_edit(
     each of ``checks`` under ``checks``. ``output.dir`` is locked and checked before any work;
     ``note(message)`` hears what was recovered from a stopped run."""
     task_type = check_task(config, command)
+    refuse_inputs_inside(config.output.dir, _inputs(config, mask_path, oracle))
     claim = (
         claim_output_dir(config.output.dir, force=force, names=OUTPUT_FILES.values(), note=note)
         if distributed.is_main()  # the one rank that writes
@@ -60,6 +61,24 @@ def run_edit(
         return _edit_from_config(
             config, task_type, mask_path, oracle, force, progress, checks, note
         )
+
+
+def _inputs(config: Config, mask: Path | None, oracle: Path | None) -> dict[str, str | Path | None]:
+    """Every file or folder an edit reads, by what it is (None: not given)."""
+    data = config.data
+    poison_image = data.poison.image if data.poison is not None else None
+    trigger = config.removal.trigger
+    return {
+        "the checkpoint": config.checkpoint,
+        "the --oracle checkpoint": oracle,
+        "the --mask": mask,
+        "data.path": data.path if data.dataset == "tensors" else None,
+        "data.root": data.root if data.dataset not in ("digits", "tensors") else None,
+        "removal.indices": config.removal.indices,
+        "removal.poison_indices": config.removal.poison_indices,
+        "data.poison.image": poison_image,
+        "removal.trigger.image": trigger.image if trigger is not None else None,
+    }
 
 
 def _edit_from_config(
@@ -109,7 +128,12 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
     """Select the target parameters of the config's task and save the mask (default:
     ``output.dir/mask.safetensors``); returns a summary with one row per layer."""
     output = output or output_paths(config.output.dir)["mask"]
-    check_output_file(output, force=force)
+    claim = claim_output_files([output], force=force) if distributed.is_main() else nullcontext()
+    with claim as temporary:
+        return _select_from_config(config, output, temporary)
+
+
+def _select_from_config(config: Config, output: Path, temporary: dict[Path, Path] | None) -> dict:
     ctx = prepare(config)
     task = ctx.task()
     model = ctx.load_model()
@@ -121,7 +145,7 @@ def run_select(*, config: Config, output: Path | None = None, force: bool = Fals
         seconds = time.perf_counter() - started
         if distributed.is_main():
             metadata = mask_metadata(task.name, config.selection, config.to_yaml())
-            save_mask(output, selection.mask, metadata=metadata)
+            save_mask(temporary[Path(output)], selection.mask, metadata=metadata)
     layers = summarize_mask(model, selection.mask, selection.units)
     selected = sum(row["selected"] for row in layers)
     total = sum(row["parameters"] for row in layers)

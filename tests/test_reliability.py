@@ -738,3 +738,99 @@ def test_a_fifo_is_refused_at_once_wherever_a_file_is_read(tmp_path, base, where
     done = gif(*args, timeout=60)
     one_line_error(done, 1, "is a named pipe (FIFO), not a regular file")
     assert tree(tmp_path) == before, "nothing written, no lock left"
+
+
+# ------------------------------------------------------------------ outputs: locks and inputs
+
+
+def _previous_set(tmp: Path, base: Path) -> Path:
+    """An output folder holding a copy of ``base`` as its model, as an earlier edit would."""
+    out = tmp / "out"
+    out.mkdir()
+    shutil.copy(base, out / "model.safetensors")
+    return out
+
+
+INSIDE = {
+    "checkpoint": lambda tmp, out: [f"checkpoint={out / 'model.safetensors'}"],
+    "--oracle": lambda tmp, out: ["--oracle", out / "model.safetensors"],
+    "--mask": lambda tmp, out: ["--mask", out / "model.safetensors"],
+    "data.path": lambda tmp, out: ["data.dataset=tensors", f"data.path={_npz(out)}"],
+}
+
+
+@pytest.mark.parametrize("what", list(INSIDE), ids=list(INSIDE))
+def test_an_input_inside_the_output_folder_is_refused_before_any_work(tmp_path, base, what):
+    out = _previous_set(tmp_path, base)
+    extra = INSIDE[what](tmp_path, out)
+    before = tree(tmp_path)
+    result = invoke(*edit(tmp_path, base, *extra, "--force"))
+    assert result.exit_code == 1, result.output
+    assert f"is inside output.dir {out}, which the run replaces as a whole" in result.output
+    assert tree(tmp_path) == before, "the input is unchanged"
+
+
+@pytest.mark.parametrize(
+    ("output", "command"),
+    [
+        ("b", lambda out, base: edit_into(out, base)),
+        ("b.safetensors", lambda out, base: ["train", DIGITS, "train.epochs=1", "-o", out]),
+    ],
+    ids=["edit", "train"],
+)
+def test_a_lock_path_that_is_a_link_is_refused_and_never_followed(tmp_path, base, output, command):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / f"{output}.lock").symlink_to(victim)
+    result = invoke(*command(tmp_path / output, base))
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / output}.lock: the lock file is a symbolic link" in result.output
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.fixture
+def locked_folder(tmp_path):
+    """``tmp/g``, held by another run: its ``g.lock`` flock-ed, with that run's pid inside."""
+    import fcntl
+
+    (tmp_path / "g").mkdir()
+    fd = os.open(tmp_path / "g.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242\n")
+    yield tmp_path / "g"
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda g, base: ["select-params", DIGITS, f"checkpoint={base}", "-o", g / "m.safetensors"],
+        lambda g, base: ["train", DIGITS, "train.epochs=1", "-o", g / "model.safetensors"],
+        lambda g, base: edit_into(g / "sub", base),
+    ],
+    ids=["select-params -o", "train -o", "nested output folder"],
+)
+def test_a_writer_inside_a_locked_output_folder_is_refused_at_once(locked_folder, base, command):
+    before = tree(locked_folder.parent)
+    started = time.perf_counter()
+    result = invoke(*command(locked_folder, base), "--force")
+    assert time.perf_counter() - started < 30
+    assert result.exit_code == 1, result.output
+    assert f"inside output.dir {locked_folder}, which another gif run (pid 4242)" in result.output
+    assert tree(locked_folder.parent) == before
+
+
+def test_the_current_folder_as_output_dir_is_resolved(tmp_path, base):
+    here = tmp_path / "here"
+    here.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "gifcli", *map(str, edit_into(Path("."), base)), "--quiet"],
+        cwd=here,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    published(here)
+    assert sorted(os.listdir(tmp_path)) == ["here"], "no lock or staging folder is left"
