@@ -16,8 +16,7 @@ from gifcli.device import resolve_device
 from gifcli.errors import GifError
 from gifcli.models import build_model
 from gifcli.tasks import Task, task_from_config
-
-OUTPUT_CHECK_SAMPLES = 64
+from gifcli.update import finite_outputs
 
 
 @dataclass
@@ -66,13 +65,8 @@ class RunContext:
         self._check_outputs(model, path)
         return model
 
-    @torch.no_grad()
     def _check_outputs(self, model: nn.Module, path: str | Path) -> None:
-        # finite weights can still overflow (1e30 through a few layers is inf): every metric
-        # of such a model would be meaningless
-        test = self.data.test
-        x = test.take(torch.arange(min(OUTPUT_CHECK_SAMPLES, len(test)))).to(self.device)
-        if len(x) and not torch.isfinite(model(x)).all():
+        if not finite_outputs(model, self.data.test, self.device):
             raise GifError(
                 f"{path}: the model's outputs on the test images are NaN or infinite (weights "
                 f"far too large?); the checkpoint is broken: retrain it or pick another"

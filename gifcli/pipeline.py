@@ -63,6 +63,7 @@ from gifcli.tasks import RemovalSet, Task
 from gifcli.update import (
     SweepPoint,
     assign_flat,
+    check_edited_outputs,
     check_finite,
     recalibrate_batchnorm,
     recalibrating,
@@ -270,6 +271,7 @@ def edit(
             if calibration is None
             else lambda m: recalibrate_batchnorm(m, calibration, batch_size=influence.batch_size),
         )
+    check_edited_outputs(model, data.test, device, scale=scale, searched=bool(sweep))
     seconds["metrics"] = time.perf_counter() - clock
     passes["metrics"] = forwards[0] * rates.forward_passes
 

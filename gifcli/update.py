@@ -46,6 +46,10 @@ def updated(
     return torch.where(target, theta + scale * delta, theta)
 
 
+OUTPUT_CHECK_SAMPLES = 64
+"""Test images every loaded checkpoint and every edited model must give finite outputs on."""
+
+
 def check_finite(theta: torch.Tensor, scale: float) -> None:
     """Refuse edited parameters that overflowed: ``s·Δ`` is finite but too large."""
     if not torch.isfinite(theta).all():
@@ -53,6 +57,35 @@ def check_finite(theta: torch.Tensor, scale: float) -> None:
             f"update.scale: the edited parameters overflow at step scale {scale:g}; lower "
             f"update.scale (or use auto)"
         )
+
+
+@torch.no_grad()
+def finite_outputs(model: nn.Module, test: _Takes, device: torch.device) -> bool:
+    """Whether ``model``'s outputs on the first ``OUTPUT_CHECK_SAMPLES`` test images are
+    finite: finite weights can still overflow (1e30 through a few layers is inf), and every
+    metric of such a model would be meaningless."""
+    x = test.take(torch.arange(min(OUTPUT_CHECK_SAMPLES, len(test)))).to(device)
+    return not len(x) or bool(torch.isfinite(model(x)).all())
+
+
+def check_edited_outputs(
+    model: nn.Module, test: _Takes, device: torch.device, *, scale: float, searched: bool
+) -> None:
+    """Refuse, before anything is published, an edited model whose outputs overflow (the
+    check ``gif evaluate`` makes of any checkpoint), naming the key to change."""
+    if finite_outputs(model, test, device):
+        return
+    key = "update.grid_max" if searched else "update.scale"
+    raise GifError(
+        f"{key}: the edited model's outputs on the test images are NaN or infinite at step "
+        f"scale {scale:g}; lower {key}" + ("" if searched else " (or use auto)")
+    )
+
+
+class _Takes(Protocol):
+    def __len__(self) -> int: ...
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor: ...
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

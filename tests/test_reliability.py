@@ -363,6 +363,11 @@ def _(tmp, base):
     return edit(tmp, base, "update.scale=1.0e+300")
 
 
+@case("update.scale=1.0e+20", 1, "update.scale: the edited model's outputs on the test images")
+def _(tmp, base):
+    return edit(tmp, base, "update.scale=1.0e+20")
+
+
 @case("override without =", 2, "override 'seed': expected KEY=VALUE")
 def _(tmp, base):
     return evaluate(base, "seed")
