@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from gifcli import __version__
-from gifcli.config import safe_yaml
+from gifcli.config import MAX_CONFIG_BYTES, safe_yaml
 from gifcli.errors import GifError
 from gifcli.inputs import check_input, open_input
 from gifcli.outputs import atomic_path
@@ -227,15 +228,33 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def recorded_config(path: str | Path) -> tuple[str | None, dict]:
+def recorded_config(path: str | Path, notes: list[str] | None = None) -> tuple[str | None, dict]:
     """The task a checkpoint written by gif was made for (``train``, ``retrain`` or an edit's
-    task) and the resolved config its metadata records; ``(None, {})`` when there is none."""
+    task) and the resolved config its metadata records; ``(None, {})`` when there is none.
+
+    A recorded config larger than a config may be (``MAX_CONFIG_BYTES``) or that is not valid
+    YAML is ignored, with a line in ``notes`` saying why: the metadata is anyone's to write."""
     if Path(path).suffix != ".safetensors":
         return None, {}
     try:
         metadata = read_metadata(path)
-        text = metadata.get("config")
-        raw = safe_yaml(text, source=str(path)) if text else None
-    except (OSError, SafetensorError, GifError, ValueError):
+    except (OSError, SafetensorError, ValueError):
         return None, {}
-    return metadata.get("task"), raw if isinstance(raw, dict) else {}
+    task, text = metadata.get("task"), metadata.get("config")
+    if not text:
+        return task, {}
+    reason = None
+    if len(text) > MAX_CONFIG_BYTES:
+        reason = f"{len(text):,} characters, more than the {MAX_CONFIG_BYTES:,} of a config"
+    else:
+        try:
+            raw = safe_yaml(text, source="its metadata")
+        except yaml.YAMLError as exc:
+            reason = f"malformed YAML: {getattr(exc, 'problem', None) or type(exc).__name__}"
+        except (GifError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:120]
+    if reason is not None:
+        if notes is not None:
+            notes.append(f"{path}: the config in its metadata is ignored ({reason})")
+        return task, {}
+    return task, raw if isinstance(raw, dict) else {}

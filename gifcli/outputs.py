@@ -48,6 +48,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -230,15 +231,31 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, json_text(obj))
+
+
+def json_text(obj: object) -> str:
+    """``obj`` as indented JSON, a value that is not a finite number written ``null``: JSON
+    has no NaN (a reader would refuse the file)."""
+    return json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False) + "\n"
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: object) -> object:
     if hasattr(value, "tolist"):  # tensors and arrays
-        return value.tolist()
+        return _finite(value.tolist())
     if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        return _finite(value.item())
+    return str(value)  # a path
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:

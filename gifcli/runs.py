@@ -181,6 +181,7 @@ def run_evaluate(
     ctx = prepare(config)
     model = ctx.load_model(checkpoint, role="evaluated")
     task = ctx.task()
+    task.retrain_split(ctx.data)  # refused as by the edits when the data lack the removal set
     sampled = task.metrics_sample_size(ctx.data)
     if sampled is not None:
         notes.append(f"*_train metrics measured on a {train_metrics_text(sampled)}")
@@ -198,7 +199,7 @@ def run_evaluate(
 
 def _recorded_removal(config: Config, checkpoint: Path, given: bool, notes: list[str]) -> Config:
     """``config`` with the ``removal`` section recorded in ``checkpoint``'s metadata, if any."""
-    task, recorded_raw = recorded_config(checkpoint)
+    task, recorded_raw = recorded_config(checkpoint, notes)
     recorded = recorded_raw.get("removal")
     if task != described_task(config).name or not isinstance(recorded, dict):
         return config  # not an edit for this task (e.g. a base model or an oracle)

@@ -368,6 +368,12 @@ def _(tmp, base):
     return edit(tmp, base, "update.scale=1.0e+20")
 
 
+@case("evaluate: no training sample of the class", 1, "removal.classes: class 3 has no samples")
+def _(tmp, base):
+    path = _npz(tmp, y_train=np.array([4 if k % 10 == 3 else k % 10 for k in range(20)]))
+    return evaluate(base, "data.dataset=tensors", f"data.path={path}", "--json")
+
+
 @case("override without =", 2, "override 'seed': expected KEY=VALUE")
 def _(tmp, base):
     return evaluate(base, "seed")
@@ -839,3 +845,36 @@ def test_the_current_folder_as_output_dir_is_resolved(tmp_path, base):
     assert done.returncode == 0, done.stderr
     published(here)
     assert sorted(os.listdir(tmp_path)) == ["here"], "no lock or staging folder is left"
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (
+            "removal: {classes: [" + "3, " * 600_000 + "3]}",
+            "1,800,023 characters, more than the 1,048,576",
+        ),
+        ("removal: {classes: [3", "malformed YAML: did not find expected ',' or ']'"),
+    ],
+    ids=["larger than a config", "malformed YAML"],
+)
+def test_a_recorded_config_that_cannot_be_a_config_is_ignored_with_a_note(
+    tmp_path, base, config, reason
+):
+    checkpoint = tmp_path / "edited.safetensors"
+    save_checkpoint(
+        checkpoint, _state(base, lambda s: None), {"task": "remove-class", "config": config}
+    )
+    done = gif(*evaluate(checkpoint), timeout=120)
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"note: {checkpoint}: the config in its metadata is ignored ({reason}" in said, said
+
+
+def test_evaluate_json_holds_null_never_nan(monkeypatch, base):
+    from gifcli.outputs import json_text
+
+    assert json.loads(json_text({"a": float("nan"), "b": [float("inf"), 1.0]})) == {
+        "a": None,
+        "b": [None, 1.0],
+    }

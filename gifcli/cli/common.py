@@ -9,7 +9,6 @@ checks it), and a config error is reported before torch is loaded.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -159,7 +158,7 @@ def read_config(
 def print_json(report: dict) -> None:
     if not distributed.is_main():  # one report on stdout, however many ranks
         return
-    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    sys.stdout.write(outputs.json_text(report))
 
 
 @contextmanager
