@@ -878,3 +878,120 @@ def test_evaluate_json_holds_null_never_nan(monkeypatch, base):
         "a": None,
         "b": [None, 1.0],
     }
+
+
+def peak_rss(*args, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
+    """``gif ARGS`` in a subprocess under ``prlimit`` (16 GiB of address space: a blow-up
+    fails fast instead of swapping), and its peak resident memory in MiB."""
+    measure = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+        "sys.exit(done.returncode)\n"
+    )
+    limit = ["prlimit", f"--as={16 << 30}"] if shutil.which("prlimit") else []
+    command = [sys.executable, "-m", "gifcli", *map(str, args)]
+    done = subprocess.run(
+        [sys.executable, "-c", measure, *limit, *command],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return done, float(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def baseline_rss(base) -> float:
+    """The peak memory of an ordinary ``gif evaluate`` (MiB)."""
+    done, rss = peak_rss(*evaluate(base))
+    assert done.returncode == 0, done.stderr
+    return rss
+
+
+def _npy_header(path: Path, shape: tuple, dtype=np.int64, data: bytes = b"") -> Path:
+    with open(path, "wb") as handle:
+        header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(data)
+    return path
+
+
+def _repeated_zeros(tmp: Path) -> Path:
+    path = tmp / "z.txt"
+    path.write_bytes(b"0\n" * (10 << 20))  # 20 MB, ten million lines
+    return path
+
+
+def _npz_bomb(tmp: Path) -> Path:
+    """A small compressed archive whose images unpack to 400 MB, with one label too few (the
+    headers alone say so)."""
+    path = tmp / "bomb.npz"
+    arrays = {
+        "x_train": np.zeros((400_000, 1, 32, 32), dtype=np.uint8),
+        "y_train": np.zeros(399_999, dtype=np.int64),
+        "x_test": np.zeros((10, 1, 32, 32), dtype=np.uint8),
+        "y_test": np.zeros(10, dtype=np.int64),
+    }
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def _npz_claiming(tmp: Path) -> Path:
+    """A 1 KB deflated archive whose x_train header declares 4e9 x 1 x 8 x 8 images."""
+    import zipfile
+
+    path = tmp / "claims.npz"
+    header = tmp / "x.npy"
+    _npy_header(header, (4_000_000_000, 1, 8, 8), np.uint8, b"\0" * 64)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(header, "x_train.npy")
+        with np.load(_npz(tmp)) as small:
+            for key in ("y_train", "x_test", "y_test"):
+                with archive.open(f"{key}.npy", "w") as member:
+                    np.lib.format.write_array(member, small[key])
+    return path
+
+
+MEMORY = {
+    "10M lines of index 0": (
+        lambda tmp, base: edit(
+            tmp,
+            base,
+            f"removal.indices={_repeated_zeros(tmp)}",
+            "removal.random=null",
+            config=DIGITS_SAMPLES,
+            command="remove-samples",
+        ),
+        "z.txt: line 2: index 0 is repeated (first at line 1)",
+    ),
+    ".npy header of 1e11 indices": (
+        lambda tmp, base: edit(
+            tmp,
+            base,
+            f"removal.indices={_npy_header(tmp / 'i.npy', (10**11,))}",
+            "removal.random=null",
+            config=DIGITS_SAMPLES,
+            command="remove-samples",
+        ),
+        "i.npy: the header declares (100000000000,) int64 values",
+    ),
+    ".npz header of 4e9 images": (
+        lambda tmp, base: evaluate(base, "data.dataset=tensors", f"data.path={_npz_claiming(tmp)}"),
+        "claims.npz: cannot read the .npz file (x_train.npy: the header declares",
+    ),
+    ".npz of 400 MB zeros, a label short": (
+        lambda tmp, base: evaluate(base, "data.dataset=tensors", f"data.path={_npz_bomb(tmp)}"),
+        "bomb.npz: y_train has shape 399999; store one integer label per image (400000)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY), ids=list(MEMORY))
+def test_a_huge_or_lying_input_fails_at_once_in_flat_memory(tmp_path, base, baseline_rss, name):
+    make, message = MEMORY[name]
+    args = make(tmp_path, base)
+    done, rss = peak_rss(*args, timeout=180)
+    one_line_error(done, 1, message)
+    assert rss < baseline_rss + 150, f"{rss:.0f} MiB, an evaluate takes {baseline_rss:.0f}"
