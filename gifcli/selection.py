@@ -763,4 +763,8 @@ def load_mask(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Tenso
             "`gif select-params`"
         ) from err
     check_mask(model, tensors, source=os.fspath(path))
+    if not any(bool(tensors[name].any()) for name in trainable_parameters(model)):
+        raise GifError(
+            f"{path}: the mask selects no parameter; pass a mask written by `gif select-params`"
+        )
     return {name: tensors[name] for name in trainable_parameters(model)}

@@ -374,6 +374,16 @@ def _(tmp, base):
     return evaluate(base, "data.dataset=tensors", f"data.path={path}", "--json")
 
 
+@case("all-false mask", 1, "none.safetensors: the mask selects no parameter")
+def _(tmp, base):
+    from gifcli.selection import save_mask
+
+    model = build_model(ModelConfig(), in_channels=1, image_size=(8, 8))
+    mask = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    save_mask(tmp / "none.safetensors", mask)
+    return edit(tmp, base, "--mask", tmp / "none.safetensors")
+
+
 @case("override without =", 2, "override 'seed': expected KEY=VALUE")
 def _(tmp, base):
     return evaluate(base, "seed")
@@ -422,6 +432,24 @@ def test_an_unforeseen_exception_is_one_line_and_gif_debug_shows_it(base, monkey
     )
     debug = invoke(*evaluate(base), env={"GIF_DEBUG": "1"})
     assert isinstance(debug.exception, ZeroDivisionError)
+
+
+def test_a_library_warning_is_one_plain_note(base, monkeypatch):
+    import warnings
+
+    from gifcli.errors import GifError
+
+    def warns(**kwargs):
+        warnings.warn(
+            "The given NumPy array is not writable,\n and so on", UserWarning, stacklevel=1
+        )
+        raise GifError("stopped here")
+
+    monkeypatch.setattr("gifcli.runs.run_evaluate", warns)
+    result = invoke(*evaluate(base))
+    assert result.output == (
+        "note: UserWarning: The given NumPy array is not writable, and so on\nerror: stopped here\n"
+    )
 
 
 def test_a_lost_torchrun_peer_is_named_not_an_internal_error(monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +119,9 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         outputs.forget_history()
         speak_for_rank()
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_note
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
         except UsageError as exc:
@@ -140,6 +143,14 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise fail(unexpected_error_line(exc), 1) from None
 
     return wrapper
+
+
+def _warning_note(
+    message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> None:
+    """A library's warning (torch's UserWarning) as one plain note, not Python's two lines
+    of source."""
+    note(f"{category.__name__}: {' '.join(str(message).split())}")
 
 
 def note(message: str) -> None:
