@@ -384,6 +384,50 @@ def _(tmp, base):
     return edit(tmp, base, "--mask", tmp / "none.safetensors")
 
 
+# config numbers: every key has a range, checked before torch is imported, naming the override
+
+for _override, _message in [
+    ("train.momentum=-1", "train.momentum: must be in [0, 1], got -1"),
+    ("train.weight_decay=-1", "train.weight_decay: must be in [0, 1], got -1"),
+    ("influence.damping=1.0e+200", "influence.damping: must be in [0, 1e10], got 1e+200"),
+    (f"influence.batch_size={2**63 - 1}", "influence.batch_size: must be in 1..1000000000, got"),
+    ("influence.damping_points=100000000", "influence.damping_points: must be in 1..64, got"),
+    (
+        f"removal.synthetic_samples={2**63 - 1}",
+        "removal.synthetic_samples: must be in 1..1000000000",
+    ),
+    ("data.std=[1.0e-300]", "data.std[0]: must be in [1e-6, 1e6], got 1e-300"),
+    ("selection.ratio=0.1 selection.ratio=2", "(from the override 'selection.ratio=2')"),
+]:
+    case(_override, 1, _message)(
+        lambda tmp, base, overrides=_override.split(): edit(
+            tmp, base, "influence.damping=auto", *overrides
+        )
+    )
+
+
+@case("removal.random.seed=-1", 1, "removal.random.seed: must be in 0..4294967295, got -1")
+def _(tmp, base):
+    return edit(
+        tmp, base, "removal.random.seed=-1", config=DIGITS_SAMPLES, command="remove-samples"
+    )
+
+
+@case("train.momentum=-1 (train)", 1, "train.momentum: must be in [0, 1], got -1")
+def _(tmp, base):
+    return ["train", DIGITS, "train.momentum=-1", "-o", tmp / "m.safetensors"]
+
+
+@case("--class 11 after removal.classes=[3]", 1, "(from the override 'removal.classes=[11]')")
+def _(tmp, base):
+    return edit(tmp, base, "removal.classes=[3]", "--class", "11")
+
+
+@case("a list of 300,000 classes is echoed cut short", 1, "removal.classes=[3, 3, 3")
+def _(tmp, base):
+    return edit(tmp, base, "removal.classes=[" + "3, " * 300_000 + "3]")
+
+
 @case("override without =", 2, "override 'seed': expected KEY=VALUE")
 def _(tmp, base):
     return evaluate(base, "seed")
@@ -406,6 +450,7 @@ def test_a_hostile_input_is_one_clear_message_and_writes_nothing(tmp_path, base,
     assert "Traceback" not in output and "internal error" not in output, output
     assert tree(tmp_path) == before, "nothing written, no input changed"
     assert time.perf_counter() - started < 30, "refused before the expensive steps"
+    assert len(output) < 2000, "values are echoed cut short"
 
 
 def test_the_oracle_is_checked_before_the_edit(tmp_path, base, monkeypatch):
