@@ -467,20 +467,19 @@ def select_targets(
         raise GifError(f"selection: batch_size must be a positive integer, got {batch_size!r}")
     layers = target_layers(model, include=include, exclude=exclude)
     ranked = [layer for layer in layers if method != "random" and layer.unit_count]
-    means = (
-        _ranking_statistics(
+    means: dict[str, Tensor] = {}
+    if ranked:
+        _check_removal_set(removal_x, removal_y, method)
+        means = unit_statistics(
             model,
             ranked,
             removal_x,
             removal_y,
-            method=method,
+            statistic=method.split("-")[1],
             batch_size=batch_size,
             device=device,
             reduce=reduce or _identity,
         )
-        if ranked
-        else {}
-    )
     mask = {
         name: torch.zeros(p.shape, dtype=torch.bool)
         for name, p in trainable_parameters(model).items()
@@ -507,18 +506,8 @@ def select_targets(
     return Selection(mask=mask, units=units)
 
 
-def _ranking_statistics(
-    model: nn.Module,
-    ranked: list[Layer],
-    removal_x: Tensor,
-    removal_y: Tensor,
-    *,
-    method: str,
-    batch_size: int,
-    device: torch.device | str,
-    reduce: Callable[[Tensor], Tensor],
-) -> dict[str, Tensor]:
-    """The per-unit statistic ``method`` ranks by, for each layer of ``ranked``."""
+def _check_removal_set(removal_x: Tensor, removal_y: Tensor, method: str) -> None:
+    """A removal set ``method`` can rank units by: as many labels as inputs, not empty."""
     if len(removal_x) != len(removal_y):
         raise GifError(
             f"selection: the removal set has {len(removal_x)} inputs but {len(removal_y)} labels"
@@ -528,16 +517,6 @@ def _ranking_statistics(
             f"selection: the removal set is empty, so {method} has nothing to rank units "
             "by; check removal.classes or the poisoned samples"
         )
-    return unit_statistics(
-        model,
-        ranked,
-        removal_x,
-        removal_y,
-        statistic=method.split("-")[1],
-        batch_size=batch_size,
-        device=device,
-        reduce=reduce,
-    )
 
 
 # --------------------------------------------------------------------------------------------
