@@ -1,5 +1,6 @@
 """Shared fixtures: base checkpoints trained once per test session on scikit-learn's digits."""
 
+import json
 import signal
 import struct
 import zlib
@@ -8,8 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gifcli.config import load_config
-from gifcli.train import run_train
+from gifcli.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -30,9 +30,22 @@ def interruptible() -> None:
 def train_checkpoint(
     config_path: Path, output: Path, *, retrain: bool = False, overrides: tuple[str, ...] = ()
 ) -> Path:
-    config = load_config(config_path, [f"checkpoint={output}", *overrides])
-    run_train(config=config, output=output, retrain=retrain, force=False)
+    """Train through the CLI (`gif train CONFIG --json`), as a user would: the tests of
+    `gif train` read what it printed (``printed_report``) instead of training again."""
+    args = [str(config_path), *overrides, "-o", str(output), "--json"]
+    result = CliRunner().invoke(app, ["train", *args, *(["--retrain"] if retrain else [])])
+    assert result.exit_code == 0, result.output
+    _printed(output).write_text(result.stdout)
     return output
+
+
+def printed_report(checkpoint: Path) -> dict:
+    """What `gif train --json` printed when ``train_checkpoint`` trained ``checkpoint``."""
+    return json.loads(_printed(checkpoint).read_text())
+
+
+def _printed(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.stem}.printed.json")
 
 
 def png_claiming(path: Path, width: int, height: int) -> Path:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import typer
 from gifcli.checkpoint import load_state_dict, read_metadata, sha256_file
 from gifcli.cli.main import app
 from gifcli.tasks import TASKS
-from tests.conftest import DIGITS, DIGITS_BACKDOOR, ROOT
+from tests.conftest import DIGITS, DIGITS_BACKDOOR, ROOT, printed_report
 
 
 def run(runner, *args):
@@ -76,16 +77,16 @@ def test_help_version_configs_and_init_do_not_import_torch(tmp_path):
     assert {args: heavy for args, heavy in loaded.items() if heavy} == {}
 
 
-def test_train_reaches_90_percent_on_digits(runner, tmp_path):
-    out = tmp_path / "m.safetensors"
-    result = run(runner, "train", DIGITS, "--json", "-o", out)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+def test_train_reaches_90_percent_on_digits(digits_base):
+    """`gif train configs/digits.yaml --json -o ...`, as the session fixture ran it."""
+    report = printed_report(digits_base)
     assert report["acc_test"] >= 90
-    assert report["sha256"] == sha256_file(out)
-    metadata = read_metadata(out)
+    assert report["sha256"] == sha256_file(digits_base)
+    metadata = read_metadata(digits_base)
     assert metadata["task"] == "train" and "removal:" in metadata["config"]
-    assert (tmp_path / "m.report.json").exists() and (tmp_path / "m.config.yaml").exists()
+    beside = digits_base.with_suffix("")
+    assert json.loads(Path(f"{beside}.report.json").read_text()) == report
+    assert Path(f"{beside}.config.yaml").exists()
 
 
 def test_train_refuses_to_overwrite_without_force(runner, tmp_path):
@@ -250,7 +251,7 @@ def _write(tmp, name, text):
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
 def test_bad_input_exits_1_with_one_clear_message(runner, tmp_path, digits_base, case):
     make_args, expected = BAD_INPUTS[case]
-    before = sorted(p.name for p in tmp_path.iterdir())
+    checkpoint = sha256_file(digits_base)
     args = make_args(tmp_path, digits_base)
     created = sorted(p.name for p in tmp_path.iterdir())
     result = run(runner, *args)
@@ -259,7 +260,7 @@ def test_bad_input_exits_1_with_one_clear_message(runner, tmp_path, digits_base,
     assert expected in result.output, result.output
     assert result.output.strip().startswith("error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == created, "nothing new is written"
-    assert before is not None
+    assert sha256_file(digits_base) == checkpoint, "the input checkpoint is left as it was"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from gifcli.cli.main import app
 from gifcli.config import load_config
 from gifcli.data import load_dataset, read_poison_indices, to_split_positions
 from gifcli.shipped import shipped_configs
-from tests.conftest import DIGITS, DIGITS_BACKDOOR
+from tests.conftest import DIGITS, DIGITS_BACKDOOR, printed_report
 
 FAST = ["influence.hessian_samples=128", "influence.max_iter=4", "update.grid_points=8"]
 
@@ -76,12 +76,10 @@ def test_a_missing_oracle_names_the_retrain_command(runner, tmp_path, digits_bas
     assert not (tmp_path / "out").exists()
 
 
-def test_retrain_shows_the_task_metrics(runner, tmp_path):
-    result = invoke(
-        runner, "train", DIGITS, "--retrain", "-o", tmp_path / "o.safetensors", "--json"
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+def test_retrain_shows_the_task_metrics(digits_oracle):
+    """`gif train configs/digits.yaml --retrain --json -o ...`, as the session fixture ran it."""
+    report = printed_report(digits_oracle)
+    assert report["task"] == "retrain"
     assert report["task_metrics"]["forget_acc_test"] == 0.0
     assert report["task_metrics"]["retain_acc_test"] > report["acc_test"]
 

@@ -1,24 +1,29 @@
 """Every shell example of README.md and every `Example` of `--help` runs as written.
 
 The commands run in order, in a copy of the repository's configs and scripts, with `gif` on
-PATH (the README says it is `.venv/bin/gif`; the copy links `.venv` to this one). A command
-ends with the exit code its own comment documents (`# exit 3 ...`), else 0. Not run:
-`scripts/test.sh` (the command that runs this test) and lines that are not `gif` or
-`scripts/` commands (`torchrun ...`).
+PATH (the README says it is `.venv/bin/gif`; the copy links `.venv` to this one). A plain
+`gif ARGS` line runs in this process, through the app the console script calls (a fresh
+interpreter per line would import torch each time); a line with shell syntax, and every
+`scripts/` line, runs in bash. A command ends with the exit code its own comment documents
+(`# exit 3 ...`), else 0. Not run: `scripts/test.sh` (the command that runs this test) and
+lines that are not `gif` or `scripts/` commands (`torchrun ...`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 from gifcli.cli.main import app
 
@@ -100,35 +105,68 @@ def clone(tmp_path) -> Path:
     return tmp_path
 
 
+def plain_gif(command: str) -> list[str] | None:
+    """The arguments of a `gif` command without shell syntax (pipes, redirections, lists,
+    variables), else None."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    if words[0] != "gif" or "$" in command or any(set(w) <= set("();<>|&") for w in words):
+        return None
+    return words[1:]
+
+
+def run_example(command: str, clone: Path, env: dict) -> tuple[int, str]:
+    """Exit code and stderr of one example, run in ``clone``."""
+    args = plain_gif(command)
+    if args is None:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True
+        )
+        return done.returncode, done.stderr
+    result = CliRunner(env={"NO_COLOR": "1", "COLUMNS": "100"}).invoke(app, args, prog_name="gif")
+    error = result.exception
+    if error is not None and not isinstance(error, SystemExit):
+        trace = "".join(traceback.format_exception(error))
+        return 1, f"{result.stderr}\nTraceback (in this process):\n{trace}"
+    return result.exit_code, result.stderr
+
+
 @pytest.mark.slow
-def test_readme_and_help_examples_run_as_written(clone):
+def test_readme_and_help_examples_run_as_written(clone, monkeypatch):
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "NO_COLOR": "1",
         "COLUMNS": "100",
     }
+    monkeypatch.chdir(clone)
     seen, failures = set(), []
     for example in readme_examples() + help_examples():
         key = " ".join(example.command.split())
         if key in seen:  # a help example the README already ran
             continue
         seen.add(key)
-        result = subprocess.run(
-            ["bash", "-c", example.command],
-            cwd=clone,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        if result.returncode != example.exit_code:
+        code, stderr = run_example(example.command, clone, env)
+        if code != example.exit_code:
             failures.append(
-                f"{example.where}: `{example.command}` exited {result.returncode}, documented "
-                f"{example.exit_code}: {result.stderr.strip()[-500:]}"
+                f"{example.where}: `{example.command}` exited {code}, documented "
+                f"{example.exit_code}: {stderr.strip()[-500:]}"
             )
-        assert "Traceback" not in result.stderr, (example, result.stderr)
+        assert "Traceback" not in stderr, (example, stderr)
     assert not failures, "\n".join(failures)
+
+
+def test_plain_gif_commands_run_in_process_and_the_rest_in_bash():
+    assert plain_gif("gif train configs/digits.yaml -o 'a b'") == [
+        "train",
+        "configs/digits.yaml",
+        "-o",
+        "a b",
+    ]
+    assert plain_gif("gif remove-class c.yaml --check 'gap.mean<=3'")[-1] == "gap.mean<=3"
+    for command in ("scripts/demo.sh", "X=1 gif configs", "gif configs | head", "gif $A"):
+        assert plain_gif(command) is None, command
 
 
 def test_help_texts_render(runner):

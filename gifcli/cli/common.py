@@ -9,13 +9,15 @@ checks it), and a config error is reported before torch is loaded.
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import typer
 from rich.console import Console
@@ -278,36 +280,62 @@ def finish_checks(results: list[dict], *, table: bool) -> None:
         raise typer.Exit(3)
 
 
-def run_edit(
-    *,
-    task: str,
-    config: Config,
-    mask: Path | None,
-    oracle: Path | None,
-    force: bool,
-    json_output: bool,
-    checks: list[str] | None,
-    quiet: bool,
-) -> None:
-    """The shared body of the edit commands: validate the checks, run the edit, print the
-    report, and exit by the checks' verdict."""
-    from gifcli.runs import run_edit as run_edit_command
-    from gifcli.tasks import task_type
+def edit_command(options: Callable[..., list[str]]) -> Callable[..., None]:
+    """The command ``gif TASK`` of the task named like ``options`` (``remove_class``: ``gif
+    remove-class``), made from it: its docstring is the command's help, its parameters are the
+    task's own options (after CONFIG and KEY=VALUE, before those every edit command shares) and
+    it returns the config overrides they stand for. The command validates the checks, runs the
+    edit, prints the report and exits by the checks' verdict."""
+    task = options.__name__.replace("_", "-")
+    own = inspect.signature(options).parameters
+    hints = get_type_hints(options)
+    shared = {
+        "mask": (Path, MASK_OPT),
+        "oracle": (Path, ORACLE_OPT),
+        "output_dir": (Path, OUTPUT_DIR_OPT),
+        "force": (bool, FORCE_OPT),
+        "json_output": (bool, JSON_OPT),
+        "checks": (list[str], CHECK_OPT),
+        "quiet": (bool, QUIET_OPT),
+    }
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, (kind, default) in {
+            "config": (Path, CONFIG_ARG),
+            "overrides": (list[str], OVERRIDES_ARG),
+            **{name: (hints[name], p.default) for name, p in own.items()},
+            **shared,
+        }.items()
+    ]
 
-    schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
-    gates = parse_check_options(checks, schema)
-    report = run_edit_command(
-        config=config,
-        command=task,
-        mask_path=mask,
-        oracle=oracle,
-        force=force,
-        progress=progress_factory(not (json_output or quiet)),
-        checks=gates,
-        note=(lambda message: None) if quiet else note,
-    )
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_edit_report(report)
-    finish_checks(report["checks"], table=not (json_output or quiet))
+    def command(**kwargs: Any) -> None:
+        from gifcli.runs import run_edit
+        from gifcli.tasks import task_type
+
+        given = {name: kwargs.pop(name) for name in own}
+        overrides = [*(kwargs["overrides"] or []), *options(**given)]
+        config = read_config(kwargs["config"], overrides, output_dir=kwargs["output_dir"])
+        quiet, json_output, oracle = kwargs["quiet"], kwargs["json_output"], kwargs["oracle"]
+        schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
+        gates = parse_check_options(kwargs["checks"], schema)
+        report = run_edit(
+            config=config,
+            command=task,
+            mask_path=kwargs["mask"],
+            oracle=oracle,
+            force=kwargs["force"],
+            progress=progress_factory(not (json_output or quiet)),
+            checks=gates,
+            note=(lambda message: None) if quiet else note,
+        )
+        if json_output:
+            print_json(report)
+        elif not quiet:
+            print_edit_report(report)
+        finish_checks(report["checks"], table=not (json_output or quiet))
+
+    command.__name__ = command.__qualname__ = options.__name__
+    command.__doc__ = options.__doc__
+    command.__signature__ = inspect.Signature(parameters)  # what Typer reads
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return handle_errors(command)

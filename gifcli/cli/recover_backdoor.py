@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from gifcli.cli.common import (
-    CHECK_OPT,
-    CONFIG_ARG,
-    EXIT_CODES,
-    FORCE_OPT,
-    JSON_OPT,
-    MASK_OPT,
-    ORACLE_OPT,
-    OUTPUT_DIR_OPT,
-    OVERRIDES_ARG,
-    QUIET_OPT,
-    handle_errors,
-    read_config,
-    run_edit,
-)
+from gifcli.cli.common import EXIT_CODES, edit_command
 
 EPILOG = """Examples:
 
@@ -40,36 +24,14 @@ EPILOG = """Examples:
 """
 
 
-@handle_errors
-def recover_backdoor(
-    config: Path = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES_ARG,
-    mask: Path = MASK_OPT,
-    oracle: Path = ORACLE_OPT,
-    output_dir: Path = OUTPUT_DIR_OPT,
-    force: bool = FORCE_OPT,
-    json_output: bool = JSON_OPT,
-    checks: list[str] = CHECK_OPT,
-    quiet: bool = QUIET_OPT,
-) -> None:
+@edit_command
+def recover_backdoor() -> list[str]:
     """Repair a backdoored model from its poisoned samples or its known trigger.
 
     The poisoned samples are removed with their poisoned labels and re-added with their true
     labels (known samples, or samples synthesised from the known trigger).
     """
-    cfg = read_config(config, overrides, output_dir=output_dir)
-    from gifcli.tasks import RecoverBackdoor
-
-    run_edit(
-        task=RecoverBackdoor.name,
-        config=cfg,
-        mask=mask,
-        oracle=oracle,
-        force=force,
-        json_output=json_output,
-        checks=checks,
-        quiet=quiet,
-    )
+    return []  # no option of its own: the config says what is known
 
 
 def register(app: typer.Typer) -> None:

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from gifcli.cli.common import (
-    CHECK_OPT,
-    CONFIG_ARG,
-    EXIT_CODES,
-    FORCE_OPT,
-    JSON_OPT,
-    MASK_OPT,
-    ORACLE_OPT,
-    OUTPUT_DIR_OPT,
-    OVERRIDES_ARG,
-    QUIET_OPT,
-    handle_errors,
-    read_config,
-    run_edit,
-)
+from gifcli.cli.common import EXIT_CODES, edit_command
 
 EPILOG = """Examples:
 
@@ -39,36 +23,14 @@ EPILOG = """Examples:
 """
 
 
-@handle_errors
+@edit_command
 def remove_class(
-    config: Path = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES_ARG,
     classes: list[int] = typer.Option(
         None, "--class", "-k", help="Class to forget (repeatable); overrides removal.classes."
     ),
-    mask: Path = MASK_OPT,
-    oracle: Path = ORACLE_OPT,
-    output_dir: Path = OUTPUT_DIR_OPT,
-    force: bool = FORCE_OPT,
-    json_output: bool = JSON_OPT,
-    checks: list[str] = CHECK_OPT,
-    quiet: bool = QUIET_OPT,
-) -> None:
+) -> list[str]:
     """Make the model forget the training samples of the given classes."""
-    extra = [f"removal.classes={list(classes)}"] if classes else []
-    cfg = read_config(config, [*(overrides or []), *extra], output_dir=output_dir)
-    from gifcli.tasks import RemoveClass
-
-    run_edit(
-        task=RemoveClass.name,
-        config=cfg,
-        mask=mask,
-        oracle=oracle,
-        force=force,
-        json_output=json_output,
-        checks=checks,
-        quiet=quiet,
-    )
+    return [f"removal.classes={list(classes)}"] if classes else []
 
 
 def register(app: typer.Typer) -> None:

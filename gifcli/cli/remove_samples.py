@@ -7,21 +7,7 @@ from pathlib import Path
 
 import typer
 
-from gifcli.cli.common import (
-    CHECK_OPT,
-    CONFIG_ARG,
-    EXIT_CODES,
-    FORCE_OPT,
-    JSON_OPT,
-    MASK_OPT,
-    ORACLE_OPT,
-    OUTPUT_DIR_OPT,
-    OVERRIDES_ARG,
-    QUIET_OPT,
-    handle_errors,
-    read_config,
-    run_edit,
-)
+from gifcli.cli.common import EXIT_CODES, edit_command
 
 EPILOG = """Examples:
 
@@ -40,46 +26,22 @@ split is held out; listed samples that fall into the validation split are left o
 """
 
 
-@handle_errors
+@edit_command
 def remove_samples(
-    config: Path = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES_ARG,
     indices: Path = typer.Option(
         None,
         "--indices",
         help="File of training indices to forget (.txt one per line, .npy, .json); overrides "
         "removal.indices and removal.random.",
     ),
-    mask: Path = MASK_OPT,
-    oracle: Path = ORACLE_OPT,
-    output_dir: Path = OUTPUT_DIR_OPT,
-    force: bool = FORCE_OPT,
-    json_output: bool = JSON_OPT,
-    checks: list[str] = CHECK_OPT,
-    quiet: bool = QUIET_OPT,
-) -> None:
+) -> list[str]:
     """Make the model forget a list of training samples, or a random share of them.
 
     Judged against the retrain oracle (`gif train --retrain`): the target of every metric is
     the oracle's value, not 0.
     """
     # a JSON string is a YAML string, so a path such as `123` or `yes.txt` stays a path
-    extra = (
-        [f"removal.indices={json.dumps(str(indices))}", "removal.random=null"] if indices else []
-    )
-    cfg = read_config(config, [*(overrides or []), *extra], output_dir=output_dir)
-    from gifcli.tasks import RemoveSamples
-
-    run_edit(
-        task=RemoveSamples.name,
-        config=cfg,
-        mask=mask,
-        oracle=oracle,
-        force=force,
-        json_output=json_output,
-        checks=checks,
-        quiet=quiet,
-    )
+    return [f"removal.indices={json.dumps(str(indices))}", "removal.random=null"] if indices else []
 
 
 def register(app: typer.Typer) -> None:
