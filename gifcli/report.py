@@ -161,8 +161,12 @@ def solve_text(solver: dict) -> str:
 
 
 def damping_text(solver: dict) -> str:
-    """The damping λ used, relative to σ_max when that was estimated, and who chose it."""
-    text = f"damping {solver['damping']:.3g}"
+    """The objective's weight decay and the damping λ used (its form, relative to σ_max when
+    that was estimated, and who chose it)."""
+    text = (
+        f"weight decay {solver['weight_decay']:.3g}, {solver['damping_form']} damping "
+        f"{solver['damping']:.3g}"
+    )
     if solver["damping_relative"] is not None:
         text += f" ({solver['damping_relative']:.3g} × σ_max {solver['sigma_max']:.3g})"
     if solver["damping_chosen_by"] == "validation":
