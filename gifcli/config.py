@@ -501,9 +501,11 @@ class UpdateConfig:
         "the step s of the edit theta + s*delta, in units of the influence step (1.0: the "
         "Newton step of the retained objective, no search); auto: searched on the validation "
         "split; null: the task's rule, remove-class and recover-backdoor auto (their "
-        "validation objectives tell steps apart, and the searched step is at least as close to "
-        "retraining), remove-samples 1.0 (its validation objective cannot see the edit and "
-        "would return the model unchanged; see BENCHMARKS.md, The influence step)",
+        "validation objectives measure what the edit is for, and the searched step came closer "
+        "to retraining), remove-samples 1.0 (the unedited model already meets its validation "
+        "objective for a random deletion, so a search is erratic: no step, or one stretched "
+        "far past the quadratic model; the influence step never moved away from retraining; "
+        "see BENCHMARKS.md, The influence step)",
     )
     grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
     grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")
