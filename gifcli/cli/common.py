@@ -198,15 +198,18 @@ def progress_factory(enabled: bool) -> Callable[[str, int | None], Any]:
 
 def print_edit_report(report: dict) -> None:
     """The before/after(/oracle/gap) table of an edit, and where its outputs are."""
-    from gifcli.report import metrics_rows, summary_lines
+    from gifcli.report import metrics_rows, salun_rows, summary_lines
 
-    header, rows = metrics_rows(report["metrics"])
-    table = Table(title=f"gif {report['task']} ({report['method']})")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    tables = [(f"gif {report['task']} ({report['method']})", metrics_rows(report["metrics"]))]
+    if (protocol := salun_rows(report["metrics"])) is not None:
+        tables.append(("SalUn protocol", protocol))
+    for title, (header, rows) in tables:
+        table = Table(title=title)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for line in summary_lines(report):
         console.print(line, highlight=False)
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
@@ -284,7 +287,10 @@ def run_edit(
     from gifcli.runs import run_edit as run_edit_command
     from gifcli.tasks import task_type
 
-    schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
+    kind = task_type(task)
+    schema = edit_report_schema(
+        kind.metric_keys, oracle=oracle is not None, salun=kind.salun_sources is not None
+    )
     gates = parse_check_options(checks, schema)
     report = run_edit_command(
         config=config,
