@@ -47,12 +47,31 @@ FIDELITY_COLUMNS = (
 """The fidelity to the retrained oracle every edit's report carries (``--oracle``): mean
 KL(oracle ‖ edit) in nats and top-1 agreement in %, on the test split and the removal set."""
 
+PAPER = (
+    "influence.curvature=hessian",
+    "influence.weight_decay=0",
+    "influence.gradient=removal",
+    "influence.damping_form=tikhonov",
+    "influence.damping=0.01",
+)
+CORRECTED = (
+    "influence.curvature=hessian",
+    "influence.gradient=retained",
+    "influence.damping_form=shift",
+    "influence.damping=0",
+)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gif-paper": ("gif", ("influence.curvature=hessian",)),
+    "gif-paper": ("gif", PAPER),
+    "gif-corrected": ("gif", (*CORRECTED, "update.scale=1")),
+    "gif-corrected-searched": ("gif", (*CORRECTED, "update.scale=auto")),
 }
 """Named estimator settings a benchmark's ``--methods`` may list beside the influence methods:
 ``name -> (influence.method, config overrides)``. ``gif-paper``: GIF as the paper has it (the
-Hessian of the training loss, the removal gradient, damping on the least-squares system)."""
+Hessian of the training loss alone, the removal set's gradient, Tikhonov damping λ = 0.01 on
+the least-squares system). ``gif-corrected``: the Hessian of the objective the model was
+trained on (``+ wd·I``, the weight decay the checkpoint records), the retained objective's
+gradient, no damping, step 1 (the influence step itself); ``gif-corrected-searched``: the same
+with the step searched on the validation split."""
 
 
 # --------------------------------------------------------------------------- command line
