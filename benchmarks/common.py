@@ -64,6 +64,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gif-paper": ("gif", PAPER),
     "gif-corrected": ("gif", (*CORRECTED, "update.scale=1")),
     "gif-corrected-searched": ("gif", (*CORRECTED, "update.scale=auto")),
+    "gif-corrected-all": ("gif", (*CORRECTED, "update.scale=1", "selection.ratio=1.0")),
+    "first-order-all": ("first-order", ("selection.ratio=1.0",)),
 }
 """Named estimator settings a benchmark's ``--methods`` may list beside the influence methods:
 ``name -> (influence.method, config overrides)``. ``gif-paper``: GIF as the paper has it (the
@@ -71,7 +73,8 @@ Hessian of the training loss alone, the removal set's gradient, Tikhonov damping
 the least-squares system). ``gif-corrected``: the Hessian of the objective the model was
 trained on (``+ wd·I``, the weight decay the checkpoint records), the retained objective's
 gradient, no damping, step 1 (the influence step itself); ``gif-corrected-searched``: the same
-with the step searched on the validation split."""
+with the step searched on the validation split. ``*-all``: on every Linear/Conv2d parameter
+(``selection.ratio`` 1) instead of the config's selection."""
 
 
 # --------------------------------------------------------------------------- command line
@@ -690,7 +693,14 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
     fidelity = [(k, label) for k, label in FIDELITY_COLUMNS if k in seeds[0]["before"]]
     retrain = [r["oracle"]["seconds"] for r in seeds]
 
-    def row(name: str, metrics: list[dict], edited: str, gap: str, seconds: list[float]) -> list:
+    def row(
+        name: str,
+        metrics: list[dict],
+        edited: str,
+        gap: str,
+        seconds: list[float],
+        estimated: str = "—",
+    ) -> list:
         ratios = [t / r for t, r in zip(seconds, retrain, strict=True)] if seconds else []
         return [
             name,
@@ -700,6 +710,7 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
             gap,
             cell(seconds) if seconds else "—",
             cell(ratios, 2) if seconds else "—",
+            estimated,
         ]
 
     rows = [row("base model (before)", [r["before"] for r in seeds], "—", "—", [])]
@@ -718,6 +729,9 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
                 edited,
                 cell([r["oracle_gap_mean"] for r in records]),
                 [r["seconds"] for r in records],
+                cell([r["cost"]["retrain_ratio"] for r in records], 2)
+                if all("cost" in r for r in records)
+                else "—",
             )
         )
     for epochs in seeds[0].get("finetune", {}):
@@ -752,6 +766,7 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
         "mean gap to oracle",
         "seconds",
         "× retraining",
+        "report's × retraining",
     ]
     return table(header, rows)
 
@@ -785,11 +800,18 @@ def fidelity_verdict(records: Callable[[str], list[dict]], methods: Sequence[str
         values = {m: [r[key] for r in records(m)] for m in methods}
         sign = 1 if key.startswith("kl_") else -1  # lower KL, higher agreement is closer
         best = min(values, key=lambda m: sign * mean_std(values[m])[0])
-        text = f"{label}: closest `{best}` ({fidelity_cell(values[best], key)})"
+        tied = [m for m in values if mean_std(values[m])[0] == mean_std(values[best])[0]]
+        names = ", ".join(f"`{m}`" for m in tied) + (" (tied)" if len(tied) > 1 else "")
+        text = f"{label}: closest {names} ({fidelity_cell(values[best], key)})"
         for corrected in (m for m in methods if m.startswith("gif-corrected")):
-            if "first-order" not in values:
+            # against first-order on the same parameters (``-all``), else the config's mask
+            suffix = corrected.removeprefix("gif-corrected")
+            baseline = next(
+                (b for b in (f"first-order{suffix}", "first-order") if b in values), None
+            )
+            if baseline is None:
                 break
-            diff, std = paired(values[corrected], values["first-order"])
+            diff, std = paired(values[corrected], values[baseline])
             word = (
                 "level with"
                 if abs(diff) <= std
@@ -797,7 +819,7 @@ def fidelity_verdict(records: Callable[[str], list[dict]], methods: Sequence[str
                 if sign * diff < 0
                 else "farther from retraining than"
             )
-            text += f"; `{corrected}` {word} `first-order` ({diff:+.3g} ± {std:.2g} paired)"
+            text += f"; `{corrected}` {word} `{baseline}` ({diff:+.3g} ± {std:.2g} paired)"
         sentences.append(text)
     return "Fidelity to retraining (paired over seeds): " + "; ".join(sentences) + "."
 
