@@ -336,8 +336,8 @@ class InfluenceConfig:
     method: str = _field("gif", " | ".join(INFLUENCE_METHODS))
     curvature: str = _field(
         "ggn",
-        "ggn (Gauss-Newton, positive semi-definite; about half the Hessian's cost a product "
-        "on 16x16 and larger images) "
+        "ggn (Gauss-Newton, positive semi-definite; a product runs one forward pass fewer "
+        "than the Hessian's double backward: BENCHMARKS.md) "
         "| hessian (the paper's)",
     )
     solver: str = _field("lsqr", " | ".join(SOLVERS))
