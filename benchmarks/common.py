@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from gifcli.config import TARGETED_METHODS, Config, TrainConfig, load_config
-from gifcli.metrics import scalar_metrics
+from gifcli.context import prepare
+from gifcli.metrics import oracle_gap, scalar_metrics
 from gifcli.runs import run_edit
 from gifcli.tasks import task_type
 from gifcli.train import run_train, train_model
@@ -37,6 +38,43 @@ from gifcli.train import run_train, train_model
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SOLVE_FIELDS = ("iterations", "hvps", "relative_residual", "converged", "seconds")
+FIDELITY_COLUMNS = (
+    ("kl_oracle_test", "KL test"),
+    ("kl_oracle_removed", "KL removed"),
+    ("agree_oracle_test", "agree test"),
+    ("agree_oracle_removed", "agree removed"),
+)
+"""The fidelity to the retrained oracle every edit's report carries (``--oracle``): mean
+KL(oracle ‖ edit) in nats and top-1 agreement in %, on the test split and the removal set."""
+
+PAPER = (
+    "influence.curvature=hessian",
+    "influence.weight_decay=0",
+    "influence.gradient=removal",
+    "influence.damping_form=tikhonov",
+    "influence.damping=0.01",
+)
+CORRECTED = (
+    "influence.curvature=hessian",
+    "influence.gradient=retained",
+    "influence.damping_form=shift",
+    "influence.damping=0",
+)
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gif-paper": ("gif", PAPER),
+    "gif-corrected": ("gif", (*CORRECTED, "update.scale=1")),
+    "gif-corrected-searched": ("gif", (*CORRECTED, "update.scale=auto")),
+    "gif-corrected-all": ("gif", (*CORRECTED, "update.scale=1", "selection.ratio=1.0")),
+    "first-order-all": ("first-order", ("selection.ratio=1.0",)),
+}
+"""Named estimator settings a benchmark's ``--methods`` may list beside the influence methods:
+``name -> (influence.method, config overrides)``. ``gif-paper``: GIF as the paper has it (the
+Hessian of the training loss alone, the removal set's gradient, Tikhonov damping λ = 0.01 on
+the least-squares system). ``gif-corrected``: the Hessian of the objective the model was
+trained on (``+ wd·I``, the weight decay the checkpoint records), the retained objective's
+gradient, no damping, step 1 (the influence step itself); ``gif-corrected-searched``: the same
+with the step searched on the validation split. ``*-all``: on every Linear/Conv2d parameter
+(``selection.ratio`` 1) instead of the config's selection."""
 
 
 # --------------------------------------------------------------------------- command line
@@ -71,6 +109,13 @@ def add_common_arguments(
         type=csv(),
         default=list(methods),
         help=f"influence methods, or none (default {','.join(methods)})",
+    )
+    add(
+        "--finetune",
+        type=csv(int),
+        default=list(FINETUNE_EPOCHS),
+        help="epochs of the fine-tuning baselines, or none (default "
+        f"{','.join(map(str, FINETUNE_EPOCHS))})",
     )
     add(
         "--threads",
@@ -251,9 +296,12 @@ class SeedRuns:
         ratio: float | None = None,
         options: Sequence[str] = (),
     ) -> dict:
-        """One ``run_edit``; ``selection``/``ratio`` default to the config's; ``options``: more
-        overrides (e.g. the step objective), which do not change the mask."""
-        masked = method in TARGETED_METHODS
+        """One ``run_edit`` of an influence method or a ``VARIANTS`` name; ``selection``/
+        ``ratio`` default to the config's; ``options``: more overrides (e.g. the step
+        objective), which do not change the mask."""
+        influence, preset = VARIANTS.get(method, (method, ()))
+        options = [*preset, *options]
+        masked = influence in TARGETED_METHODS
         config = self.config(options)
         selection = selection or config.selection.method
         ratio = config.selection.ratio if ratio is None else ratio
@@ -266,11 +314,11 @@ class SeedRuns:
         key = (method, *mask_key, *options)
         if key in self.runs:
             return self.runs[key]
-        name = "-".join(str(part).rpartition("=")[2] for part in key)
+        name = "-".join(str(part).rpartition("=")[2] for part in key).replace("/", "_")
         config = self.config(
             [
                 *options,
-                f"influence.method={method}",
+                f"influence.method={influence}",
                 f"selection.method={selection}",
                 f"selection.ratio={ratio}",
                 f"output.dir={self.folder / 'runs' / name}",
@@ -293,13 +341,17 @@ class SeedRuns:
         self.runs[key] = record
         self.log(
             f"seed {self.seed}: {' '.join([*self.scenario, name])}: "
-            + ", ".join(f"{k} {record['metrics'][k]:.1f}" for k in self.headline())
+            + ", ".join(f"{k} {record['metrics'][k]:.4g}" for k in self.headline())
             + f" ({record['seconds']:.1f} s)"
         )
         return record
 
     def headline(self) -> tuple[str, ...]:
-        return task_type(self.task).metric_keys[:2]
+        return (*task_type(self.task).metric_keys[:2], "kl_oracle_test", "kl_oracle_removed")
+
+    def finetune(self, epochs: Sequence[int]) -> dict:
+        """The fine-tuning baselines (``finetune_baseline``) of this seed and scenario."""
+        return finetune_baseline(self.config(), self.oracle, epochs, self.log)
 
 
 FINETUNE_EPOCHS = (1, 2, 5)
@@ -317,6 +369,27 @@ def finetuned(
     started = time.perf_counter()
     train_model(tuned, retained, config=schedule, seed=seed, device=torch.device("cpu"))
     return tuned, time.perf_counter() - started
+
+
+def finetune_baseline(config: Config, oracle: Path, epochs: Sequence[int], log: Log) -> dict:
+    """Fine-tuning the config's model on the retrain oracle's data for each of ``epochs``: its
+    metrics (with the fidelity to ``oracle``) and seconds (the training loop only)."""
+    ctx = prepare(config)
+    task = ctx.task()
+    model, reference = ctx.load_model(), ctx.load_model(oracle, role="oracle")
+    retained = task.retrain_split(ctx.data)
+    out = {}
+    for count in epochs:
+        tuned, seconds = finetuned(model, retained, config.train, epochs=count, seed=config.seed)
+        metrics = task.evaluate(
+            tuned, ctx.data, device=ctx.device, seed=config.seed, oracle=reference
+        )
+        out[str(count)] = {"metrics": scalar_metrics(metrics), "seconds": seconds}
+        log(
+            f"seed {config.seed}: fine-tune {count} epochs ({seconds:.1f} s): KL test "
+            f"{metrics['kl_oracle_test']:.4f}, KL removed {metrics['kl_oracle_removed']:.4f}"
+        )
+    return out
 
 
 def run_benchmark(
@@ -345,6 +418,7 @@ def run_benchmark(
         "overrides": args.overrides,
         "seeds": args.seeds,
         "methods": args.methods,
+        "results_file": args.output.name,
         **fields,
         "machine": machine(args.threads),
         "per_seed": [],
@@ -442,9 +516,11 @@ def settings(config: Config) -> dict:
 def summarize(report: dict, *, mask_from: str | None) -> dict:
     """What a benchmark keeps of a ``run_edit`` report."""
     solver = report["solver"]
+    salun = report["metrics"].get("salun")
     return {
         "metrics": scalar_metrics(report["metrics"]["after"]),
         "oracle_gap_mean": report["metrics"]["gap"]["mean"],
+        "salun_gap_mean": salun["gap"]["mean"] if salun else None,
         "seconds": report["cost"]["seconds"]["edit"],
         "cost": {
             "seconds": report["cost"]["seconds"],
@@ -609,14 +685,35 @@ def rerun_notes(results: dict) -> list[str]:
 
 def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -> list[str]:
     """One row per method (mean ± std of ``columns``), framed by the base model and the
-    oracle, with the parameters edited, the mean gap to the oracle and the seconds."""
+    oracle, with the parameters edited, the fidelity to the oracle where the results have it
+    (``FIDELITY_COLUMNS``), the mean gap to the oracle, the seconds and their ratio to the
+    same seed's measured retraining; fine-tuning rows where measured."""
     s, seeds = results["settings"], results["per_seed"]
     total = s["parameters"]
+    fidelity = [(k, label) for k, label in FIDELITY_COLUMNS if k in seeds[0]["before"]]
+    retrain = [r["oracle"]["seconds"] for r in seeds]
 
-    def row(name: str, metrics: list[dict], edited: str, gap: str, seconds: str) -> list[str]:
-        return [name, edited, *(cell([m[k] for m in metrics]) for k in columns), gap, seconds]
+    def row(
+        name: str,
+        metrics: list[dict],
+        edited: str,
+        gap: str,
+        seconds: list[float],
+        estimated: str = "—",
+    ) -> list:
+        ratios = [t / r for t, r in zip(seconds, retrain, strict=True)] if seconds else []
+        return [
+            name,
+            edited,
+            *(cell([m[k] for m in metrics]) for k in columns),
+            *(fidelity_cell([m.get(k) for m in metrics], k) for k, _ in fidelity),
+            gap,
+            cell(seconds) if seconds else "—",
+            cell(ratios, 2) if seconds else "—",
+            estimated,
+        ]
 
-    rows = [row("base model (before)", [r["before"] for r in seeds], "—", "—", "—")]
+    rows = [row("base model (before)", [r["before"] for r in seeds], "—", "—", [])]
     for method in results["methods"]:
         records = [r["methods"][method] for r in seeds]
         targets = records[0]["targets"]
@@ -631,7 +728,25 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
                 [r["metrics"] for r in records],
                 edited,
                 cell([r["oracle_gap_mean"] for r in records]),
-                cell([r["seconds"] for r in records]),
+                [r["seconds"] for r in records],
+                cell([r["cost"]["retrain_ratio"] for r in records], 2)
+                if all("cost" in r for r in records)
+                else "—",
+            )
+        )
+    for epochs in seeds[0].get("finetune", {}):
+        tuned = [r["finetune"][epochs] for r in seeds]
+        metrics = [t["metrics"] for t in tuned]
+        gaps = [
+            oracle_gap(m, r["oracle_metrics"])["mean"] for m, r in zip(metrics, seeds, strict=True)
+        ]
+        rows.append(
+            row(
+                f"fine-tune, {epochs} epoch{'s' if epochs != '1' else ''}",
+                metrics,
+                f"all {total:,}",
+                cell(gaps),
+                [t["seconds"] for t in tuned],
             )
         )
     rows.append(
@@ -640,11 +755,90 @@ def method_table(results: dict, columns: Sequence[str], labels: Sequence[str]) -
             [r["oracle_metrics"] for r in seeds],
             "all (retrained)",
             "0",
-            cell([r["oracle"]["seconds"] for r in seeds]),
+            retrain,
         )
     )
-    header = ["method", "parameters edited", *labels, "mean gap to oracle", "seconds"]
+    header = [
+        "method",
+        "parameters edited",
+        *labels,
+        *(label for _, label in fidelity),
+        "mean gap to oracle",
+        "seconds",
+        "× retraining",
+        "report's × retraining",
+    ]
     return table(header, rows)
+
+
+def fidelity_cell(values: Sequence[float | None], key: str) -> str:
+    """KL in nats to three significant digits, agreement in % to one decimal."""
+    values = [math.nan if v is None else v for v in values]
+    if not key.startswith("kl_"):
+        return cell(values)
+    mean, std = mean_std(values)
+    return "n/a" if math.isnan(mean) else f"{mean:.3g} ± {std:.2g}"
+
+
+def fidelity_lines(results: dict, seeds: list[dict] | None = None) -> list[str]:
+    """The fidelity verdict of a results file's methods and fine-tuning rows (of ``seeds``,
+    one scenario's per-seed records; default every seed's), with a blank line; nothing when
+    the results have no fidelity columns."""
+    seeds = results["per_seed"] if seeds is None else seeds
+    methods = [*results["methods"], *finetune_names(seeds)]
+    text = fidelity_verdict(lambda m: per_seed_metrics(seeds, m), methods)
+    return [text, ""] if text else []
+
+
+def fidelity_verdict(records: Callable[[str], list[dict]], methods: Sequence[str]) -> str:
+    """Per fidelity metric, which of ``methods`` is closest to the oracle, and each corrected
+    GIF row against first-order, paired over seeds; ``records(method)``: its per-seed metrics."""
+    if not methods or "kl_oracle_test" not in records(methods[0])[0]:
+        return ""
+    sentences = []
+    for key, label in FIDELITY_COLUMNS:
+        values = {m: [r[key] for r in records(m)] for m in methods}
+        sign = 1 if key.startswith("kl_") else -1  # lower KL, higher agreement is closer
+        best = min(values, key=lambda m: sign * mean_std(values[m])[0])
+        tied = [m for m in values if mean_std(values[m])[0] == mean_std(values[best])[0]]
+        names = ", ".join(f"`{m}`" for m in tied) + (" (tied)" if len(tied) > 1 else "")
+        text = f"{label}: closest {names} ({fidelity_cell(values[best], key)})"
+        for corrected in (m for m in methods if m.startswith("gif-corrected")):
+            # against first-order on the same parameters (``-all``), else the config's mask
+            suffix = corrected.removeprefix("gif-corrected")
+            baseline = next(
+                (b for b in (f"first-order{suffix}", "first-order") if b in values), None
+            )
+            if baseline is None:
+                break
+            diff, std = paired(values[corrected], values[baseline])
+            word = (
+                "level with"
+                if abs(diff) <= std
+                else "closer to retraining than"
+                if sign * diff < 0
+                else "farther from retraining than"
+            )
+            text += f"; `{corrected}` {word} `{baseline}` ({diff:+.3g} ± {std:.2g} paired)"
+        sentences.append(text)
+    return "Fidelity to retraining (paired over seeds): " + "; ".join(sentences) + "."
+
+
+def finetune_names(seeds: list[dict]) -> list[str]:
+    """The fine-tuning rows of per-seed records (``fine-tune N``), where measured."""
+    return [f"fine-tune {epochs}" for epochs in seeds[0].get("finetune", {})]
+
+
+def per_seed_metrics(seeds: list[dict], method: str) -> list[dict]:
+    """The per-seed metrics of a method, a ``fine-tune N`` row, ``before`` or ``oracle`` in
+    per-seed records (``results["per_seed"]``, or one scenario's of them)."""
+    if method == "before":
+        return [r["before"] for r in seeds]
+    if method == "oracle":
+        return [r["oracle_metrics"] for r in seeds]
+    if method.startswith("fine-tune "):
+        return [r["finetune"][method.removeprefix("fine-tune ")]["metrics"] for r in seeds]
+    return [r["methods"][method]["metrics"] for r in seeds]
 
 
 def metric_of(results: dict, method: str, key: str) -> list[float]:

@@ -27,6 +27,7 @@ from common import (
     add_common_arguments,
     cell,
     f1_verdict,
+    fidelity_lines,
     how_measured,
     mean_std,
     measure_or_render,
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     def body(runs: SeedRuns) -> dict:
-        return {"methods": {method: runs.run(method) for method in args.methods}}
+        methods = {method: runs.run(method) for method in args.methods}
+        return {"methods": methods, "finetune": runs.finetune(args.finetune)}
 
     return run_benchmark(
         args, argv, script="recover_backdoor.py", task=RecoverBackdoor.name, body=body
@@ -88,7 +90,7 @@ def markdown(results: dict) -> str:
     lines = [
         "## Recover from a backdoor",
         "",
-        *how_measured(results, "recover_backdoor.json", scenario),
+        *how_measured(results, results.get("results_file", "recover_backdoor.json"), scenario),
     ]
     if results["methods"]:
         lines += [
@@ -106,6 +108,7 @@ def markdown(results: dict) -> str:
             "",
             f1_verdict(results) + " " + asr_verdict(results),
             "",
+            *fidelity_lines(results),
         ]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from common import (
     cell,
     csv,
     f1_verdict,
+    fidelity_lines,
     how_measured,
     mean_std,
     measure_or_render,
@@ -70,11 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     def body(runs: SeedRuns) -> dict:
         methods = {method: runs.run(method) for method in args.methods}
+        finetune = runs.finetune(args.finetune)
         table1 = {
             selection: {str(ratio): runs.run("gif", selection, ratio) for ratio in args.ratios}
             for selection in args.selections
         }
-        return {"methods": methods, "table1": table1}
+        return {"methods": methods, "finetune": finetune, "table1": table1}
 
     return run_benchmark(
         args,
@@ -93,7 +95,11 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
 def markdown(results: dict) -> str:
     s = results["settings"]
     scenario = f"Forget class {', '.join(map(str, s['classes']))} of `{s['dataset']}`"
-    lines = ["## Remove a class", "", *how_measured(results, "remove_class.json", scenario)]
+    lines = [
+        "## Remove a class",
+        "",
+        *how_measured(results, results.get("results_file", "remove_class.json"), scenario),
+    ]
     if results["methods"]:
         lines += [
             f"### Estimators side by side ({s['selection']}, ratio {s['ratio']:g})",
@@ -111,6 +117,7 @@ def markdown(results: dict) -> str:
             "",
             f1_verdict(results),
             "",
+            *fidelity_lines(results),
         ]
     if results["selections"] and results["ratios"]:
         lines += table1_section(results)

@@ -24,12 +24,13 @@ import sys
 from pathlib import Path
 
 from common import (
-    FINETUNE_EPOCHS,
+    FIDELITY_COLUMNS,
     SeedRuns,
     add_common_arguments,
     cell,
     csv,
-    finetuned,
+    fidelity_cell,
+    fidelity_lines,
     how_measured,
     mean_std,
     measure_or_render,
@@ -42,7 +43,7 @@ from common import (
 from gifcli.config import SAMPLE_OBJECTIVES, Config
 from gifcli.context import prepare
 from gifcli.errors import GifError
-from gifcli.metrics import ks_critical, ks_distance, predict_loss, scalar_metrics
+from gifcli.metrics import ks_critical, ks_distance, predict_loss
 from gifcli.tasks import RemoveSamples
 
 METHODS = ("gif", "first-order", "fif", "pif", "if")
@@ -110,7 +111,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 for method in args.methods
             }
             runs.total = sub.total
-            tuned = finetune_baseline(sub.config(), runs.log)
+            tuned = sub.finetune(args.finetune)
             fractions[f"{fraction:g}"] = {
                 "retained": oracle["train_samples"],
                 "oracle_seconds": oracle["seconds"],
@@ -131,22 +132,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
         fractions=[f"{f:g}" for f in args.fractions],
         objectives=args.objectives,
     )
-
-
-def finetune_baseline(config: Config, log) -> dict:
-    """Fine-tuning the base model on the retained data for each of ``FINETUNE_EPOCHS``: its
-    metrics and seconds (the training loop only)."""
-    ctx = prepare(config)
-    task = ctx.task()
-    model = ctx.load_model()
-    retained = task.retrain_split(ctx.data)
-    out = {}
-    for epochs in FINETUNE_EPOCHS:
-        tuned, seconds = finetuned(model, retained, config.train, epochs=epochs, seed=config.seed)
-        metrics = task.metrics(tuned, ctx.data, device=ctx.device, seed=config.seed)
-        out[str(epochs)] = {"metrics": scalar_metrics(metrics), "seconds": seconds}
-        log(f"seed {config.seed}: fine-tune {epochs} epochs ({seconds:.1f} s)")
-    return out
 
 
 def unseen_distances(config: Config, oracle: Path) -> dict:
@@ -180,6 +165,16 @@ def scenario_records(results: dict, fraction: str) -> list[dict]:
     return [r["fractions"][fraction] for r in results["per_seed"]]
 
 
+def fraction_runs(results: dict, fraction: str) -> list[dict]:
+    """A fraction's per-seed records with each method's run of the first objective as its own
+    (the shape ``fidelity_lines`` reads)."""
+    objective = results["objectives"][0]
+    return [
+        {**r, "methods": {m: runs[objective] for m, runs in r["methods"].items()}}
+        for r in scenario_records(results, fraction)
+    ]
+
+
 def gaps_of(results: dict, fraction: str, method: str, objective: str) -> list[float]:
     return [
         judged_gap(r["methods"][method][objective]["metrics"], r["oracle_metrics"])
@@ -207,7 +202,7 @@ def markdown(results: dict) -> str:
     lines = [
         "## Forget random samples",
         "",
-        *how_measured(results, "remove_samples.json", scenario),
+        *how_measured(results, results.get("results_file", "remove_samples.json"), scenario),
         "The removal set of each fraction is drawn from each seed's training split "
         "(`removal.random`, its own seed 0); one oracle is retrained without it. Every method "
         f"runs on the config's selection ({s['selection']}, ratio {s['ratio']:g}; `if` on every "
@@ -231,10 +226,17 @@ def fraction_section(results: dict, fraction: str) -> list[str]:
     records = scenario_records(results, fraction)
     removed = results["per_seed"][0]["base"]["train_samples"] - records[0]["retained"]
     oracle = [r["oracle_metrics"] for r in records]
+    fidelity = [(k, label) for k, label in FIDELITY_COLUMNS if k in records[0]["before"]]
 
     def row(name: str, metrics: list[dict], extra: list[str]) -> list[str]:
         gaps = [judged_gap(m, o) for m, o in zip(metrics, oracle, strict=True)]
-        return [name, *(cell([m[k] for m in metrics]) for k in COLUMNS), cell(gaps), *extra]
+        return [
+            name,
+            *(cell([m[k] for m in metrics]) for k in COLUMNS),
+            *(fidelity_cell([m.get(k) for m in metrics], k) for k, _ in fidelity),
+            cell(gaps),
+            *extra,
+        ]
 
     before = [r["before"] for r in records]
     rows = [row("no edit (before)", before, ["—", "—", "—", "—"])]
@@ -275,6 +277,7 @@ def fraction_section(results: dict, fraction: str) -> list[str]:
     header = [
         "method, objective",
         *LABELS,
+        *(label for _, label in fidelity),
         "gap (3)",
         "relative step",
         "seconds",
@@ -286,6 +289,7 @@ def fraction_section(results: dict, fraction: str) -> list[str]:
         "",
         *table(header, rows),
         "",
+        *fidelity_lines(results, fraction_runs(results, fraction)),
     ]
     if all("ks_distance" in r for r in records):
         distance = {k: [r["ks_distance"][k] for r in records] for k in ("base", "oracle", "bound")}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gifcli.errors import GifError
-from gifcli.records import EditReport, EvaluateReport
+from gifcli.records import FIDELITY_KEYS, SALUN_KEYS, EditReport, EvaluateReport
 
 COMPARISONS = {
     "<": operator.lt,
@@ -383,23 +383,33 @@ def metrics_schema(metric_keys: Sequence[str]) -> dict:
     return {**dict.fromkeys(metric_keys, NUMBER), "per_class_acc_test": ListOf(NUMBER)}
 
 
-def edit_report_schema(metric_keys: Sequence[str], *, oracle: bool) -> dict:
-    """The structure of an edit's report (``EditReport``) for a task's metrics; ``oracle``
-    and ``gap`` only with an oracle."""
+def edit_report_schema(metric_keys: Sequence[str], *, oracle: bool, salun: bool = False) -> dict:
+    """The structure of an edit's report (``EditReport``) for a task's metrics; with an
+    oracle, the fidelity metrics in every group, ``oracle`` and ``gap``; with ``salun`` (the
+    task has the protocol), the ``salun`` group."""
     schema = _schema_of(EditReport)
     del schema["checks"]
-    metrics = metrics_schema(metric_keys)
+    metrics = metrics_schema([*metric_keys, *(FIDELITY_KEYS if oracle else ())])
     groups = {"before": metrics, "after": metrics, "train_samples": NUMBER}
     if oracle:
         gap = {key: NUMBER for key, node in metrics.items() if node is NUMBER}
         groups.update(oracle=metrics, gap={**gap, "mean": NUMBER})
+    if salun:
+        protocol = dict.fromkeys(SALUN_KEYS, NUMBER)
+        groups["salun"] = {"before": protocol, "after": protocol}
+        if oracle:
+            groups["salun"].update(oracle=protocol, gap={**protocol, "mean": NUMBER})
     schema["metrics"] = groups
     return schema
 
 
-def evaluate_report_schema(metric_keys: Sequence[str]) -> dict:
+def evaluate_report_schema(metric_keys: Sequence[str], *, salun: bool = False) -> dict:
     """The structure of ``gif evaluate``'s report (``EvaluateReport``)."""
     schema = _schema_of(EvaluateReport)
     del schema["checks"]
     schema["metrics"] = metrics_schema(metric_keys)
+    if salun:
+        schema["salun"] = dict.fromkeys(SALUN_KEYS, NUMBER)
+    else:
+        del schema["salun"]
     return schema

@@ -1,4 +1,6 @@
-"""Accuracies in percent, the tasks' F1 scores, and the membership-inference efficacy.
+"""Accuracies in percent, the tasks' F1 scores, the membership-inference efficacy, the
+fidelity to a retrained model (KL divergence and top-1 agreement) and the unlearning
+protocol of SalUn and l1-sparse (UA, RA, TA, MIA-efficacy, average gap).
 
 Metric names: docs/design.md, "Metrics"; each task lists its own (``Task.metric_keys``).
 Everything is computed with the model in ``eval()`` mode.
@@ -7,13 +9,14 @@ Everything is computed with the model in ``eval()`` mode.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from gifcli.data import Split
+from gifcli.records import FIDELITY_KEYS, SALUN_KEYS
 
 EVAL_BATCH = 512
 
@@ -90,11 +93,96 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 
 
 def oracle_gap(after: dict, oracle: dict) -> dict[str, float]:
-    """``|after − oracle|`` on every scalar metric, and their mean (``mean``)."""
+    """``|after − oracle|`` on every scalar metric, and the mean (``mean``) over those in
+    percent: the fidelity metrics (``FIDELITY_KEYS``; KL is in nats) are left out of it."""
     gap = {k: abs(v - oracle[k]) for k, v in scalar_metrics(after).items() if k in oracle}
-    finite = [v for v in gap.values() if math.isfinite(v)]
-    gap["mean"] = sum(finite) / len(finite) if finite else float("nan")
+    gap["mean"] = finite_mean(v for k, v in gap.items() if k not in FIDELITY_KEYS)
     return gap
+
+
+def finite_mean(values: Iterable[float]) -> float:
+    """The mean of the finite values; NaN when there is none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+# -- fidelity to the retrained model -------------------------------------------------------------
+
+
+def kl_agreement(
+    logits: torch.Tensor, reference: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, ``KL(softmax(reference) ‖ softmax(logits))`` in nats (float64) and whether
+    the two agree on the top-1 class; ``logits`` and ``reference``: [B, K]."""
+    log_p = reference.double().log_softmax(1)
+    log_q = logits.double().log_softmax(1)
+    # p·(log p − log q), with 0·log 0 = 0 where the reference gives a class no mass
+    kl = torch.where(log_p.isneginf(), 0.0, log_p.exp() * (log_p - log_q)).sum(1)
+    return kl, logits.argmax(1) == reference.argmax(1)
+
+
+@torch.no_grad()
+def fidelity(
+    model: nn.Module,
+    oracle: nn.Module,
+    split: Split,
+    *,
+    device: torch.device,
+    batch_size: int = EVAL_BATCH,
+) -> tuple[float, float]:
+    """Mean ``KL(oracle ‖ model)`` of the predicted distributions (nats) and top-1 agreement
+    with the oracle (%) on ``split``, both models run on the same batches; NaN when empty."""
+    kl_sum, agree, count = 0.0, 0, 0
+    modes = [(m, m.training) for m in (model, oracle)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        for x, _ in split.batches(batch_size, device=device):
+            kl, same = kl_agreement(model(x).float().cpu(), oracle(x).float().cpu())
+            kl_sum, agree, count = kl_sum + float(kl.sum()), agree + int(same.sum()), count + len(x)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    if count == 0:
+        return float("nan"), float("nan")
+    return kl_sum / count, 100 * agree / count
+
+
+def fidelity_metrics(
+    model: nn.Module, oracle: nn.Module, *, test: Split, removed: Split, device: torch.device
+) -> dict[str, float]:
+    """``FIDELITY_KEYS``: KL to the oracle and agreement with it on the test split and on the
+    removal set."""
+    kl_test, agree_test = fidelity(model, oracle, test, device=device)
+    kl_removed, agree_removed = fidelity(model, oracle, removed, device=device)
+    values = (kl_test, kl_removed, agree_test, agree_removed)
+    return dict(zip(FIDELITY_KEYS, values, strict=True))
+
+
+# -- the protocol of SalUn and l1-sparse ---------------------------------------------------------
+
+
+def salun_metrics(metrics: dict, sources: Sequence[str]) -> dict[str, float]:
+    """UA, RA, TA and MIA-efficacy (``SALUN_KEYS``) of one model, read from its task metrics:
+    ``sources`` names the metrics that are its accuracy on the removal set (UA is 100 minus
+    it), RA, TA and MIA-efficacy."""
+    removal_acc, retained, test, mia = (metrics[key] for key in sources)
+    return dict(zip(SALUN_KEYS, (100 - removal_acc, retained, test, mia), strict=True))
+
+
+def salun_protocol(groups: dict[str, dict | None], sources: Sequence[str]) -> dict:
+    """The protocol of each metrics group given (``before``, ``after``, ``oracle``) and, with
+    an oracle, ``gap``: ``|after − oracle|`` on each and their average (``mean``)."""
+    protocol = {
+        name: salun_metrics(metrics, sources)
+        for name, metrics in groups.items()
+        if metrics is not None
+    }
+    if "oracle" in protocol:
+        after, oracle = protocol["after"], protocol["oracle"]
+        gap = {key: abs(after[key] - oracle[key]) for key in SALUN_KEYS}
+        protocol["gap"] = {**gap, "mean": finite_mean(gap.values())}
+    return protocol
 
 
 def harmonic_mean(a: float, b: float) -> float:

@@ -414,20 +414,22 @@ def measure(
 ) -> MetricsRecord:
     """The task's metrics of ``model`` as it is (before) and with ``new_theta`` written into
     it (after; the model keeps them, and ``calibrate``'s BatchNorm statistics when given),
-    and of the oracle with the gap to it."""
+    and of the oracle with the gap to it; with an oracle, each group's fidelity to it; the
+    SalUn protocol of the groups where the task has one."""
     device = new_theta.device
-    before = task.metrics(model, data, device=device, seed=seed)
+    before = task.evaluate(model, data, device=device, seed=seed, oracle=oracle)
     assign_flat(model, new_theta)
     if calibrate is not None:
         calibrate(model)
     metrics = MetricsRecord(
         before=before,
-        after=task.metrics(model, data, device=device, seed=seed),
+        after=task.evaluate(model, data, device=device, seed=seed, oracle=oracle),
         train_samples=task.metrics_sample_size(data),
     )
     if oracle is not None:
-        metrics.oracle = task.metrics(oracle.eval(), data, device=device, seed=seed)
+        metrics.oracle = task.evaluate(oracle.eval(), data, device=device, seed=seed, oracle=oracle)
         metrics.gap = oracle_gap(metrics.after, metrics.oracle)
+    metrics.salun = task.salun({"before": before, "after": metrics.after, "oracle": metrics.oracle})
     return metrics
 
 

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Metrics = dict[str, Any]
-"""A task's metrics in percent: ``metric_keys`` -> float, ``per_class_acc_test`` -> list."""
+"""A task's metrics in percent: ``metric_keys`` -> float, ``per_class_acc_test`` -> list;
+with an oracle, ``FIDELITY_KEYS`` too."""
+
+FIDELITY_KEYS = ("kl_oracle_test", "kl_oracle_removed", "agree_oracle_test", "agree_oracle_removed")
+"""Fidelity to the retrained oracle, in every metrics group of an edit given one: mean
+KL(oracle ‖ model) of the predicted distributions (nats) and top-1 agreement with the oracle
+(%), on the test split and on the removal set."""
+SALUN_KEYS = ("ua", "ra", "ta", "mia_efficacy")
+"""The unlearning protocol of SalUn and l1-sparse: unlearning accuracy (100 − accuracy on the
+removal set), retained training accuracy, test accuracy and MIA-efficacy, in percent."""
 
 
 @dataclass
@@ -101,8 +110,10 @@ class UpdateRecord:
 
 @dataclass
 class MetricsRecord:
-    """The task's metrics before and after the edit; with an oracle, its metrics and the
-    absolute gap of ``after`` to it on every scalar metric (and their ``mean``)."""
+    """The task's metrics before and after the edit; with an oracle, the fidelity to it in
+    each group (``FIDELITY_KEYS``; the oracle's own, against itself, is 0 and 100), its metrics
+    and the absolute gap of ``after`` to it on every scalar metric (and ``mean``, over the
+    task's metrics: the fidelity ones are left out of it)."""
 
     before: Metrics
     after: Metrics
@@ -111,6 +122,10 @@ class MetricsRecord:
     train_samples: int | None = None
     """The ``*_train`` metrics' seeded sample of the training split (``metrics.train_samples``);
     None: measured on all of it."""
+    salun: dict[str, dict[str, float]] | None = None
+    """The SalUn protocol (``SALUN_KEYS``) of ``before``, ``after`` (and ``oracle``, with
+    ``gap``: ``|after − oracle|`` and its ``mean``, the average gap), read from those groups;
+    None for a task it does not apply to."""
 
 
 @dataclass
@@ -189,7 +204,7 @@ class EditReport:
 
     def to_dict(self) -> dict:
         report = dataclasses.asdict(self)
-        for group in ("oracle", "gap"):  # absent without an oracle, as a check expects
+        for group in ("oracle", "gap", "salun"):  # absent when not measured, as a check expects
             if report["metrics"][group] is None:
                 del report["metrics"][group]
         return report
@@ -206,9 +221,14 @@ class EvaluateReport:
     metrics: Metrics
     notes: list[str] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
+    salun: dict[str, float] | None = None
+    """The SalUn protocol of the checkpoint (``SALUN_KEYS``); None where it does not apply."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        report = dataclasses.asdict(self)
+        if report["salun"] is None:
+            del report["salun"]
+        return report
 
 
 def format_value(value: Any) -> str:

@@ -21,11 +21,13 @@ from gifcli.config import Config, SelectionConfig
 from gifcli.influence.solvers import STATUSES
 from gifcli.metrics import scalar_metrics
 from gifcli.outputs import claim_output_dir, write_json, write_text, write_with
-from gifcli.records import format_value
+from gifcli.records import FIDELITY_KEYS, format_value
 from gifcli.selection import save_mask
 
 if TYPE_CHECKING:
     from gifcli.pipeline import EditResult
+
+KL_KEYS = tuple(key for key in FIDELITY_KEYS if key.startswith("kl_"))
 
 OUTPUT_FILES = {
     "model": "model.safetensors",
@@ -235,22 +237,53 @@ def format_cell(value: object, spec: str = ".2f") -> str:
 
 
 def metrics_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the before/after(/oracle/gap) table, one row per scalar metric."""
+    """Header and rows of the before/after(/oracle/gap) table, one row per scalar metric (KL
+    in nats to three significant digits, percentages to two decimals)."""
     columns = [c for c in ("before", "after", "oracle", "gap") if c in metrics]
     keys = list(scalar_metrics(metrics["before"]))
-    rows = [[key] + [format_cell(metrics[c].get(key)) for c in columns] for key in keys]
+    rows = [
+        [key]
+        + [format_cell(metrics[c].get(key), ".3g" if key in KL_KEYS else ".2f") for c in columns]
+        for key in keys
+    ]
     if "gap" in metrics:
         mean = format_cell(metrics["gap"]["mean"])
         rows.append(["mean gap"] + [""] * (len(columns) - 1) + [mean])
     return ["metric"] + columns, rows
 
 
+SALUN_LABELS = {"ua": "UA", "ra": "RA", "ta": "TA", "mia_efficacy": "MIA-efficacy"}
+
+
+def salun_rows(metrics: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Header and rows of the SalUn protocol table (None where the task has none)."""
+    protocol = metrics.get("salun")
+    if protocol is None:
+        return None
+    columns = [c for c in ("before", "after", "oracle", "gap") if c in protocol]
+    rows = [
+        [f"{label} ({key})"] + [format_cell(protocol[c][key]) for c in columns]
+        for key, label in SALUN_LABELS.items()
+    ]
+    if "gap" in protocol:
+        rows.append(
+            ["average gap"] + [""] * (len(columns) - 1) + [format_cell(protocol["gap"]["mean"])]
+        )
+    return ["protocol"] + columns, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def markdown(report: dict) -> str:
     """report.md: what was done, how it was measured, and the metrics table."""
     solver, update = report["solver"], report["update"]
-    header, rows = metrics_rows(report["metrics"])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    table = markdown_table(*metrics_rows(report["metrics"]))
     chosen = (
         "searched on the validation split (best task objective, ties to the "
         f"smaller step) over {len(update['sweep'])} log-spaced scales"
@@ -275,13 +308,41 @@ def markdown(report: dict) -> str:
         "",
         "Metrics are percentages on the test split (``*_train`` on the "
         f"{train_metrics_text(report['metrics'].get('train_samples'))}); the step scale never "
-        "saw the test split.",
+        "saw the test split." + (FIDELITY_TEXT if "gap" in report["metrics"] else ""),
         "",
         *table,
         "",
+        *salun_markdown(report["metrics"]),
         *checks_markdown(report.get("checks", [])),
     ]
     return "\n".join(lines)
+
+
+FIDELITY_TEXT = (
+    " `kl_oracle_*`: mean KL(oracle ‖ model) of the predicted distributions, in nats; "
+    "`agree_oracle_*`: % of samples whose top-1 class is the oracle's; `*_test` on the test "
+    "split, `*_removed` on the removal set's samples among the `*_train` ones (the oracle's "
+    "own column compares it with itself). The mean gap leaves these out."
+)
+
+
+def salun_markdown(metrics: dict) -> list[str]:
+    """The SalUn protocol section of report.md (nothing where the task has none)."""
+    protocol = salun_rows(metrics)
+    if protocol is None:
+        return []
+    return [
+        "## SalUn protocol",
+        "",
+        "UA: 100 − accuracy on the removal set; RA: accuracy on the retained training "
+        "samples; TA: test accuracy (of the retained classes, for a class removal); "
+        "MIA-efficacy: the share of the removal set a confidence attack calls non-members "
+        "(the metrics above, in the protocol of SalUn and l1-sparse; average gap: the mean "
+        "|after − oracle| of the four).",
+        "",
+        *markdown_table(*protocol),
+        "",
+    ]
 
 
 def train_metrics_text(train_samples: int | None) -> str:

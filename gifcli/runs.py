@@ -21,6 +21,7 @@ from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
 from gifcli.cost import with_load
+from gifcli.metrics import salun_metrics
 from gifcli.outputs import claim_output_dir, claim_output_files, refuse_inputs_inside
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
@@ -228,13 +229,15 @@ def run_evaluate(
     sampled = task.metrics_sample_size(ctx.data)
     if sampled is not None:
         notes.append(f"*_train metrics measured on a {train_metrics_text(sampled)}")
+    metrics = task.metrics(model, ctx.data, device=ctx.device, seed=config.seed)
     report = EvaluateReport(
         task=task.name,
         checkpoint=str(checkpoint),
         sha256=sha256_file(checkpoint),
         removal=task.description,
-        metrics=task.metrics(model, ctx.data, device=ctx.device, seed=config.seed),
+        metrics=metrics,
         notes=notes,
+        salun=None if task.salun_sources is None else salun_metrics(metrics, task.salun_sources),
     )
     report.checks = evaluate_checks(checks, report.to_dict())
     return report.to_dict()

@@ -136,3 +136,19 @@ def test_a_selection_that_selects_nothing_names_the_setting(digits_base):
     settings.selection.ratio = 1e-9
     with pytest.raises(GifError, match=r"^selection\.ratio: .* selects no parameter"):
         gifcli.edit(model, gifcli.RemoveClass(classes=[3]), data, settings)
+
+
+@pytest.mark.slow
+def test_an_oracle_adds_fidelity_and_the_salun_gap_to_the_report(digits_base, digits_oracle):
+    config, model, data = in_memory(digits_base)
+    _, oracle, _ = in_memory(digits_oracle)
+    task = gifcli.RemoveClass(classes=[3])
+    result = gifcli.edit(model, task, data, gifcli.Settings.from_config(config), oracle=oracle)
+    metrics = result.report.metrics
+    assert metrics.oracle["kl_oracle_test"] == 0 and metrics.oracle["agree_oracle_test"] == 100
+    assert metrics.after["kl_oracle_test"] < metrics.before["kl_oracle_test"]
+    assert 0 <= metrics.after["agree_oracle_removed"] <= 100
+    assert set(metrics.salun) == {"before", "after", "oracle", "gap"}
+    assert metrics.salun["after"]["ua"] == 100 - metrics.after["forget_acc_train"]
+    itself = task.evaluate(oracle, data, device=torch.device("cpu"), seed=0, oracle=oracle)
+    assert (itself["kl_oracle_removed"], itself["agree_oracle_removed"]) == (0.0, 100.0)

@@ -69,3 +69,28 @@ def test_merge_refuses_other_base_models_or_settings(common):
         common.merge(copy.deepcopy(stored), other)
     with pytest.raises(SystemExit, match="seed 3 is not in the stored results"):
         common.merge(copy.deepcopy(stored), _results({3: None}, {"sif": 80.0}))
+
+
+def _fidelity(kl: float, agree: float) -> dict:
+    return {
+        "kl_oracle_test": kl,
+        "kl_oracle_removed": 2 * kl,
+        "agree_oracle_test": agree,
+        "agree_oracle_removed": agree - 10,
+    }
+
+
+def test_fidelity_verdict_pairs_the_corrected_step_with_first_order(common):
+    """Per seed: gif-corrected's KL is below first-order's by 0.01 and 0.03 (mean 0.02, std
+    0.014: closer); its agreement is 1 and 3 points lower (farther), paired over seeds."""
+    runs = {
+        "gif-corrected": [_fidelity(0.02, 96.0), _fidelity(0.01, 95.0)],
+        "first-order": [_fidelity(0.03, 97.0), _fidelity(0.04, 98.0)],
+    }
+    text = common.fidelity_verdict(runs.__getitem__, list(runs))
+    assert "KL test: closest `gif-corrected` (0.015 ± 0.0071)" in text
+    assert "`gif-corrected` closer to retraining than `first-order` (-0.02 ± 0.014 paired)" in text
+    assert "agree test: closest `first-order` (97.5 ± 0.7)" in text
+    assert "`gif-corrected` farther from retraining than `first-order` (-2 ± 1.4 paired)" in text
+    without = {"gif": [{"f1": 1.0}]}
+    assert common.fidelity_verdict(without.__getitem__, ["gif"]) == ""

@@ -21,7 +21,7 @@ from gifcli.checks import (
 from gifcli.cli.main import app
 from gifcli.records import format_value
 from gifcli.report import checks_markdown
-from gifcli.tasks import RecoverBackdoor, RemoveClass
+from gifcli.tasks import RecoverBackdoor, RemoveClass, RemoveSamples
 from tests.conftest import DIGITS
 
 EDIT_REPORT = {
@@ -253,6 +253,35 @@ def test_schemas_follow_task_and_oracle():
         validate("before.acc_test>=90", evaluate_report_schema(RemoveClass.metric_keys))
 
 
+def test_fidelity_and_salun_paths_exist_where_the_report_has_them():
+    with_oracle = edit_report_schema(RemoveSamples.metric_keys, oracle=True, salun=True)
+    for check in (
+        "after.kl_oracle_test<=before.kl_oracle_test",
+        "after.agree_oracle_removed>=95",
+        "gap.kl_oracle_removed<=0.1",
+        "oracle.agree_oracle_test==100",
+        "salun.gap.mean<=2",
+        "salun.after.ua>=salun.oracle.ua-1",
+        "salun.before.mia_efficacy>=0",
+    ):
+        validate(check, with_oracle)
+    without = edit_report_schema(RemoveSamples.metric_keys, oracle=False, salun=True)
+    validate("salun.after.ta>=90", without)
+    for check, message in (
+        ("after.kl_oracle_test<=1", "has no 'kl_oracle_test'"),
+        ("salun.gap.mean<=2", "has no 'gap'"),
+    ):
+        with pytest.raises(CheckError, match=message):
+            validate(check, without)
+    backdoor = edit_report_schema(RecoverBackdoor.metric_keys, oracle=True)
+    validate("after.kl_oracle_removed<=1", backdoor)
+    with pytest.raises(CheckError, match="'salun'"):
+        validate("salun.after.ua>=0", backdoor)
+    validate("salun.ua>=0", evaluate_report_schema(RemoveClass.metric_keys, salun=True))
+    with pytest.raises(CheckError, match="'salun'"):
+        validate("salun.ua>=0", evaluate_report_schema(RecoverBackdoor.metric_keys))
+
+
 # -- after a run: what the schema cannot know ------------------------------------------------------
 
 
@@ -377,15 +406,31 @@ def test_unknown_path_exits_2_before_the_run(runner, tmp_path):
 
 def test_evaluate_checks_pass_fail_and_json(runner, digits_base):
     args = ["evaluate", DIGITS, "-c", digits_base]
-    passed = run(runner, *args, "--check", "acc_test>=90", "--check", "per_class_acc_test.3>=80")
+    passed = run(
+        runner,
+        *args,
+        "--check",
+        "acc_test>=90",
+        "--check",
+        "per_class_acc_test.3>=80",
+        "--check",
+        "salun.ua<=1",
+    )
     assert passed.exit_code == 0, passed.output
     assert "checks" in passed.stderr and "pass" in passed.stderr
+    assert "salun.ra" in passed.stderr, "the protocol is in the table"
 
     failed = run(
         runner, *args, "--json", "--check", "metrics.acc_test>=90", "--check", "forget_acc_test<=1"
     )
     assert failed.exit_code == 3, failed.output
     report = json.loads(failed.stdout)
+    assert report["salun"] == {
+        "ua": 100 - report["metrics"]["forget_acc_train"],
+        "ra": report["metrics"]["retain_acc_train"],
+        "ta": report["metrics"]["retain_acc_test"],
+        "mia_efficacy": report["metrics"]["mia_efficacy"],
+    }
     assert [c["passed"] for c in report["checks"]] == [True, False]
     assert report["checks"][1]["expression"] == "forget_acc_test<=1"
     assert "check failed: forget_acc_test<=1" in failed.stderr
@@ -449,5 +494,5 @@ def test_failed_check_exits_3_with_outputs_written(runner, tmp_path, digits_base
     assert "1 of 4 checks failed" in result.stderr
     assert "step search" not in result.output, "no progress bars when not a terminal"
     assert "\x1b[" not in result.output
-    schema = edit_report_schema(RemoveClass.metric_keys, oracle=True)
+    schema = edit_report_schema(RemoveClass.metric_keys, oracle=True, salun=True)
     assert_report_matches_schema({k: v for k, v in report.items() if k != "checks"}, schema)

@@ -123,7 +123,7 @@ def test_unlearn_class_trains_gates_and_keeps_artefacts(tmp_path):
     assert "\x1b[" not in lenient.stdout + lenient.stderr, "plain text when not a terminal"
     assert_report_matches_schema(
         {k: v for k, v in report.items() if k != "checks"},
-        edit_report_schema(RemoveClass.metric_keys, oracle=True),
+        edit_report_schema(RemoveClass.metric_keys, oracle=True, salun=True),
     )
 
     base_bytes = base.read_bytes()
@@ -207,7 +207,7 @@ def test_forget_samples_trains_gates_against_the_oracle_and_keeps_artefacts(tmp_
     assert "\x1b[" not in lenient.stdout + lenient.stderr
     assert_report_matches_schema(
         {k: v for k, v in report.items() if k != "checks"},
-        edit_report_schema(RemoveSamples.metric_keys, oracle=True),
+        edit_report_schema(RemoveSamples.metric_keys, oracle=True, salun=True),
     )
 
     # without INDICES the config's removal set (a random 5%), so an oracle of its own

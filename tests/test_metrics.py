@@ -6,8 +6,11 @@ from torch import nn
 
 from gifcli.data import TensorSplit
 from gifcli.metrics import (
+    fidelity,
+    fidelity_metrics,
     forget_retain,
     harmonic_mean,
+    kl_agreement,
     ks_critical,
     ks_distance,
     mia_efficacy,
@@ -17,6 +20,8 @@ from gifcli.metrics import (
     predict_loss,
     remove_class_metrics,
     remove_samples_metrics,
+    salun_metrics,
+    salun_protocol,
 )
 
 
@@ -144,3 +149,113 @@ def test_remove_samples_metrics_on_a_fixed_model():
     assert metrics["per_class_acc_test"] == [100.0, 100.0, 0.0]
     assert 0 <= metrics["mia_efficacy"] <= 100
     assert "f1" not in metrics
+
+
+# -- fidelity to the oracle ----------------------------------------------------------------------
+
+
+def logits_of(probabilities):
+    return torch.tensor(probabilities, dtype=torch.float64).log()
+
+
+def test_kl_and_agreement_by_hand():
+    """KL(p ‖ q) = Σ p log(p/q), with 0·log 0 = 0 where the reference p gives a class no mass."""
+    reference = logits_of([[0.8, 0.2], [0.1, 0.9], [1.0, 0.0]])
+    model = logits_of([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5]])
+    kl, agree = kl_agreement(model, reference)
+    expected = [
+        0.8 * math.log(0.8 / 0.6) + 0.2 * math.log(0.2 / 0.4),
+        0.1 * math.log(0.1 / 0.9) + 0.9 * math.log(0.9 / 0.1),
+        math.log(2.0),
+    ]
+    assert kl.dtype == torch.float64
+    assert kl.tolist() == pytest.approx(expected, rel=1e-12)
+    assert agree.tolist() == [True, False, True]
+    same, all_agree = kl_agreement(reference, reference)
+    assert same.tolist() == [0.0, 0.0, 0.0] and all_agree.all()
+
+
+class Doubled(nn.Module):
+    """Twice the logits stored in the input: the same top-1 class, sharper distributions."""
+
+    def forward(self, x):
+        return 2 * x[:, 0, 0, :]
+
+
+def test_fidelity_is_the_mean_over_batches_on_the_same_samples():
+    data = split([[1.0, 0.0], [0.0, 2.0], [0.5, 0.0]], [0, 1, 0])
+    cpu = torch.device("cpu")
+    kl, agree = kl_agreement(2 * data.x[:, 0, 0, :], data.x[:, 0, 0, :])  # KL(Fixed ‖ Doubled)
+    for batch_size in (1, 2, 512):
+        mean_kl, agreement = fidelity(Doubled(), Fixed(), data, device=cpu, batch_size=batch_size)
+        assert mean_kl == pytest.approx(float(kl.mean()), rel=1e-12)
+        assert agreement == 100.0
+    assert fidelity(Fixed(), Fixed(), data, device=cpu) == (0.0, 100.0)
+    empty = fidelity(
+        Fixed(), Doubled(), data.subset(torch.tensor([], dtype=torch.long)), device=cpu
+    )
+    assert all(math.isnan(v) for v in empty)
+
+
+def test_fidelity_metrics_name_the_test_split_and_the_removal_set():
+    cpu = torch.device("cpu")
+    test = split([[1.0, 0.0], [0.0, 1.0]], [0, 1])
+    removed = split([[0.0, 1.0]], [1])
+
+    class Swapped(nn.Module):
+        def forward(self, x):
+            return x[:, 0, 0, :].flip(1)
+
+    metrics = fidelity_metrics(Fixed(), Swapped(), test=test, removed=removed, device=cpu)
+    assert set(metrics) == {
+        "kl_oracle_test",
+        "kl_oracle_removed",
+        "agree_oracle_test",
+        "agree_oracle_removed",
+    }
+    assert metrics["agree_oracle_test"] == 0.0 and metrics["agree_oracle_removed"] == 0.0
+    # p = softmax(1, 0) against q = softmax(0, 1): KL = (p0 − p1)·1 = tanh(1/2)
+    assert metrics["kl_oracle_test"] == pytest.approx(math.tanh(0.5), rel=1e-6)
+    assert metrics["kl_oracle_removed"] == pytest.approx(math.tanh(0.5), rel=1e-6)
+
+
+def test_oracle_gap_mean_leaves_the_fidelity_metrics_out():
+    after = {"a": 1.0, "kl_oracle_test": 0.5, "agree_oracle_test": 90.0}
+    oracle = {"a": 3.0, "kl_oracle_test": 0.0, "agree_oracle_test": 100.0}
+    gap = oracle_gap(after, oracle)
+    assert gap == {"a": 2.0, "kl_oracle_test": 0.5, "agree_oracle_test": 10.0, "mean": 2.0}
+
+
+# -- the SalUn protocol ---------------------------------------------------------------------------
+
+
+SOURCES = ("forget_acc_train", "retain_acc_train", "acc_test", "mia_efficacy")
+
+
+def test_salun_protocol_reads_the_task_metrics():
+    before = {
+        "forget_acc_train": 100.0,
+        "retain_acc_train": 100.0,
+        "acc_test": 98.0,
+        "mia_efficacy": 2.0,
+    }
+    after = {
+        "forget_acc_train": 97.0,
+        "retain_acc_train": 99.0,
+        "acc_test": 97.5,
+        "mia_efficacy": 6.0,
+    }
+    oracle = {
+        "forget_acc_train": 95.0,
+        "retain_acc_train": 100.0,
+        "acc_test": 97.0,
+        "mia_efficacy": 12.0,
+    }
+    assert salun_metrics(after, SOURCES) == {"ua": 3.0, "ra": 99.0, "ta": 97.5, "mia_efficacy": 6.0}
+    protocol = salun_protocol({"before": before, "after": after, "oracle": oracle}, SOURCES)
+    assert protocol["before"] == {"ua": 0.0, "ra": 100.0, "ta": 98.0, "mia_efficacy": 2.0}
+    assert protocol["oracle"]["ua"] == 5.0
+    # |3 − 5|, |99 − 100|, |97.5 − 97|, |6 − 12|: average (2 + 1 + 0.5 + 6) / 4
+    assert protocol["gap"] == {"ua": 2.0, "ra": 1.0, "ta": 0.5, "mia_efficacy": 6.0, "mean": 2.375}
+    without = salun_protocol({"before": before, "after": after, "oracle": None}, SOURCES)
+    assert set(without) == {"before", "after"}

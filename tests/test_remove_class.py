@@ -7,7 +7,9 @@ from safetensors.torch import load_file
 
 from gifcli.checkpoint import sha256_file
 from gifcli.cli.main import app
+from gifcli.records import FIDELITY_KEYS
 from gifcli.report import OUTPUT_FILES
+from gifcli.tasks import RemoveClass
 from tests.conftest import DIGITS
 
 REPORT_KEYS = {
@@ -69,7 +71,7 @@ def test_report_has_every_key_and_the_oracle_gap(removal):
     assert {"scale", "norm", "sweep"} <= set(report["update"])
     assert len(report["update"]["sweep"]) >= 40
     metrics = report["metrics"]
-    assert set(metrics) == {"before", "after", "oracle", "gap", "train_samples"}
+    assert set(metrics) == {"before", "after", "oracle", "gap", "train_samples", "salun"}
     for key in (
         "forget_acc_test",
         "retain_acc_test",
@@ -89,6 +91,34 @@ def test_report_has_every_key_and_the_oracle_gap(removal):
     assert report["params"]["fraction"] <= 0.05
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["metrics"]["after"] == report["metrics"]["after"]
+
+
+@pytest.mark.slow
+def test_fidelity_to_the_oracle_and_the_salun_protocol_are_reported(removal):
+    report, out, _ = removal
+    metrics = report["metrics"]
+    for group in ("before", "after", "oracle", "gap"):
+        assert set(FIDELITY_KEYS) <= set(metrics[group]), group
+    oracle = metrics["oracle"]  # the retrained model against itself
+    assert oracle["kl_oracle_test"] == 0 and oracle["kl_oracle_removed"] == 0
+    assert oracle["agree_oracle_test"] == 100 and oracle["agree_oracle_removed"] == 100
+    before, after = metrics["before"], metrics["after"]
+    assert after["kl_oracle_removed"] < before["kl_oracle_removed"], "it moved toward the oracle"
+    assert after["agree_oracle_removed"] > before["agree_oracle_removed"]
+    assert metrics["gap"]["kl_oracle_test"] == after["kl_oracle_test"]
+    salun = metrics["salun"]
+    for group in ("before", "after", "oracle"):
+        assert salun[group] == {
+            "ua": 100 - metrics[group]["forget_acc_train"],
+            "ra": metrics[group]["retain_acc_train"],
+            "ta": metrics[group]["retain_acc_test"],
+            "mia_efficacy": metrics[group]["mia_efficacy"],
+        }
+    gaps = [metrics["gap"][k] for k in RemoveClass.salun_sources]
+    assert salun["gap"]["mean"] == pytest.approx(sum(gaps) / 4)
+    text = (out / "report.md").read_text()
+    assert "| kl_oracle_removed |" in text and "## SalUn protocol" in text
+    assert "| average gap |" in text
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from gifcli.config import build_config, load_config
 from gifcli.data import DataSplits, load_dataset
 from gifcli.errors import GifError
 from gifcli.models import build_model
+from gifcli.records import FIDELITY_KEYS
 from gifcli.report import OUTPUT_FILES
 from gifcli.tasks import RemoveClass, RemoveSamples, check_task, described_task
 from gifcli.train import run_train
@@ -223,7 +224,12 @@ def test_random_removal_is_judged_against_the_oracle(removal):
     assert report["removal"]["samples"] == 65 and report["removal"]["train_samples"] == 1294
     metrics = report["metrics"]
     for group in ("before", "after", "oracle"):
-        assert set(RemoveSamples.metric_keys) | {"per_class_acc_test"} == set(metrics[group])
+        expected = {*RemoveSamples.metric_keys, *FIDELITY_KEYS, "per_class_acc_test"}
+        assert expected == set(metrics[group])
+    assert metrics["oracle"]["kl_oracle_removed"] == 0
+    assert metrics["oracle"]["agree_oracle_removed"] == 100
+    assert metrics["salun"]["after"]["ua"] == 100 - metrics["after"]["forget_acc_train"]
+    assert metrics["salun"]["oracle"]["ta"] == metrics["oracle"]["acc_test"]
     for key in RemoveSamples.metric_keys:
         assert metrics["gap"][key] == pytest.approx(
             abs(metrics["after"][key] - metrics["oracle"][key])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 import sys
 import warnings
@@ -210,15 +209,18 @@ def progress_factory(enabled: bool) -> Callable[[str, int | None], Any]:
 
 def print_edit_report(report: dict) -> None:
     """The before/after(/oracle/gap) table of an edit, and where its outputs are."""
-    from gifcli.report import metrics_rows, summary_lines
+    from gifcli.report import metrics_rows, salun_rows, summary_lines
 
-    header, rows = metrics_rows(report["metrics"])
-    table = Table(title=f"gif {report['task']} ({report['method']})")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    tables = [(f"gif {report['task']} ({report['method']})", metrics_rows(report["metrics"]))]
+    if (protocol := salun_rows(report["metrics"])) is not None:
+        tables.append(("SalUn protocol", protocol))
+    for title, (header, rows) in tables:
+        table = Table(title=title)
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for line in summary_lines(report):
         console.print(line, highlight=False)
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
@@ -316,7 +318,10 @@ def edit_command(options: Callable[..., list[str]]) -> Callable[..., None]:
         overrides = [*(kwargs["overrides"] or []), *options(**given)]
         config = read_config(kwargs["config"], overrides, output_dir=kwargs["output_dir"])
         quiet, json_output, oracle = kwargs["quiet"], kwargs["json_output"], kwargs["oracle"]
-        schema = edit_report_schema(task_type(task).metric_keys, oracle=oracle is not None)
+        kind = task_type(task)
+        schema = edit_report_schema(
+            kind.metric_keys, oracle=oracle is not None, salun=kind.salun_sources is not None
+        )
         gates = parse_check_options(kwargs["checks"], schema)
         report = run_edit(
             config=config,

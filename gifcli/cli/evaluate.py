@@ -53,7 +53,9 @@ def evaluate(
     from gifcli.runs import run_evaluate
     from gifcli.tasks import described_task
 
-    gates = parse_check_options(checks, evaluate_report_schema(described_task(cfg).metric_keys))
+    kind = described_task(cfg)
+    schema = evaluate_report_schema(kind.metric_keys, salun=kind.salun_sources is not None)
+    gates = parse_check_options(checks, schema)
     report = run_evaluate(
         config=cfg,
         checkpoint=checkpoint,
@@ -76,6 +78,8 @@ def print_metrics(report: dict) -> None:
             table.add_row(key, f"{value:.2f}")
     for k, value in enumerate(report["metrics"]["per_class_acc_test"]):
         table.add_row(f"acc_test class {k}", f"{value:.2f}")
+    for key, value in report.get("salun", {}).items():
+        table.add_row(f"salun.{key}", f"{value:.2f}")
     console.print(table)
     for note in report["notes"]:
         console.print(f"note: {note}", highlight=False, markup=False)

@@ -18,6 +18,7 @@ from torch import nn
 
 from gifcli.data import DataSplits, Split, seeded_subset
 from gifcli.data.splits import LazyInputs
+from gifcli.metrics import fidelity_metrics, salun_protocol
 from gifcli.update import Objective
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ class Task(ABC):
     train_samples: int | None = None
     """``metrics.train_samples``: the ``*_train`` metrics are measured on a seeded sample of
     this many training samples (None: all); each task declares it as a field."""
+    salun_sources: ClassVar[tuple[str, str, str, str] | None] = None
+    """The SalUn protocol's sources among ``metric_keys``: the accuracy on the removal set (UA
+    is 100 minus it), RA, TA and MIA-efficacy; None where the protocol does not apply."""
 
     @classmethod
     @abstractmethod
@@ -109,6 +113,38 @@ class Task(ABC):
     @abstractmethod
     def retrain_split(self, data: DataSplits) -> Split:
         """The training data of the retrain oracle."""
+
+    @abstractmethod
+    def removed_mask(self, data: DataSplits) -> torch.Tensor:
+        """A boolean mask over ``data.train``, True on the removal set's training samples."""
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: DataSplits,
+        *,
+        device: torch.device,
+        seed: int,
+        oracle: nn.Module | None = None,
+    ) -> dict:
+        """``metrics``, and with an ``oracle`` the fidelity to it (``FIDELITY_KEYS``) on the
+        test split and on the removal set's samples among the ``*_train`` metrics' (all of
+        them, or the ``train_samples`` sample), both models run on the same batches."""
+        metrics = self.metrics(model, data, device=device, seed=seed)
+        if oracle is not None:
+            train, positions = self.metrics_train(data, seed=seed)
+            removed = train.subset(self.removed_mask(data)[positions])
+            metrics.update(
+                fidelity_metrics(model, oracle, test=data.test, removed=removed, device=device)
+            )
+        return metrics
+
+    def salun(self, groups: dict[str, dict | None]) -> dict | None:
+        """The SalUn protocol of an edit's metrics groups (``before``, ``after``, ``oracle``:
+        ``salun_protocol``); None where it does not apply."""
+        if self.salun_sources is None:
+            return None
+        return salun_protocol(groups, self.salun_sources)
 
     def metrics_train(self, data: DataSplits, *, seed: int) -> tuple[Split, torch.Tensor]:
         """The training samples the ``*_train`` metrics are measured on, and their positions

@@ -198,6 +198,10 @@ class RecoverBackdoor(Task):
             device=device,
         )
 
+    def removed_mask(self, data: DataSplits) -> torch.Tensor:
+        """The known poisoned samples (none when only the trigger is known)."""
+        return ~self.clean_mask(len(data.train))
+
     def retrain_split(self, data: DataSplits) -> Split:
         y = data.train.y.clone()
         y[self.poisoned] = self.true_labels

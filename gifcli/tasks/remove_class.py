@@ -37,6 +37,12 @@ class RemoveClass(Task):
         "mia_efficacy",
         "acc_test",
     )
+    salun_sources: ClassVar[tuple[str, str, str, str]] = (
+        "forget_acc_train",
+        "retain_acc_train",
+        "retain_acc_test",  # TA on the retained classes: the removed ones are never learnt
+        "mia_efficacy",
+    )
 
     def __post_init__(self) -> None:
         self.classes = [int(k) for k in self.classes]
@@ -101,3 +107,6 @@ class RemoveClass(Task):
     def retrain_split(self, data: DataSplits) -> Split:
         _, retained = class_removal_indices(data.train, self.classes)
         return data.train.subset(retained)
+
+    def removed_mask(self, data: DataSplits) -> torch.Tensor:
+        return torch.isin(data.train.y, torch.tensor(self.classes))

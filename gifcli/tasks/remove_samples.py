@@ -61,6 +61,12 @@ class RemoveSamples(Task):
         "mia_efficacy",
         "retain_acc_train",
     )
+    salun_sources: ClassVar[tuple[str, str, str, str]] = (
+        "forget_acc_train",
+        "retain_acc_train",
+        "acc_test",
+        "mia_efficacy",
+    )
 
     def __post_init__(self) -> None:
         self.forget = torch.as_tensor(self.forget, dtype=torch.long).flatten().sort().values
