@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gifcli.errors import GifError
-from gifcli.records import EditReport, EvaluateReport
+from gifcli.records import AuditReport, EditReport, EvaluateReport
 
 COMPARISONS = {
     "<": operator.lt,
@@ -402,4 +402,11 @@ def evaluate_report_schema(metric_keys: Sequence[str]) -> dict:
     schema = _schema_of(EvaluateReport)
     del schema["checks"]
     schema["metrics"] = metrics_schema(metric_keys)
+    return schema
+
+
+def audit_report_schema() -> dict:
+    """The structure of ``gif audit``'s report (``AuditReport``)."""
+    schema = _schema_of(AuditReport)
+    del schema["checks"]
     return schema
