@@ -38,14 +38,13 @@ def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReferenceFit:
-    """Per-sample Gaussians of ``φ`` under the "in" and "out" references: per-sample means,
-    one spread per side pooled over the samples (a handful of references estimate a mean
-    per sample, not a spread)."""
+    """Per-sample Gaussians of ``φ`` under the "in" and "out" references: per-sample means
+    and one spread, pooled over the samples and both sides (a handful of references estimate
+    a mean per sample, not a spread)."""
 
     mean_in: torch.Tensor
     mean_out: torch.Tensor
-    std_in: float
-    std_out: float
+    std: float
     out_models: int
 
     @classmethod
@@ -59,32 +58,28 @@ class ReferenceFit:
         return cls(
             mean_in=conf_in.double().mean(0),
             mean_out=conf_out.double().mean(0),
-            std_in=_pooled_std(conf_in),
-            std_out=_pooled_std(conf_out),
+            std=_pooled_std(conf_in, conf_out),
             out_models=out_models or len(conf_out),
         )
 
     def score(self, conf: torch.Tensor) -> torch.Tensor:
         """The log-likelihood ratio ``log N(φ; in) − log N(φ; out)`` per sample: positive
-        where the model looks more like one trained on the sample."""
+        where ``φ`` is nearer the "in" mean, where the model looks more like one trained on
+        the sample."""
         conf = conf.double()
-        return _log_normal(conf, self.mean_in, self.std_in) - _log_normal(
-            conf, self.mean_out, self.std_out
-        )
+        return ((conf - self.mean_out) ** 2 - (conf - self.mean_in) ** 2) / (2 * self.std**2)
 
     def epsilon(self, conf: torch.Tensor) -> torch.Tensor:
         """The per-sample ε of telling the model from the "out" references apart (``epsilon``
         with the model taken to spread like them)."""
-        shift = (conf.double() - self.mean_out).abs() / self.std_out
+        shift = (conf.double() - self.mean_out).abs() / self.std
         return epsilon(shift, min_rate=1 / self.out_models)
 
 
-def _pooled_std(conf: torch.Tensor) -> float:
-    return max(MIN_STD, float(conf.double().var(0, unbiased=True).mean().sqrt()))
-
-
-def _log_normal(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-    return -0.5 * ((x - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+def _pooled_std(*sides: torch.Tensor) -> float:
+    """The root of the mean per-sample variance over every side's references."""
+    variances = torch.cat([side.double().var(0, unbiased=True) for side in sides])
+    return max(MIN_STD, float(variances.mean().sqrt()))
 
 
 def epsilon(shift: torch.Tensor, *, min_rate: float, delta: float = DELTA) -> torch.Tensor:

@@ -102,8 +102,8 @@ def test_likelihood_ratio_score_and_pooled_fit():
     conf_in = torch.tensor([[0.0, 2.0], [2.0, 4.0]])  # means 1, 3; variances 2, 2
     conf_out = torch.tensor([[-1.0, 0.0], [1.0, 2.0]])  # means 0, 1; variances 2, 2
     fit = ReferenceFit.fit(conf_in, conf_out)
-    assert fit.std_in == pytest.approx(math.sqrt(2)) and fit.std_out == pytest.approx(math.sqrt(2))
-    # equal spreads: the ratio is ((x - μ_out)² - (x - μ_in)²) / (2σ²)
+    assert fit.std == pytest.approx(math.sqrt(2))
+    # one spread: the ratio is ((x - μ_out)² - (x - μ_in)²) / (2σ²)
     score = fit.score(torch.tensor([0.5, 3.0]))
     assert score[0] == pytest.approx(0.0)
     assert score[1] == pytest.approx(((3 - 1) ** 2 - 0) / 4)
@@ -158,7 +158,7 @@ def test_audit_tells_the_unedited_model_from_retraining(class_audit):
     assert report["audit"]["forgetting_score"] < 0.1
     # each retrained reference, against the others: at chance
     assert report["retrained"]["identified"] < 5
-    assert report["retrained"]["forgetting_score"] > 0.4
+    assert report["retrained"]["forgetting_score"] > 0.3
     out = folder / "base-audit"
     assert sorted(p.name for p in out.iterdir()) == sorted(audit_module.AUDIT_FILES.values())
     assert json.loads((out / "report.json").read_text())["audit"] == report["audit"]
