@@ -32,7 +32,7 @@ EPILOG = """Examples:
     --checkpoint runs/digits-samples/random-5/model.safetensors
 
   gif audit configs/digits-samples.yaml -c runs/digits-samples/base.safetensors \\
-    --quiet --check 'audit.auc>=0.6'
+    -o runs/digits-samples/base-gated --quiet --check 'audit.auc<=retrained.auc+0.1'
 
 Reference models are cached in audit.cache (default: references/ beside the output folder)
 by content: another audit of the same config and removal set reuses them.
