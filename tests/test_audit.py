@@ -241,3 +241,24 @@ def test_cli_audit_checks_and_refuses_to_overwrite(class_audit, runner):
     assert result.exit_code == 2
     result = runner.invoke(app, ["audit", config, "audit.references=5", "-c", "x.safetensors"])
     assert result.exit_code == 1 and "audit.references" in result.output
+
+
+def test_design_reads_a_streamed_split(tmp_path):
+    from gifcli.audit import design
+    from gifcli.data import StreamedSplit, load_dataset
+    from gifcli.models import TinyNet
+    from gifcli.tasks import RemoveClass
+    from tests.data.test_streaming import _colour_folder, _folder_config
+
+    _colour_folder(tmp_path)
+    data = load_dataset(_folder_config(tmp_path), seed=0)
+    assert isinstance(data.train, StreamedSplit)
+    task = RemoveClass(classes=[0])
+    model = TinyNet(in_channels=3, num_classes=2, image_size=(8, 8))
+    plan = design(task, data, model, device=torch.device("cpu"), seed=0)
+    forget = data.train.y == 0
+    assert torch.equal(plan.removed.x, data.train.x[forget])
+    assert torch.equal(plan.removed.y, data.train.y[forget])
+    assert (plan.held_out.y == 0).all() and len(plan.held_out) == 4  # the test split's class 0
+    assert len(plan.train_in) == len(data.train) + 4
+    assert len(plan.train_out) == int((~forget).sum())
