@@ -1,8 +1,9 @@
 """The field's unlearning baselines, for ``benchmarks/audit.py`` (not commands of the tool).
 
 Each takes the trained model, the removal set ``U`` and the retained data and returns an
-edited copy; every one runs SGD with momentum at a tenth of the training learning rate (as
-``common.finetuned``) on CPU, one pass over the retained data per epoch.
+edited copy and its seconds; every one runs SGD with momentum at ``lr`` times the training
+learning rate (default a tenth, as ``common.finetuned``) on CPU, one pass over the retained
+data per epoch.
 
 - **NegGrad+** (Kurmanji et al., NeurIPS 2023, "Towards unbounded machine unlearning"):
   each step descends ``β · CE(retained batch) − (1 − β) · CE(removal batch)``.
@@ -46,6 +47,7 @@ def _fine_tune(
     seed: int,
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor],
     mask: dict[str, torch.Tensor] | None = None,
+    lr: float = FINETUNE_LR_FRACTION,
 ) -> tuple[nn.Module, float]:
     """A copy of ``model`` trained ``epochs`` passes over ``retained`` with
     ``loss(model, x, y, progress)`` (``progress`` in [0, 1)); ``mask``: the only weights
@@ -53,9 +55,7 @@ def _fine_tune(
     tuned = copy.deepcopy(model).to(CPU).train()
     started = time.perf_counter()
     torch.manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        tuned.parameters(), lr=train.lr * FINETUNE_LR_FRACTION, momentum=train.momentum
-    )
+    optimizer = torch.optim.SGD(tuned.parameters(), lr=train.lr * lr, momentum=train.momentum)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(retained) // train.batch_size)
     step = 0
@@ -83,6 +83,7 @@ def neggrad_plus(
     beta: float,
     epochs: int,
     seed: int,
+    lr: float = FINETUNE_LR_FRACTION,
 ) -> tuple[nn.Module, float]:
     forget = _cycle(removed, train.batch_size, torch.Generator().manual_seed(seed + 1))
 
@@ -90,7 +91,7 @@ def neggrad_plus(
         fx, fy = next(forget)
         return beta * F.cross_entropy(m(x), y) - (1 - beta) * F.cross_entropy(m(fx), fy)
 
-    return _fine_tune(model, retained, train, epochs=epochs, seed=seed, loss=loss)
+    return _fine_tune(model, retained, train, epochs=epochs, seed=seed, loss=loss, lr=lr)
 
 
 def saliency_mask(model: nn.Module, removed: TensorSplit, ratio: float) -> dict[str, torch.Tensor]:
@@ -143,9 +144,10 @@ def l1_sparse(
     gamma: float,
     epochs: int,
     seed: int,
+    lr: float = FINETUNE_LR_FRACTION,
 ) -> tuple[nn.Module, float]:
     def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
         l1 = sum(p.abs().sum() for p in m.parameters())
         return F.cross_entropy(m(x), y) + gamma * (1 - progress) * l1
 
-    return _fine_tune(model, retained, train, epochs=epochs, seed=seed, loss=loss)
+    return _fine_tune(model, retained, train, epochs=epochs, seed=seed, loss=loss, lr=lr)

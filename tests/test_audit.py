@@ -262,3 +262,30 @@ def test_design_reads_a_streamed_split(tmp_path):
     assert (plan.held_out.y == 0).all() and len(plan.held_out) == 4  # the test split's class 0
     assert len(plan.train_in) == len(data.train) + 4
     assert len(plan.train_out) == int((~forget).sum())
+
+
+@pytest.mark.slow
+def test_cli_audits_the_samples_of_a_removed_file(class_audit, runner):
+    report, folder = class_audit
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(DIGITS),
+            *AUDIT,
+            "-c",
+            report["checkpoint"],
+            "--removed",
+            str(DIGITS.parent / "digits-deletion-request.txt"),
+            "-o",
+            str(folder / "request"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    audited = json.loads(result.stdout)
+    assert (
+        audited["task"] == "remove-samples" and "digits-deletion-request.txt" in audited["removal"]
+    )
+    assert audited["references"]["trained"] == 6  # another removal set: other references
+    assert audited["references"]["removed"] == 10
