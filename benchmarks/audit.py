@@ -108,6 +108,13 @@ def protocol(task, metrics: dict) -> dict:
     }
 
 
+@torch.no_grad()
+def finite(model: torch.nn.Module, split) -> bool:
+    """Finite weights and finite outputs on ``split``."""
+    weights = all(torch.isfinite(p).all() for p in model.parameters())
+    return weights and bool(torch.isfinite(model(split.x)).all())
+
+
 def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dict:
     overrides = [
         *base_overrides(args),
@@ -174,6 +181,9 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
         for point in grid:
             model, seconds = baselines[name](**point)
             total += seconds
+            if not finite(model, removed):  # diverged: not a candidate (as gif train refuses it)
+                log(f"seed {seed}: {name} {point} diverged; skipped")
+                continue
             value, _ = removal.objective(model)
             if best is None or value > best[0]:
                 best = (value, point, model, seconds)

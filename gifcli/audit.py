@@ -51,6 +51,8 @@ AUDIT_FILES = {
 CACHE_VERSION = 1
 """Part of every cache key: bumped when the recipe's code changes what a seed trains."""
 SCORE_BATCH = 512
+CONFIDENCE_BOUND = 1e4
+"""Log-odds are clipped to ±this (a float32 logit gap beyond it is overflow, not confidence)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,10 @@ def confidences(model: nn.Module, split: TensorSplit, device) -> torch.Tensor:
     parts = [torch.empty(0, dtype=torch.float64)]
     for x, y in split.batches(SCORE_BATCH, device=device):
         parts.append(logit_confidence(model(x), y))
-    return torch.cat(parts)
+    # outputs that overflowed show no confidence in any label: the lowest log-odds there is
+    return torch.nan_to_num(torch.cat(parts), nan=-CONFIDENCE_BOUND).clamp(
+        -CONFIDENCE_BOUND, CONFIDENCE_BOUND
+    )
 
 
 @dataclass

@@ -289,3 +289,17 @@ def test_cli_audits_the_samples_of_a_removed_file(class_audit, runner):
     )
     assert audited["references"]["trained"] == 6  # another removal set: other references
     assert audited["references"]["removed"] == 10
+
+
+def test_overflowed_outputs_count_as_no_confidence():
+    from gifcli.audit import CONFIDENCE_BOUND, confidences
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[0] = float("nan")
+            return out
+
+    split = TensorSplit(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))
+    got = confidences(Broken(), split, torch.device("cpu"))
+    assert got[0] == -CONFIDENCE_BOUND and got[1] == pytest.approx(math.log(1 / 2))
