@@ -8,8 +8,8 @@ data per epoch.
 - **NegGrad+** (Kurmanji et al., NeurIPS 2023, "Towards unbounded machine unlearning"):
   each step descends ``β · CE(retained batch) − (1 − β) · CE(removal batch)``.
 - **SalUn** (Fan et al., ICLR 2024): the saliency ``|∇θ CE(U)|`` at the trained model keeps
-  the top ``ratio`` of the weights; only they are trained, on ``U`` with random wrong labels
-  plus the retained data.
+  the top ``ratio`` of the weights; only they are trained, one pass per epoch over ``U``
+  with a random wrong label each together with the retained data.
 - **l1-sparse** (Jia et al., NeurIPS 2023, "Model sparsity can simplify machine unlearning"):
   fine-tuning on the retained data with ``γ_t · ‖θ‖₁`` added, ``γ_t`` decaying linearly from
   ``γ`` to 0 over the run.
@@ -49,7 +49,7 @@ def _fine_tune(
     mask: dict[str, torch.Tensor] | None = None,
     lr: float = FINETUNE_LR_FRACTION,
 ) -> tuple[nn.Module, float]:
-    """A copy of ``model`` trained ``epochs`` passes over ``retained`` with
+    """A copy of ``model`` trained ``epochs`` passes over ``retained`` (or any split) with
     ``loss(model, x, y, progress)`` (``progress`` in [0, 1)); ``mask``: the only weights
     trained. Returns it (eval mode) and the seconds."""
     tuned = copy.deepcopy(model).to(CPU).train()
@@ -125,14 +125,16 @@ def salun(
     mask = saliency_mask(model, removed, ratio)
     generator = torch.Generator().manual_seed(seed + 2)
     shift = torch.randint(1, num_classes, (len(removed),), generator=generator)
-    relabelled = TensorSplit(removed.x, (removed.y + shift) % num_classes)  # a wrong label each
-    forget = _cycle(relabelled, train.batch_size, generator)
+    # the removal set with a random wrong label each, trained on with the retained data
+    mixed = TensorSplit(
+        torch.cat([removed.x, retained.x]),
+        torch.cat([(removed.y + shift) % num_classes, retained.y]),
+    )
 
     def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, _: float) -> torch.Tensor:
-        fx, fy = next(forget)
-        return F.cross_entropy(m(fx), fy) + F.cross_entropy(m(x), y)
+        return F.cross_entropy(m(x), y)
 
-    tuned, _ = _fine_tune(model, retained, train, epochs=epochs, seed=seed, loss=loss, mask=mask)
+    tuned, _ = _fine_tune(model, mixed, train, epochs=epochs, seed=seed, loss=loss, mask=mask)
     return tuned, time.perf_counter() - started  # the saliency pass included
 
 
