@@ -6,8 +6,8 @@ label-matched held-out test samples, half on the oracle's data), then every meth
 base model and every result is audited against the same references:
 
 - the unedited model and the retrain oracle;
-- GIF and first-order through ``run_edit`` (the config's settings, step searched on the
-  validation split);
+- GIF (paper form and corrected, ``EDITS``) and first-order through ``run_edit`` (the
+  config's other settings, step searched on the validation split);
 - the field's baselines (``field_baselines``): NegGrad+, SalUn, l1-sparse, and plain
   fine-tuning (``common.finetuned``), each tuned over the grid ``GRIDS`` on the task's own
   validation objective (the one GIF's step search maximises; ties to the cheaper point),
@@ -72,7 +72,20 @@ GRIDS = {
 }
 """Each baseline's grid, gentlest first (ties in the validation objective go to the first);
 ``lr``: the fraction of the training learning rate (fine-tuning's is 0.1, ``common``)."""
-EDITS = {"GIF": "gif", "first-order": "first-order"}
+EDITS = {
+    "GIF (paper form)": [
+        "influence.method=gif",
+        "influence.gradient=removal",
+        "influence.weight_decay=0",
+        "influence.damping_form=tikhonov",
+    ],
+    "GIF corrected": ["influence.method=gif"],
+    "first-order": ["influence.method=first-order"],
+}
+"""The tool's edits: overrides of the scenario's config. The paper form is the removal-set
+gradient and the Tikhonov-damped curvature without weight decay (the tool's estimator before
+the correction); corrected: the defaults (retained-objective gradient, the checkpoint's weight
+decay in the curvature, shift damping)."""
 ROWS = ("unedited", "retrain", *EDITS, *GRIDS)
 PROTOCOL = ("UA", "RA", "TA", "MIA")
 
@@ -157,10 +170,10 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
         key: statistics.fmean(a.summary()[key] for a in reference.retrained)
         for key in reference.audited.summary()
     }
-    for name, method in EDITS.items():
+    for name, options in EDITS.items():
+        run = "-".join(name.replace("(", "").replace(")", "").split())
         edit_config = load_config(
-            args.config,
-            [*overrides, f"influence.method={method}", f"output.dir={folder / 'runs' / method}"],
+            args.config, [*overrides, *options, f"output.dir={folder / 'runs' / run}"]
         )
         report = run_edit(config=edit_config, command=task.name, force=True)
         model = ctx.load_model(Path(edit_config.output.dir) / "model.safetensors")
