@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gifcli.errors import GifError
-from gifcli.records import FIDELITY_KEYS, SALUN_KEYS, EditReport, EvaluateReport
+from gifcli.records import FIDELITY_KEYS, SALUN_KEYS, AuditReport, EditReport, EvaluateReport
 
 COMPARISONS = {
     "<": operator.lt,
@@ -412,4 +412,11 @@ def evaluate_report_schema(metric_keys: Sequence[str], *, salun: bool = False) -
         schema["salun"] = dict.fromkeys(SALUN_KEYS, NUMBER)
     else:
         del schema["salun"]
+    return schema
+
+
+def audit_report_schema() -> dict:
+    """The structure of ``gif audit``'s report (``AuditReport``)."""
+    schema = _schema_of(AuditReport)
+    del schema["checks"]
     return schema

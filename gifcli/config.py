@@ -603,6 +603,25 @@ class MetricsConfig:
 
 
 @dataclass
+class AuditConfig:
+    references: int = _field(
+        8,
+        "gif audit: reference models trained with gif train's recipe (seeds varied), half with "
+        "the removal set and a held-out sample, half without; even, at least 6",
+    )
+    cache: str | None = _field(
+        None,
+        "gif audit: folder of cached reference models, keyed by content (recipe, training "
+        "data, seed); null: references/ beside the audit's output folder",
+    )
+
+    def problems(self) -> list[str]:
+        if self.references < 6 or self.references % 2:
+            return [f"audit.references: must be even and at least 6, got {self.references}"]
+        return []
+
+
+@dataclass
 class OutputConfig:
     dir: str = _field("runs/remove-class", "folder the outputs are written to")
 
@@ -622,6 +641,7 @@ class Config:
     update: UpdateConfig = _field(UpdateConfig, "the step scale")
     train: TrainConfig = _field(TrainConfig, "gif train")
     metrics: MetricsConfig = _field(MetricsConfig, "how the metrics are measured")
+    audit: AuditConfig = _field(AuditConfig, "gif audit: membership audit against references")
     output: OutputConfig = _field(OutputConfig, "outputs")
 
     source: ClassVar[str] = "CONFIG"
@@ -639,6 +659,7 @@ class Config:
         out += self.update.problems()
         out += self.train.problems()
         out += self.metrics.problems()
+        out += self.audit.problems()
         poison = self.data.poison
         if poison is not None and not 0 <= poison.target < self.model.num_classes:
             out.append(

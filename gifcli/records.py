@@ -238,3 +238,53 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return "n/a" if value is None else str(value)
+
+
+@dataclass
+class AuditSummary:
+    """One model's membership audit (docs/design.md, "Audit"): the likelihood-ratio attack's
+    AUC (0-1) and true-positive rate at 1% false positives (percent) on the removed samples
+    against held-out ones, the forgetting score (0-1) built from the per-sample ε, the share
+    of removed samples the attack calls members (percent) and the median ε."""
+
+    auc: float
+    tpr_at_1pct_fpr: float
+    forgetting_score: float
+    identified: float
+    epsilon_median: float
+
+
+@dataclass
+class ReferencesRecord:
+    """The reference models: ``count`` (half "in", half "out"), how many were trained by this
+    audit and how many came from the ``cache`` folder, the seconds spent training, and the
+    sizes of the removed and held-out sets."""
+
+    count: int
+    trained: int
+    cached: int
+    cache: str
+    train_seconds: float
+    removed: int
+    held_out: int
+
+
+@dataclass
+class AuditReport:
+    """``gif audit``: one checkpoint audited; ``retrained``: the same audit of the "out"
+    references, each against the others (what retraining scores)."""
+
+    task: str
+    checkpoint: str
+    sha256: str
+    removal: str
+    audit: AuditSummary
+    retrained: AuditSummary
+    references: ReferencesRecord
+    seconds: float
+    output: str
+    notes: list[str] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

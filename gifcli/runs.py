@@ -221,7 +221,7 @@ def run_evaluate(
     that removal set, with a note when it differs from the config's.
     """
     notes: list[str] = []
-    config = _recorded_removal(config, checkpoint, removal_given, notes)
+    config = recorded_removal(config, checkpoint, removal_given, notes)
     ctx = prepare(config)
     model = ctx.load_model(checkpoint, role="evaluated")
     task = ctx.task()
@@ -243,7 +243,7 @@ def run_evaluate(
     return report.to_dict()
 
 
-def _recorded_removal(config: Config, checkpoint: Path, given: bool, notes: list[str]) -> Config:
+def recorded_removal(config: Config, checkpoint: Path, given: bool, notes: list[str]) -> Config:
     """``config`` with the ``removal`` section recorded in ``checkpoint``'s metadata, if any."""
     task, recorded_raw = recorded_config(checkpoint, notes)
     recorded = recorded_raw.get("removal")

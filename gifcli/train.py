@@ -68,6 +68,20 @@ def train_model(
     return model
 
 
+def black_fill(data: DataSplits) -> list[float]:
+    """The normalised value of black per channel: the padding of ``train.augment``'s crops."""
+    return [-m / s for m, s in zip(data.mean, data.std, strict=True)]
+
+
+def check_finite(model: nn.Module, config: TrainConfig) -> None:
+    """Refuse a model whose training diverged."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise GifError(
+            f"train.lr: training diverged (NaN or infinite weights at lr {config.lr}); "
+            f"lower train.lr"
+        )
+
+
 def output_paths(checkpoint: Path, *, poisoned: bool = False) -> dict[str, Path]:
     """A trained checkpoint and what is written beside it: its report, the resolved config
     and, when the training data carries a poison scenario, the list of poisoned samples."""
@@ -149,13 +163,9 @@ def _train(
             seed=config.seed,
             device=ctx.device,
             progress=lambda epoch, loss: advance(epoch, f"loss {loss:.4f}"),
-            fill=[-m / s for m, s in zip(ctx.data.mean, ctx.data.std, strict=True)],
+            fill=black_fill(ctx.data),
         )
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise GifError(
-            f"train.lr: training diverged (NaN or infinite weights at lr {config.train.lr}); "
-            f"lower train.lr"
-        )
+    check_finite(model, config.train)
     seconds = time.perf_counter() - started
     task_metrics = task.metrics(model, ctx.data, device=ctx.device, seed=config.seed)
     report = {

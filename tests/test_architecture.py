@@ -24,9 +24,10 @@ LAYERS = {
         "checks",
         "outputs",
         "cost",
+        "membership",
     },
     2: {"tasks"},
-    3: {"pipeline", "context", "report", "train", "runs", "shipped"},
+    3: {"pipeline", "context", "report", "train", "runs", "shipped", "audit"},
     4: {"cli", "__main__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

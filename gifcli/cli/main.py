@@ -6,6 +6,7 @@ import typer
 
 from gifcli import __version__
 from gifcli.cli import (
+    audit,
     configs,
     evaluate,
     recover_backdoor,
@@ -53,6 +54,7 @@ for module in (
     recover_backdoor,
     remove_samples,
     evaluate,
+    audit,
     configs,
 ):
     module.register(app)
