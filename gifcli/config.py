@@ -130,7 +130,15 @@ class DataConfig:
     )
     download: bool = _field(False, "allow torchvision to download a missing data set")
     val_fraction: float = _field(
-        0.1, "held out from train for the step-size search; never the test split"
+        0.1,
+        "without a validation set of your own, the share of the training set held out (seeded, "
+        "stratified) for the step-size search; never the test split",
+    )
+    val_path: str | None = _field(
+        None,
+        "a validation set of your own: a .pt or .npz file, or a folder of .npy files, with "
+        "x_val and y_val (images as x_train); null: x_val/y_val of a tensors file, the val/ "
+        "folder of an imagefolder, else data.val_fraction of the training set",
     )
     mean: list[float] | None = _field(
         None, "per-channel normalisation mean; null: the data set's default"

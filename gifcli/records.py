@@ -28,6 +28,8 @@ class RemovalRecord:
     train_samples: int
     hessian_samples: int
     gradient_samples: int
+    validation: str = ""
+    """Where the validation split the step was searched on comes from (a command's run)."""
 
 
 @dataclass

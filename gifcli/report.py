@@ -189,11 +189,27 @@ def summary_lines(report: dict) -> list[str]:
     """The solve, the step and the parameters changed, for the terminal."""
     update = report["update"]
     chosen = "chosen on the validation split" if update["chosen_by"] == "validation" else "given"
-    return [
+    lines = [
         f"solver {solve_text(report['solver'])}",
         f"step scale {update['scale']:.4g} ({chosen}); {changed_text(report)}",
-        cost_text(report["cost"]),
     ]
+    if report["removal"]["validation"]:
+        lines.append(f"validation split: {report['removal']['validation']}")
+    if smallest_step_chosen(update):
+        lines.append(
+            f"the step search chose its smallest step (relative {update['relative_norm']:.3g}, "
+            "update.grid_min): the edit barely changes the model; lower update.grid_min to "
+            "search smaller steps, or check that the removal set differs from unseen data"
+        )
+    return [*lines, cost_text(report["cost"])]
+
+
+def smallest_step_chosen(update: dict) -> bool:
+    """Whether the step search kept the smallest relative step it tried."""
+    steps = [p["relative_step"] for p in update["sweep"]]
+    if update["chosen_by"] != "validation" or not steps or update["relative_norm"] is None:
+        return False
+    return update["relative_norm"] <= min(steps) * (1 + 1e-9)
 
 
 def cost_text(cost: dict) -> str:

@@ -80,6 +80,8 @@ def _edit_from_config(
     mask = load_mask(mask_path, model) if mask_path is not None else None
     input_sha = sha256_file(config.checkpoint)
     load_seconds = time.perf_counter() - started
+    for line in ctx.data.notes:
+        note(line)  # once every input is checked
     with distributed.process_group(ctx.device):
         result = edit(
             model,
@@ -94,6 +96,7 @@ def _edit_from_config(
         )
         result.report.cost = with_load(result.report.cost, load_seconds)
         result.report.selection.mask = str(mask_path) if mask_path else None
+        result.report.removal.validation = ctx.data.validation
         result.report.checkpoint = CheckpointRecord(
             input=str(config.checkpoint),
             input_sha256=input_sha,
