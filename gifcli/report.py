@@ -213,12 +213,16 @@ def smallest_step_chosen(update: dict) -> bool:
 
 
 def cost_text(cost: dict) -> str:
-    """``edit 12.5 s ≈ 0.18× retraining (est. 70.0 s …)``: the edit's cost in one line."""
-    retrain, ratio = cost["retrain"], cost["retrain_ratio"]
-    against = f"≈ {ratio:.2f}× retraining" if ratio is not None else "against no retraining"
+    """``edit 0.21× retraining (counted: …); 2.4 s now, …``: the edit's cost in one line, the
+    figure a gate reads first."""
+    retrain, ratio, seconds = cost["retrain"], cost["retrain_ratio"], cost["seconds_ratio"]
+    if ratio is None:
+        return f"edit {cost['seconds']['edit']:.1f} s, against no retraining"
     return (
-        f"edit {cost['seconds']['edit']:.1f} s {against} (est. {retrain['seconds']:.1f} s: "
-        f"{retrain['epochs']} epochs over {retrain['samples']:,} samples)"
+        f"edit {ratio:.2f}× retraining (counted: {cost['passes']['edit']:,.0f} sample passes "
+        f"against {retrain['epochs']} epochs over {retrain['samples']:,} samples at "
+        f"{retrain['step_passes']:.2f} passes a sample); {cost['seconds']['edit']:.1f} s now, "
+        f"{format_cell(seconds)}× the {retrain['seconds']:.1f} s retraining would take now"
     )
 
 

@@ -19,7 +19,7 @@ from gifcli.checkpoint import recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
-from gifcli.cost import with_load
+from gifcli.cost import rates_cache, with_load
 from gifcli.outputs import check_output_file, claim_output_dir
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
@@ -93,6 +93,7 @@ def _edit_from_config(
             progress=progress,
             inplace=True,
             note=note,
+            rates_cache=rates_cache(),
         )
         result.report.cost = with_load(result.report.cost, load_seconds)
         result.report.selection.mask = str(mask_path) if mask_path else None
