@@ -27,6 +27,10 @@ from gifcli.selection import save_mask
 if TYPE_CHECKING:
     from gifcli.pipeline import EditResult
 
+INDICES_SHA256 = "removal_indices_sha256"
+"""Checkpoint metadata: the sha256 of the ``removal.indices`` file an edit forgot, so that
+``gif evaluate`` refuses a listing changed since."""
+
 OUTPUT_FILES = {
     "model": "model.safetensors",
     "mask": "mask.safetensors",
@@ -59,12 +63,16 @@ def write_outputs(
     paths = output_paths(directory)
     report = result.report
     settings_yaml = config.to_yaml() if config is not None else _settings_yaml(result)
+    listing = {}
+    if config is not None and config.removal.indices is not None:
+        listing[INDICES_SHA256] = sha256_file(config.removal.indices)
     metadata = checkpoint_metadata(
         task=report.task,
         config_yaml=settings_yaml,
         input_sha256=report.checkpoint.input_sha256,
         method=report.method,
         removal=result.task.description,
+        **listing,
     )
     names = OUTPUT_FILES.values()
     with (

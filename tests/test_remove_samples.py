@@ -367,3 +367,33 @@ def test_evaluate_and_the_library_use_the_task(runner, tiny_mlp):
     result = gifcli.edit(model, task, data, gifcli.Settings.from_config(config))
     assert result.report.task == RemoveSamples.name and result.report.removal.samples == 65
     assert "confidence_gap_val" in result.sweep[0].metrics
+
+
+def test_evaluate_scores_a_remove_samples_edit_on_its_recorded_listing(runner, tmp_path, tiny_mlp):
+    listing = tmp_path / "forget.txt"
+    listing.write_text("".join(f"{i}\n" for i in range(0, 400, 8)))
+    out = tmp_path / "edit"
+    args = [*FAST, f"checkpoint={tiny_mlp}", "--indices", listing, "-o", out, "--json"]
+    edit = invoke(runner, "remove-samples", DIGITS_SAMPLES, *args)
+    assert edit.exit_code == 0, edit.output
+    after = json.loads(edit.stdout)["metrics"]["after"]
+    model = out / "model.safetensors"
+    # a remove-class config: the checkpoint's own task and listing are scored, with a note
+    scored = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model, "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)
+    assert report["task"] == RemoveSamples.name
+    assert report["removal"] == f"50 training samples: listed in {listing}"
+    assert report["metrics"]["forget_acc_train"] == after["forget_acc_train"]
+    (note,) = report["notes"]
+    assert note.startswith(f"scored as remove-samples on the removal set {model} records")
+    assert "not as the config's remove-class task" in note
+    gated = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model, "--check", "acc_test>=0")
+    assert gated.exit_code == 0, gated.output  # checks validated against the scored task
+    listing.write_text("".join(f"{i}\n" for i in range(0, 400, 9)))
+    changed = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model)
+    assert changed.exit_code == 1
+    assert f"{listing}: changed since {model} was edited to forget" in changed.output
+    listing.unlink()
+    missing = invoke(runner, "evaluate", DIGITS_SAMPLES, *MLP, "-c", model)
+    assert missing.exit_code == 1 and "is missing; restore it" in missing.output

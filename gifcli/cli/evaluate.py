@@ -50,16 +50,14 @@ def evaluate(
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
-    from gifcli.runs import run_evaluate
+    from gifcli.runs import evaluation_config, run_evaluate
     from gifcli.tasks import described_task
 
-    gates = parse_check_options(checks, evaluate_report_schema(described_task(cfg).metric_keys))
-    report = run_evaluate(
-        config=cfg,
-        checkpoint=checkpoint,
-        checks=gates,
-        removal_given=any(o.startswith("removal.") for o in overrides or []),
-    )
+    given = any(o.startswith("removal.") for o in overrides or [])
+    scored, _ = evaluation_config(cfg, checkpoint, removal_given=given)  # the task it scores
+    schema = evaluate_report_schema(described_task(scored).metric_keys)
+    gates = parse_check_options(checks, schema)
+    report = run_evaluate(config=cfg, checkpoint=checkpoint, checks=gates, removal_given=given)
     if json_output:
         print_json(report)
     elif not quiet:
