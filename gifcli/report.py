@@ -111,15 +111,33 @@ def mask_metadata(task: str, selection: SelectionConfig, config_yaml: str) -> di
     }
 
 
+SWEEP_LABELS = {
+    "match_val": "match: removal set vs validation (100: indistinguishable)",
+    "ks_val": "KS distance of their losses (×100)",
+    "confidence_gap_val": "mean confidence gap to validation",
+    "acc_val": "validation accuracy",
+    "forget_acc_train": "accuracy on the removal set",
+    "forget_acc_val": "forget accuracy (validation)",
+    "retain_acc_val": "retain accuracy (validation)",
+    "clean_acc_val": "clean accuracy (validation)",
+    "robust_acc_val": "robust accuracy (validation)",
+    "asr_val": "attack success rate (validation)",
+    "objective": "objective (the search keeps its best)",
+}
+"""Legend labels of the sweep plot's curves (a key without one is shown as it is)."""
+
+
 def plot_sweep(report: dict, path: Path) -> None:
-    """The validation metrics against the step scale, the chosen scale marked."""
+    """The validation metrics against the step, the chosen step marked; the legend beside the
+    plot, the axes a little wider than the data, percentages on a 0-100 axis (an objective
+    penalised below it, by a step that costs too much validation accuracy, is said so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     sweep = report["update"]["sweep"]
-    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    figure, axis = plt.subplots(figsize=(9.6, 4.2))
     if "damping" in sweep[0]:  # damping: auto, one curve of the objective per λ
         for relative in sorted({p["relative_damping"] for p in sweep}):
             curve = sorted(
@@ -139,18 +157,29 @@ def plot_sweep(report: dict, path: Path) -> None:
         scales = [p["scale"] for p in sweep]
         keys = [k for k in sweep[0] if k.endswith(("_val", "_train"))] + ["objective"]
         for key in keys:
-            axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
+            axis.plot(scales, [p[key] for p in sweep], marker=".", label=SWEEP_LABELS.get(key, key))
         axis.axvline(
             report["update"]["scale"],
             color="black",
             linestyle="--",
-            label=f"chosen s={report['update']['scale']:.3g}",
+            label=f"chosen s = {report['update']['scale']:.3g}",
         )
         axis.set_xlabel("step scale s")
-        axis.set_ylabel("validation metric (%)")
+        axis.set_ylabel("percent")
+        lowest = min(p["objective"] for p in sweep)
+        axis.set_ylim(-5, 105)
+        if lowest < -5:
+            axis.text(
+                0.01,
+                0.01,
+                "objective below the axis: steps that lose more validation accuracy than allowed",
+                transform=axis.transAxes,
+                fontsize="small",
+            )
     axis.set_xscale("log")
+    axis.margins(x=0.05)  # the smallest or largest step is not on the frame
     axis.set_title(f"{report['task']}: {report['method']} step search")
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
     plt.close(figure)

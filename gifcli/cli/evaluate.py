@@ -11,7 +11,7 @@ from gifcli.checks import evaluate_report_schema
 from gifcli.cli.common import (
     CONFIG_ARG,
     EVALUATE_CHECK_OPT,
-    EXIT_CODES,
+    EVALUATE_EXIT_CODES,
     JSON_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
@@ -66,7 +66,9 @@ def evaluate(
 
 
 def print_metrics(report: dict) -> None:
-    table = Table(title=f"{report['checkpoint']} ({report['task']})")
+    # the path on a line of its own: a table title would wrap it to the table's width
+    console.print(f"{report['checkpoint']} ({report['task']})", highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report["metrics"].items():
@@ -80,4 +82,4 @@ def print_metrics(report: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate", epilog=f"{EPILOG}\n{EXIT_CODES}")(evaluate)
+    app.command("evaluate", epilog=f"{EPILOG}\n{EVALUATE_EXIT_CODES}")(evaluate)
