@@ -67,12 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--variants", default=",".join(VARIANTS))
     add("--dampings", default="1e-4,1e-3,1e-2,1e-1,1,10", help="absolute λ grid")
     add("--grid-points", type=int, default=24, help="step-search points (relative 1e-3..10)")
-    add(
-        "--after-batchnorm",
-        action="store_true",
-        help="top-outputs ranks a convolution that feeds a BatchNorm by the normalised output "
-        "(select_targets(after_batchnorm=True)); default: the raw output, as the tool does",
-    )
     add("--output", type=Path, default=ROOT / "benchmarks/results/resnet_diagnosis.json")
     return parser.parse_args(argv)
 
@@ -206,7 +200,6 @@ def main(argv: list[str] | None = None) -> None:
             seed=config.seed,
             batch_size=influence.batch_size,
             device=device,
-            after_batchnorm=args.after_batchnorm,
         ).mask
         target = mask_to_flat(model, mask).to(device)
         sample = hessian_sample(removal.retained, size=samples, seed=config.seed)

@@ -44,7 +44,7 @@ from gifcli.data import TensorSplit, load_dataset
 from gifcli.influence import CurvatureOperator, estimate_path, estimate_update, removal_gradient
 from gifcli.influence.hvp import HVP_MODES, flatten, trainable_parameters
 from gifcli.models import TinyNet
-from gifcli.selection import mask_to_flat, select_target_mask
+from gifcli.selection import mask_to_flat, select_targets
 from gifcli.train import train_model
 from gifcli.update import (
     assign_flat,
@@ -124,9 +124,9 @@ def setup(args: argparse.Namespace) -> dict:
     removal, retained = splits.train.subset(forget), splits.train.subset(~forget)
     order = torch.randperm(len(retained), generator=torch.Generator().manual_seed(args.seed))
     sample = retained.subset(order[: args.hessian_samples])
-    mask = select_target_mask(
+    mask = select_targets(
         model, removal.x, removal.y, method="top-outputs", ratio=args.ratio, seed=args.seed
-    )
+    ).mask
     target = mask_to_flat(model, mask)
     g = removal_gradient(
         model,

@@ -32,6 +32,8 @@ SELECTION_METHODS = ("top-outputs", "top-gradients", "lowest-outputs", "lowest-g
 INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
 TARGETED_METHODS = ("gif", "fif", "pif", "first-order")  # Δ is zero outside the target mask
 CURVATURES = ("hessian", "ggn")
+GRADIENTS = ("retained", "removal")  # the right-hand side: see docs/design.md, "Notation"
+DAMPING_FORMS = ("shift", "tikhonov")  # how influence.damping enters: docs/design.md, "Damping"
 SOLVERS = ("lsqr", "cg", "neumann", "exact")
 SCOPES = ("linear-conv", "all")
 
@@ -60,7 +62,8 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
 class ModelConfig:
     arch: str = _field(
         "tinynet",
-        "builtin name (tinynet, mlp, lenet), torchvision:<name>, or package.module:callable",
+        "builtin name (tinynet, mlp, lenet, linear: softmax regression), torchvision:<name>, or "
+        "package.module:callable",
     )
     num_classes: int = _field(10, "number of output classes")
     in_channels: int | None = _field(None, "input channels; null: taken from the data set")
@@ -341,8 +344,8 @@ class InfluenceConfig:
     method: str = _field("gif", " | ".join(INFLUENCE_METHODS))
     curvature: str = _field(
         "ggn",
-        "ggn (Gauss-Newton, positive semi-definite; about half the Hessian's cost a product "
-        "on 16x16 and larger images) "
+        "ggn (Gauss-Newton, positive semi-definite; a product runs one forward pass fewer "
+        "than the Hessian's double backward: BENCHMARKS.md) "
         "| hessian (the paper's)",
     )
     solver: str = _field("lsqr", " | ".join(SOLVERS))
@@ -369,18 +372,46 @@ class InfluenceConfig:
         "that fits is used",
     )
     tol: float = _field(1.0e-6, "solver stopping tolerance (relative)")
+    weight_decay: float | None = _field(
+        None,
+        "wd of the objective the model was trained on, mean loss + (wd/2)|theta|^2: the "
+        "curvature is H + wd*I and the gradient has the wd*theta term; null: the one the "
+        "checkpoint records (gif train writes it), else train.weight_decay for a model in "
+        "memory, else 0 with a note. 0 with curvature: hessian and gradient: removal is the "
+        "paper's estimator",
+    )
+    gradient: str = _field(
+        "retained",
+        "the right-hand side g: retained (minus the gradient of the retained objective at the "
+        "model, over the retained training data: right wherever training stopped) | removal "
+        "(from the removal set alone, m/(n-m) (grad L_U + wd*theta), the paper's: right only "
+        "at an exact minimum of the training objective)",
+    )
+    retained_samples: int | None = _field(
+        None,
+        "gradient: retained: the retained training samples it is averaged over (a seeded "
+        "sample); null: all of them, one gradient pass over the retained data",
+    )
     damping: float | str = _field(
-        1.0e-2,
-        "lambda of min |Ax - b|^2 + lambda^2 |x|^2 (default measured: see BENCHMARKS.md); "
-        "auto: every lambda of the damping grid from one lsqr run, chosen with the step on "
-        "the validation split",
+        0.0,
+        "lambda (see damping_form); 0: none, the weight decay already makes the Gauss-Newton "
+        "system positive definite; auto: every tikhonov lambda of the damping grid from one "
+        "lsqr run, chosen with the step on the validation split",
+    )
+    damping_form: str = _field(
+        "shift",
+        "shift: Levenberg-Marquardt, the curvature becomes H + (wd + lambda) I (gif: the "
+        "least-squares problem on those columns, undamped), so only directions of curvature "
+        "below lambda are damped | tikhonov: min |Ax - b|^2 + lambda^2 |x|^2, the squared "
+        "system damped, which damps every direction of curvature below lambda (the form "
+        "the tool had before; with weight_decay 0, the paper's)",
     )
     damping_relative: bool = _field(
         False,
         "true: a numeric damping is relative, lambda = damping * sigma_max, the largest "
-        "singular value of the system's matrix estimated by Golub-Kahan steps (lsqr: from its "
-        "own run; other solvers: 10 extra steps, 21 HVPs); false: lambda = damping. The auto "
-        "grid is always relative",
+        "singular value of the system's matrix estimated by Golub-Kahan steps (tikhonov with "
+        "lsqr: from its own run; otherwise 10 extra steps, 21 HVPs); false: lambda = damping. "
+        "The auto grid is always relative",
     )
     damping_points: int = _field(8, "auto: lambdas on the log-spaced damping grid")
     damping_min: float = _field(1.0e-4, "auto: smallest lambda, as a multiple of sigma_max")
@@ -407,6 +438,8 @@ class InfluenceConfig:
             ("curvature", CURVATURES),
             ("solver", SOLVERS),
             ("scope", SCOPES),
+            ("gradient", GRADIENTS),
+            ("damping_form", DAMPING_FORMS),
         ):
             if getattr(self, key) not in choices:
                 out.append(_choice(f"influence.{key}", getattr(self, key), choices))
@@ -424,6 +457,12 @@ class InfluenceConfig:
             out.append(f"influence.cache_mb: must be 0 or more, got {self.cache_mb}")
         if self.tol <= 0:
             out.append(f"influence.tol: must be positive, got {self.tol}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            out.append(f"influence.weight_decay: must be 0 or more, got {self.weight_decay}")
+        if self.retained_samples is not None and self.retained_samples < 1:
+            out.append(
+                f"influence.retained_samples: must be positive or null, got {self.retained_samples}"
+            )
         out += self._damping_problems()
         return out + self.neumann.problems()
 

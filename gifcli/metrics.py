@@ -107,17 +107,6 @@ def per_class_accuracy(
     return [percent(predicted[labels == k] == k) for k in range(num_classes)]
 
 
-def classification_metrics(
-    model: nn.Module, test: Split, *, num_classes: int, device: torch.device
-) -> dict:
-    """``acc_test`` and ``per_class_acc_test``."""
-    predicted, _ = predict(model, test, device=device)
-    return {
-        "acc_test": percent(predicted == test.y),
-        "per_class_acc_test": per_class_accuracy(predicted, test.y, num_classes),
-    }
-
-
 def forget_retain(
     predicted: torch.Tensor, labels: torch.Tensor, classes: list[int]
 ) -> tuple[float, float]:

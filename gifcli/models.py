@@ -58,6 +58,21 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class Linear(nn.Module):
+    """Softmax (multinomial logistic) regression: one linear layer over the flattened image.
+    Its cross-entropy plus weight decay is strictly convex, so the influence step of its
+    training objective can be checked against exact retraining."""
+
+    def __init__(self, *, in_channels: int, image_size: tuple[int, int], num_classes: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * image_size[0] * image_size[1], num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class LeNet(nn.Module):
     """LeNet-5 style: two 5×5 convolutions (6, 16 channels, padding 2) with 2×2 max-pooling,
     then 120-84-classes linear layers; works from 8×8 inputs upwards."""
@@ -86,7 +101,7 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-BUILTIN = {"tinynet": TinyNet, "mlp": MLP, "lenet": LeNet}
+BUILTIN = {"tinynet": TinyNet, "mlp": MLP, "lenet": LeNet, "linear": Linear}
 
 
 def build_model(

@@ -35,11 +35,10 @@ Ctrl-C does, so every clean-up runs; during the renames of a publish SIGINT and 
 back and raised right after it, so an interrupt never lands between two renames. ``outcome()``
 says what this process has and has not written, for the message after an interrupt.
 
-``GIF_TEST_PAUSE_PUBLISH=STAGE`` is for tests only: the process stops at that point of the write
-phase until a signal arrives (60 s at most) so a test can interrupt or kill it there. Stages:
+The points of the write phase where a fault test stops a run (``_pause``, a no-op here):
 ``wrote:NAME`` (after one file is written), ``staged`` (every file staged, nothing published),
-``moved-old`` (the old set moved aside, the new one not yet in: this forces the two-rename
-publish) and ``swapped`` (the new set in place, the old one not yet removed).
+``moved-old`` (the old set moved aside, the new one not yet in: the two-rename publish) and
+``swapped`` (the new set in place, the old one not yet removed).
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,9 +65,7 @@ try:
 except ImportError:  # Windows: no advisory locks; a second run is not locked out there
     fcntl = None
 
-PAUSE_ENV = "GIF_TEST_PAUSE_PUBLISH"
 TMP_SUFFIX = ".gif-tmp"
-_PAUSE_SECONDS = 60.0
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -304,14 +300,8 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _pause(stage: str) -> None:
-    """Test hook: wait at ``stage`` of the write phase for a signal (see the module doc)."""
-    if os.environ.get(PAUSE_ENV) != stage:
-        return
-    sys.stderr.write(f"gif: paused at {stage} ({PAUSE_ENV})\n")
-    sys.stderr.flush()
-    deadline = time.monotonic() + _PAUSE_SECONDS
-    while time.monotonic() < deadline and _deferred.pending is None:
-        time.sleep(0.02)
+    """A named point of the write phase (see the module doc): nothing happens here; the fault
+    tests replace this function to stop a run at ``stage``."""
 
 
 # ---------------------------------------------------------------------------------- the lock
@@ -560,7 +550,7 @@ def _glob_escape(name: str) -> str:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
     the system or the filesystem cannot, so the caller falls back to two renames."""
-    if not sys.platform.startswith("linux") or os.environ.get(PAUSE_ENV) == "moved-old":
+    if not sys.platform.startswith("linux"):
         return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2

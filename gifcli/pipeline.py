@@ -42,7 +42,12 @@ from gifcli.cost import (
 from gifcli.data import DataSplits, Split
 from gifcli.data.removal import seeded_subset
 from gifcli.errors import GifError, ParameterError
-from gifcli.influence.estimators import UpdatePath, estimate_update, removal_gradient
+from gifcli.influence.estimators import (
+    UpdatePath,
+    estimate_update,
+    removal_gradient,
+    retained_gradient,
+)
 from gifcli.influence.hvp import CurvatureOperator, flatten_params, hvp_mode_for
 from gifcli.influence.operators import removal_curvature
 from gifcli.influence.solvers import SolveResult, damping_grid
@@ -100,6 +105,13 @@ class Settings:
             gradient_samples=config.removal.gradient_samples,
             train=config.train,
         )
+
+    @property
+    def weight_decay(self) -> float:
+        """``wd`` of the trained objective: ``influence.weight_decay``, else
+        ``train.weight_decay`` (``gifcli.runs`` resolves it from the checkpoint first)."""
+        chosen = self.influence.weight_decay
+        return self.train.weight_decay if chosen is None else chosen
 
     def problems(self) -> list[str]:
         problems = self.selection.problems() + self.influence.problems() + self.update.problems()
@@ -188,7 +200,10 @@ def edit(
     clock = time.perf_counter()
     retrain_samples = len(task.retrain_split(data))
     retrain_passes = float(settings.train.epochs * retrain_samples)
-    budget = _plan(settings, removal, retrain_passes, validation=len(data.val), mask=mask)
+    retained = retained_sample(task, data, settings)
+    budget = _plan(
+        settings, removal, retrain_passes, validation=len(data.val), mask=mask, retained=retained
+    )
     if budget.predicted_ratio > 1:
         note(
             f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
@@ -226,7 +241,7 @@ def edit(
 
     clock = time.perf_counter()
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
-    estimated = estimate(model, removal, sample, target, settings, progress)
+    estimated = estimate(model, removal, sample, retained, target, settings, progress)
     estimate_seconds = time.perf_counter() - clock
     recalibrates = settings.update.recalibrate_batchnorm and tracks_batch_statistics(model)
     calibration = sample.x if recalibrates else None
@@ -258,7 +273,7 @@ def edit(
     seconds["solve"] = min(solve.seconds, estimate_seconds)
     seconds["removal_gradient"] = estimate_seconds - seconds["solve"]
     gradient_samples = min(len(removal.x), settings.gradient_samples or len(removal.x))
-    passes["removal_gradient"] = gradient_samples * (1 if removal.true_y is None else 2)
+    passes["removal_gradient"] = _gradient_passes(settings, removal, retained)
     passes["solve"] = solve.hvps * len(sample) * rates.hvp_passes
 
     clock = time.perf_counter()
@@ -298,7 +313,7 @@ def edit(
             units=selection.units,
         ),
         params=ParamsRecord(total=theta.numel(), changed=changed, fraction=changed / theta.numel()),
-        solver=solver_record(solve, influence),
+        solver=solver_record(solve, influence, settings.weight_decay),
         update=UpdateRecord(
             scale=scale,
             chosen_by="validation" if sweep else "config",
@@ -337,21 +352,45 @@ def _plan(
     *,
     validation: int,
     mask: dict[str, torch.Tensor] | None,
+    retained: Split | None,
 ) -> BudgetRecord:
-    """The solve's size under ``influence.budget``, before any of the edit's work."""
+    """The solve's size under ``influence.budget``, before any of the edit's work
+    (``retained``: the samples a retained gradient averages over)."""
     method = settings.selection.method
     selects = settings.influence.method in TARGETED_METHODS and mask is None
     per_sample = 1.0 if method.endswith("gradients") else FORWARD_PASSES
     averaged = min(len(removal.x), settings.gradient_samples or len(removal.x))
     selection = averaged * per_sample if selects and method != "random" else 0.0
-    gradient = averaged * (1 if removal.true_y is None else 2)
     return plan_budget(
         settings.influence,
         settings.update,
         retrain_passes=retrain_passes,
-        fixed_passes=selection + gradient,
+        fixed_passes=selection + _gradient_passes(settings, removal, retained),
         validation=min(validation, settings.update.search_samples or validation),
     )
+
+
+def _gradient_passes(settings: Settings, removal: RemovalSet, retained: Split | None) -> int:
+    """Sample passes of the right-hand side: one gradient pass of each retained sample
+    (``influence.gradient: retained``), or of each averaged removal point (twice for a
+    backdoor's two label sets)."""
+    if retained is not None:
+        return len(retained)
+    averaged = min(len(removal.x), settings.gradient_samples or len(removal.x))
+    return averaged * (1 if removal.true_y is None else 2)
+
+
+def retained_sample(task: Task, data: DataSplits, settings: Settings) -> Split | None:
+    """The training data a retained gradient averages over (``influence.gradient:
+    retained``; else None): the new training set, what a retraining trains on (the task's
+    ``retrain_split``), or a seeded sample of ``influence.retained_samples`` of it."""
+    if settings.influence.gradient != "retained":
+        return None
+    new_set = task.retrain_split(data)
+    size = settings.influence.retained_samples
+    if size is None or size >= len(new_set):
+        return new_set
+    return new_set.subset(seeded_subset(len(new_set), size, seed=settings.seed))
 
 
 def measure(
@@ -383,14 +422,19 @@ def measure(
     return metrics
 
 
-def solver_record(solve: SolveResult, influence: InfluenceConfig) -> SolverRecord:
-    """The solve's diagnostics beside the curvature and damping it used."""
+def solver_record(
+    solve: SolveResult, influence: InfluenceConfig, weight_decay: float
+) -> SolverRecord:
+    """The solve's diagnostics beside the objective, right-hand side and damping it used."""
     diagnostics = solve.to_dict()
     name = diagnostics.pop("solver")
     sigma_max = diagnostics.get("sigma_max")
     return SolverRecord(
         name=name,
         curvature=influence.curvature,
+        weight_decay=weight_decay,
+        gradient=influence.gradient,
+        damping_form="tikhonov" if influence.damping == "auto" else influence.damping_form,
         damping_relative=diagnostics["damping"] / sigma_max if sigma_max else None,
         damping_chosen_by="validation" if influence.damping == "auto" else "config",
         **diagnostics,
@@ -457,6 +501,7 @@ def estimate(
     model: nn.Module,
     removal: RemovalSet,
     sample: Split,
+    retained: Split | None,
     target: torch.Tensor,
     settings: Settings,
     progress: ProgressFactory,
@@ -464,7 +509,9 @@ def estimate(
     """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve;
     with ``influence.damping: auto``, the path of updates over the damping grid.
 
-    Each rank streams its share of the Hessian sample and of the removal set (of its
+    The right-hand side is the retained objective's gradient over ``retained``
+    (``retained_sample``) or the removal set's (``influence.gradient``). Each rank streams its
+    share of the Hessian sample, of ``retained`` and of the removal set (of its
     ``gradient_samples`` subsample, for the removal gradient); the engine all-reduces every
     product and gradient.
     """
@@ -486,16 +533,8 @@ def estimate(
         )
 
     try:
-        with progress("removal gradient", 1) as advance:
-            gradient = removal_gradient(
-                model,
-                removal_x=removal.x[averaged],
-                removal_y=removal.y[averaged],
-                n_train=removal.n_train,
-                batch_size=influence.batch_size,
-                true_labels=None if removal.true_y is None else removal.true_y[averaged],
-                removal_size=len(removal.x),
-            )
+        with progress(f"{influence.gradient} gradient", 1) as advance:
+            gradient = right_hand_side(model, removal, retained, averaged, settings)
             advance(1)
         removal_operator = (
             removal_curvature(
@@ -522,6 +561,8 @@ def estimate(
                 ),
                 max_iter=influence.max_iter,
                 tol=influence.tol,
+                weight_decay=settings.weight_decay,
+                damping_form=influence.damping_form,
                 removal_operator=removal_operator,
                 removal_fraction=len(removal.x) / removal.n_train,
                 scope_flat=mask_to_flat(model, scope_mask(model, influence.scope)).to(
@@ -532,6 +573,38 @@ def estimate(
             )
     except ParameterError as exc:
         raise exc.under(f"influence.{exc.parameter}") from None
+
+
+def right_hand_side(
+    model: nn.Module,
+    removal: RemovalSet,
+    retained: Split | None,
+    averaged: torch.Tensor,
+    settings: Settings,
+) -> torch.Tensor:
+    """``g = −∇R(θ̂)`` of ``influence.gradient`` (docs/design.md, "Notation"): over this rank's
+    share of ``retained``, or from this rank's share ``averaged`` of the removal set's
+    ``gradient_samples`` subsample."""
+    batch_size = settings.influence.batch_size
+    if retained is not None:
+        mine = retained.subset(distributed.shard(len(retained)))
+        return retained_gradient(
+            model,
+            x=mine.inputs,
+            y=mine.y,
+            batch_size=batch_size,
+            weight_decay=settings.weight_decay,
+        )
+    return removal_gradient(
+        model,
+        removal_x=removal.x[averaged],
+        removal_y=removal.y[averaged],
+        n_train=removal.n_train,
+        batch_size=batch_size,
+        true_labels=None if removal.true_y is None else removal.true_y[averaged],
+        removal_size=len(removal.x),
+        weight_decay=settings.weight_decay,
+    )
 
 
 def _expected_products(influence: InfluenceConfig) -> int:

@@ -80,6 +80,12 @@ class SolverRecord:
     """λ / σ_max, when σ_max was estimated."""
     damping_chosen_by: str = "config"
     """config (a number) or validation (``influence.damping: auto``)."""
+    weight_decay: float = 0.0
+    """``wd`` of the objective: the curvature is ``H + wd·I``."""
+    gradient: str = "removal"
+    """The right-hand side: ``retained`` or ``removal`` (``influence.gradient``)."""
+    damping_form: str = "tikhonov"
+    """How λ entered: ``shift`` (``H + λ·I``) or ``tikhonov`` (``+ λ²‖x‖²``)."""
 
 
 @dataclass

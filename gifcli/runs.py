@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -76,6 +77,7 @@ def _edit_from_config(
     note: Callable[[str], None],
 ) -> dict:
     started = time.perf_counter()
+    config = with_trained_weight_decay(config, note)
     ctx = prepare(config)
     task = task_type.from_config(config, ctx.data)
     model = ctx.load_model()
@@ -110,6 +112,47 @@ def _edit_from_config(
         if distributed.is_main():  # every rank holds the same edit; one writes it
             return write_outputs(result, config.output.dir, config=config, force=force)
         return result.report.to_dict()
+
+
+def with_trained_weight_decay(config: Config, note: Callable[[str], None]) -> Config:
+    """``config`` with ``influence.weight_decay`` resolved (docs/design.md, "Notation"): as
+    given, else the weight decay ``config.checkpoint`` was trained with (``gif train``
+    records it; a checkpoint it wrote before records its config), else 0 with a note."""
+    if config.influence.weight_decay is not None:
+        return config
+    recorded = recorded_weight_decay(config.checkpoint) if config.checkpoint else None
+    if recorded is None:
+        note(
+            f"influence.weight_decay: {config.checkpoint} does not record the weight decay it "
+            "was trained with; the influence step assumes none (set influence.weight_decay to "
+            "its L2 coefficient)"
+        )
+        recorded = 0.0
+    resolved = dataclasses.replace(
+        config, influence=dataclasses.replace(config.influence, weight_decay=recorded)
+    )
+    resolved.source = config.source
+    return resolved
+
+
+def recorded_weight_decay(checkpoint: str | Path) -> float | None:
+    """The weight decay a checkpoint written by gif records (its ``weight_decay`` metadata,
+    else its config's ``influence.weight_decay`` or ``train.weight_decay``); None for any
+    other checkpoint."""
+    if not Path(checkpoint).is_file():
+        return None
+    _, raw = recorded_config(checkpoint)
+    metadata = read_metadata(checkpoint) if raw else {}
+    sections = [
+        raw.get(key) if isinstance(raw.get(key), dict) else {} for key in ("influence", "train")
+    ]
+    value = metadata.get("weight_decay")
+    for section in sections:  # an edit's resolved influence.weight_decay, then its training's
+        value = section.get("weight_decay") if value is None else value
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def run_select(*, config: Config, output: Path | None = None, force: bool = False) -> dict:

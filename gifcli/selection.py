@@ -263,11 +263,6 @@ class _UnitSums:
             for layer in layers
         }
         self.counts = dict.fromkeys(self.sums, 0)
-        # outputs, after_batchnorm: a layer's output that a BatchNorm normalises next is
-        # ranked by the normalised value (the BatchNorm's output)
-        self.normalised = {name: torch.zeros_like(s) for name, s in self.sums.items()}
-        self.normalised_counts = dict.fromkeys(self.sums, 0)
-        self.latest: dict[int, tuple[str, Tensor]] = {}  # this batch's outputs, by id
 
     def hook(self, name: str) -> Callable[[nn.Module, object, object], None]:
         """A forward hook adding layer ``name``'s outputs (or, later, their gradients)."""
@@ -280,7 +275,6 @@ class _UnitSums:
             self.counts[name] += output.numel() // output.shape[dim]
             if self.statistic == "outputs":
                 self.sums[name] += output.detach().sum(other_dims, dtype=torch.float64)
-                self.latest[id(output)] = (name, output)
             elif output.requires_grad:
                 # A tensor hook sees the gradient w.r.t. this value even if a later in-place
                 # op (ReLU(inplace=True)) overwrites the tensor.
@@ -288,29 +282,11 @@ class _UnitSums:
 
         return forward_hook
 
-    def norm_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        """A BatchNorm's forward hook: its output is the normalised value of the ranked layer
-        whose output it received (if any)."""
-        if not inputs or not isinstance(output, Tensor):
-            return
-        entry = self.latest.get(id(inputs[0]))
-        if entry is None or entry[1] is not inputs[0] or output.dim() < 2:
-            return
-        name = entry[0]
-        if output.shape[1] != self.sums[name].numel():
-            return
-        other_dims = [d for d in range(output.dim()) if d != 1]
-        self.normalised[name] += output.detach().sum(other_dims, dtype=torch.float64)
-        self.normalised_counts[name] += output.numel() // output.shape[1]
-
     def _add(self, name: str, grad: Tensor, other_dims: list[int]) -> None:
         self.sums[name] += grad.detach().sum(other_dims, dtype=torch.float64)
 
     def means(self, reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         """Sums and counts packed into one tensor, reduced once (across ranks), divided."""
-        for name, count in self.normalised_counts.items():
-            if count and count == self.counts[name]:  # every output went through a BatchNorm
-                self.sums[name] = self.normalised[name]
         names = list(self.sums)
         device = next(iter(self.sums.values())).device
         count_tensor = torch.tensor(
@@ -349,17 +325,12 @@ def unit_statistics(
     batch_size: int,
     device: torch.device | str,
     reduce: Callable[[Tensor], Tensor],
-    after_batchnorm: bool = False,
 ) -> dict[str, Tensor]:
     """Per-unit mean output or mean output gradient of each layer over the removal set.
 
     removal_x: [M, ...] inputs, removal_y: [M] int labels; `statistic` is "outputs" or
     "gradients". The model runs in eval() (restored afterwards) on `device`, in batches of
-    `batch_size`. With "outputs" and ``after_batchnorm``, a layer whose output goes straight
-    into a BatchNorm is ranked by that BatchNorm's output instead (the normalisation subtracts
-    the running mean); off by default: on a ResNet-18 it did not improve the edit
-    (BENCHMARKS.md, "ResNet-18 with BatchNorm").
-    The gradient is that of the summed cross-entropy, i.e. per-sample gradients,
+    `batch_size`. The gradient is that of the summed cross-entropy, i.e. per-sample gradients,
     so its mean over samples is the gradient of the mean removal loss. Sums and counts are
     accumulated in float64, packed into one tensor and passed once through `reduce` (the hook
     for an all-reduce across ranks) before dividing.
@@ -369,12 +340,6 @@ def unit_statistics(
     sums = _UnitSums(layers, statistic, device)
     modes = {module: module.training for module in model.modules()}
     handles = [layer.module.register_forward_hook(sums.hook(layer.name)) for layer in layers]
-    if statistic == "outputs" and after_batchnorm:
-        handles += [
-            module.register_forward_hook(sums.norm_hook)
-            for module in model.modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        ]
     params = [p for layer in layers for _, p in layer.parameters]
     try:
         model.eval()
@@ -383,7 +348,6 @@ def unit_statistics(
                 x = removal_x[start : start + batch_size].to(device)
                 y = removal_y[start : start + batch_size].to(device=device, dtype=torch.long)
                 _removal_pass(model, x, y, params, gradients=statistic == "gradients")
-                sums.latest.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -481,7 +445,6 @@ def select_targets(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     reduce: Callable[[Tensor], Tensor] | None = None,
-    after_batchnorm: bool = False,
 ) -> Selection:
     """Select the target parameters of `model` for unlearning the removal set.
 
@@ -494,9 +457,6 @@ def select_targets(
     seed:      seeds the random draws (remainders, `random`, non-unit layers).
     reduce:    applied once to the packed float64 statistic sums and counts before dividing
                (identity by default; an all-reduce under torch.distributed).
-    after_batchnorm: `top-/lowest-outputs` rank a layer whose output a BatchNorm normalises
-               next by the BatchNorm's output (default False: by the raw output, the paper's
-               statistic; the normalised one did not improve a ResNet-18 edit).
 
     Returns a Selection whose mask has one BoolTensor per trainable parameter (CPU, all-False
     for non-targets) and the whole units chosen per ranked layer.
@@ -507,21 +467,19 @@ def select_targets(
         raise GifError(f"selection: batch_size must be a positive integer, got {batch_size!r}")
     layers = target_layers(model, include=include, exclude=exclude)
     ranked = [layer for layer in layers if method != "random" and layer.unit_count]
-    means = (
-        _ranking_statistics(
+    means: dict[str, Tensor] = {}
+    if ranked:
+        _check_removal_set(removal_x, removal_y, method)
+        means = unit_statistics(
             model,
             ranked,
             removal_x,
             removal_y,
-            method=method,
+            statistic=method.split("-")[1],
             batch_size=batch_size,
             device=device,
             reduce=reduce or _identity,
-            after_batchnorm=after_batchnorm,
         )
-        if ranked
-        else {}
-    )
     mask = {
         name: torch.zeros(p.shape, dtype=torch.bool)
         for name, p in trainable_parameters(model).items()
@@ -548,19 +506,8 @@ def select_targets(
     return Selection(mask=mask, units=units)
 
 
-def _ranking_statistics(
-    model: nn.Module,
-    ranked: list[Layer],
-    removal_x: Tensor,
-    removal_y: Tensor,
-    *,
-    method: str,
-    batch_size: int,
-    device: torch.device | str,
-    reduce: Callable[[Tensor], Tensor],
-    after_batchnorm: bool = False,
-) -> dict[str, Tensor]:
-    """The per-unit statistic ``method`` ranks by, for each layer of ``ranked``."""
+def _check_removal_set(removal_x: Tensor, removal_y: Tensor, method: str) -> None:
+    """A removal set ``method`` can rank units by: as many labels as inputs, not empty."""
     if len(removal_x) != len(removal_y):
         raise GifError(
             f"selection: the removal set has {len(removal_x)} inputs but {len(removal_y)} labels"
@@ -570,47 +517,6 @@ def _ranking_statistics(
             f"selection: the removal set is empty, so {method} has nothing to rank units "
             "by; check removal.classes or the poisoned samples"
         )
-    return unit_statistics(
-        model,
-        ranked,
-        removal_x,
-        removal_y,
-        statistic=method.split("-")[1],
-        batch_size=batch_size,
-        device=device,
-        reduce=reduce,
-        after_batchnorm=after_batchnorm,
-    )
-
-
-def select_target_mask(
-    model: nn.Module,
-    removal_x: Tensor,
-    removal_y: Tensor,
-    *,
-    method: str,
-    ratio: float,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    reduce: Callable[[Tensor], Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """The target mask of `select_targets`: parameter name -> BoolTensor (CPU)."""
-    return select_targets(
-        model,
-        removal_x,
-        removal_y,
-        method=method,
-        ratio=ratio,
-        include=include,
-        exclude=exclude,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        reduce=reduce,
-    ).mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,21 +567,6 @@ def mask_to_flat(model: nn.Module, mask: dict[str, Tensor]) -> Tensor:
         for name, p in trainable_parameters(model).items()
     ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-
-
-def flat_to_mask(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
-    """Inverse of `mask_to_flat`: BoolTensor [P] -> parameter name -> BoolTensor (copies)."""
-    params = list(trainable_parameters(model).items())
-    total = sum(p.numel() for _, p in params)
-    if flat.dtype != torch.bool or flat.shape != (total,):
-        raise ValueError(
-            f"flat mask must be a BoolTensor of shape [{total}], "
-            f"got {flat.dtype} of shape {_shape(flat)}"
-        )
-    parts = flat.split([p.numel() for _, p in params])
-    return {
-        name: part.reshape(p.shape).clone() for (name, p), part in zip(params, parts, strict=True)
-    }
 
 
 def _whole_rows(layer: Layer, mask: dict[str, Tensor]) -> int | None:

@@ -118,7 +118,11 @@ def run_train(
     paths = output_paths(output, poisoned=config.data.poison is not None and not retrain)
     with claim_output_files(paths.values(), force=force) as staged:
         model, report, data = _train(config, output, retrain=retrain, progress=progress)
-        metadata = checkpoint_metadata(task=report["task"], config_yaml=config.to_yaml())
+        metadata = checkpoint_metadata(
+            task=report["task"],
+            config_yaml=config.to_yaml(),
+            weight_decay=repr(config.train.weight_decay),  # of the objective it minimised
+        )
         save_checkpoint(staged[output], model.state_dict(), metadata)
         report["sha256"] = sha256_file(staged[output])
         if "poisoned" in paths:

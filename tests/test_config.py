@@ -190,9 +190,11 @@ def test_readme_config_reference_is_current():
     assert not missing, f"README.md lacks {missing}: run scripts/config_reference.py"
 
 
-def test_damping_is_absolute_1e_2_by_default_and_accepts_auto_numbers_and_relative():
+def test_damping_is_no_shift_by_default_and_accepts_auto_numbers_and_relative():
     influence = build_config({}).influence
-    assert (influence.damping, influence.damping_relative) == (0.01, False)
+    assert (influence.damping, influence.damping_relative) == (0.0, False)
+    assert (influence.damping_form, influence.gradient) == ("shift", "retained")
+    assert influence.weight_decay is None  # the checkpoint's, else train.weight_decay
     assert build_config({"influence": {"damping": "auto"}}).influence.damping == "auto"
     relative = build_config({"influence": {"damping": 0.05, "damping_relative": True}})
     assert relative.influence.damping == 0.05 and relative.influence.damping_relative
@@ -212,6 +214,10 @@ def test_damping_is_absolute_1e_2_by_default_and_accepts_auto_numbers_and_relati
         ({"damping": "auto", "method": "sif"}, "not sif"),
         ({"damping_relative": "yes"}, "influence.damping_relative: expected true/false"),
         ({"damping_points": 0}, "influence.damping_points: must be positive"),
+        ({"damping_form": "lm"}, "influence.damping_form: 'lm' is not one of shift, tikhonov"),
+        ({"gradient": "removed"}, "did you mean 'removal'"),
+        ({"weight_decay": -1e-4}, "influence.weight_decay: must be 0 or more"),
+        ({"retained_samples": 0}, "influence.retained_samples: must be positive or null"),
         ({"damping_min": 2.0}, "need 0 < damping_min <= damping_max"),
     ],
 )

@@ -477,8 +477,8 @@ def old_set(tmp_path_factory, base) -> Path:
 def paused(*args, stage: str) -> subprocess.Popen:
     """``gif ARGS`` in its own process, stopped at ``stage`` of the write phase."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gifcli", *map(str, args)],
-        env=_env(GIF_TEST_PAUSE_PUBLISH=stage),
+        [sys.executable, str(ROOT / "tests" / "paused_gif.py"), stage, *map(str, args)],
+        env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -17,17 +17,20 @@ from torch import Tensor, nn
 from gifcli.errors import GifError
 from gifcli.selection import (
     SELECTION_METHODS,
-    flat_to_mask,
     load_mask,
     mask_to_flat,
     save_mask,
     scope_mask,
-    select_target_mask,
     select_targets,
     summarize_mask,
 )
 
 UNIT_METHODS = [m for m in SELECTION_METHODS if m != "random"]
+
+
+def select_target_mask(*args, **kwargs) -> dict[str, Tensor]:
+    """The mask of `select_targets`: parameter name -> BoolTensor."""
+    return select_targets(*args, **kwargs).mask
 
 
 def _set(layer: nn.Module, weight: list, bias: list) -> None:
@@ -160,11 +163,10 @@ def test_outputs_rank_conv_channels_by_mean_over_samples_and_positions() -> None
     assert _selected_per_unit(lowest.mask, "0") == [0, 2, 1]
 
 
-def test_outputs_before_a_batchnorm_rank_by_the_normalised_output() -> None:
+def test_outputs_before_a_batchnorm_rank_by_the_raw_output() -> None:
     """A convolution feeding a BatchNorm: channel 0's raw output is large (bias 100) but its
     running mean is 100 too, so after the normalisation it is 0; channel 1's raw output is 3
-    and normalises to 3. With after_batchnorm the normalised value ranks: channel 1 first (the
-    raw one, the default: channel 0).
+    and normalises to 3. The raw output ranks (the paper's statistic): channel 0 first.
     """
     conv = nn.Conv2d(1, 2, kernel_size=1).double()
     _set(conv, [[[[0.0]]], [[[1.0]]]], [100.0, 0.0])
@@ -177,18 +179,8 @@ def test_outputs_before_a_batchnorm_rank_by_the_normalised_output() -> None:
     x = torch.full((2, 1, 2, 2), 3.0, dtype=torch.float64)
     y = torch.tensor([0, 1])
     # 4 parameters, rows of 2: ⌊0.5 · 4⌋ = 2 is one whole channel.
-    normalised = select_targets(
-        model, x, y, method="top-outputs", ratio=0.5, include=["0"], after_batchnorm=True
-    )
-    assert normalised.units == {"0": [1]}
     raw = select_targets(model, x, y, method="top-outputs", ratio=0.5, include=["0"])
-    assert raw.units == {"0": [0]}  # the default: the raw output, the paper's statistic
-    # a layer not followed by a BatchNorm keeps its raw output (the Linear layer "4")
-    both = select_targets(
-        model, x, y, method="top-outputs", ratio=0.5, include=["0", "4"], after_batchnorm=True
-    )
-    alone = select_targets(model, x, y, method="top-outputs", ratio=0.5, include=["0", "4"])
-    assert both.units["4"] == alone.units["4"]
+    assert raw.units == {"0": [0]}
 
 
 def _gradients_model() -> tuple[nn.Sequential, Tensor, Tensor]:
@@ -472,8 +464,6 @@ def test_flat_mask_follows_named_parameters_and_skips_frozen_ones() -> None:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert flat.dtype == torch.bool and flat.numel() == sum(p.numel() for _, p in trainable)
     assert torch.equal(flat, torch.cat([mask[n].reshape(-1) for n, _ in trainable]))
-    back = flat_to_mask(model, flat)
-    assert list(back) == list(mask) and all(torch.equal(back[k], mask[k]) for k in mask)
     # A parameter absent from the mask is fixed.
     partial = mask_to_flat(model, {"6.bias": torch.ones(4, dtype=torch.bool)})
     assert int(partial.sum()) == 4 and bool(partial[-4:].all())

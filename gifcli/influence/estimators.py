@@ -1,35 +1,43 @@
 """Influence estimators of the parameter change ``Δ`` that removes the removal set (see
 docs/design.md, estimators).
 
-Notation: ``n`` training points, ``m`` of them in the removal set ``U``, ``p = m / n``, ``H``
-the curvature of the retained risk (``CurvatureOperator``), ``H_U`` that of the removal loss
-with the labels trained on, ``H_D`` that of the loss the edit takes out (``H_U`` for class
-removal; backdoor: of ``L_U(poisoned labels) − L_U(true labels)``), ``g`` the removal gradient,
-``t`` the target coordinates (``target_flat``), ``s`` the scope (``scope_flat``), ``λ`` the
-damping. The edited model is ``θ̂ + σ Δ`` (``σ`` the step scale).
+Notation: ``n`` training points, ``m`` of them in the removal set ``U``, ``p = m / n``, ``wd``
+the weight decay of the trained objective ``mean loss + (wd/2)‖θ‖²``, ``H = H_loss + wd·I``
+the curvature of the retained objective (``H_loss`` a ``CurvatureOperator`` of the retained
+loss), ``H_U`` that of the removal loss with the labels trained on, ``H_D`` that of the loss
+the edit takes out (``H_U`` for class removal; backdoor: of ``L_U(poisoned labels) − L_U(true
+labels)``), ``g = −∇R(θ̂)`` the right-hand side, ``t`` the target coordinates
+(``target_flat``), ``s`` the scope (``scope_flat``), ``λ`` the damping. The edited model is
+``θ̂ + σ Δ`` (``σ`` the step scale; ``σ = 1`` is the influence step).
 
-| method        | system solved, ``argmin ‖A x − b‖² + λ²‖x‖²``   | ``Δ``                       |
+| method        | system ``A x ≈ b``                              | ``Δ``                       |
 |---------------|-------------------------------------------------|-----------------------------|
-| ``gif``       | ``A = H[:, t]``, ``b = g``                      | ``Δ_t = x``, 0 elsewhere    |
+| ``gif``       | ``A = H[:, t]``, ``b = g`` (least squares)      | ``Δ_t = x``, 0 elsewhere    |
 | ``fif``       | ``A = H[t, t]``, ``b = g_t``                    | ``Δ_t = x``, 0 elsewhere    |
 | ``pif``       | ``A = H[s, s]``, ``b = g_s``                    | ``Δ_t = x_t``, 0 elsewhere  |
 | ``if``        | ``A = H[s, s]``, ``b = g_s``                    | ``Δ_s = x``, 0 elsewhere    |
-| ``sif``       | ``A = H_S[s, s]``, ``H_S = (1−p) H + p H_U``:   | ``Δ_s = (1−2p)/(1−p) Δ₁``   |
-|               | ``Δ₁`` for ``b = g_s``, ``Δ₂`` for              | ``+ p/(1−p) Δ₂``            |
+| ``sif``       | ``A = H_S[s, s]``,                              | ``Δ_s = (1−2p)/(1−p) Δ₁``   |
+|               | ``H_S = (1−p) H_loss + p H_U + wd·I``:          | ``+ p/(1−p) Δ₂``            |
+|               | ``Δ₁`` for ``b = g_s``, ``Δ₂`` for              |                             |
 |               | ``b = H_D[s, s] Δ₁``                            |                             |
 | first-order   | none                                            | ``Δ_t = g_t``, 0 elsewhere  |
 
+Damping ``λ`` enters as a shift, ``H + λ·I`` in place of ``H`` (``damping_form="shift"``,
+Levenberg-Marquardt), or as Tikhonov damping of the least-squares problem, ``argmin ‖A x −
+b‖² + λ²‖x‖²`` (``"tikhonov"``).
+
 ``H[:, t] x`` is one HVP of ``x`` scattered into a zero vector; ``H[t, :] y = (H y)_t`` is one
 HVP followed by a gather (``H`` is symmetric). So every product costs one HVP whatever ``|t|``
-(``sif``: one of ``H`` and one of ``H_U`` per ``H_S`` product).
+(``sif``: one of ``H`` and one of ``H_U`` per ``H_S`` product); the shifts cost none.
 
-``H_S`` is the curvature of the training risk the model was trained on, the point Basu et al.'s
-expansion starts from; for a backdoor that risk holds the poisoned labels, so ``H_S`` takes
-``H_U`` with them, and the label change enters through ``H_D`` only.
+``H_S`` is the curvature of the training objective the model was trained on, the point Basu et
+al.'s expansion starts from; for a backdoor that objective holds the poisoned labels, so
+``H_S`` takes ``H_U`` with them, and the label change enters through ``H_D`` only.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gifcli.config import INFLUENCE_METHODS, TARGETED_METHODS
+from gifcli.config import DAMPING_FORMS, INFLUENCE_METHODS, TARGETED_METHODS
 from gifcli.errors import GifError, ParameterError
-from gifcli.influence.hvp import loss_gradient
+from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import (
     Combination,
     LinearOperator,
@@ -48,8 +56,17 @@ from gifcli.influence.operators import (
     Zero,
     products,
     scatter,
+    shifted,
 )
-from gifcli.influence.solvers import SOLVERS, PathResult, SolveResult, lsqr_path, solve
+from gifcli.influence.solvers import (
+    SOLVERS,
+    PathResult,
+    SolveResult,
+    estimate_sigma_max,
+    lsqr_path,
+    relative_damping,
+    solve,
+)
 
 METHODS = INFLUENCE_METHODS
 TARGETED = TARGETED_METHODS
@@ -73,16 +90,21 @@ def removal_gradient(
     batch_size: int,
     true_labels: Tensor | None = None,
     removal_size: int | None = None,
+    weight_decay: float = 0.0,
 ) -> Tensor:
-    """The removal gradient ``g`` (flat, ``[dim]``) of docs/design.md.
+    """The right-hand side ``g`` (flat, ``[dim]``) from the removal set alone
+    (``influence.gradient: removal``, docs/design.md, "Notation"): ``−∇R(θ̂)`` wherever ``θ̂``
+    minimises the training objective ``mean loss + (wd/2)‖θ‖²`` exactly.
 
-    Class removal: ``g = (m / (n − m)) · ∇θ L_U(θ̂)``, ``L_U`` the mean cross-entropy over the
+    Removal: ``g = (m / (n − m)) · (∇θ L_U(θ̂) + wd·θ̂)``, ``L_U`` the mean cross-entropy over the
     points ``(removal_x, removal_y)``, ``m = len(removal_x)`` unless ``removal_size`` says
-    otherwise, ``n = n_train`` (training set size, removal set included).
+    otherwise, ``n = n_train`` (training set size, removal set included), ``wd =
+    weight_decay``.
 
     Backdoor relabelling (``true_labels`` given): the poisoned points are removed with their
-    poisoned labels ``removal_y`` and re-added with their true labels,
-    ``g = (m / (n − m)) · (∇θ L_U(θ̂; removal_y) − ∇θ L_U(θ̂; true_labels))``.
+    poisoned labels ``removal_y`` and re-added with their true labels, so the new training set
+    has ``n`` points again and ``g = (m / n) · (∇θ L_U(θ̂; removal_y) − ∇θ L_U(θ̂;
+    true_labels))``; the weight decay cancels.
 
     ``removal_size`` is the size ``m`` of the whole removal set when the points passed are only
     part of it: a rank's shard under ``torchrun`` (``loss_gradient`` reduces the gradient sums
@@ -102,12 +124,33 @@ def removal_gradient(
                 f"removal set: {len(true_labels)} true labels for {len(removal_x)} points"
             )
         grad_u = grad_u - loss_gradient(model, removal_x, true_labels, batch_size=batch_size)
-    if not torch.isfinite(grad_u).all():
-        raise GifError(
-            "removal gradient: NaN or Inf; the checkpoint's loss is not finite on the removal "
-            "set (check the checkpoint, the data normalisation and the model's dtype)"
-        )
+    _check_gradient(grad_u, "the removal set")
+    if true_labels is not None:
+        return (m / n_train) * grad_u
+    if weight_decay:
+        grad_u = grad_u + weight_decay * flatten_params(model).to(grad_u)
     return (m / (n_train - m)) * grad_u
+
+
+def retained_gradient(
+    model: nn.Module, *, x: Tensor, y: Tensor, batch_size: int, weight_decay: float = 0.0
+) -> Tensor:
+    """The right-hand side ``g = −∇R(θ̂)`` (flat, ``[dim]``) from the retained objective itself
+    (``influence.gradient: retained``): ``R(θ) = mean loss over (x, y) + (wd/2)‖θ‖²``, ``(x,
+    y)`` the new training set (the retained points; a backdoor's also holds the poisoned inputs
+    with their true labels) or a sample of it, streamed in batches (a shard per rank under
+    ``torchrun``). Right wherever training stopped, stationary or not."""
+    grad = loss_gradient(model, x, y, batch_size=batch_size)
+    _check_gradient(grad, "the retained data")
+    return -(grad + weight_decay * flatten_params(model).to(grad))
+
+
+def _check_gradient(gradient: Tensor, where: str) -> None:
+    if not torch.isfinite(gradient).all():
+        raise GifError(
+            f"influence.gradient: NaN or Inf; the checkpoint's loss is not finite on {where} "
+            "(check the checkpoint, the data normalisation and the model's dtype)"
+        )
 
 
 # --------------------------------------------------------------------------- estimators
@@ -123,6 +166,8 @@ def estimate_update(
     damping: float | str,
     max_iter: int,
     tol: float,
+    weight_decay: float = 0.0,
+    damping_form: str = "shift",
     damping_relative: bool = False,
     damping_grid: Sequence[float] | None = None,
     removal_operator: RemovalCurvature | LinearOperator | None = None,
@@ -136,15 +181,22 @@ def estimate_update(
 
     Args (keyword-only):
         method: one of ``METHODS`` (module docstring).
-        operator: ``H`` of the retained risk, ``.matvec`` on flat ``[dim]`` vectors.
-        gradient: the removal gradient ``g``, ``[dim]``.
+        operator: the curvature of the retained *loss* (``.matvec`` on flat ``[dim]``
+            vectors); the objective's curvature is ``H = operator + weight_decay·I``.
+        gradient: the right-hand side ``g``, ``[dim]`` (``removal_gradient`` or
+            ``retained_gradient``).
         target_flat: bool ``[dim]``, True on the target parameters ``t`` (ignored by ``if``
             and ``sif``, which change every parameter of the scope).
         solver, damping, max_iter, tol: the solver (``SOLVERS``) and its settings; unused by
             ``first-order``. ``damping="auto"``: ``estimate_path`` with ``damping_grid``
-            (``lsqr`` and ``PATH_METHODS`` only).
-        damping_relative: ``damping`` is ``λ / σ_max(A)``, ``σ_max`` estimated by the solve
-            (``solvers.solve``); ``sif`` takes ``λ`` from its first solve for both.
+            (``lsqr`` and ``PATH_METHODS`` only), Tikhonov ``λ`` on the system of ``H``.
+        weight_decay: ``wd`` of the trained objective ``mean loss + (wd/2)‖θ‖²``.
+        damping_form: ``"shift"``: ``λ`` shifts the curvature, ``H + λ·I`` (Levenberg-
+            Marquardt), and the system is solved undamped; ``"tikhonov"``: ``λ`` damps the
+            least-squares problem, ``min ‖A x − b‖² + λ²‖x‖²`` (docs/design.md, "Damping").
+        damping_relative: ``damping`` is ``λ / σ_max(A)``: ``σ_max`` of the system of ``H``
+            (shift: ``solvers.estimate_sigma_max``; tikhonov: estimated by the solve, see
+            ``solvers.solve``); ``sif`` takes ``λ`` from its first system for both solves.
         removal_operator: the removal set's curvatures (``sif`` only): a ``RemovalCurvature``
             (``removal_curvature`` builds it for class removal and backdoor relabelling), or
             one operator ``H_U`` that is both of them (class removal).
@@ -164,6 +216,12 @@ def estimate_update(
     """
     if isinstance(damping, str) and damping != AUTO:
         raise ParameterError("damping", f"must be {AUTO!r} or a number >= 0, got {damping!r}")
+    if damping_form not in DAMPING_FORMS:
+        raise ParameterError(
+            "damping_form", f"unknown {damping_form!r}; use one of {', '.join(DAMPING_FORMS)}"
+        )
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ParameterError("weight_decay", f"must be a finite number >= 0, got {weight_decay}")
     if damping == AUTO and method != "first-order":
         if solver != "lsqr":
             raise ParameterError(
@@ -178,6 +236,7 @@ def estimate_update(
             target_flat=target_flat,
             max_iter=max_iter,
             tol=tol,
+            weight_decay=weight_decay,
             grid=damping_grid,
             scope_flat=scope_flat,
             progress=progress,
@@ -187,46 +246,89 @@ def estimate_update(
     target = target_flat.to(g.device)
     if method == "first-order":
         return torch.where(target, g, torch.zeros_like(g)), _first_order_result()
-    settings = {"damping": damping, "relative": damping_relative}
 
-    def solve_system(matvec: Callable, rmatvec: Callable, b: Tensor) -> tuple[Tensor, SolveResult]:
-        x, result = solve(
-            solver,
-            matvec,
-            rmatvec,
-            b,
-            **settings,
-            max_iter=max_iter,
-            tol=tol,
-            progress=progress,
-            **dict(solver_options or {}),
+    chosen = {"damping": float(damping), "relative": damping_relative}
+
+    def damped(system: Callable[[float], _System]) -> tuple[Tensor, SolveResult]:
+        x, result = _damped_solve(
+            system,
+            weight_decay=weight_decay,
+            form=damping_form,
+            solver=solver,
+            settings={"max_iter": max_iter, "tol": tol, "progress": progress}
+            | dict(solver_options or {}),
+            **chosen,
         )
         # A relative λ is resolved once, so that both solves of sif use the same λ.
-        settings.update(damping=result.damping, relative=False)
+        chosen.update(damping=result.damping, relative=False)
         return x, result
 
     if method in PATH_METHODS:
-        matvec, rmatvec, b, to_update = _system(method, operator, g, target, scope_flat)
-        x, result = solve_system(matvec, rmatvec, b)
-        return to_update(x), result
+
+        def system(shift: float) -> _System:
+            return _system(method, shifted(operator, shift), g, target, scope_flat)
+
+        x, result = damped(system)
+        return system(weight_decay)[3](x), result
     if removal_operator is None:
         raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
     if not isinstance(removal_operator, RemovalCurvature):
         removal_operator = RemovalCurvature(removal_operator, removal_operator)
     free_index = _scope(scope_flat, target, method, operator.dim).nonzero().squeeze(1)
-    removal = RemovalCurvature(
-        trained=_restrict(removal_operator.trained, free_index),
-        change=_restrict(removal_operator.change, free_index),
-    )
     x, result = _second_order(
-        solve_system, _restrict(operator, free_index), removal, g[free_index], removal_fraction
+        _restrict(operator, free_index),
+        RemovalCurvature(
+            trained=_restrict(removal_operator.trained, free_index),
+            change=_restrict(removal_operator.change, free_index),
+        ),
+        g[free_index],
+        removal_fraction,
+        damped,
     )
     return scatter(x, free_index, operator.dim), result
 
 
+_System = tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]
+"""``(A x, Aᵀ y, b, x ↦ Δ)`` of one linear system."""
+
+
+def _damped_solve(
+    system: Callable[[float], _System],
+    *,
+    weight_decay: float,
+    damping: float,
+    form: str,
+    relative: bool,
+    solver: str,
+    settings: dict,
+) -> tuple[Tensor, SolveResult]:
+    """Solve ``system(c)``, the system of ``H_loss + c·I``, damped by ``λ`` in ``form``:
+    ``shift``, undamped with ``c = wd + λ``; ``tikhonov``, with ``c = wd`` and the solver's
+    ``λ``. A relative ``λ`` is a multiple of ``σ_max`` of the system with ``c = wd``. The
+    record's ``damping`` is the absolute ``λ``; ``settings`` are the solver's keyword
+    arguments."""
+    if form == "tikhonov":
+        matvec, rmatvec, b, _ = system(weight_decay)
+        return solve(solver, matvec, rmatvec, b, damping=damping, relative=relative, **settings)
+    started, sigma_max, extra, lam = time.perf_counter(), None, 0, float(damping)
+    if relative and damping > 0:
+        matvec, rmatvec, b, _ = system(weight_decay)
+        sigma_max, extra = estimate_sigma_max(matvec, rmatvec, b)
+        lam = relative_damping(damping, sigma_max)
+    matvec, rmatvec, b, _ = system(weight_decay + lam)
+    x, result = solve(solver, matvec, rmatvec, b, damping=0.0, **settings)
+    result.damping, result.sigma_max = lam, sigma_max
+    result.hvps += extra
+    result.seconds = time.perf_counter() - started
+    if lam:
+        scale = f" ({damping:g} × σ_max {sigma_max:.3g}, {extra} products)" if sigma_max else ""
+        result.message += f"; curvature shifted by λ = {lam:.3g}{scale}"
+    return x, result
+
+
 def _system(
     method: str, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
-) -> tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]:
+) -> _System:
     """``(A x, Aᵀ y, b, x ↦ Δ)`` of a method with one damped solve (``PATH_METHODS``)."""
     h, dim = operator.matvec, operator.dim
     if method in ("gif", "fif"):
@@ -293,6 +395,7 @@ def estimate_path(
     target_flat: Tensor,
     max_iter: int,
     tol: float,
+    weight_decay: float = 0.0,
     grid: Sequence[float] | None = None,
     relative: bool = True,
     scope_flat: Tensor | None = None,
@@ -303,7 +406,8 @@ def estimate_path(
 ) -> UpdatePath:
     """``Δ_λ`` of ``method`` for every ``λ`` of ``grid`` from one LSQR run (``lsqr_path``).
 
-    Same system and arguments as ``estimate_update``; ``grid`` is relative to ``σ_max(A)``
+    Same system and arguments as ``estimate_update`` (Tikhonov ``λ`` on the system of ``H =
+    operator + weight_decay·I``); ``grid`` is relative to ``σ_max(A)``
     unless ``relative=False`` (default: 8 values from 1e-4 to 1). Costs what one ``lsqr`` solve
     of ``max_iter`` iterations costs, plus the Krylov basis: ``max_iter`` vectors of the system's
     length (``|t|`` for gif and fif, ``|s|`` for pif and if), 4 bytes each in float32, on
@@ -318,7 +422,8 @@ def estimate_path(
     _check(method, operator, gradient, target_flat, "lsqr")
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
-    matvec, rmatvec, b, to_update = _system(method, operator, g, target, scope_flat)
+    curvature = shifted(operator, weight_decay)
+    matvec, rmatvec, b, to_update = _system(method, curvature, g, target, scope_flat)
     path = lsqr_path(
         matvec,
         rmatvec,
@@ -363,34 +468,44 @@ def _restrict(operator: LinearOperator, index: Tensor) -> LinearOperator:
 
 
 def _second_order(
-    solve: Callable,
     operator: LinearOperator,
     removal: RemovalCurvature,
     g: Tensor,
     p: float | None,
+    damped: Callable[[Callable[[float], _System]], tuple[Tensor, SolveResult]],
 ) -> tuple[Tensor, SolveResult]:
     """``sif``, the second-order group influence of Basu et al. (ICML 2020):
 
         Δ = ((1 − 2p)/(1 − p)) · Δ₁ + (p/(1 − p)) · H_S⁻¹ H_D Δ₁,     Δ₁ = H_S⁻¹ g,
 
-    ``H_S = (1 − p) H + p H_U`` the curvature of the *full* training risk at ``θ̂`` (the retained
-    risk's ``H`` and the removal loss's ``H_U = removal.trained`` weighted by their shares of the
-    training set), ``p = m / n``, and ``H_D = removal.change`` the curvature of the loss the edit
-    takes out: ``H_U`` itself for class removal, ``H_U(poisoned) − H_U(true)`` for a backdoor.
-    Both solves are the damped least-squares solves of the other estimators, with ``A = H_S``
-    (symmetric, its own transpose). When ``H_D`` is ``Zero`` (a backdoor under Gauss-Newton
-    curvature) the second term vanishes and its solve is skipped. The record counts every
-    curvature product: one of ``H`` and one of ``H_U`` per ``H_S`` product, and ``H_D Δ₁``.
+    ``H_S = (1 − p) H_loss + p H_U + wd·I`` the curvature of the *full* training objective at
+    ``θ̂`` (the retained loss's ``H_loss = operator`` and the removal loss's ``H_U =
+    removal.trained`` weighted by their shares of the training set, and the weight decay),
+    ``p = m / n``, and ``H_D = removal.change`` the curvature of the loss the edit takes out:
+    ``H_U`` itself for class removal, ``H_U(poisoned) − H_U(true)`` for a backdoor (the weight
+    decay, in both objectives, cancels from it). ``damped(system)`` solves ``system(c)``, the
+    system of the loss curvature plus ``c·I``, with ``A = H_S`` (symmetric, its own transpose)
+    and the damping of the other estimators. When ``H_D`` is ``Zero`` (a backdoor under
+    Gauss-Newton curvature) the second term vanishes and its solve is skipped. The record
+    counts every curvature product: one of ``H`` and one of ``H_U`` per ``H_S`` product, and
+    ``H_D Δ₁``.
     """
     if p is None or not 0 < p < 1:
         raise ParameterError("method", f"'sif' needs the removal fraction m/n in (0, 1), got {p}")
     started = time.perf_counter()
     full_risk = Combination([(1 - p, operator), (p, removal.trained)])
-    h_s = full_risk.matvec  # symmetric: its own transpose
-    first, first_result = solve(h_s, h_s, g)
+
+    def system(b: Tensor) -> Callable[[float], _System]:
+        def of(shift: float) -> _System:
+            h_s = shifted(full_risk, shift).matvec  # symmetric: its own transpose
+            return h_s, h_s, b, lambda x: x
+
+        return of
+
+    first, first_result = damped(system(g))
     delta, results = ((1 - 2 * p) / (1 - p)) * first, [first_result]
     if not isinstance(removal.change, Zero):
-        second, second_result = solve(h_s, h_s, removal.change.matvec(first))
+        second, second_result = damped(system(removal.change.matvec(first)))
         delta, results = delta + (p / (1 - p)) * second, [first_result, second_result]
     result = _merge(results, per_product=products(full_risk), extra_hvps=products(removal.change))
     if isinstance(removal.change, Zero):

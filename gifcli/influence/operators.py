@@ -1,4 +1,5 @@
-"""Curvature operators composed from others: sums, restrictions, and the removal set's ``H_U``.
+"""Curvature operators composed from others: sums, shifts, restrictions, and the removal set's
+``H_U``.
 
 Nothing here computes a product itself: every operator forwards to ``CurvatureOperator``
 products (``gifcli.influence.hvp``), so composition needs no new HVP machinery. Each operator
@@ -65,6 +66,25 @@ class Combination:
         for coefficient, op in self.terms:
             total += coefficient * op.matvec(v)
         return total
+
+
+class Shifted:
+    """``A + c·I`` on the same flat vectors: the weight decay of the trained objective in its
+    curvature, and a Levenberg-Marquardt damping (docs/design.md, "Damping"). The shift costs
+    no product."""
+
+    def __init__(self, operator: LinearOperator, shift: float) -> None:
+        self.operator, self.shift = operator, float(shift)
+        self.dim, self.dtype, self.device = operator.dim, operator.dtype, operator.device
+        self.products = products(operator)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.operator.matvec(v) + self.shift * v
+
+
+def shifted(operator: LinearOperator, shift: float) -> LinearOperator:
+    """``operator + shift·I``; the operator itself when ``shift`` is 0."""
+    return operator if shift == 0 else Shifted(operator, shift)
 
 
 class Restricted:

@@ -10,7 +10,6 @@ reports, and what the retrain oracle trains on. The pipeline (``gifcli.pipeline`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,12 +18,10 @@ from torch import nn
 
 from gifcli.data import DataSplits, Split, seeded_subset
 from gifcli.data.splits import LazyInputs
+from gifcli.update import Objective
 
 if TYPE_CHECKING:
     from gifcli.config import Config
-
-Objective = Callable[[nn.Module], tuple[float, dict]]
-"""``objective(model) -> (value, parts)`` on the validation split; higher is better."""
 
 
 @dataclass

@@ -12,7 +12,8 @@ from gifcli.influence import (
     estimate_update,
     removal_gradient,
 )
-from gifcli.influence.hvp import loss_gradient
+from gifcli.influence.estimators import retained_gradient
+from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import Zero, removal_curvature
 
 CURVATURE_METHODS = ("gif", "fif", "pif", "if", "sif")
@@ -20,6 +21,15 @@ TOLERANCE = {"exact": 1e-8, "lsqr": 1e-4, "cg": 1e-4, "neumann": 1e-3}
 # Damping for the iterative solvers keeps these tiny, near-singular problems to a few hundred
 # iterations; the exact solver is also checked undamped.
 ITERATIVE_DAMPING = {"lsqr": 0.05, "cg": 0.05, "neumann": 0.1}
+WEIGHT_DECAY = 0.02
+OBJECTIVES = {
+    # the paper's: the loss's curvature alone, damping on the squared system
+    "paper": {"damping_form": "tikhonov", "weight_decay": 0.0},
+    # the trained objective's curvature H + wd·I, damping as a further shift H + (wd + λ)·I
+    "trained": {"damping_form": "shift", "weight_decay": WEIGHT_DECAY},
+    # the trained objective's curvature, damping on its squared system
+    "trained-tikhonov": {"damping_form": "tikhonov", "weight_decay": WEIGHT_DECAY},
+}
 
 
 def _target(dim, seed=0, fraction=0.3):
@@ -47,13 +57,22 @@ def _reference_update(
     change_hessian=None,
     gradient=None,
     scope=None,
+    damping_form="tikhonov",
+    weight_decay=0.0,
 ):
     """``Δ`` from the dense ``H`` with lstsq / pinv, following the estimator table literally.
 
-    Defaults are the problem's dense ``H``, ``H_U`` and ``H_D = H_U`` (of ``sif``) and ``g``;
-    ``scope``: bool coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default: all).
+    Defaults are the problem's dense loss curvature, ``H_U`` and ``H_D = H_U`` (of ``sif``) and
+    ``g``; ``scope``: bool coordinates ``s`` that ``if``, ``pif`` and ``sif`` keep free (default:
+    all). The objective's curvature is the loss's plus ``weight_decay·I``; ``damping_form``
+    ``shift`` adds ``damping·I`` to it and solves undamped, ``tikhonov`` damps the
+    least-squares problem by ``damping``.
     """
     h = problem.hessian if hessian is None else hessian
+    identity = torch.eye(len(h), dtype=h.dtype)
+    shift = weight_decay + (damping if damping_form == "shift" else 0.0)
+    damping = damping if damping_form == "tikhonov" else 0.0
+    h_loss, h = h, h + shift * identity
     h_u = problem.removal_hessian if removal_hessian is None else removal_hessian
     h_d = h_u if change_hessian is None else change_hessian
     g = problem.removal_gradient if gradient is None else gradient
@@ -75,7 +94,7 @@ def _reference_update(
         delta[s] = solve(h[s][:, s], g[s], damping)
     elif method == "sif":
         p = len(problem.removal_x) / problem.n_train
-        h_s = ((1 - p) * h + p * h_u)[s][:, s]
+        h_s = ((1 - p) * h_loss + p * h_u + shift * identity)[s][:, s]
         first = solve(h_s, g[s], damping)
         second = solve(h_s, h_d[s][:, s] @ first, damping)
         delta[s] = (1 - 2 * p) / (1 - p) * first + p / (1 - p) * second
@@ -85,8 +104,9 @@ def _reference_update(
 
 
 def _estimate(problem, method, solver, damping, target, operators, **kwargs):
+    """``estimate_update`` with the paper's objective unless ``kwargs`` say otherwise."""
     hessian, removal = operators
-    options = {"max_iter": 3000, "tol": 1e-10} | kwargs
+    options = {"max_iter": 3000, "tol": 1e-10} | OBJECTIVES["paper"] | kwargs
     return estimate_update(
         method=method,
         operator=hessian,
@@ -110,15 +130,17 @@ def cnn_operators(cnn):
     return _operators(cnn)
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("damping", [0.0, 0.05])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_exact_solver_matches_dense_reference(name, method, damping, request, reference):
+def test_exact_solver_matches_dense_reference(name, method, damping, objective, request, reference):
     problem = request.getfixturevalue(name)
     target = _target(len(problem.theta))
     operators = request.getfixturevalue(f"{name}_operators")
-    delta, result = _estimate(problem, method, "exact", damping, target, operators)
-    expected = _reference_update(problem, method, target, damping, reference)
+    settings = OBJECTIVES[objective]
+    delta, result = _estimate(problem, method, "exact", damping, target, operators, **settings)
+    expected = _reference_update(problem, method, target, damping, reference, **settings)
     assert result.converged, result.message
     assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
     if method not in ("if", "sif"):
@@ -130,26 +152,59 @@ def test_exact_solver_matches_dense_reference(name, method, damping, request, re
 def test_iterative_solvers_match_dense_reference_on_the_mlp(
     method, solver, mlp, mlp_operators, reference
 ):
+    """The trained objective's curvature; on this indefinite Hessian a shift could make it
+    singular, so λ damps the squared system (tikhonov) here."""
     target = _target(len(mlp.theta))
-    damping = ITERATIVE_DAMPING[solver]
-    delta, result = _estimate(mlp, method, solver, damping, target, mlp_operators)
+    damping, settings = ITERATIVE_DAMPING[solver], OBJECTIVES["trained-tikhonov"]
+    delta, result = _estimate(mlp, method, solver, damping, target, mlp_operators, **settings)
     assert result.converged, result.message
-    expected = _reference_update(mlp, method, target, damping, reference)
+    expected = _reference_update(mlp, method, target, damping, reference, **settings)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
     if method in ("gif", "fif", "pif"):
         assert not delta[~target].any()
 
 
+@pytest.mark.parametrize("objective", ["paper", "trained-tikhonov"])
 @pytest.mark.parametrize("solver", ["lsqr", "cg"])
 @pytest.mark.parametrize("method", ["gif", "fif", "sif"])
 def test_iterative_solvers_match_dense_reference_on_the_cnn(
-    method, solver, cnn, cnn_operators, reference
+    method, solver, objective, cnn, cnn_operators, reference
 ):
     target = _target(len(cnn.theta))
-    delta, result = _estimate(cnn, method, solver, 0.05, target, cnn_operators)
+    settings = OBJECTIVES[objective]
+    delta, result = _estimate(cnn, method, solver, 0.05, target, cnn_operators, **settings)
     assert result.converged, result.message
-    expected = _reference_update(cnn, method, target, 0.05, reference)
+    expected = _reference_update(cnn, method, target, 0.05, reference, **settings)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
+
+
+@pytest.fixture(scope="module")
+def cnn_ggn_operators(cnn):
+    return _operators(cnn, curvature="ggn")
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+@pytest.mark.parametrize("solver", ["lsqr", "cg"])
+@pytest.mark.parametrize("method", CURVATURE_METHODS)
+def test_gauss_newton_plus_weight_decay_is_well_posed_for_the_krylov_solvers(
+    method, solver, damping, cnn, cnn_ggn_operators, reference
+):
+    """``G + wd·I`` is positive definite: every solver reaches the dense solution of the trained
+    objective's system, undamped or shifted further."""
+    target = _target(len(cnn.theta))
+    settings = OBJECTIVES["trained"]
+    delta, result = _estimate(
+        cnn, method, solver, damping, target, cnn_ggn_operators, **settings, tol=1e-12
+    )
+    assert result.converged, result.message
+    ggn = reference.ggn(cnn.model, cnn.x, cnn.y)
+    h_u = reference.ggn(cnn.model, cnn.removal_x, cnn.removal_y)
+    expected = _reference_update(
+        cnn, method, target, damping, reference, hessian=ggn, removal_hessian=h_u, **settings
+    )
+    assert reference.relative_error(delta, expected) < TOLERANCE[solver]
+    if damping:  # the record carries the shift λ
+        assert result.damping == damping and "curvature shifted" in result.message
 
 
 def _backdoor(problem, reference, curvature="hessian"):
@@ -188,6 +243,7 @@ def _sif(problem, operator, g, removal, damping):
         tol=1e-10,
         removal_operator=removal,
         removal_fraction=len(problem.removal_x) / problem.n_train,
+        damping_form="tikhonov",
     )
 
 
@@ -323,6 +379,7 @@ def test_neumann_converges_where_plain_neumann_diverges_on_an_indefinite_hessian
         target_flat=all_params,
         solver="neumann",
         damping=0.1,
+        damping_form="tikhonov",
         max_iter=3000,
         tol=1e-10,
     )
@@ -340,29 +397,51 @@ def test_singular_indefinite_hessian_undamped_is_not_an_error(mlp, mlp_operators
 
 
 def test_removal_gradient_for_class_removal_and_backdoor_relabelling(cnn, reference):
+    """Removal: ``m/(n − m) · (∇L_U + wd·θ̂)``; relabelling: the new training set has ``n``
+    points again, ``m/n · (∇L_U(trained labels) − ∇L_U(true))``, and the weight decay
+    cancels."""
     m, n = len(cnn.removal_x), cnn.n_train
     g = removal_gradient(
         cnn.model, removal_x=cnn.removal_x, removal_y=cnn.removal_y, n_train=n, batch_size=4
     )
     assert reference.relative_error(g, cnn.removal_gradient) < 1e-12
-    true_labels = (cnn.removal_y + 1) % 3
-    g_backdoor = removal_gradient(
+    decayed = removal_gradient(
         cnn.model,
         removal_x=cnn.removal_x,
         removal_y=cnn.removal_y,
         n_train=n,
         batch_size=4,
-        true_labels=true_labels,
+        weight_decay=WEIGHT_DECAY,
     )
-    expected = (
-        m
-        / (n - m)
-        * (
-            reference.gradient(cnn.model, cnn.removal_x, cnn.removal_y)
-            - reference.gradient(cnn.model, cnn.removal_x, true_labels)
+    expected = cnn.removal_gradient + m / (n - m) * WEIGHT_DECAY * cnn.theta
+    assert reference.relative_error(decayed, expected) < 1e-12
+    true_labels = (cnn.removal_y + 1) % 3
+    for weight_decay in (0.0, WEIGHT_DECAY):
+        g_backdoor = removal_gradient(
+            cnn.model,
+            removal_x=cnn.removal_x,
+            removal_y=cnn.removal_y,
+            n_train=n,
+            batch_size=4,
+            true_labels=true_labels,
+            weight_decay=weight_decay,
         )
-    )
-    assert reference.relative_error(g_backdoor, expected) < 1e-12
+        expected = (
+            m
+            / n
+            * (
+                reference.gradient(cnn.model, cnn.removal_x, cnn.removal_y)
+                - reference.gradient(cnn.model, cnn.removal_x, true_labels)
+            )
+        )
+        assert reference.relative_error(g_backdoor, expected) < 1e-12
+
+
+def test_retained_gradient_is_minus_the_retained_objectives_gradient(cnn, reference):
+    g = retained_gradient(cnn.model, x=cnn.x, y=cnn.y, batch_size=5, weight_decay=WEIGHT_DECAY)
+    expected = -(reference.gradient(cnn.model, cnn.x, cnn.y) + WEIGHT_DECAY * cnn.theta)
+    assert reference.relative_error(g, expected) < 1e-12
+    assert torch.equal(flatten_params(cnn.model), cnn.theta)
 
 
 def test_progress_reports_each_iteration(mlp, mlp_operators):
@@ -415,7 +494,7 @@ def test_nan_loss_raises_a_gif_error_on_the_removal_gradient(reference):
     problem = reference.make_mlp(seed=5)
     with torch.no_grad():
         problem.model.net[2].bias.fill_(float("nan"))
-    with pytest.raises(GifError, match="removal gradient"):
+    with pytest.raises(GifError, match="not finite on the removal set"):
         removal_gradient(
             problem.model,
             removal_x=problem.removal_x,
@@ -423,6 +502,8 @@ def test_nan_loss_raises_a_gif_error_on_the_removal_gradient(reference):
             n_train=problem.n_train,
             batch_size=8,
         )
+    with pytest.raises(GifError, match="not finite on the retained data"):
+        retained_gradient(problem.model, x=problem.x, y=problem.y, batch_size=8)
     assert not torch.isfinite(
         loss_gradient(problem.model, problem.x, problem.y, batch_size=8)
     ).all()
@@ -495,7 +576,12 @@ def test_path_in_float32_matches_lsqr_without_reorthogonalisation(method, refere
     assert (basis @ basis.T - torch.eye(40, dtype=torch.float64)).abs().max() > 0.1
     for i, damping in enumerate(path.lambdas):
         delta, _ = estimate_update(
-            method=method, solver="lsqr", damping=damping, max_iter=40, **common
+            method=method,
+            solver="lsqr",
+            damping=damping,
+            damping_form="tikhonov",
+            max_iter=40,
+            **common,
         )
         assert reference.relative_error(path.update(i), delta) < 1e-5
 

@@ -11,6 +11,7 @@ from gifcli.influence.operators import (
     products,
     removal_curvature,
     scatter,
+    shifted,
 )
 
 
@@ -46,6 +47,16 @@ def test_combination_is_the_weighted_sum_and_drops_zero_terms():
 def test_combination_refuses_mismatched_dimensions():
     with pytest.raises(ValueError, match="one dimension"):
         Combination([(1.0, Dense(_symmetric(3, 0))), (1.0, Dense(_symmetric(4, 0)))])
+
+
+def test_a_shift_adds_a_multiple_of_the_identity_at_no_product():
+    a = Dense(_symmetric(6, 3))
+    v = torch.randn(6, dtype=torch.float64)
+    shift = shifted(a, 0.125)
+    expected = (a.matrix + 0.125 * torch.eye(6, dtype=torch.float64)) @ v
+    assert torch.allclose(shift.matvec(v), expected, rtol=1e-14, atol=1e-14)
+    assert products(shift) == 1 and a.calls == 1
+    assert shifted(a, 0.0) is a
 
 
 def test_restriction_is_the_principal_submatrix():
