@@ -381,11 +381,13 @@ class InfluenceConfig:
         "paper's estimator",
     )
     gradient: str = _field(
-        "retained",
-        "the right-hand side g: retained (minus the gradient of the retained objective at the "
-        "model, over the retained training data: right wherever training stopped) | removal "
-        "(from the removal set alone, m/(n-m) (grad L_U + wd*theta), the paper's: right only "
-        "at an exact minimum of the training objective)",
+        "removal",
+        "the right-hand side g: removal (from the removal set alone, m/(n-m) (grad L_U + "
+        "wd*theta): exact at a minimum of the training objective, and on SGD-trained networks "
+        "the closer to retraining, which stops short of that minimum too; see BENCHMARKS.md, "
+        "The influence step) | retained (minus the gradient of the retained objective at the "
+        "model, one pass over the retained training data: the exact Newton step wherever "
+        "training stopped)",
     )
     retained_samples: int | None = _field(
         None,
@@ -502,9 +504,14 @@ class InfluenceConfig:
 
 @dataclass
 class UpdateConfig:
-    scale: float | str = _field(
-        "auto",
-        "auto: searched on the validation split; or a number (1.0 is the raw theoretical step)",
+    scale: float | str | None = _field(
+        None,
+        "the step s of the edit theta + s*delta, in units of the influence step (1.0: the "
+        "Newton step of the retained objective, no search); auto: searched on the validation "
+        "split; null: the task's rule, remove-class and recover-backdoor auto (their "
+        "validation objectives tell steps apart, and the searched step is at least as close to "
+        "retraining), remove-samples 1.0 (its validation objective cannot see the edit and "
+        "would return the model unchanged; see BENCHMARKS.md, The influence step)",
     )
     grid_points: int = _field(48, "auto: points of the log-spaced scale grid")
     grid_min: float = _field(1.0e-3, "auto: smallest step, as |s*delta| / |target params|")

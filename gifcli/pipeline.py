@@ -141,6 +141,11 @@ class EditResult:
     report: EditReport
 
 
+EXTRAPOLATED = 3.0
+"""A searched step more than this many times the influence step (scale 1) is noted: the
+quadratic model the step comes from is then used far outside where it was taken."""
+
+
 def _quiet(message: str) -> None:
     del message
 
@@ -169,14 +174,18 @@ def edit(
         oracle: the retrained model, to report its metrics and the gap to it.
         progress: a progress hook (``gifcli.progress``); silent by default.
         inplace: edit ``model`` itself instead of a copy of it.
-        note: hears a one-line warning before the work (an edit predicted to cost more than
-            one retraining).
+        note: hears one-line warnings: before the work, an edit predicted to cost more than
+            one retraining; after the search, a step more than ``EXTRAPOLATED`` times the
+            influence step.
         rates_cache: a file of the per-machine rates that convert the edit's work to sample
             passes (``gifcli.cost.rates_cache()``; the commands use it): read, or written
             once; None measures them for this edit and writes nothing.
     """
     settings = settings or Settings()
     _validate(settings)
+    given_scale = settings.update.scale is not None
+    if not given_scale:  # the task's rule
+        settings = replace(settings, update=replace(settings.update, scale=task.step))
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     passes: dict[str, float] = {}
@@ -267,6 +276,11 @@ def edit(
                 model, theta, delta, target, target_norm, removal, settings.update, progress
             )
     _check_finite(delta, solve, influence)
+    if sweep and scale > EXTRAPOLATED:
+        note(
+            f"update.scale: the search chose {scale:.3g}x the influence step; past "
+            f"{EXTRAPOLATED:g}x the quadratic model it comes from is being extrapolated"
+        )
     delta_norm = float(delta.norm())
     seconds["step_search"] = time.perf_counter() - clock
     passes["step_search"] = forwards[0] * rates.forward_passes
@@ -316,7 +330,7 @@ def edit(
         solver=solver_record(solve, influence, settings.weight_decay),
         update=UpdateRecord(
             scale=scale,
-            chosen_by="validation" if sweep else "config",
+            chosen_by="validation" if sweep else "config" if given_scale else "task",
             norm=scale * delta_norm,
             raw_norm=delta_norm,
             relative_norm=scale * delta_norm / target_norm if target_norm else None,

@@ -198,8 +198,12 @@ def solve_text(solver: dict) -> str:
 
 
 def damping_text(solver: dict) -> str:
-    """The damping λ used, relative to σ_max when that was estimated, and who chose it."""
-    text = f"damping {solver['damping']:.3g}"
+    """The objective's weight decay and the damping λ used (its form, relative to σ_max when
+    that was estimated, and who chose it)."""
+    text = (
+        f"weight decay {solver['weight_decay']:.3g}, {solver['damping_form']} damping "
+        f"{solver['damping']:.3g}"
+    )
     if solver["damping_relative"] is not None:
         text += f" ({solver['damping_relative']:.3g} × σ_max {solver['sigma_max']:.3g})"
     if solver["damping_chosen_by"] == "validation":
@@ -225,10 +229,9 @@ def changed_text(report: dict) -> str:
 def summary_lines(report: dict) -> list[str]:
     """The solve, the step and the parameters changed, for the terminal."""
     update = report["update"]
-    chosen = "chosen on the validation split" if update["chosen_by"] == "validation" else "given"
     lines = [
         f"solver {solve_text(report['solver'])}",
-        f"step scale {update['scale']:.4g} ({chosen}); {changed_text(report)}",
+        f"{step_text(update)}; {changed_text(report)}",
     ]
     if report["removal"]["validation"]:
         lines.append(f"validation split: {report['removal']['validation']}")
@@ -247,6 +250,15 @@ def smallest_step_chosen(update: dict) -> bool:
     if update["chosen_by"] != "validation" or not steps or update["relative_norm"] is None:
         return False
     return update["relative_norm"] <= min(steps) * (1 + 1e-9)
+
+
+def step_text(update: dict) -> str:
+    """The step as a multiple of the influence step (scale 1), and who chose it."""
+    chosen = {
+        "validation": "searched on the validation split",
+        "task": "the task's default",
+    }.get(update["chosen_by"], "given")
+    return f"step scale {update['scale']:.4g}× the influence step ({chosen})"
 
 
 def cost_text(cost: dict) -> str:
@@ -301,6 +313,8 @@ def markdown(report: dict) -> str:
         "searched on the validation split (best task objective, ties to the "
         f"smaller step) over {len(update['sweep'])} log-spaced scales"
         if update["sweep"]
+        else "the task's default, no search"
+        if update["chosen_by"] == "task"
         else "given in the config"
     )
     lines = [
@@ -313,7 +327,7 @@ def markdown(report: dict) -> str:
         f"{solve_text(solver)}",
         f"- selection: `{report['selection']['method']}` at ratio "
         f"{report['selection']['ratio']:g}; {changed_text(report)}",
-        f"- step scale: {update['scale']:.4g}, {chosen}; update norm {update['norm']:.4g}",
+        f"- {step_text(update)}: {chosen}; update norm {update['norm']:.4g}",
         _input_line(report["checkpoint"]),
         f"- cost: {cost_text(report['cost'])}; {budget_text(report['cost']['budget'])}",
         "",

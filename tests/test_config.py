@@ -34,7 +34,7 @@ def test_defaults_match_the_spec():
     assert config.influence.method == "gif"
     assert config.influence.solver == "lsqr"
     assert config.selection.method == "top-outputs"
-    assert config.update.scale == "auto"
+    assert config.update.scale is None  # the task's rule: auto, or 1.0 for remove-samples
     assert config.data.dataset == "digits"
 
 
@@ -193,7 +193,7 @@ def test_readme_config_reference_is_current():
 def test_damping_is_no_shift_by_default_and_accepts_auto_numbers_and_relative():
     influence = build_config({}).influence
     assert (influence.damping, influence.damping_relative) == (0.0, False)
-    assert (influence.damping_form, influence.gradient) == ("shift", "retained")
+    assert (influence.damping_form, influence.gradient) == ("shift", "removal")
     assert influence.weight_decay is None  # the checkpoint's, else train.weight_decay
     assert build_config({"influence": {"damping": "auto"}}).influence.damping == "auto"
     relative = build_config({"influence": {"damping": 0.05, "damping_relative": True}})

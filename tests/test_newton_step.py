@@ -249,7 +249,7 @@ def test_an_edit_at_step_one_lands_near_exact_retraining(
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["solver"]["weight_decay"] == WEIGHT_DECAY
-    assert report["solver"]["gradient"] == "retained"
+    assert report["solver"]["gradient"] == "removal"
     data = convex["data"]
     chosen = convex["samples"] if task == "samples" else RemoveClass(classes=[3])
     base = copy.deepcopy(convex["model"]).float().double()  # as the checkpoint holds it
@@ -259,3 +259,47 @@ def test_an_edit_at_step_one_lands_near_exact_retraining(
     edited.load_state_dict({k: v.double() for k, v in state.items()})
     ratio = _distance_ratio(flatten_params(edited), flatten_params(retrained), flatten_params(base))
     assert ratio <= most, ratio
+
+
+def _quick_edit(convex, task, notes, **update):
+    """An in-memory GIF edit of the convex model (float32, as a checkpoint holds it) with a
+    cheap solve; ``update``: the ``update`` section's settings."""
+    from gifcli.config import InfluenceConfig, SelectionConfig, TrainConfig, UpdateConfig
+    from gifcli.pipeline import Settings, edit
+
+    settings = Settings(
+        selection=SelectionConfig(ratio=1.0),
+        influence=InfluenceConfig(hessian_samples=256, max_iter=5),
+        update=UpdateConfig(grid_points=4, **update),
+        train=TrainConfig(weight_decay=WEIGHT_DECAY),
+    )
+    model = copy.deepcopy(convex["model"]).float()
+    return edit(model, task, convex["data"], settings, note=notes.append)
+
+
+def test_sample_removal_takes_the_influence_step_by_default_and_moves_the_model(convex):
+    notes = []
+    result = _quick_edit(convex, convex["samples"], notes)
+    update = result.report.update
+    assert (update.scale, update.chosen_by, update.sweep) == (1.0, "task", [])
+    assert update.norm > 0 and result.report.params.changed > 0
+    assert not notes
+    from gifcli.report import summary_lines
+
+    assert (
+        "step scale 1× the influence step (the task's default)"
+        in summary_lines(result.report.to_dict())[1]
+    )
+
+
+def test_a_search_that_stretches_the_step_past_three_times_says_so(convex):
+    task = RemoveClass(classes=[3])
+    notes = []
+    step = _quick_edit(convex, task, notes, scale=1.0).report.update
+    assert step.chosen_by == "config" and not notes
+    relative = step.relative_norm  # |Δ| / |θ_t| at scale 1
+    searched = _quick_edit(
+        convex, task, notes, scale="auto", grid_min=5 * relative, grid_max=8 * relative
+    ).report.update
+    assert searched.chosen_by == "validation" and searched.scale >= 5 - 1e-9
+    assert len(notes) == 1 and "quadratic model" in notes[0] and "influence step" in notes[0]

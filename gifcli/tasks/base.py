@@ -62,6 +62,10 @@ class Task(ABC):
     """The two or three metrics that say at a glance how a model does on this task."""
     described_by: ClassVar[str]
     """The config keys that make a config describe this task (for messages)."""
+    step: ClassVar[float | str] = "auto"
+    """``update.scale`` when the config leaves it null: ``auto`` (searched on the validation
+    split) where the task's objective tells steps apart, else 1.0, the influence step (the
+    reasons are in the config reference of ``update.scale``)."""
     train_samples: int | None = None
     """``metrics.train_samples``: the ``*_train`` metrics are measured on a seeded sample of
     this many training samples (None: all); each task declares it as a field."""

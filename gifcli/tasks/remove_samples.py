@@ -51,6 +51,7 @@ class RemoveSamples(Task):
     train_samples: int | None = None
 
     name: ClassVar[str] = "remove-samples"
+    step: ClassVar[float | str] = 1.0  # the objective matches U to unseen data at s ≈ 0
     described_by: ClassVar[str] = "removal.indices or removal.random"
     headline: ClassVar[tuple[str, ...]] = ("forget_acc_train", "acc_test")
     metric_keys: ClassVar[tuple[str, ...]] = (
