@@ -63,7 +63,8 @@ class ModelConfig:
     arch: str = _field(
         "tinynet",
         "builtin name (tinynet, mlp, lenet, linear: softmax regression), torchvision:<name>, or "
-        "package.module:callable",
+        "package.module:callable (an installed package, or its folder on PYTHONPATH: "
+        "PYTHONPATH=. gif ... from the folder holding package/)",
     )
     num_classes: int = _field(10, "number of output classes")
     in_channels: int | None = _field(None, "input channels; null: taken from the data set")
