@@ -213,7 +213,7 @@ def gif_runs(args, config_path, overrides, size, model, task, data, oracle, log)
                 "gap": report["metrics"]["gap"]["mean"],
                 "seconds": cost["seconds"]["edit"],
                 "passes": cost["passes"]["edit"],
-                "estimated_retrain_ratio": cost["retrain_ratio"],
+                "estimated_retrain_ratio": cost["seconds_ratio"],
                 "hessian_samples": cost["budget"]["hessian_samples"],
                 "max_iter": cost["budget"]["max_iter"],
                 "stages": cost["seconds"],
@@ -408,7 +408,7 @@ def markdown(results: dict) -> str:
         "fine-tuning's and ascent's training loop, retraining's measured training. `× retrain` "
         "divides by the same seed's measured retraining seconds, taken when that model was "
         "trained and so under another load than the edit; `report's estimate` is the edit's "
-        "own `cost.retrain_ratio`, whose timed training steps run moments before the edit. "
+        "own `cost.seconds_ratio`, whose timed training steps run moments before the edit. "
         "Passes: sample passes, retraining = epochs × retained samples. F1 and the mean gap to "
         "the oracle "
         "(percentage points over the task's metrics), mean ± std over seeds. One thread.",

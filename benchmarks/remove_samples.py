@@ -210,7 +210,7 @@ def markdown(results: dict) -> str:
         "forget acc train, acc test and MIA efficacy (the target of each is the oracle's "
         "value); **retrain ratio**: seconds of the edit (the report's `cost.seconds.edit`: "
         "everything but the evaluation) over the measured seconds of retraining the oracle; "
-        "**`cost.retrain_ratio`**: the same ratio as the edit's own report estimates it, from "
+        "**`cost.seconds_ratio`**: the same ratio as the edit's own report estimates it, from "
         "timed training steps. Fine-tuning on the retained data (k epochs of `gif train`'s "
         "loop from the base model at a tenth of its learning rate) is the practitioner's "
         "baseline; its seconds are the training loop's.",
@@ -282,7 +282,7 @@ def fraction_section(results: dict, fraction: str) -> list[str]:
         "relative step",
         "seconds",
         "retrain ratio",
-        "`cost.retrain_ratio`",
+        "`cost.seconds_ratio`",
     ]
     lines = [
         f"### {100 * float(fraction):g}% of the training split ({removed} samples)",

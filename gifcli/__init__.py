@@ -73,3 +73,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The lazy exports too, so that ``dir(gifcli)`` and tab completion find them."""
+    return sorted({*globals(), *__all__})

@@ -116,7 +116,8 @@ class ModelConfig:
     arch: str = _field(
         "tinynet",
         "builtin name (tinynet, mlp, lenet, linear: softmax regression), torchvision:<name>, or "
-        "package.module:callable",
+        "package.module:callable (an installed package, or its folder on PYTHONPATH: "
+        "PYTHONPATH=. gif ... from the folder holding package/)",
     )
     num_classes: int = _field(10, "number of output classes", within=f"2..{MAX_CLASSES}")
     in_channels: int | None = _field(
@@ -175,7 +176,16 @@ class DataConfig:
     )
     download: bool = _field(False, "allow torchvision to download a missing data set")
     val_fraction: float = _field(
-        0.1, "held out from train for the step-size search; never the test split", within="[0, 1)"
+        0.1,
+        "without a validation set of your own, the share of the training set held out (seeded, "
+        "stratified) for the step-size search; never the test split",
+        within="[0, 1)",
+    )
+    val_path: str | None = _field(
+        None,
+        "a validation set of your own: a .pt or .npz file, or a folder of .npy files, with "
+        "x_val and y_val (images as x_train); null: x_val/y_val of a tensors file, the val/ "
+        "folder of an imagefolder, else data.val_fraction of the training set",
     )
     mean: list[float] | None = _field(
         None, "per-channel normalisation mean; null: the data set's default", within="[-1e6, 1e6]"

@@ -15,7 +15,7 @@ from gifcli.data import DataSplits, load_dataset
 from gifcli.device import resolve_device
 from gifcli.errors import GifError
 from gifcli.models import build_model
-from gifcli.tasks import Task, task_from_config
+from gifcli.tasks import Task, described_task, task_from_config
 from gifcli.update import finite_outputs
 
 
@@ -85,4 +85,5 @@ def prepare(config: Config) -> RunContext:
         )
     # the label space is the model's: per-class metrics list every class it can predict
     data = dataclasses.replace(data, num_classes=config.model.num_classes)
+    data = described_task(config).data_for(config, data)
     return RunContext(config=config, device=device, data=data)

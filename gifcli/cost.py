@@ -4,9 +4,15 @@ and the budget that sizes the solve before it runs.
 Work is counted in *sample passes*: one forward and backward pass of one sample is 1. A
 Hessian-vector product over a sample and a forward pass of a sample are converted to passes
 by measurement (``Rates``: one gradient, one forward and a few training steps, timed on
-batches of the same data and device before the edit). One retraining is ``train.epochs ×``
-the retrained samples passes, and its seconds are those of the timed training steps scaled to
-that many samples: an estimate from real steps, not a guess.
+batches of the same data and device). The commands measure them once per machine and model
+and keep them in a cache file (``rates_cache``), so that the ratio a ``--check`` gates on,
+``retrain_ratio`` (the edit's passes over one retraining's: ``train.epochs ×`` the retrained
+samples training steps), is the same on every rerun of an edit whatever the machine's load,
+and no edit but the first pays for the timing. A training step of a sample counts
+``train / gradient`` passes (about two), so the ratio estimates the share of a retraining's
+time the edit's work takes at this machine's rates. ``seconds_ratio`` is the edit's seconds
+over one retraining's estimated from the timed training steps: information, since it follows
+the load.
 
 The budget (``influence.hessian_samples`` / ``max_iter: auto``) works in passes with fixed
 conversion factors, so the same config always gives the same edit. See docs/design.md, "Cost".
@@ -14,10 +20,16 @@ conversion factors, so the same config always gives the same edit. See docs/desi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,6 +91,11 @@ class Rates:
         return self.forward / self.gradient
 
     @property
+    def step_passes(self) -> float:
+        """A training step of one sample (train mode, optimiser), in sample passes."""
+        return self.train / self.gradient
+
+    @property
     def hvp_passes(self) -> float:
         return self.hvp / self.gradient
 
@@ -99,13 +116,16 @@ def measure_rates(
     batch_size: int,
     device: torch.device,
     curvature: str = "hessian",
+    hvp_mode: str = "double-backward",
 ) -> Rates:
-    """Time one gradient and one forward pass over a batch of ``sample`` (``batch_size``)
-    and ``TIMED_TRAINING_STEPS`` training steps as ``gif train`` takes them (train mode, a
-    batch of ``train.batch_size``, forward, backward and the momentum update, computed into
-    scratch tensors). ``model`` is left exactly as it was: its parameters are not updated and
-    its buffers (BatchNorm statistics) are restored. The optimiser object itself is not used:
-    its first construction imports torch's compiler, seconds that no edit needs."""
+    """Time one gradient, one forward pass and one curvature product (by ``hvp_mode``, once
+    its batch is cached, as a solve's later products run) over a batch of ``sample``
+    (``batch_size``) and ``TIMED_TRAINING_STEPS`` training steps as ``gif train`` takes them
+    (train mode, a batch of ``train.batch_size``, forward, backward and the momentum update,
+    computed into scratch tensors). ``model`` is left exactly as it was: its parameters are
+    not updated and its buffers (BatchNorm statistics) are restored. The optimiser object
+    itself is not used: its first construction imports torch's compiler, seconds that no edit
+    needs."""
     if len(sample) == 0:
         raise GifError(
             "removal: no retained training sample is left to measure on or to take the "
@@ -124,7 +144,7 @@ def measure_rates(
             model(x)
 
     operator = CurvatureOperator(
-        model=model, x=x, y=y, batch_size=len(y), curvature=curvature, hvp_mode="double-backward"
+        model=model, x=x, y=y, batch_size=len(y), curvature=curvature, hvp_mode=hvp_mode
     )
     direction = torch.ones(operator.dim, dtype=operator.dtype, device=operator.device)
 
@@ -154,6 +174,102 @@ def measure_rates(
         train=step,
         hvp=_timed(product) / len(y),
     )
+
+
+def rates_cache() -> Path:
+    """The cache file of measured rates: ``$XDG_CACHE_HOME/gif/rates.json`` (by default
+    ``~/.cache/gif/rates.json``). Delete it to measure again."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "gif" / "rates.json"
+
+
+def cached_rates(
+    cache: Path | None,
+    model: nn.Module,
+    sample: Split,
+    *,
+    train: TrainConfig,
+    batch_size: int,
+    device: torch.device,
+    curvature: str = "hessian",
+    hvp_mode: str = "double-backward",
+) -> tuple[Rates, bool]:
+    """``measure_rates``, once per machine and model: the rates ``cache`` holds under this
+    device, torch version, model (its class and every parameter's and buffer's shape), input
+    shape, batch sizes, curvature and HVP path, else measured now and stored there. Returns
+    the rates and whether they came from the cache; ``cache`` None: always measured, nothing
+    stored. A cache that cannot be read or written is measured around, never an error."""
+
+    def measure() -> Rates:
+        return measure_rates(
+            model,
+            sample,
+            train=train,
+            batch_size=batch_size,
+            device=device,
+            curvature=curvature,
+            hvp_mode=hvp_mode,
+        )
+
+    if cache is None:
+        return measure(), False
+    key = _rates_key(model, sample, train=train, batch_size=batch_size, device=device)
+    key += f"|{curvature}" + (f" {hvp_mode}" if curvature == "hessian" else "")
+    entries = _read_cache(cache)
+    try:
+        return Rates(**entries[key]), True
+    except (KeyError, TypeError):
+        rates = measure()
+    entries[key] = asdict(rates)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+        with os.fdopen(fd, "w") as file:
+            json.dump(entries, file, indent=1, sort_keys=True)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home: the next edit measures again
+    return rates, False
+
+
+def _read_cache(cache: Path) -> dict:
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _rates_key(
+    model: nn.Module, sample: Split, *, train: TrainConfig, batch_size: int, device: torch.device
+) -> str:
+    """What the rates depend on: the machine, torch, the model's shape, the batches."""
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{_cpu_name()} x{torch.get_num_threads()} threads"
+    shapes = [
+        (name, tuple(t.shape), str(t.dtype))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    ]
+    described = repr((type(model).__module__, type(model).__qualname__, shapes))
+    model_hash = hashlib.sha256(described.encode()).hexdigest()[:16]
+    inputs = tuple(sample.inputs.shape[1:])
+    return (
+        f"{device.type}:{machine}|torch {torch.__version__}|{model_hash}|inputs {inputs}|"
+        f"batch {batch_size}|train batch {train.batch_size}"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _batch(sample: Split, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,11 +344,13 @@ def _given(value: int | str, auto: int) -> int:
 
 
 def retrain_record(*, epochs: int, samples: int, rates: Rates) -> RetrainRecord:
-    """One retraining of the model: ``epochs × samples`` passes, seconds from the timed steps."""
+    """One retraining of the model: ``epochs × samples`` sample passes (the budget's unit),
+    each a training step of ``rates.step_passes`` passes; seconds from the timed steps."""
     return RetrainRecord(
         epochs=epochs,
         samples=samples,
         passes=float(epochs * samples),
+        step_passes=rates.step_passes,
         seconds=epochs * samples * rates.train,
         seconds_per_sample=rates.train,
         timed_steps=TIMED_TRAINING_STEPS,
@@ -246,6 +364,7 @@ def cost_record(
     rates: Rates,
     retrain: RetrainRecord,
     budget: BudgetRecord,
+    rates_cached: bool = False,
 ) -> CostRecord:
     """The ``cost`` block: the edit is every stage but ``metrics`` (the evaluation, which a
     retraining would need as well)."""
@@ -257,19 +376,24 @@ def cost_record(
         hvp_passes=rates.hvp_passes,
         forward_passes=rates.forward_passes,
         gradient_seconds_per_sample=rates.gradient,
+        rates_cached=rates_cached,
         retrain=retrain,
-        retrain_ratio=edit_seconds / retrain.seconds if retrain.seconds > 0 else None,
-        passes_ratio=edit_passes / retrain.passes if retrain.passes > 0 else None,
+        retrain_ratio=_ratio(edit_passes, retrain.passes * retrain.step_passes),
+        seconds_ratio=_ratio(edit_seconds, retrain.seconds),
         budget=budget,
     )
 
 
+def _ratio(edit: float, retrain: float) -> float | None:
+    return edit / retrain if retrain > 0 else None
+
+
 def with_load(cost: CostRecord, seconds: float) -> CostRecord:
     """``cost`` with the seconds of loading the model and data (a run from a config) counted
-    in the edit, and the ratio to retraining updated."""
+    in the edit, and the seconds ratio to retraining updated."""
     edit_seconds = cost.seconds["edit"] + seconds
     return replace(
         cost,
         seconds={"load": seconds, **cost.seconds, "edit": edit_seconds},
-        retrain_ratio=edit_seconds / cost.retrain.seconds if cost.retrain.seconds > 0 else None,
+        seconds_ratio=_ratio(edit_seconds, cost.retrain.seconds),
     )

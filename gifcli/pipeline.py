@@ -16,6 +16,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,9 +32,9 @@ from gifcli.config import (
 )
 from gifcli.cost import (
     FORWARD_PASSES,
+    cached_rates,
     cost_record,
     counted_forwards,
-    measure_rates,
     plan_budget,
     retrain_record,
     solve_products,
@@ -58,7 +59,6 @@ from gifcli.records import (
     MetricsRecord,
     ParamsRecord,
     RemovalRecord,
-    RetrainRecord,
     SelectionRecord,
     SolverRecord,
     UpdateRecord,
@@ -162,6 +162,7 @@ def edit(
     progress: ProgressFactory = silent,
     inplace: bool = False,
     note: Callable[[str], None] = _quiet,
+    rates_cache: Path | None = None,
 ) -> EditResult:
     """Make ``model`` forget ``task``'s removal set on ``data``; nothing is written.
 
@@ -177,6 +178,9 @@ def edit(
         note: hears one-line warnings: before the work, an edit predicted to cost more than
             one retraining; after the search, a step more than ``EXTRAPOLATED`` times the
             influence step.
+        rates_cache: a file of the per-machine rates that convert the edit's work to sample
+            passes (``gifcli.cost.rates_cache()``; the commands use it): read, or written
+            once; None measures them for this edit and writes nothing.
     """
     settings = settings or Settings()
     _validate(settings)
@@ -204,25 +208,16 @@ def edit(
     seconds["removal_set"] = time.perf_counter() - started
 
     clock = time.perf_counter()
-    rates = measure_rates(
-        model,
-        removal.retained,
-        train=settings.train,
-        batch_size=settings.influence.batch_size,
-        device=device,
-        curvature=settings.influence.curvature,
-    )
-    retrain = retrain_record(
-        epochs=settings.train.epochs, samples=len(task.retrain_split(data)), rates=rates
-    )
+    retrain_samples = len(task.retrain_split(data))
+    retrain_passes = float(settings.train.epochs * retrain_samples)
     retained = retained_sample(task, data, settings)
     budget = _plan(
-        settings, removal, retrain, validation=len(data.val), mask=mask, retained=retained
+        settings, removal, retrain_passes, validation=len(data.val), mask=mask, retained=retained
     )
     if budget.predicted_ratio > 1:
         note(
             f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
-            f"retraining ({budget.predicted_passes:,.0f} of {retrain.passes:,.0f} sample passes) "
+            f"retraining ({budget.predicted_passes:,.0f} of {retrain_passes:,.0f} sample passes) "
             "and runs anyway; influence.hessian_samples=auto and influence.max_iter=auto size "
             "it to influence.budget"
         )
@@ -232,6 +227,17 @@ def edit(
             settings.influence, hessian_samples=budget.hessian_samples, max_iter=budget.max_iter
         ),
     )
+    rates, rates_cached = cached_rates(
+        rates_cache,
+        model,
+        removal.retained,
+        train=settings.train,
+        batch_size=settings.influence.batch_size,
+        device=device,
+        curvature=settings.influence.curvature,
+        hvp_mode=hvp_mode_for(_expected_products(settings.influence)),
+    )
+    retrain = retrain_record(epochs=settings.train.epochs, samples=retrain_samples, rates=rates)
     influence = settings.influence
     seconds["probe"] = time.perf_counter() - clock
 
@@ -339,6 +345,7 @@ def edit(
             rates=rates,
             retrain=retrain,
             budget=budget,
+            rates_cached=rates_cached,
         ),
     )
     return EditResult(
@@ -357,7 +364,7 @@ def edit(
 def _plan(
     settings: Settings,
     removal: RemovalSet,
-    retrain: RetrainRecord,
+    retrain_passes: float,
     *,
     validation: int,
     mask: dict[str, torch.Tensor] | None,
@@ -373,7 +380,7 @@ def _plan(
     return plan_budget(
         settings.influence,
         settings.update,
-        retrain_passes=retrain.passes,
+        retrain_passes=retrain_passes,
         fixed_passes=selection + _gradient_passes(settings, removal, retained),
         validation=min(validation, settings.update.search_samples or validation),
     )

@@ -37,6 +37,8 @@ class RemovalRecord:
     train_samples: int
     hessian_samples: int
     gradient_samples: int
+    validation: str = ""
+    """Where the validation split the step was searched on comes from (a command's run)."""
 
 
 @dataclass
@@ -151,18 +153,23 @@ class RetrainRecord:
     epochs: int
     samples: int
     passes: float
+    """``epochs × samples``: what ``influence.budget`` is a fraction of."""
     seconds: float
     seconds_per_sample: float
     timed_steps: int
+    step_passes: float = 2.0
+    """A training step of one sample in sample passes (measured: train mode, optimiser)."""
 
 
 @dataclass
 class CostRecord:
     """What the edit cost. ``seconds`` and ``passes`` per stage (``edit``: every stage but
     ``metrics``); ``hvp_passes`` and ``forward_passes``: one HVP over a sample and one forward
-    pass of a sample in sample passes, measured against a gradient on the same batch (the HVP
-    by double backward); ``retrain_ratio``: edit seconds over the
-    retraining's, ``passes_ratio``: the same in passes."""
+    pass of a sample in sample passes, measured against a gradient on the same batch, once per
+    machine and model (``rates_cached``: taken from the cache); ``retrain_ratio``: the edit's
+    passes over one retraining's (``retrain.passes × retrain.step_passes``), the same on every
+    rerun (gate on it); ``seconds_ratio``: the edit's seconds over one retraining's estimated
+    seconds, which follow the machine's load (information)."""
 
     seconds: dict[str, float]
     passes: dict[str, float]
@@ -171,8 +178,9 @@ class CostRecord:
     gradient_seconds_per_sample: float
     retrain: RetrainRecord
     retrain_ratio: float | None
-    passes_ratio: float | None
+    seconds_ratio: float | None
     budget: BudgetRecord
+    rates_cached: bool = False
 
 
 @dataclass

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 KL_KEYS = tuple(key for key in FIDELITY_KEYS if key.startswith("kl_"))
 
+INDICES_SHA256 = "removal_indices_sha256"
+"""Checkpoint metadata: the sha256 of the ``removal.indices`` file an edit forgot, so that
+``gif evaluate`` refuses a listing changed since."""
+
 OUTPUT_FILES = {
     "model": "model.safetensors",
     "mask": "mask.safetensors",
@@ -61,12 +65,16 @@ def write_outputs(
     paths = output_paths(directory)
     report = result.report
     settings_yaml = config.to_yaml() if config is not None else _settings_yaml(result)
+    listing = {}
+    if config is not None and config.removal.indices is not None:
+        listing[INDICES_SHA256] = sha256_file(config.removal.indices)
     metadata = checkpoint_metadata(
         task=report.task,
         config_yaml=settings_yaml,
         input_sha256=report.checkpoint.input_sha256,
         method=report.method,
         removal=result.task.description,
+        **listing,
     )
     names = OUTPUT_FILES.values()
     with (
@@ -105,15 +113,33 @@ def mask_metadata(task: str, selection: SelectionConfig, config_yaml: str) -> di
     }
 
 
+SWEEP_LABELS = {
+    "match_val": "match: removal set vs validation (100: indistinguishable)",
+    "ks_val": "KS distance of their losses (×100)",
+    "confidence_gap_val": "mean confidence gap to validation",
+    "acc_val": "validation accuracy",
+    "forget_acc_train": "accuracy on the removal set",
+    "forget_acc_val": "forget accuracy (validation)",
+    "retain_acc_val": "retain accuracy (validation)",
+    "clean_acc_val": "clean accuracy (validation)",
+    "robust_acc_val": "robust accuracy (validation)",
+    "asr_val": "attack success rate (validation)",
+    "objective": "objective (the search keeps its best)",
+}
+"""Legend labels of the sweep plot's curves (a key without one is shown as it is)."""
+
+
 def plot_sweep(report: dict, path: Path) -> None:
-    """The validation metrics against the step scale, the chosen scale marked."""
+    """The validation metrics against the step, the chosen step marked; the legend beside the
+    plot, the axes a little wider than the data, percentages on a 0-100 axis (an objective
+    penalised below it, by a step that costs too much validation accuracy, is said so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     sweep = report["update"]["sweep"]
-    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    figure, axis = plt.subplots(figsize=(9.6, 4.2))
     if "damping" in sweep[0]:  # damping: auto, one curve of the objective per λ
         for relative in sorted({p["relative_damping"] for p in sweep}):
             curve = sorted(
@@ -133,18 +159,29 @@ def plot_sweep(report: dict, path: Path) -> None:
         scales = [p["scale"] for p in sweep]
         keys = [k for k in sweep[0] if k.endswith(("_val", "_train"))] + ["objective"]
         for key in keys:
-            axis.plot(scales, [p[key] for p in sweep], marker=".", label=key)
+            axis.plot(scales, [p[key] for p in sweep], marker=".", label=SWEEP_LABELS.get(key, key))
         axis.axvline(
             report["update"]["scale"],
             color="black",
             linestyle="--",
-            label=f"chosen s={report['update']['scale']:.3g}",
+            label=f"chosen s = {report['update']['scale']:.3g}",
         )
         axis.set_xlabel("step scale s")
-        axis.set_ylabel("validation metric (%)")
+        axis.set_ylabel("percent")
+        lowest = min(p["objective"] for p in sweep)
+        axis.set_ylim(-5, 105)
+        if lowest < -5:
+            axis.text(
+                0.01,
+                0.01,
+                "objective below the axis: steps that lose more validation accuracy than allowed",
+                transform=axis.transAxes,
+                fontsize="small",
+            )
     axis.set_xscale("log")
+    axis.margins(x=0.05)  # the smallest or largest step is not on the frame
     axis.set_title(f"{report['task']}: {report['method']} step search")
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
     plt.close(figure)
@@ -193,11 +230,28 @@ def changed_text(report: dict) -> str:
 
 def summary_lines(report: dict) -> list[str]:
     """The solve, the step and the parameters changed, for the terminal."""
-    return [
+    update = report["update"]
+    lines = [
         f"solver {solve_text(report['solver'])}",
-        f"{step_text(report['update'])}; {changed_text(report)}",
-        cost_text(report["cost"]),
+        f"{step_text(update)}; {changed_text(report)}",
     ]
+    if report["removal"]["validation"]:
+        lines.append(f"validation split: {report['removal']['validation']}")
+    if smallest_step_chosen(update):
+        lines.append(
+            f"the step search chose its smallest step (relative {update['relative_norm']:.3g}, "
+            "update.grid_min): the edit barely changes the model; lower update.grid_min to "
+            "search smaller steps, or check that the removal set differs from unseen data"
+        )
+    return [*lines, cost_text(report["cost"])]
+
+
+def smallest_step_chosen(update: dict) -> bool:
+    """Whether the step search kept the smallest relative step it tried."""
+    steps = [p["relative_step"] for p in update["sweep"]]
+    if update["chosen_by"] != "validation" or not steps or update["relative_norm"] is None:
+        return False
+    return update["relative_norm"] <= min(steps) * (1 + 1e-9)
 
 
 def step_text(update: dict) -> str:
@@ -210,12 +264,16 @@ def step_text(update: dict) -> str:
 
 
 def cost_text(cost: dict) -> str:
-    """``edit 12.5 s ≈ 0.18× retraining (est. 70.0 s …)``: the edit's cost in one line."""
-    retrain, ratio = cost["retrain"], cost["retrain_ratio"]
-    against = f"≈ {ratio:.2f}× retraining" if ratio is not None else "against no retraining"
+    """``edit 0.21× retraining (counted: …); 2.4 s now, …``: the edit's cost in one line, the
+    figure a gate reads first."""
+    retrain, ratio, seconds = cost["retrain"], cost["retrain_ratio"], cost["seconds_ratio"]
+    if ratio is None:
+        return f"edit {cost['seconds']['edit']:.1f} s, against no retraining"
     return (
-        f"edit {cost['seconds']['edit']:.1f} s {against} (est. {retrain['seconds']:.1f} s: "
-        f"{retrain['epochs']} epochs over {retrain['samples']:,} samples)"
+        f"edit {ratio:.2f}× retraining (counted: {cost['passes']['edit']:,.0f} sample passes "
+        f"against {retrain['epochs']} epochs over {retrain['samples']:,} samples at "
+        f"{retrain['step_passes']:.2f} passes a sample); {cost['seconds']['edit']:.1f} s now, "
+        f"{format_cell(seconds)}× the {retrain['seconds']:.1f} s retraining would take now"
     )
 
 

@@ -9,6 +9,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -20,13 +21,15 @@ from gifcli.checkpoint import read_metadata, recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
 from gifcli.context import prepare
-from gifcli.cost import with_load
+from gifcli.cost import rates_cache, with_load
+from gifcli.errors import GifError
 from gifcli.metrics import salun_metrics
 from gifcli.outputs import claim_output_dir, claim_output_files, refuse_inputs_inside
 from gifcli.pipeline import Settings, edit, select
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import CheckpointRecord, EvaluateReport
 from gifcli.report import (
+    INDICES_SHA256,
     OUTPUT_FILES,
     mask_metadata,
     output_paths,
@@ -34,7 +37,7 @@ from gifcli.report import (
     write_outputs,
 )
 from gifcli.selection import load_mask, save_mask, summarize_mask
-from gifcli.tasks import Task, check_task, described_task
+from gifcli.tasks import TASK_NAMES, Task, check_task, described_task
 
 
 def run_edit(
@@ -102,6 +105,8 @@ def _edit_from_config(
     mask = load_mask(mask_path, model) if mask_path is not None else None
     input_sha = sha256_file(config.checkpoint)
     load_seconds = time.perf_counter() - started
+    for line in ctx.data.notes:
+        note(line)  # once every input is checked
     with distributed.process_group(ctx.device):
         result = edit(
             model,
@@ -113,9 +118,11 @@ def _edit_from_config(
             progress=progress,
             inplace=True,
             note=note,
+            rates_cache=rates_cache(),
         )
         result.report.cost = with_load(result.report.cost, load_seconds)
         result.report.selection.mask = str(mask_path) if mask_path else None
+        result.report.removal.validation = ctx.data.validation
         result.report.checkpoint = CheckpointRecord(
             input=str(config.checkpoint),
             input_sha256=input_sha,
@@ -216,12 +223,12 @@ def run_evaluate(
     """Overall and per-class test accuracy of ``checkpoint`` and the metrics of the config's
     task, with the result of each of ``checks``.
 
-    An edited checkpoint records the removal set it was edited for (its metadata's config):
-    unless ``removal_given`` (the user set ``removal.*`` explicitly), the metrics are taken for
-    that removal set, with a note when it differs from the config's.
+    An edited checkpoint records the removal set it was edited for (its metadata's config,
+    and the sha256 of a ``removal.indices`` file): unless ``removal_given`` (the user set
+    ``removal.*`` explicitly), the metrics are taken for that removal set and that task, with
+    a note when it differs from the config's (``evaluation_config``).
     """
-    notes: list[str] = []
-    config = recorded_removal(config, checkpoint, removal_given, notes)
+    config, notes = evaluation_config(config, checkpoint, removal_given=removal_given)
     ctx = prepare(config)
     model = ctx.load_model(checkpoint, role="evaluated")
     task = ctx.task()
@@ -243,35 +250,82 @@ def run_evaluate(
     return report.to_dict()
 
 
-def recorded_removal(config: Config, checkpoint: Path, given: bool, notes: list[str]) -> Config:
-    """``config`` with the ``removal`` section recorded in ``checkpoint``'s metadata, if any."""
-    task, recorded_raw = recorded_config(checkpoint, notes)
-    recorded = recorded_raw.get("removal")
-    if task != described_task(config).name or not isinstance(recorded, dict):
-        return config  # not an edit for this task (e.g. a base model or an oracle)
-    current = config.to_dict()["removal"]
-    if {**current, **recorded} == current:
-        return config
-    if given:
+RECORDED_KEYS = ("removal", "data.poison")
+"""What an edited checkpoint's metadata says about its removal set: ``removal`` and the
+poison scenario a backdoor is described by."""
+
+
+def evaluation_config(
+    config: Config, checkpoint: Path, *, removal_given: bool = False
+) -> tuple[Config, list[str]]:
+    """The config ``gif evaluate`` scores ``checkpoint`` with, and its notes: ``config`` with
+    the removal set (and task) an edited checkpoint records, unless ``removal_given``. A
+    recorded ``removal.indices`` file that is missing or changed since the edit is refused."""
+    notes: list[str] = []
+    task, raw = recorded_config(checkpoint, notes)
+    if task not in TASK_NAMES or not isinstance(raw.get("removal"), dict):
+        return config, notes  # not an edit (a base model, an oracle, another tool's file)
+    current = config.to_dict()
+    recorded = {key: _at(raw, key) for key in RECORDED_KEYS}
+    differs = {k: v for k, v in recorded.items() if _at(current, k) != v}
+    differs["removal"] = {
+        k: v for k, v in recorded["removal"].items() if current["removal"].get(k) != v
+    }
+    if not differs["removal"]:
+        del differs["removal"]
+    if removal_given:
+        if differs:
+            notes.append(
+                f"{checkpoint} was edited by {task} for {_shown(differs)}; scoring the removal "
+                "set given on the command line instead"
+            )
+        return config, notes
+    if differs:
+        merged = copy.deepcopy(current)
+        merged["removal"] = {**current["removal"], **recorded["removal"]}
+        merged["data"]["poison"] = recorded["data.poison"]
+        was = described_task(config).name
+        source = config.source
+        config = build_config(merged, source=f"{checkpoint} (its metadata)")
+        config.source = source
         notes.append(
-            f"{checkpoint} was edited for removal {recorded}; scoring the removal set given "
-            "on the command line instead"
+            f"scored as {task} on the removal set {checkpoint} records (what it was edited "
+            f"for: {_shown(differs)})"
+            + (f", not as the config's {was} task" if was != task else "")
+            + "; pass removal.* overrides to score another"
         )
-        return config
-    merged = build_config(
-        {**config.to_dict(), "removal": {**current, **recorded}},
-        source=f"{checkpoint} (its metadata)",
-    )
-    notes.append(
-        f"removal set taken from {checkpoint}'s metadata (what it was edited for): "
-        f"{_differences(current, recorded)}; pass removal.* overrides to score another"
-    )
-    return merged
+    _check_listing(config, checkpoint, read_metadata(checkpoint), notes)
+    return config, notes
 
 
-def _differences(current: dict, recorded: dict) -> str:
-    return ", ".join(
-        f"removal.{key}={recorded[key]!r} (config: {current.get(key)!r})"
-        for key in recorded
-        if recorded[key] != current.get(key)
-    )
+def _check_listing(config: Config, checkpoint: Path, metadata: dict, notes: list[str]) -> None:
+    """Refuse a recorded ``removal.indices`` file that is missing or changed since the edit."""
+    path = config.removal.indices
+    if path is None:
+        return
+    recorded = metadata.get(INDICES_SHA256)
+    if not Path(path).is_file():
+        raise GifError(
+            f"{path}: the listing {checkpoint} was edited to forget is missing; restore it, or "
+            "pass removal.indices=FILE to score another listing"
+        )
+    if recorded is None:
+        notes.append(f"{checkpoint} records no hash of {path}: scored on the file as it is now")
+    elif sha256_file(path) != recorded:
+        raise GifError(
+            f"{path}: changed since {checkpoint} was edited to forget the samples it listed "
+            f"(sha256 {recorded[:12]}… then); restore it, or pass removal.indices=FILE to "
+            "score another listing"
+        )
+
+
+def _at(raw: dict, dotted: str) -> object:
+    for key in dotted.split("."):
+        raw = raw.get(key) if isinstance(raw, dict) else None
+    return raw
+
+
+def _shown(differs: dict) -> str:
+    parts = [f"{key}={value!r}" for key, value in differs.items() if key != "removal"]
+    parts += [f"removal.{key}={value!r}" for key, value in differs.get("removal", {}).items()]
+    return ", ".join(parts)

@@ -180,5 +180,6 @@ def _train(
         "task_metrics_train_samples": task.metrics_sample_size(ctx.data),
         "task_removal": task.description,
         "checkpoint": str(output),
+        "notes": list(ctx.data.notes),
     }
     return model, report, ctx.data

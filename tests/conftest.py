@@ -1,6 +1,7 @@
 """Shared fixtures: base checkpoints trained once per test session on scikit-learn's digits."""
 
 import json
+import os
 import signal
 import struct
 import zlib
@@ -16,6 +17,13 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 DIGITS_BACKDOOR = ROOT / "configs" / "digits-backdoor.yaml"
 DIGITS_SAMPLES = ROOT / "configs" / "digits-samples.yaml"
 MLP = ["model.arch=mlp", "model.kwargs={hidden: 8}"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rates_cache_of_the_session(tmp_path_factory) -> None:
+    """The commands keep measured cost rates in the user's cache folder: the suite (and every
+    command it starts) keeps them in a folder of its own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,6 +13,7 @@ from gifcli.cost import (
     FORWARD_PASSES,
     HVP_PASSES,
     Rates,
+    cached_rates,
     cost_record,
     measure_rates,
     plan_budget,
@@ -77,9 +78,11 @@ def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
         budget=plan(1e6),
     )
     assert cost.seconds["edit"] == pytest.approx(0.5)  # evaluation (metrics) excluded
-    assert cost.retrain_ratio == pytest.approx(0.25)
+    assert cost.seconds_ratio == pytest.approx(0.25)
     assert cost.passes["edit"] == pytest.approx(410.0)
-    assert cost.passes_ratio == pytest.approx(0.041)
+    # in passes, a training step of a sample 2 (train / gradient): what a gate reads
+    assert retrain.step_passes == pytest.approx(2.0)
+    assert cost.retrain_ratio == pytest.approx(410.0 / (10_000 * 2.0))
     assert cost.forward_passes == pytest.approx(0.2) and cost.hvp_passes == pytest.approx(3.0)
 
 
@@ -116,7 +119,10 @@ def test_an_edit_reports_its_cost(digits_base):
     retrain = cost["retrain"]
     assert retrain["samples"] == len(data.train) - 131  # class 3 left out
     assert retrain["passes"] == config.train.epochs * retrain["samples"]
-    assert cost["retrain_ratio"] == pytest.approx(cost["seconds"]["edit"] / retrain["seconds"])
+    counted = retrain["passes"] * retrain["step_passes"]
+    assert cost["retrain_ratio"] == pytest.approx(cost["passes"]["edit"] / counted)
+    assert cost["seconds_ratio"] == pytest.approx(cost["seconds"]["edit"] / retrain["seconds"])
+    assert not cost["rates_cached"]  # the library measures unless given a cache
     assert (cost["budget"]["hessian_samples"], cost["budget"]["max_iter"]) == (128, 4)
 
 
@@ -153,3 +159,49 @@ def test_budget_counts_a_curvature_product_at_its_own_cost():
     assert HVP_PASSES["hessian"] > HVP_PASSES["ggn"]
     assert hessian.hessian_samples < ggn.hessian_samples  # the dearer product buys less
     assert hessian.predicted_passes <= hessian.allowed_passes
+
+
+def test_rates_are_measured_once_per_machine_and_model_and_the_ratio_repeats(
+    tmp_path, monkeypatch, digits_base
+):
+    config, model, data = in_memory(digits_base)
+    settings = gifcli.Settings.from_config(config)
+    settings.influence.hessian_samples, settings.influence.max_iter = 128, 3
+    cache = tmp_path / "gif" / "rates.json"
+
+    def run():
+        result = gifcli.edit(
+            model, gifcli.RemoveClass(classes=[3]), data, settings, rates_cache=cache
+        )
+        return result.report.cost
+
+    first = run()
+    assert not first.rates_cached and cache.is_file()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(gifcli.cost, "measure_rates", no_timing)
+    reruns = [run() for _ in range(2)]
+    assert all(cost.rates_cached for cost in reruns)
+    # counts times cached rates: the same figure on every rerun, whatever the load
+    assert {cost.retrain_ratio for cost in [first, *reruns]} == {first.retrain_ratio}
+    assert all(cost.seconds["probe"] < 0.05 * cost.seconds["edit"] for cost in reruns)
+
+
+def test_a_broken_or_foreign_cache_is_measured_around(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    sample = TensorSplit(torch.randn(40, 1, 8, 8), torch.arange(40) % 10)
+    options = {"train": TrainConfig(batch_size=16), "batch_size": 32, "device": torch.device("cpu")}
+    cache = tmp_path / "rates.json"
+    cache.write_text("{not json")
+    rates, cached = cached_rates(cache, model, sample, **options)
+    assert not cached and rates.gradient > 0
+    assert cached_rates(cache, model, sample, **options) == (rates, True)
+    wider = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12)).eval()
+    assert not cached_rates(cache, wider, sample, **options)[1]  # another model: its own
+    assert len(json.loads(cache.read_text())) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert not cached_rates(blocked / "rates.json", model, sample, **options)[1]  # unwritable

@@ -81,34 +81,44 @@ def test_removal_set_keys_are_validated(removal, message):
         build_config({"removal": removal})
 
 
-def test_listed_indices_count_the_full_training_set_and_skip_validation(tmp_path):
+def listed_config(listing, *overrides):
+    return load_config(
+        DIGITS_SAMPLES, [f"removal.indices={listing}", "removal.random=null", *overrides]
+    )
+
+
+def test_listed_samples_of_the_validation_split_are_moved_to_training_and_removed(tmp_path):
     data = digits_splits()
     trained, held_out = data.train_source[[5, 0, 40]], data.val_source[[3, 1]]
     listing = tmp_path / "forget.txt"
     listing.write_text("".join(f"{i}\n" for i in [*trained.tolist(), *held_out.tolist()]))
-    config = load_config(DIGITS_SAMPLES, [f"removal.indices={listing}", "removal.random=null"])
-    task = RemoveSamples.from_config(config, data)
-    assert task.forget.tolist() == [0, 5, 40]
-    assert sorted(task.val_excluded.tolist()) == [1, 3]
-    assert task.description == (
-        f"3 training samples: listed in {listing}; 2 listed validation samples left out of it"
+    config = listed_config(listing)
+    moved = RemoveSamples.data_for(config, data)
+    task = RemoveSamples.from_config(config, moved)
+    n = len(data.train)
+    assert task.forget.tolist() == [0, 5, 40, n, n + 1]  # every listed sample, none dropped
+    assert task.description == f"5 training samples: listed in {listing}"
+    assert moved.validation.endswith(
+        "2 of the listed samples were in it: they are taken out of it and removed with the others"
     )
-    val = task.validation(data)
-    assert len(val) == len(data.val) - 2
-    assert not any(torch.equal(data.val.x[i], v) for i in (1, 3) for v in val.x)
-    retrain = task.retrain_split(data)
-    assert len(retrain) == len(data.train) - 3
-    kept = [i for i in range(len(data.train)) if i not in (0, 5, 40)]
+    assert len(moved.val) == len(data.val) - 2 and len(moved.train) == n + 2
+    assert torch.equal(moved.train.x[n:], data.val.x[[1, 3]])
+    assert not any(torch.equal(data.val.x[i], v) for i in (1, 3) for v in moved.val.x)
+    retrain = task.retrain_split(moved)
+    kept = [i for i in range(n) if i not in (0, 5, 40)]
     assert torch.equal(retrain.x, data.train.x[kept])
+    with pytest.raises(GifError, match="2 listed samples are in the validation split; load"):
+        RemoveSamples.from_config(config, data)  # without data_for
 
 
-def test_a_listing_of_validation_samples_only_is_refused(tmp_path):
+def test_a_listing_of_validation_samples_only_is_removed_whole(tmp_path):
     data = digits_splits()
     listing = tmp_path / "forget.json"
     listing.write_text(json.dumps(data.val_source[:4].tolist()))
-    config = load_config(DIGITS_SAMPLES, [f"removal.indices={listing}", "removal.random=null"])
-    with pytest.raises(GifError, match="every listed sample is in the validation split"):
-        RemoveSamples.from_config(config, data)
+    config = listed_config(listing)
+    moved = RemoveSamples.data_for(config, data)
+    assert len(RemoveSamples.from_config(config, moved).forget) == 4
+    assert len(moved.val) == len(data.val) - 4
 
 
 def test_positions_are_checked_against_the_training_split():
@@ -268,10 +278,9 @@ def test_indices_file_in_each_format_replaces_the_config_removal_set(
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["removal"]["samples"] == 30
-    assert report["removal"]["description"] == (
-        f"30 training samples: listed in {listing}; 1 listed validation samples left out of it"
-    )
+    assert report["removal"]["samples"] == 31  # the one the validation split held included
+    assert report["removal"]["description"] == f"31 training samples: listed in {listing}"
+    assert "1 of the listed samples were in it" in report["removal"]["validation"]
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -366,3 +375,33 @@ def test_evaluate_and_the_library_use_the_task(runner, tiny_mlp):
     result = gifcli.edit(model, task, data, gifcli.Settings.from_config(config))
     assert result.report.task == RemoveSamples.name and result.report.removal.samples == 65
     assert "confidence_gap_val" in result.sweep[0].metrics
+
+
+def test_evaluate_scores_a_remove_samples_edit_on_its_recorded_listing(runner, tmp_path, tiny_mlp):
+    listing = tmp_path / "forget.txt"
+    listing.write_text("".join(f"{i}\n" for i in range(0, 400, 8)))
+    out = tmp_path / "edit"
+    args = [*FAST, f"checkpoint={tiny_mlp}", "--indices", listing, "-o", out, "--json"]
+    edit = invoke(runner, "remove-samples", DIGITS_SAMPLES, *args)
+    assert edit.exit_code == 0, edit.output
+    after = json.loads(edit.stdout)["metrics"]["after"]
+    model = out / "model.safetensors"
+    # a remove-class config: the checkpoint's own task and listing are scored, with a note
+    scored = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model, "--json")
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)
+    assert report["task"] == RemoveSamples.name
+    assert report["removal"] == f"50 training samples: listed in {listing}"
+    assert report["metrics"]["forget_acc_train"] == after["forget_acc_train"]
+    (note,) = report["notes"]
+    assert note.startswith(f"scored as remove-samples on the removal set {model} records")
+    assert "not as the config's remove-class task" in note
+    gated = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model, "--check", "acc_test>=0")
+    assert gated.exit_code == 0, gated.output  # checks validated against the scored task
+    listing.write_text("".join(f"{i}\n" for i in range(0, 400, 9)))
+    changed = invoke(runner, "evaluate", DIGITS, *MLP, "-c", model)
+    assert changed.exit_code == 1
+    assert f"{listing}: changed since {model} was edited to forget" in changed.output
+    listing.unlink()
+    missing = invoke(runner, "evaluate", DIGITS_SAMPLES, *MLP, "-c", model)
+    assert missing.exit_code == 1 and "is missing; restore it" in missing.output

@@ -59,6 +59,11 @@ EXIT_CODES = (
     "run; 2 usage error (also a malformed --check or an unknown report path); 3 the "
     "run finished and wrote its outputs, but a --check failed."
 )
+EVALUATE_EXIT_CODES = (
+    "Exit codes: 0 success, every --check holds; 1 a problem with the inputs; 2 usage error "
+    "(also a malformed --check or an unknown metric); 3 the metrics were measured (and "
+    "printed), but a --check failed."
+)
 
 CONFIG_ARG = typer.Argument(
     ...,
@@ -102,6 +107,31 @@ EVALUATE_CHECK_OPT = typer.Option(
     "'per_class_acc_test.3<=1': exit code 3 when one fails.",
     show_default=False,
 )
+
+
+def _plain_flags(params: list) -> list:
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""  # a flag takes no value: no ``<bool>`` beside it
+    return params
+
+
+class Command(typer.core.TyperCommand):
+    """Usage and help as users read them: ``CONFIG [KEY=VALUE]...`` (a required argument
+    plain, not ``{CONFIG}``) and no value type beside a flag."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+    def get_params(self, ctx: Any) -> list:
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(typer.core.TyperGroup):
+    """``gif --help`` likewise."""
+
+    def get_params(self, ctx: Any) -> list:
+        return _plain_flags(super().get_params(ctx))
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,7 +11,7 @@ from gifcli.checks import evaluate_report_schema
 from gifcli.cli.common import (
     CONFIG_ARG,
     EVALUATE_CHECK_OPT,
-    EXIT_CODES,
+    EVALUATE_EXIT_CODES,
     JSON_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
@@ -50,18 +50,15 @@ def evaluate(
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
-    from gifcli.runs import run_evaluate
+    from gifcli.runs import evaluation_config, run_evaluate
     from gifcli.tasks import described_task
 
-    kind = described_task(cfg)
+    given = any(o.startswith("removal.") for o in overrides or [])
+    scored, _ = evaluation_config(cfg, checkpoint, removal_given=given)  # the task it scores
+    kind = described_task(scored)
     schema = evaluate_report_schema(kind.metric_keys, salun=kind.salun_sources is not None)
     gates = parse_check_options(checks, schema)
-    report = run_evaluate(
-        config=cfg,
-        checkpoint=checkpoint,
-        checks=gates,
-        removal_given=any(o.startswith("removal.") for o in overrides or []),
-    )
+    report = run_evaluate(config=cfg, checkpoint=checkpoint, checks=gates, removal_given=given)
     if json_output:
         print_json(report)
     elif not quiet:
@@ -70,7 +67,9 @@ def evaluate(
 
 
 def print_metrics(report: dict) -> None:
-    table = Table(title=f"{report['checkpoint']} ({report['task']})")
+    # the path on a line of its own: a table title would wrap it to the table's width
+    console.print(f"{report['checkpoint']} ({report['task']})", highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report["metrics"].items():
@@ -86,4 +85,4 @@ def print_metrics(report: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate", epilog=f"{EPILOG}\n{EXIT_CODES}")(evaluate)
+    app.command("evaluate", epilog=f"{EPILOG}\n{EVALUATE_EXIT_CODES}")(evaluate)

@@ -16,10 +16,11 @@ from gifcli.cli import (
     select_params,
     train,
 )
-from gifcli.cli.common import EXIT_CODES
+from gifcli.cli.common import EXIT_CODES, Command, Group
 
 app = typer.Typer(
     name="gif",
+    cls=Group,
     help="Make a trained PyTorch classifier forget part of its training data with Generalized "
     "Influence Functions.",
     epilog=EXIT_CODES,
@@ -43,8 +44,8 @@ def main(
     ),
 ) -> None:
     """Exit codes: 0 success (and every --check holds), 1 a problem with the inputs or the run,
-    2 usage error (also a malformed --check), 3 the run finished and wrote its outputs but a
-    --check failed."""
+    2 usage error (also a malformed --check), 3 the run finished (an edit: its outputs written)
+    but a --check failed."""
 
 
 for module in (
@@ -58,5 +59,7 @@ for module in (
     configs,
 ):
     module.register(app)
+for registered in app.registered_commands:  # every command's usage and help (Command)
+    registered.cls = Command
 
 restore_sigint()  # every command is imported: Ctrl-C is a KeyboardInterrupt again

@@ -22,7 +22,8 @@ EPILOG = """Examples:
     --check 'gap.forget_acc_train<=3' --check 'after.acc_test>=before.acc_test-1'
 
 Indices count the samples of the data set's training split from 0, before the validation
-split is held out; listed samples that fall into the validation split are left out of it.
+split is held out; every listed sample is removed (one that a held-out validation split would
+hold is taken out of it).
 """
 
 

@@ -81,6 +81,8 @@ def print_train_report(report: dict) -> None:
         table.add_row("poisoned samples", f"{report['poisoned']} (for removal.poison_indices)")
     table.add_row("seconds", f"{report['seconds']:.1f}")
     console.print(table)
+    for line in report["notes"]:
+        console.print(f"note: {line}", highlight=False, markup=False, soft_wrap=True)
     if oracle:
         console.print(
             f"The oracle never saw {report['task_removal']}: its low accuracy there is the "

@@ -14,6 +14,7 @@ by the batch, not by the data set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ from torch import Tensor
 
 from gifcli.config import DataConfig
 from gifcli.data.folders import read_imagefolder
-from gifcli.data.splits import Split, StreamedSplit, TensorSplit
+from gifcli.data.splits import Split, StreamedSplit, TensorSplit, concat
 from gifcli.data.stores import ArrayStore, ImageStore
-from gifcli.data.tensor_files import read_tensor_file
+from gifcli.data.tensor_files import read_tensor_file, read_val_file
 from gifcli.data.triggers import Poisoning, poison_split
 from gifcli.errors import GifError
 
@@ -55,7 +56,10 @@ class DataSplits:
     poison: the backdoor planted by ``data.poison`` (positions in ``train``), else None.
     train_source, val_source: int64, for each sample of ``train`` / ``val`` its index in the
     data set's full training set (before the validation split), e.g. to map a user's file of
-    poisoned training indices to positions in ``train`` (``to_split_positions``).
+    poisoned training indices to positions in ``train`` (``to_split_positions``); a
+    validation set of the user's own takes none of them (``val_source`` empty).
+    validation: where the validation split comes from, in one line. notes: what the user
+    should know about the data as read (float images outside [0, 1]), one line each.
     """
 
     train: Split
@@ -70,6 +74,41 @@ class DataSplits:
     class_names: tuple[str, ...] = ()
     train_source: Tensor | None = field(default=None, repr=False)
     val_source: Tensor | None = field(default=None, repr=False)
+    validation: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def full_train_size(self) -> int:
+        """Samples of the data set's full training set, which index files count."""
+        if self.train_source is None or self.val_source is None:
+            return len(self.train)
+        return len(self.train_source) + len(self.val_source)
+
+    @property
+    def val_held_out(self) -> bool:
+        """Whether the validation split was held out of the training set (not the user's own)."""
+        return self.val_source is not None and len(self.val_source) > 0
+
+    def with_in_train(self, indices: Tensor) -> tuple[DataSplits, int]:
+        """These splits with the samples of ``indices`` (into the full training set) that the
+        held-out validation split holds moved to the end of the training split, and how many
+        moved: a sample a user asks to remove is one the model was trained on."""
+        if not self.val_held_out:
+            return self, 0
+        moved = torch.isin(self.val_source, indices.to(self.val_source.device))
+        count = int(moved.sum())
+        if count == 0:
+            return self, 0
+        return (
+            dataclasses.replace(
+                self,
+                train=concat(self.train, self.val.subset(moved)),
+                val=self.val.subset(~moved),
+                train_source=torch.cat([self.train_source, self.val_source[moved]]),
+                val_source=self.val_source[~moved],
+            ),
+            count,
+        )
 
     @classmethod
     def from_tensors(
@@ -87,20 +126,23 @@ class DataSplits:
         """Splits from in-memory ``(x, y)`` pairs: x float [N, C, H, W] (or [N, D] for an MLP),
         already normalised as the model expects; y integer labels [N].
 
-        Without ``val``, a stratified ``val_fraction`` of ``train`` is held out (seeded), as
-        ``load_dataset`` does. ``mean``/``std``: the normalisation ``x`` carries (default 0 and
-        1), needed only to apply a backdoor trigger in pixel space.
+        ``val``: a validation set of your own, for the step search (every sample of ``train``
+        is then a training sample); without it, a stratified ``val_fraction`` of ``train`` is
+        held out (seeded), as ``load_dataset`` does. ``mean``/``std``: the normalisation ``x``
+        carries (default 0 and 1), needed only to apply a backdoor trigger in pixel space.
         """
         x_train, y_train = _checked_pair(train, "train")
         x_test, y_test = _checked_pair(test, "test")
         if val is None:
             train_source, val_source = stratified_split(y_train, val_fraction, seed=seed)
+            validation = held_out_text(len(y_train), len(val_source), val_fraction, seed)
             x_val, y_val = x_train[val_source], y_train[val_source]
             x_train, y_train = x_train[train_source], y_train[train_source]
         else:
             x_val, y_val = _checked_pair(val, "val")
             train_source = torch.arange(len(y_train))
-            val_source = torch.arange(len(y_train), len(y_train) + len(y_val))
+            val_source = torch.empty(0, dtype=torch.long)
+            validation = f"the validation set given ({len(y_val):,} samples)"
         labels = torch.cat([y_train, y_val, y_test])
         classes = num_classes or int(labels.max()) + 1
         if int(labels.min()) < 0 or int(labels.max()) >= classes:
@@ -118,7 +160,19 @@ class DataSplits:
             class_names=tuple(str(k) for k in range(classes)),
             train_source=train_source,
             val_source=val_source,
+            validation=validation,
         )
+
+
+def held_out_text(n_train: int, held: int, fraction: float, seed: int) -> str:
+    """The held-out validation split in one line: which training samples, and what to do
+    when the model was trained on them."""
+    return (
+        f"a stratified {100 * fraction:g}% of the training set held out ({held:,} of "
+        f"{n_train:,} samples, drawn with seed {seed}): the model should not have trained on "
+        "them (`gif train` does not); bring your own validation set (x_val/y_val in data.path, "
+        "a val/ folder of an imagefolder, or data.val_path) if it did"
+    )
 
 
 def _checked_pair(pair: tuple[Tensor, Tensor], name: str) -> tuple[Tensor, Tensor]:
@@ -146,6 +200,11 @@ class _Source:
     y_test: Tensor
     num_classes: int
     class_names: tuple[str, ...]
+    x_val: Tensor | ImageStore | None = None
+    y_val: Tensor | None = None
+    val_origin: str = ""
+    """Where ``x_val`` comes from, for the one line that says so."""
+    notes: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -165,6 +224,8 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
     readers = {"digits": _read_digits, "imagefolder": _read_imagefolder, "tensors": _read_tensors}
     reader = readers.get(data.dataset, _read_torchvision)
     source = reader(data)
+    if data.val_path is not None:
+        source = _with_val_file(source, data.val_path)
 
     channels, *image_size = source.shape
     mean, std = _normalisation(data, channels)
@@ -177,9 +238,15 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
         return StreamedSplit(images, positions, labels, mean, std, workers=data.workers)
 
     full_train = split(source.x_train, source.y_train)
-    train_source, val_source = stratified_split(source.y_train, data.val_fraction, seed=seed)
-    train = full_train.subset(train_source)
-    val = full_train.subset(val_source)
+    if source.x_val is not None:
+        train, val = full_train, split(source.x_val, source.y_val)
+        train_source, val_source = torch.arange(len(train)), torch.empty(0, dtype=torch.long)
+        validation = f"{source.val_origin} ({len(val):,} samples)"
+    else:
+        train_source, val_source = stratified_split(source.y_train, data.val_fraction, seed=seed)
+        train = full_train.subset(train_source)
+        val = full_train.subset(val_source)
+        validation = held_out_text(len(full_train), len(val), data.val_fraction, seed)
     test = split(source.x_test, source.y_test)
 
     poisoning = None
@@ -199,6 +266,8 @@ def load_dataset(data: DataConfig, *, seed: int) -> DataSplits:
         class_names=source.class_names,
         train_source=train_source,
         val_source=val_source,
+        validation=validation,
+        notes=source.notes,
     )
 
 
@@ -335,6 +404,7 @@ def _read_torchvision(data: DataConfig) -> _Source:
 
 def _read_imagefolder(data: DataConfig) -> _Source:
     folder = read_imagefolder(data)
+    has_val = folder.val is not None
     return _Source(
         folder.train,
         torch.tensor(folder.train_labels, dtype=torch.long),
@@ -342,6 +412,9 @@ def _read_imagefolder(data: DataConfig) -> _Source:
         torch.tensor(folder.test_labels, dtype=torch.long),
         num_classes=len(folder.class_names),
         class_names=folder.class_names,
+        x_val=folder.val,
+        y_val=torch.tensor(folder.val_labels, dtype=torch.long) if has_val else None,
+        val_origin=f"the images of {Path(data.root) / 'val'}" if has_val else "",
     )
 
 
@@ -354,4 +427,28 @@ def _read_tensors(data: DataConfig) -> _Source:
         file.y_test,
         num_classes=file.num_classes,
         class_names=tuple(str(k) for k in range(file.num_classes)),
+        x_val=file.val,
+        y_val=file.y_val,
+        val_origin=f"x_val/y_val of {data.path}" if file.val is not None else "",
+        notes=file.notes,
+    )
+
+
+def _with_val_file(source: _Source, path: str) -> _Source:
+    """``source`` with the validation set of ``data.val_path`` (``x_val``/``y_val``)."""
+    x_val, y_val, notes = read_val_file(path, shape=source.shape)
+    if isinstance(source.x_train, Tensor):  # digits: in memory, float in [0, 1]
+        pixels = x_val.read(torch.arange(len(x_val)))
+        x_val = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels.float()
+    if int(y_val.max()) >= source.num_classes:
+        raise GifError(
+            f"data.val_path: {path}: y_val holds the label {int(y_val.max())} but the data "
+            f"set has {source.num_classes} classes"
+        )
+    return dataclasses.replace(
+        source,
+        x_val=x_val,
+        y_val=y_val,
+        val_origin=f"x_val/y_val of {path}",
+        notes=source.notes + notes,
     )

@@ -1,4 +1,5 @@
-"""The ``imagefolder`` data set: ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``.
+"""The ``imagefolder`` data set: ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``,
+and optionally a validation set of the user's own in ``root/val/<class>/*.png``.
 
 Loading lists the files and reads each image's header once (its size and bands: no pixel is
 decoded), so a wrong layout, an unreadable header, an image over the pixel budget or a size
@@ -28,6 +29,8 @@ class ImageFolder:
     test: FileStore
     test_labels: list[int]
     class_names: tuple[str, ...]
+    val: FileStore | None = None
+    val_labels: list[int] | None = None
 
 
 def read_imagefolder(data: DataConfig) -> ImageFolder:
@@ -43,17 +46,20 @@ def read_imagefolder(data: DataConfig) -> ImageFolder:
             f"imagefolder needs one folder per class, at least two ({layout})"
         )
     train_files = _image_files(root / "train", classes, require_every_class=True)
-    for name in _class_folders(root / "test"):
-        if name not in classes:
-            raise GifError(
-                f"data.root: {root / 'test' / name} is a class with no folder in "
-                f"{root / 'train'}; every test class needs training images"
-            )
-    test_files = _image_files(root / "test", classes, require_every_class=False)
-    if not test_files:
-        raise GifError(f"data.root: {root / 'test'} holds no images; imagefolder reads {layout}")
+    split_files = {}
+    for split in ("test", "val") if (root / "val").is_dir() else ("test",):
+        for name in _class_folders(root / split):
+            if name not in classes:
+                raise GifError(
+                    f"data.root: {root / split / name} is a class with no folder in "
+                    f"{root / 'train'}; every {split} class needs training images"
+                )
+        split_files[split] = _image_files(root / split, classes, require_every_class=False)
+        if not split_files[split]:
+            raise GifError(f"data.root: {root / split} holds no images; imagefolder reads {layout}")
+    test_files, val_files = split_files["test"], split_files.get("val")
 
-    mode, size = _mode_and_size(train_files + test_files, data.image_size)
+    mode, size = _mode_and_size(train_files + test_files + (val_files or []), data.image_size)
     resize = data.image_size is not None
 
     def store(files: list[tuple[Path, int]]) -> FileStore:
@@ -65,6 +71,8 @@ def read_imagefolder(data: DataConfig) -> ImageFolder:
         test=store(test_files),
         test_labels=[label for _, label in test_files],
         class_names=tuple(classes),
+        val=store(val_files) if val_files is not None else None,
+        val_labels=[label for _, label in val_files] if val_files is not None else None,
     )
 
 

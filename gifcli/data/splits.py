@@ -214,6 +214,31 @@ class StreamedSplit:
 Split = TensorSplit | StreamedSplit
 
 
+def concat(first: Split, second: Split) -> Split:
+    """The samples of ``first`` followed by those of ``second``: two in-memory splits, or two
+    views of one store (the training and validation splits of ``load_dataset``)."""
+    if isinstance(first, TensorSplit) and isinstance(second, TensorSplit):
+        return TensorSplit(torch.cat([first.x, second.x]), torch.cat([first.y, second.y]))
+    if (
+        not isinstance(first, StreamedSplit)
+        or not isinstance(second, StreamedSplit)
+        or first.store is not second.store
+    ):
+        raise ValueError("concat: the splits must both be in memory or views of one store")
+
+    def none(split: StreamedSplit) -> Tensor:
+        return torch.zeros(len(split), dtype=torch.bool)
+
+    triggers = tuple((torch.cat([rows, none(second)]), t) for rows, t in first.triggers)
+    triggers += tuple((torch.cat([none(first), rows]), t) for rows, t in second.triggers)
+    return dataclasses.replace(
+        first,
+        positions=torch.cat([first.positions, second.positions]),
+        y=torch.cat([first.y, second.y]),
+        triggers=triggers,
+    )
+
+
 class LazyInputs:
     """A streamed split's inputs as the influence engine uses an input tensor: ``len``; a
     slice ``[a:b]`` reads those samples as a normalised float32 tensor ``[B, C, H, W]``; an

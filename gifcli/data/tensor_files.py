@@ -1,4 +1,10 @@
-"""The ``tensors`` data set: ``x_train``, ``y_train``, ``x_test``, ``y_test`` in one file.
+"""The ``tensors`` data set: ``x_train``, ``y_train``, ``x_test``, ``y_test`` in one file, and
+optionally a validation set of the user's own, ``x_val`` and ``y_val`` (there, or in the file
+``data.val_path`` names).
+
+Images are ``N x H x W`` or ``N x C x H x W``: uint8 pixels (0-255, divided by 255) or floats
+taken as they are, expected in [0, 1] (a one-line note says when they are not); both are then
+normalised with ``data.mean`` / ``data.std`` (0 and 1 by default for this data set).
 
 ``data.path`` is a ``.npz`` archive (``numpy.savez``), a folder of ``.npy`` files
 (``x_train.npy``, ...), or a ``.pt`` dict saved with ``torch.save``. The images are memory-mapped
@@ -31,6 +37,7 @@ from gifcli.errors import GifError
 from gifcli.inputs import check_input
 
 TENSOR_KEYS = ("x_train", "y_train", "x_test", "y_test")
+VAL_KEYS = ("x_val", "y_val")
 _FINITE_CHECK_ROWS = 4096  # float images are checked for NaN/Inf this many rows at a time
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip member's local header: its name and extra
 MAX_UNPACKED_BYTES = 4 << 30  # compressed .npz members are unpacked into memory
@@ -47,11 +54,14 @@ class TensorFile:
     test: ArrayStore
     y_test: Tensor
     num_classes: int
+    val: ArrayStore | None = None
+    y_val: Tensor | None = None
+    notes: tuple[str, ...] = ()
 
 
 def read_tensor_file(path_text: str | None) -> TensorFile:
     path = Path(path_text or "")
-    arrays = _open_arrays(path)
+    arrays = _open_arrays(path, "data.path")
     for key in TENSOR_KEYS:
         if key not in arrays:
             found = ", ".join(sorted(map(str, arrays))) or "nothing"
@@ -59,38 +69,80 @@ def read_tensor_file(path_text: str | None) -> TensorFile:
                 f"{path}: missing key {key!r}; the file needs "
                 f"{', '.join(TENSOR_KEYS)} (found: {found})"
             )
-    x_train = _images(arrays["x_train"], path, "x_train")
-    x_test = _images(arrays["x_test"], path, "x_test")
-    if x_test.shape != x_train.shape:
-        raise GifError(
-            f"{path}: x_test images are {_shape(x_test.shape)} but x_train "
-            f"images are {_shape(x_train.shape)}; both need one C x H x W shape"
-        )
+    notes: list[str] = []
+    x_train = _images(arrays["x_train"], path, "x_train", notes)
+    x_test = _images(arrays["x_test"], path, "x_test", notes)
+    _same_shape(x_test, x_train, path, "x_test")
     y_train = _labels(arrays["y_train"], path, "y_train", len(x_train))
     y_test = _labels(arrays["y_test"], path, "y_test", len(x_test))
+    x_val, y_val = None, None
+    if any(key in arrays for key in VAL_KEYS):
+        x_val, y_val = _val_arrays(arrays, path, notes)
+        _same_shape(x_val, x_train, path, "x_val")
     return TensorFile(
         train=x_train,
         y_train=y_train,
         test=x_test,
         y_test=y_test,
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
+        val=x_val,
+        y_val=y_val,
+        notes=tuple(notes),
     )
 
 
-def _open_arrays(path: Path) -> dict:
+def read_val_file(
+    path_text: str, *, shape: tuple[int, ...]
+) -> tuple[ArrayStore, Tensor, tuple[str, ...]]:
+    """``data.val_path``: the user's validation set, ``x_val`` and ``y_val`` in a file of the
+    ``tensors`` formats, its images of ``shape`` (C, H, W, the training images')."""
+    path = Path(path_text)
+    notes: list[str] = []
+    x_val, y_val = _val_arrays(_open_arrays(path, "data.val_path", keys=VAL_KEYS), path, notes)
+    if x_val.shape != tuple(shape):
+        raise GifError(
+            f"data.val_path: {path}: x_val images are {_shape(x_val.shape)} but the "
+            f"training images are {_shape(shape)}; store validation images of that shape"
+        )
+    return x_val, y_val, tuple(notes)
+
+
+def _val_arrays(arrays: dict, path: Path, notes: list[str]) -> tuple[ArrayStore, Tensor]:
+    for key in VAL_KEYS:
+        if key not in arrays:
+            raise GifError(f"{path}: missing key {key!r}; a validation set needs x_val and y_val")
+    x_val = _images(arrays["x_val"], path, "x_val", notes)
+    return x_val, _labels(arrays["y_val"], path, "y_val", len(x_val))
+
+
+def _same_shape(images: ArrayStore, x_train: ArrayStore, path: Path, key: str) -> None:
+    if images.shape != x_train.shape:
+        raise GifError(
+            f"{path}: {key} images are {_shape(images.shape)} but x_train "
+            f"images are {_shape(x_train.shape)}; both need one C x H x W shape"
+        )
+
+
+def _open_arrays(path: Path, key: str, keys: Sequence[str] = TENSOR_KEYS) -> dict:
     """The arrays or tensors stored at ``path``, memory-mapped where the format allows."""
     if path.is_dir():
-        files = {p.stem: p for p in path.glob("*.npy") if p.stem in TENSOR_KEYS}
-        return {key: _npy(file) for key, file in files.items()}
-    check_input(path, what="data.path", missing=_MISSING)
+        files = {p.stem: p for p in path.glob("*.npy") if p.stem in (*TENSOR_KEYS, *VAL_KEYS)}
+        return {name: _npy(file) for name, file in files.items()}
+    check_input(
+        path,
+        what=key,
+        missing=(
+            f"point it at a .pt or .npz file, or a folder of .npy files, with {', '.join(keys)}"
+        ),
+    )
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return _npz(path)
     if suffix in (".pt", ".pth"):
         return _pt(path)
     raise GifError(
-        f"data.path: {path} is not a .pt or .npz file; save x_train, y_train, "
-        f"x_test, y_test with torch.save or numpy.savez"
+        f"{key}: {path} is not a .pt or .npz file; save {', '.join(keys)} with torch.save or "
+        "numpy.savez"
     )
 
 
@@ -214,8 +266,9 @@ def _check_unpacked_size(path: Path, packed: Sequence[zipfile.ZipInfo]) -> None:
         )
 
 
-def _images(value: object, path: Path, key: str) -> ArrayStore:
-    """A stored image array as a store, its shape and dtype checked (floats: finite)."""
+def _images(value: object, path: Path, key: str, notes: list[str]) -> ArrayStore:
+    """A stored image array as a store, its shape and dtype checked (floats: finite; a note
+    in ``notes`` when they lie outside [0, 1])."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf" or value.dtype == np.uint64:  # torch holds no others
             raise GifError(f"{path}: {key} has dtype {value.dtype}; store numbers")
@@ -246,11 +299,33 @@ def _images(value: object, path: Path, key: str) -> ArrayStore:
             f"to [0, 1]) or float (taken as is)"
         )
     if is_float:
-        finite = torch.isfinite if isinstance(value, Tensor) else np.isfinite
+        low, high = math.inf, -math.inf
         for start in range(0, shape[0], _FINITE_CHECK_ROWS):
-            if not finite(value[start : start + _FINITE_CHECK_ROWS]).all():
+            rows = value[start : start + _FINITE_CHECK_ROWS]
+            rows = rows.float().numpy(force=True) if isinstance(rows, Tensor) else np.asarray(rows)
+            if not np.isfinite(rows).all():
                 raise GifError(f"{path}: {key} holds NaN or infinite values")
+            low, high = min(low, float(rows.min())), max(high, float(rows.max()))
+        if (range_note := float_range_note(low, high, f"{path}: {key}")) is not None:
+            notes.append(range_note)
     return ArrayStore(value)
+
+
+def float_range_note(low: float, high: float, where: str) -> str | None:
+    """One line when float images are not in [0, 1] (None when they are): they are taken as
+    they are, so 0-255 pixels would be normalised as if in [0, 1]."""
+    if low >= 0 and high <= 1:
+        return None
+    if low >= 0 and 1.5 < high <= 255:
+        return (
+            f"{where} holds floats up to {high:g}, which look like 0-255 pixels; float images "
+            "are taken as they are (expected in [0, 1]): divide them by 255 or store uint8"
+        )
+    return (
+        f"{where} holds floats in [{low + 0.0:.3g}, {high + 0.0:.3g}], outside [0, 1]; float "
+        "images are taken as they are and normalised with data.mean/data.std: if they are "
+        "not already normalised, scale them to [0, 1]"
+    )
 
 
 def _labels(value: object, path: Path, key: str, count: int) -> Tensor:

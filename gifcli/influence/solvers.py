@@ -51,7 +51,8 @@ Operator = Callable[[Tensor], Tensor]
 Progress = Callable[[int, float], None]
 
 STATUSES = {
-    "converged": "the residual reached influence.tol",
+    "converged": "the residual, or the normal residual |Aᵀr − λ²x| of a least-squares system "
+    "with no exact solution, reached influence.tol",
     "iteration-limit": "stopped at influence.max_iter; the limit regularises the update",
     "float-floor": "stopped where rounding limits the accuracy; the solution is usable",
     "breakdown": "NaN/Inf or divergence; the update is not usable",

@@ -84,6 +84,13 @@ class Task(ABC):
     def from_config(cls, config: Config, data: DataSplits) -> Task:
         """The task a config describes, on its loaded data."""
 
+    @classmethod
+    def data_for(cls, config: Config, data: DataSplits) -> DataSplits:
+        """The splits the task of ``config`` runs on (``from_config`` and the edit take
+        these): ``data`` itself, unless the task must move samples between splits."""
+        del config
+        return data
+
     @property
     @abstractmethod
     def description(self) -> str:

@@ -213,7 +213,7 @@ def _listed_poison(config: Config, data: DataSplits) -> dict:
     training set (before the validation split), with or without a true-label column."""
     path = config.removal.poison_indices
     indices, true_labels = read_poison_indices(
-        path, len(data.train) + len(data.val), num_classes=config.model.num_classes
+        path, data.full_train_size, num_classes=config.model.num_classes
     )
     positions = to_split_positions(indices, data.train_source)
     in_train = positions >= 0

@@ -11,7 +11,7 @@ model's before the edit. See docs/design.md, "Tasks".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -37,15 +37,14 @@ if TYPE_CHECKING:
 class RemoveSamples(Task):
     """Forget the training samples at positions ``forget`` of the training split.
 
-    ``val_excluded``: positions in the validation split of listed samples that the split held
-    out there; the model never trained on them, and as deleted data they are left out of every
-    validation measurement. ``objective``: the step objective (``ks`` or ``mean-gap``, see
-    ``match``); ``tolerance``: validation accuracy, in points, the step may lose against the
-    model before the edit. ``source``: how the samples were chosen, for the description.
+    ``objective``: the step objective (``ks`` or ``mean-gap``, see ``match``); ``tolerance``:
+    validation accuracy, in points, the step may lose against the model before the edit.
+    ``source``: how the samples were chosen, for the description. A listed sample that a
+    held-out validation split would hold is moved to the training split first
+    (``data_for``): every listed sample is removed.
     """
 
     forget: torch.Tensor
-    val_excluded: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     objective: str = "ks"
     tolerance: float = 1.0
     source: str = "listed samples"
@@ -70,7 +69,6 @@ class RemoveSamples(Task):
 
     def __post_init__(self) -> None:
         self.forget = torch.as_tensor(self.forget, dtype=torch.long).flatten().sort().values
-        self.val_excluded = torch.as_tensor(self.val_excluded, dtype=torch.long).flatten()
         if len(self.forget) == 0:
             raise GifError("forget: no training sample to forget; give at least one position")
         if bool((self.forget[1:] == self.forget[:-1]).any()):
@@ -87,6 +85,22 @@ class RemoveSamples(Task):
     @classmethod
     def describes(cls, config: Config) -> bool:
         return config.removal.indices is not None or config.removal.random is not None
+
+    @classmethod
+    def data_for(cls, config: Config, data: DataSplits) -> DataSplits:
+        """``data`` with the listed samples of ``removal.indices`` that the held-out validation
+        split holds moved to the training split (a sample the user asks to remove is one the
+        model was trained on); its ``validation`` line says how many."""
+        if config.removal.indices is None:
+            return data
+        moved_data, moved = data.with_in_train(_read_listed(config.removal.indices, data))
+        if moved == 0:
+            return data
+        return replace(
+            moved_data,
+            validation=f"{data.validation}; {moved} of the listed samples were in it: they are "
+            "taken out of it and removed with the others",
+        )
 
     @classmethod
     def from_config(cls, config: Config, data: DataSplits) -> RemoveSamples:
@@ -118,16 +132,7 @@ class RemoveSamples(Task):
 
     @property
     def description(self) -> str:
-        text = f"{len(self.forget)} training samples: {self.source}"
-        if len(self.val_excluded):
-            text += f"; {len(self.val_excluded)} listed validation samples left out of it"
-        return text
-
-    def validation(self, data: DataSplits) -> Split:
-        """The validation split without the listed samples it holds."""
-        keep = torch.ones(len(data.val), dtype=torch.bool)
-        keep[self.val_excluded] = False
-        return data.val.subset(keep)
+        return f"{len(self.forget)} training samples: {self.source}"
 
     def removed_mask(self, data: DataSplits) -> torch.Tensor:
         """A boolean mask over the training split, True on the removal set."""
@@ -180,7 +185,7 @@ class RemoveSamples(Task):
         forget = train.subset(removed)
         scored = searched(forget, search_samples, seed)
         # empty only with a given step, which needs no objective
-        val = searched(self.validation(data), search_samples, seed)
+        val = searched(data.val, search_samples, seed)
         predicted, _ = predict_loss(model, val, device=device)
         floor = percent(predicted == val.y) - self.tolerance
 
@@ -229,20 +234,20 @@ class RemoveSamples(Task):
         return data.train.subset(~self.removed_mask(data))
 
 
+def _read_listed(path: str, data: DataSplits) -> torch.Tensor:
+    """The indices of a ``removal.indices`` file, into the data set's full training set."""
+    return read_removal_indices(path, data.full_train_size, key="removal.indices")
+
+
 def _listed(path: str, data: DataSplits) -> dict:
     """The samples of a ``removal.indices`` file: indices into the data set's full training
-    set (before the validation split), mapped to positions in the training split; those the
-    validation split holds are left out of it."""
-    indices = read_removal_indices(path, len(data.train) + len(data.val), key="removal.indices")
-    positions = to_split_positions(indices, data.train_source)
-    in_train = positions >= 0
-    if not in_train.any():
+    set (before a validation split is held out), mapped to positions in the training split,
+    which holds every one of them once ``data_for`` has moved those of the validation split."""
+    positions = to_split_positions(_read_listed(path, data), data.train_source)
+    if bool((positions < 0).any()):
         raise GifError(
-            f"{path}: every listed sample is in the validation split, which the model never "
-            f"trained on; check the indices (they count the full training set from 0)"
+            f"{path}: {int((positions < 0).sum())} listed samples are in the validation split; "
+            "load the data with RemoveSamples.data_for(config, data), which moves them to the "
+            "training split"
         )
-    return {
-        "forget": positions[in_train],
-        "val_excluded": to_split_positions(indices[~in_train], data.val_source),
-        "source": f"listed in {path}",
-    }
+    return {"forget": positions, "source": f"listed in {path}"}
