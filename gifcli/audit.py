@@ -38,7 +38,7 @@ from gifcli.outputs import claim_output_dir, write_json, write_text, write_with
 from gifcli.progress import ProgressFactory, silent
 from gifcli.records import AuditReport, AuditSummary, ReferencesRecord
 from gifcli.report import checks_markdown
-from gifcli.runs import recorded_removal
+from gifcli.runs import evaluation_config
 from gifcli.tasks import Task
 from gifcli.train import black_fill, check_finite, train_model
 
@@ -294,8 +294,7 @@ def run_audit(
     checkpoint, unless ``removal_given``) and write report.json, report.md, samples.csv and
     scores.png into ``output_dir`` (default ``default_output``); returns the report."""
     started = time.perf_counter()
-    notes: list[str] = []
-    config = recorded_removal(config, checkpoint, removal_given, notes)
+    config, notes = evaluation_config(config, checkpoint, removal_given=removal_given)
     directory = Path(output_dir) if output_dir is not None else default_output(checkpoint)
     folder = Path(config.audit.cache) if config.audit.cache else directory.parent / "references"
     names = AUDIT_FILES.values()

@@ -617,7 +617,8 @@ class AuditConfig:
     references: int = _field(
         8,
         "gif audit: reference models trained with gif train's recipe (seeds varied), half with "
-        "the removal set and a held-out sample, half without; even, at least 6",
+        "the removal set and a held-out sample, half without; even",
+        within="6..1000",
     )
     cache: str | None = _field(
         None,
@@ -626,9 +627,9 @@ class AuditConfig:
     )
 
     def problems(self) -> list[str]:
-        if self.references < 6 or self.references % 2:
-            return [f"audit.references: must be even and at least 6, got {self.references}"]
-        return []
+        if self.references % 2:
+            return [f"audit.references: must be even, got {self.references}"]
+        return range_problems(self, "audit.")
 
 
 @dataclass

@@ -53,8 +53,7 @@ class RunContext:
         hints = {
             "model": f"train it with `gif train {source} -o {path}`, or set `checkpoint:`",
             "oracle": f"train the retrain oracle with `gif train {source} --retrain -o {path}`",
-            "evaluated": "pass a checkpoint written by `gif train` or by an edit "
-            "(OUTPUT_DIR/model.safetensors)",
+            "evaluated": EVALUATED_HINT,
         }
         check_checkpoint(path, hints[role])
         model = build_model(
@@ -71,6 +70,12 @@ class RunContext:
                 f"{path}: the model's outputs on the test images are NaN or infinite (weights "
                 f"far too large?); the checkpoint is broken: retrain it or pick another"
             )
+
+
+EVALUATED_HINT = (
+    "pass a checkpoint written by `gif train` or by an edit (OUTPUT_DIR/model.safetensors)"
+)
+"""The hint of a missing checkpoint to evaluate or audit."""
 
 
 def prepare(config: Config) -> RunContext:

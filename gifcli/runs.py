@@ -17,10 +17,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from gifcli import distributed
-from gifcli.checkpoint import read_metadata, recorded_config, sha256_file
+from gifcli.checkpoint import check_checkpoint, read_metadata, recorded_config, sha256_file
 from gifcli.checks import Check, evaluate_checks
 from gifcli.config import Config, build_config
-from gifcli.context import prepare
+from gifcli.context import EVALUATED_HINT, prepare
 from gifcli.cost import rates_cache, with_load
 from gifcli.errors import GifError
 from gifcli.metrics import salun_metrics
@@ -141,12 +141,13 @@ def with_trained_weight_decay(config: Config, note: Callable[[str], None]) -> Co
     if config.influence.weight_decay is not None:
         return config
     recorded = recorded_weight_decay(config.checkpoint) if config.checkpoint else None
-    if recorded is None:
+    if recorded is None and config.checkpoint and Path(config.checkpoint).is_file():
         note(
             f"influence.weight_decay: {config.checkpoint} does not record the weight decay it "
             "was trained with; the influence step assumes none (set influence.weight_decay to "
             "its L2 coefficient)"
         )
+    if recorded is None:  # a missing checkpoint is refused where it is loaded
         recorded = 0.0
     resolved = dataclasses.replace(
         config, influence=dataclasses.replace(config.influence, weight_decay=recorded)
@@ -262,6 +263,7 @@ def evaluation_config(
     the removal set (and task) an edited checkpoint records, unless ``removal_given``. A
     recorded ``removal.indices`` file that is missing or changed since the edit is refused."""
     notes: list[str] = []
+    check_checkpoint(checkpoint, EVALUATED_HINT)
     task, raw = recorded_config(checkpoint, notes)
     if task not in TASK_NAMES or not isinstance(raw.get("removal"), dict):
         return config, notes  # not an edit (a base model, an oracle, another tool's file)

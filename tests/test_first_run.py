@@ -105,8 +105,10 @@ def test_terminal_explains_the_solve_and_the_changed_parameters(runner, tmp_path
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "iteration-limit (stopped at influence.max_iter; the limit regularises" in text
-    assert "target parameters changed" in text and "keep their value" in text
     report = json.loads((tmp_path / "e" / "report.json").read_text())
+    params, targets = report["params"], report["selection"]["targets"]
+    assert f"{params['changed']:,} of {targets:,} target parameters changed" in text
+    assert ("keep their value" in text) == (params["changed"] < targets)
     assert report["solver"]["status"] == "iteration-limit" and report["solver"]["ok"] is True
     assert report["solver"]["converged"] is False
 

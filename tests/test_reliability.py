@@ -23,7 +23,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gifcli.checkpoint import save_checkpoint
+from gifcli.checkpoint import checkpoint_metadata, save_checkpoint
 from gifcli.cli.main import app
 from gifcli.config import ModelConfig
 from gifcli.models import build_model
@@ -42,11 +42,13 @@ TIMING = ("cost", ("solver", "seconds"))
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """An untrained TinyNet for digits: enough for every input check and for a fast edit."""
+    """An untrained TinyNet for digits: enough for every input check and for a fast edit. It
+    records its config and weight decay as `gif train` does (no note about a foreign file)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(), in_channels=1, image_size=(8, 8))
     path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    save_checkpoint(path, model.state_dict(), {})
+    metadata = checkpoint_metadata(task="train", config_yaml=DIGITS.read_text(), weight_decay=0.0)
+    save_checkpoint(path, model.state_dict(), metadata)
     return path
 
 
@@ -243,9 +245,9 @@ def _(tmp, base):
     return evaluate(base, "data.dataset=tensors", f"data.path={path}")
 
 
-@case("poison json 200,000 deep", 1, "deep.json: JSON nested too deeply")
+@case("poison json 40,000 deep", 1, "deep.json: JSON nested too deeply")
 def _(tmp, base):
-    listing = _write(tmp, "deep.json", "[" * 200_000 + "]" * 200_000)
+    listing = _write(tmp, "deep.json", "[" * 40_000 + "]" * 40_000)  # within the size bound
     return edit(
         tmp,
         base,

@@ -256,12 +256,14 @@ def print_edit_report(report: dict) -> None:
     console.print(f"outputs: {Path(report['checkpoint']['output']).parent}", highlight=False)
 
 
-def parse_check_options(texts: list[str] | None, schema: dict) -> list[Check]:
-    """Parse the --check options and find their paths in the report's schema, before the run:
-    a malformed check or an unknown path is a usage error (exit 2)."""
+def parse_check_options(texts: list[str] | None, schema: dict | None = None) -> list[Check]:
+    """Parse the --check options and find their paths in the report's schema (without one,
+    only their syntax is checked), before the run: a malformed check or an unknown path is a
+    usage error (exit 2)."""
     try:
         checks = parse_checks(texts)
-        validate_checks(checks, schema)
+        if schema is not None:
+            validate_checks(checks, schema)
     except CheckError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--check'") from None
     return checks

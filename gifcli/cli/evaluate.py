@@ -50,6 +50,7 @@ def evaluate(
 ) -> None:
     """Overall and per-class test accuracy, and the metrics of the config's task."""
     cfg = read_config(config, overrides)
+    parse_check_options(checks)  # malformed: refused before the checkpoint is opened
     from gifcli.runs import evaluation_config, run_evaluate
     from gifcli.tasks import described_task
 
