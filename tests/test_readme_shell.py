@@ -155,6 +155,14 @@ def test_readme_and_help_examples_run_as_written(clone, monkeypatch):
             )
         assert "Traceback" not in stderr, (example, stderr)
     assert not failures, "\n".join(failures)
+    report = (clone / "runs" / "demo" / "remove-class" / "report.md").read_text()
+    assert demo_table(README.read_text()) == demo_table(report), "README's demo table is stale"
+
+
+def demo_table(text: str) -> str:
+    """The first metrics table (`| metric | before | ...` to its blank line) of ``text``."""
+    start = text.index("| metric | before | after | oracle | gap |")
+    return text[start : text.index("\n\n", start)]
 
 
 def test_plain_gif_commands_run_in_process_and_the_rest_in_bash():
