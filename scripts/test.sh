@@ -12,4 +12,5 @@ PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet -e '.[test]'
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+# one worker per core (pytest-xdist); the trained fixtures are shared, trained once
+.venv/bin/python -m pytest -n auto "$@"

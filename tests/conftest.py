@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from typer.testing import CliRunner
 
 from gifcli.cli.main import app
@@ -17,6 +18,16 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 DIGITS_BACKDOOR = ROOT / "configs" / "digits-backdoor.yaml"
 DIGITS_SAMPLES = ROOT / "configs" / "digits-samples.yaml"
 MLP = ["model.arch=mlp", "model.kwargs={hidden: 8}"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread per worker of a parallel run (two workers with a thread per core each
+    would oversubscribe the cores), also in the commands the tests start."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,43 +81,56 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def trained_once(
+    factory: pytest.TempPathFactory,
+    name: str,
+    config_path: Path,
+    *,
+    retrain: bool = False,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """A session checkpoint trained once per test run: the workers of a parallel run
+    (pytest-xdist) share the folder above their own, and the first to take the lock trains."""
+    root = factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "trained"
+    folder.mkdir(exist_ok=True)
+    output = folder / name / f"{name}.safetensors"
+    with FileLock(folder / f"{name}.fixture-lock"):  # not DIR.lock: gif's own lock name
+        if not _printed(output).exists():
+            output.parent.mkdir(exist_ok=True)
+            train_checkpoint(config_path, output, retrain=retrain, overrides=overrides)
+    return output
+
+
 @pytest.fixture(scope="session")
 def digits_base(tmp_path_factory) -> Path:
     """TinyNet trained on digits with configs/digits.yaml (about 99% test accuracy)."""
-    return train_checkpoint(DIGITS, tmp_path_factory.mktemp("digits") / "base.safetensors")
+    return trained_once(tmp_path_factory, "base", DIGITS)
 
 
 @pytest.fixture(scope="session")
 def digits_oracle(tmp_path_factory) -> Path:
     """The retrain oracle of configs/digits.yaml: trained without class 3."""
-    return train_checkpoint(
-        DIGITS, tmp_path_factory.mktemp("oracle") / "oracle.safetensors", retrain=True
-    )
+    return trained_once(tmp_path_factory, "oracle", DIGITS, retrain=True)
 
 
 @pytest.fixture(scope="session")
 def samples_oracle(tmp_path_factory) -> Path:
     """The retrain oracle of configs/digits-samples.yaml: trained without a random 5%. (Its
     base model is ``digits_base``: the two configs train alike.)"""
-    return train_checkpoint(
-        DIGITS_SAMPLES, tmp_path_factory.mktemp("samples") / "oracle.safetensors", retrain=True
-    )
+    return trained_once(tmp_path_factory, "samples-oracle", DIGITS_SAMPLES, retrain=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_mlp(tmp_path_factory) -> Path:
     """A 682-parameter MLP on digits: small enough for the dense exact solver, fast to edit."""
-    return train_checkpoint(
-        DIGITS, tmp_path_factory.mktemp("mlp") / "mlp.safetensors", overrides=tuple(MLP)
-    )
+    return trained_once(tmp_path_factory, "mlp", DIGITS, overrides=tuple(MLP))
 
 
 @pytest.fixture(scope="session")
 def backdoor_base(tmp_path_factory) -> Path:
     """TinyNet trained on the poisoned digits of configs/digits-backdoor.yaml."""
-    return train_checkpoint(
-        DIGITS_BACKDOOR, tmp_path_factory.mktemp("backdoor") / "base.safetensors"
-    )
+    return trained_once(tmp_path_factory, "backdoor", DIGITS_BACKDOOR)
 
 
 @pytest.fixture
