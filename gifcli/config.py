@@ -409,9 +409,10 @@ class InfluenceConfig:
         "auto", "solver iterations at most; auto: sized by influence.budget", within="1..1000000"
     )
     budget: float = _field(
-        0.5,
-        "auto hessian_samples / max_iter: the edit's work as a fraction of one retraining's "
-        "(train.epochs x retrained samples, in sample passes); the dearest rung of the budget "
+        0.25,
+        "auto hessian_samples / max_iter: the edit's predicted work as a fraction of one "
+        "retraining's (train.epochs x retrained samples training steps, in sample passes: the "
+        "unit of cost.retrain_ratio); the dearest rung of the budget "
         "ladder (64x3, 128x5, 256x5, 512x5, 1024x5, 2048x5, 1024x20 samples x iterations) "
         "that fits is used",
         within="(0, 1e6]",

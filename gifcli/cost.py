@@ -26,7 +26,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,21 +54,20 @@ BUDGET_LADDER: tuple[tuple[int, int], ...] = (
 that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining"):
 beyond 5 iterations a larger Hessian sample buys more than more iterations; the top rung is
 the solve the tool used before the budget."""
-HVP_PASSES: dict[str, float] = {"hessian": 4.0, "ggn": 2.0}
+HVP_PASSES: dict[str, float] = {"hessian": 3.0, "ggn": 2.0}
 """Sample passes of one curvature product over one sample, for the budget, per
-``influence.curvature``: the Hessian's double backward (the reports' ``cost.hvp_passes``
-measure 3-5 on TinyNet) and the Gauss-Newton product through the kept forward graph, which
-the benchmarks time at about half of it on 16×16 and larger images (level on 8×8 digits,
-where per-call overhead dominates; BENCHMARKS.md, "Cost against retraining"), each rounded.
-Constants, not the probe's timing, so that one config always plans the same solve."""
+``influence.curvature``: the Hessian's double backward and the Gauss-Newton product through
+the kept forward graph, near the upper end of what the reports' ``cost.hvp_passes`` measure
+(BENCHMARKS.md, "Cost against retraining"). Constants, not the probe's timing, so that one
+config always plans the same solve."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
-
-
-def solve_products(iterations: int) -> int:
-    """HVPs of an lsqr solve of ``iterations``: two a step (``A v`` and ``Aᵀ u`` of the
-    system ``H[:, t]``), the start and the final residual check."""
-    return 2 * iterations + 3
+STEP_PASSES = 2.0
+"""Sample passes of one training step of one sample (forward, backward, optimiser), for the
+budget: a retraining is ``train.epochs × samples × STEP_PASSES`` passes, the unit of the
+reports' ``cost.retrain_ratio``, which takes it from the measured rates
+(``retrain.step_passes``); at the lower end of what they measure, so the prediction errs on
+the dear side."""
 
 
 TIMED_TRAINING_STEPS = 3
@@ -301,11 +300,15 @@ def plan_budget(
     retrain_passes: float,
     fixed_passes: float,
     validation: int,
+    products: Callable[[int], int],
 ) -> BudgetRecord:
     """The Hessian sample and iterations of the solve: the config's numbers, or (``auto``) the
     dearest rung of ``BUDGET_LADDER`` whose predicted passes fit ``influence.budget`` of one
-    retraining (always at least the cheapest rung). ``fixed_passes``: the selection and the
-    removal gradient; ``validation``: samples of the validation split the step search scores."""
+    retraining (always at least the cheapest rung). ``retrain_passes``: ``train.epochs ×``
+    retrained samples (each a training step of ``STEP_PASSES``); ``fixed_passes``: the
+    selection and the right-hand side; ``validation``: samples of the validation split the step
+    search scores; ``products(iterations)``: the curvature products of the estimator's solve
+    run to ``iterations`` (``estimators.expected_products``)."""
     evaluations = 1 if update.scale != "auto" else update.grid_points
     if influence.damping == "auto":
         evaluations *= influence.damping_points
@@ -314,9 +317,10 @@ def plan_budget(
     def predicted(samples: int, iterations: int) -> float:
         if influence.method == "first-order":
             return fixed
-        return fixed + HVP_PASSES[influence.curvature] * samples * solve_products(iterations)
+        return fixed + HVP_PASSES[influence.curvature] * samples * products(iterations)
 
-    allowed = influence.budget * retrain_passes
+    retraining = retrain_passes * STEP_PASSES
+    allowed = influence.budget * retraining
 
     def sized(rung: tuple[int, int]) -> tuple[int, int]:
         return _given(influence.hessian_samples, rung[0]), _given(influence.max_iter, rung[1])
@@ -335,7 +339,7 @@ def plan_budget(
         chosen_by="budget" if auto else "config",
         predicted_passes=predicted(samples, iterations),
         allowed_passes=allowed,
-        predicted_ratio=predicted(samples, iterations) / retrain_passes,
+        predicted_ratio=predicted(samples, iterations) / retraining,
     )
 
 

@@ -32,12 +32,12 @@ from gifcli.config import (
 )
 from gifcli.cost import (
     FORWARD_PASSES,
+    STEP_PASSES,
     cached_rates,
     cost_record,
     counted_forwards,
     plan_budget,
     retrain_record,
-    solve_products,
 )
 from gifcli.data import DataSplits, Split
 from gifcli.data.removal import seeded_subset
@@ -45,6 +45,7 @@ from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import (
     UpdatePath,
     estimate_update,
+    expected_products,
     removal_gradient,
     retained_gradient,
 )
@@ -212,12 +213,19 @@ def edit(
     retrain_passes = float(settings.train.epochs * retrain_samples)
     retained = retained_sample(task, data, settings)
     budget = _plan(
-        settings, removal, retrain_passes, validation=len(data.val), mask=mask, retained=retained
+        settings,
+        removal,
+        retrain_passes,
+        validation=len(data.val),
+        mask=mask,
+        retained=retained,
+        unknowns=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if budget.predicted_ratio > 1:
         note(
             f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
-            f"retraining ({budget.predicted_passes:,.0f} of {retrain_passes:,.0f} sample passes) "
+            f"retraining ({budget.predicted_passes:,.0f} sample passes against its "
+            f"{retrain_passes * STEP_PASSES:,.0f}) "
             "and runs anyway; influence.hessian_samples=auto and influence.max_iter=auto size "
             "it to influence.budget"
         )
@@ -235,7 +243,7 @@ def edit(
         batch_size=settings.influence.batch_size,
         device=device,
         curvature=settings.influence.curvature,
-        hvp_mode=hvp_mode_for(_expected_products(settings.influence)),
+        hvp_mode=hvp_mode_for(_solve_products(settings.influence, removal)),
     )
     retrain = retrain_record(epochs=settings.train.epochs, samples=retrain_samples, rates=rates)
     influence = settings.influence
@@ -369,9 +377,11 @@ def _plan(
     validation: int,
     mask: dict[str, torch.Tensor] | None,
     retained: Split | None,
+    unknowns: int,
 ) -> BudgetRecord:
     """The solve's size under ``influence.budget``, before any of the edit's work
-    (``retained``: the samples a retained gradient averages over)."""
+    (``retained``: the samples a retained gradient averages over; ``unknowns``: the model's
+    trainable parameters, the most columns an ``exact`` solve builds)."""
     method = settings.selection.method
     selects = settings.influence.method in TARGETED_METHODS and mask is None
     per_sample = 1.0 if method.endswith("gradients") else FORWARD_PASSES
@@ -383,6 +393,9 @@ def _plan(
         retrain_passes=retrain_passes,
         fixed_passes=selection + _gradient_passes(settings, removal, retained),
         validation=min(validation, settings.update.search_samples or validation),
+        products=lambda iterations: _solve_products(
+            settings.influence, removal, iterations, unknowns=unknowns
+        ),
     )
 
 
@@ -546,7 +559,7 @@ def estimate(
             y=y,
             batch_size=influence.batch_size,
             curvature=influence.curvature,
-            hvp_mode=hvp_mode_for(_expected_products(influence)),
+            hvp_mode=hvp_mode_for(_solve_products(influence, removal, unknowns=len(target))),
             cache_bytes=influence.cache_mb << 20,
         )
 
@@ -625,12 +638,29 @@ def right_hand_side(
     )
 
 
-def _expected_products(influence: InfluenceConfig) -> int:
-    """About how many HVPs the solve takes (``exact`` builds the matrix: many)."""
-    if influence.solver == "exact":
-        return 2**31
-    solves = 2 if influence.method == "sif" else 1
-    return solves * solve_products(int(influence.max_iter))
+def _solve_products(
+    influence: InfluenceConfig,
+    removal: RemovalSet,
+    iterations: int | None = None,
+    *,
+    unknowns: int = 2**31,
+) -> int:
+    """The curvature products of the solve run to ``iterations`` (default ``max_iter``), as the
+    estimator makes them (``expected_products``); ``unknowns``: the length of the solution
+    (the ``exact`` solver's columns; by default as if many)."""
+    # a backdoor's H_U is the difference of two label sets' curvatures, zero under Gauss-Newton
+    backdoor = 0 if influence.curvature == "ggn" else 2
+    removal_products = 1 if removal.true_y is None else backdoor
+    return expected_products(
+        influence.method,
+        influence.solver,
+        int(influence.max_iter if iterations is None else iterations),
+        damping=influence.damping,
+        damping_form=influence.damping_form,
+        damping_relative=influence.damping_relative,
+        unknowns=unknowns,
+        removal_products=removal_products,
+    )
 
 
 def _check_finite(delta: torch.Tensor, solve: SolveResult, influence: InfluenceConfig) -> None:

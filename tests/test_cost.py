@@ -12,45 +12,66 @@ from gifcli.cost import (
     BUDGET_LADDER,
     FORWARD_PASSES,
     HVP_PASSES,
+    STEP_PASSES,
     Rates,
     cached_rates,
     cost_record,
     measure_rates,
     plan_budget,
     retrain_record,
-    solve_products,
 )
 from gifcli.data import TensorSplit
+from gifcli.influence.estimators import expected_products
 from tests.conftest import DIGITS
 from tests.test_api import FAST, in_memory
 
 
 def plan(retrain_passes: float, **influence) -> gifcli.records.BudgetRecord:
+    config = InfluenceConfig(**influence)
     return plan_budget(
-        InfluenceConfig(**influence),
+        config,
         UpdateConfig(scale=1.0),  # one evaluation of the validation split
         retrain_passes=retrain_passes,
         fixed_passes=100.0,
         validation=50,
+        products=lambda iterations: expected_products(config.method, config.solver, iterations),
     )
 
 
-def solve_passes(samples: int, iterations: int) -> float:
-    return HVP_PASSES["ggn"] * samples * solve_products(iterations)
+def solve_passes(samples: int, iterations: int, method: str = "gif") -> float:
+    return HVP_PASSES["ggn"] * samples * expected_products(method, "lsqr", iterations)
 
 
 def test_budget_takes_the_dearest_rung_that_fits():
+    """In the unit of the reports' ``retrain_ratio``: ``epochs × samples`` training steps of
+    ``STEP_PASSES`` each."""
     fixed = 100.0 + FORWARD_PASSES * 50
     samples, iterations = BUDGET_LADDER[2]
     needed = fixed + solve_passes(samples, iterations)
-    budget = plan(needed / 0.1 + 1, budget=0.1)
+    fits = needed / 0.1 / STEP_PASSES + 1  # training steps of a retraining that fits it
+    budget = plan(fits, budget=0.1)
     assert (budget.hessian_samples, budget.max_iter) == (samples, iterations)
     assert budget.chosen_by == "budget"
     assert budget.predicted_passes == pytest.approx(needed)
-    assert budget.predicted_ratio == pytest.approx(needed / (needed / 0.1 + 1))
+    assert budget.predicted_ratio == pytest.approx(needed / (fits * STEP_PASSES))
     # a hair less and the rung below is taken
-    lower = plan(needed / 0.1 - 1, budget=0.1)
+    lower = plan(fits - 2, budget=0.1)
     assert (lower.hessian_samples, lower.max_iter) == BUDGET_LADDER[1]
+
+
+def test_budget_plans_the_products_of_the_estimator():
+    """``sif`` makes four times the products of ``gif`` (two solves of ``H_S``, two curvature
+    products each): the same budget gives it a smaller solve, and never more than allowed."""
+    fixed = 100.0 + FORWARD_PASSES * 50
+    samples, iterations = BUDGET_LADDER[3]
+    fits = (fixed + solve_passes(samples, iterations)) / 0.1 / STEP_PASSES + 1
+    gif, sif = plan(fits, budget=0.1), plan(fits, budget=0.1, method="sif")
+    assert (gif.hessian_samples, gif.max_iter) == (samples, iterations)
+    assert sif.hessian_samples * sif.max_iter < gif.hessian_samples * gif.max_iter
+    assert sif.predicted_passes <= sif.allowed_passes
+    assert sif.predicted_passes == pytest.approx(
+        fixed + solve_passes(sif.hessian_samples, sif.max_iter, "sif")
+    )
 
 
 def test_budget_never_goes_below_the_cheapest_rung_nor_above_the_dearest():
@@ -153,7 +174,7 @@ def test_check_on_the_cost_block(tmp_path, runner, digits_base):
 def test_budget_counts_a_curvature_product_at_its_own_cost():
     fixed = 100.0 + FORWARD_PASSES * 50
     samples, iterations = BUDGET_LADDER[3]
-    retrain = (fixed + solve_passes(samples, iterations)) / 0.1 + 1  # GGN's rung 3 fits
+    retrain = (fixed + solve_passes(samples, iterations)) / 0.1 / STEP_PASSES + 1  # GGN's rung 3
     ggn = plan(retrain, budget=0.1)
     hessian = plan(retrain, budget=0.1, curvature="hessian")
     assert (ggn.hessian_samples, ggn.max_iter) == (samples, iterations)

@@ -59,6 +59,7 @@ from gifcli.influence.operators import (
     shifted,
 )
 from gifcli.influence.solvers import (
+    SIGMA_STEPS,
     SOLVERS,
     PathResult,
     SolveResult,
@@ -77,6 +78,49 @@ AUTO = "auto"
 """``influence.damping`` value asking for the regularisation path."""
 
 Progress = Callable[[int, float], None]
+
+
+def expected_products(
+    method: str,
+    solver: str,
+    iterations: int,
+    *,
+    damping: float | str = 0.0,
+    damping_form: str = "shift",
+    damping_relative: bool = False,
+    unknowns: int = 0,
+    removal_products: int = 1,
+) -> int:
+    """The curvature products a solve of ``method`` makes when its solver runs ``iterations``
+    in full (what its record counts in ``hvps``; it stops earlier once it converges), for the
+    budget before the solve.
+
+    Every iterative solver (``lsqr``, ``cg``, ``neumann`` without restarts) takes one product
+    to start, two an iteration and two for the final residual check; ``exact`` one to start,
+    one per column of its matrix (``unknowns``, the length of ``x``) and the check. A relative
+    damping needs ``σ_max`` first (``2·SIGMA_STEPS + 1`` products) unless ``lsqr`` takes it
+    from its own run (``tikhonov``); ``damping="auto"`` is one ``lsqr_path`` run, no check.
+    ``sif`` makes two such solves of ``H_S``, each product one of ``H`` and one of ``H_U``, and
+    one ``H_D`` product between them; ``removal_products`` is what one product of ``H_U`` (and
+    of ``H_D``) costs: 1 for class removal, 2 for a backdoor (its two label sets), 0 where both
+    are zero (a backdoor under Gauss-Newton curvature: one solve of ``H`` alone).
+    """
+    if method == "first-order":
+        return 0
+    if damping == AUTO:
+        return 2 * iterations + 1
+    solve_products = unknowns + 3 if solver == "exact" else 2 * iterations + 3
+    relative = damping_relative and (
+        (damping_form == "shift" and float(damping) > 0)
+        or (damping_form == "tikhonov" and solver != "lsqr")
+    )
+    first = solve_products + (2 * SIGMA_STEPS + 1 if relative else 0)
+    if method != "sif":
+        return first
+    if removal_products == 0:
+        return first
+    return (1 + removal_products) * (first + solve_products) + removal_products
+
 
 # --------------------------------------------------------------------------- removal gradient
 

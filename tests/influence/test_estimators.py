@@ -12,7 +12,7 @@ from gifcli.influence import (
     estimate_update,
     removal_gradient,
 )
-from gifcli.influence.estimators import retained_gradient
+from gifcli.influence.estimators import expected_products, retained_gradient
 from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import Zero, removal_curvature
 
@@ -629,3 +629,89 @@ def test_relative_damping_solves_with_lambda_times_sigma_max(
     assert result.damping == pytest.approx(0.1 * result.sigma_max) and size > 0
     expected = _reference_update(mlp, method, target, result.damping, reference)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
+
+
+DAMPINGS = {  # (damping, form, relative): none, a shift, relative shift, relative tikhonov
+    "none": (0.0, "shift", False),
+    "shift": (0.05, "shift", False),
+    "relative-shift": (0.01, "shift", True),
+    "relative-tikhonov": (0.01, "tikhonov", True),
+}
+
+
+@pytest.mark.parametrize("damping", DAMPINGS)
+@pytest.mark.parametrize("solver", ["lsqr", "cg", "neumann", "exact"])
+@pytest.mark.parametrize("method", METHODS)
+def test_the_budget_counts_the_products_the_solve_makes(
+    method, solver, damping, mlp, mlp_operators
+):
+    """``expected_products`` (what the budget plans with) against the solve's own count, with
+    the solver run to its iteration limit: within 10% for every estimator and solver."""
+    value, form, relative = DAMPINGS[damping]
+    target = _target(len(mlp.removal_gradient))
+    iterations = 6
+    _, result = _estimate(
+        mlp,
+        method,
+        solver,
+        value,
+        target,
+        mlp_operators,
+        max_iter=iterations,
+        tol=1e-12,
+        damping_form=form,
+        damping_relative=relative,
+        weight_decay=WEIGHT_DECAY,
+    )
+    unknowns = int(target.sum()) if method in ("gif", "fif") else len(target)
+    expected = expected_products(
+        method,
+        solver,
+        iterations,
+        damping=value,
+        damping_form=form,
+        damping_relative=relative,
+        unknowns=unknowns,
+    )
+    assert result.hvps <= expected
+    assert result.hvps >= 0.9 * expected, (result.hvps, expected, result.message)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_the_budget_counts_sif_for_a_backdoor(curvature, mlp, reference):
+    """A backdoor's ``H_U`` is two products (two label sets) under the Hessian, none under
+    Gauss-Newton (one solve)."""
+    g, _, _, removal = _backdoor(mlp, reference, curvature)
+    operator = CurvatureOperator(
+        model=mlp.model, x=mlp.x, y=mlp.y, batch_size=64, curvature=curvature
+    )
+    _, result = estimate_update(
+        method="sif",
+        operator=operator,
+        gradient=g,
+        target_flat=torch.ones(len(g), dtype=torch.bool),
+        solver="lsqr",
+        damping=0.05,
+        max_iter=6,
+        tol=1e-12,
+        weight_decay=WEIGHT_DECAY,
+        removal_operator=removal,
+        removal_fraction=len(mlp.removal_x) / mlp.n_train,
+    )
+    removal_products = 2 if curvature == "hessian" else 0
+    expected = expected_products("sif", "lsqr", 6, damping=0.05, removal_products=removal_products)
+    assert 0.9 * expected <= result.hvps <= expected
+
+
+def test_the_budget_counts_one_path_run_for_auto_damping(mlp, mlp_operators):
+    path = _estimate(
+        mlp,
+        "gif",
+        "lsqr",
+        "auto",
+        _target(len(mlp.removal_gradient)),
+        mlp_operators,
+        max_iter=6,
+        tol=1e-12,
+    )
+    assert path.path.hvps == expected_products("gif", "lsqr", 6, damping="auto")
