@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from gifcli.config import TARGETED_METHODS, Config, TrainConfig, load_config
+from gifcli.config import Config, TrainConfig, load_config
 from gifcli.context import prepare
+from gifcli.influence.estimators import estimator
 from gifcli.metrics import oracle_gap, scalar_metrics
 from gifcli.runs import run_edit
 from gifcli.tasks import task_type
@@ -301,7 +302,7 @@ class SeedRuns:
         objective), which do not change the mask."""
         influence, preset = VARIANTS.get(method, (method, ()))
         options = [*preset, *options]
-        masked = influence in TARGETED_METHODS
+        masked = estimator(influence).targeted
         config = self.config(options)
         selection = selection or config.selection.method
         ratio = config.selection.ratio if ratio is None else ratio

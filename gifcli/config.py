@@ -24,19 +24,88 @@ from typing import Any, ClassVar
 
 import yaml
 
-from gifcli.errors import GifError, UsageError
+from gifcli.errors import GifError, ParameterError, UsageError
 from gifcli.inputs import read_input
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder", "tensors")
 TRIGGERS = ("checkerboard", "patch", "blend")
 SELECTION_METHODS = ("top-outputs", "top-gradients", "lowest-outputs", "lowest-gradients", "random")
 INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
-TARGETED_METHODS = ("gif", "fif", "pif", "first-order")  # Δ is zero outside the target mask
 CURVATURES = ("hessian", "ggn")
 GRADIENTS = ("retained", "removal")  # the right-hand side: see docs/design.md, "Notation"
 DAMPING_FORMS = ("shift", "tikhonov")  # how influence.damping enters: docs/design.md, "Damping"
 SOLVERS = ("lsqr", "cg", "neumann", "exact")
 SCOPES = ("linear-conv", "all")
+
+
+# --------------------------------------------------------------------------- typed strategies
+# What a damping or step setting means, parsed once from its keys: the rest of the package asks
+# these types, never the strings.
+
+
+@dataclass(frozen=True)
+class FixedDamping:
+    """A damping ``λ`` (``influence.damping`` a number): a Levenberg-Marquardt ``shift`` of
+    the curvature, else Tikhonov damping of the squared system; ``relative``: ``λ = value ×
+    σ_max`` of the system."""
+
+    value: float
+    shift: bool = True
+    relative: bool = False
+
+
+@dataclass(frozen=True)
+class DampingPath:
+    """``influence.damping: auto``: every Tikhonov ``λ`` of a log-spaced grid relative to
+    ``σ_max`` from one LSQR run, chosen with the step on the validation split."""
+
+    points: int = 8
+    smallest: float = 1e-4
+    largest: float = 1.0
+
+
+Damping = FixedDamping | DampingPath
+
+
+def damping_of(
+    value: float | str,
+    form: str = "shift",
+    relative: bool = False,
+    *,
+    points: int = 8,
+    smallest: float = 1e-4,
+    largest: float = 1.0,
+) -> Damping:
+    """The ``Damping`` of ``influence.damping`` (a number >= 0 or ``auto``) and its form."""
+    if value == "auto":
+        return DampingPath(points, smallest, largest)
+    if isinstance(value, str) or not (math.isfinite(value) and value >= 0):
+        raise ParameterError("damping", f"must be 'auto' or a number >= 0, got {value!r}")
+    if form not in DAMPING_FORMS:
+        raise ParameterError(
+            "damping_form", f"unknown {form!r}; use one of {', '.join(DAMPING_FORMS)}"
+        )
+    return FixedDamping(float(value), shift=form == "shift", relative=relative)
+
+
+@dataclass(frozen=True)
+class FixedStep:
+    """``update.scale`` a number: the edit ``θ̂ + scale·Δ``."""
+
+    scale: float
+
+
+@dataclass(frozen=True)
+class StepSearch:
+    """``update.scale: auto``: the step searched on the validation split over ``points``
+    log-spaced relative steps ``|sΔ| / |θ̂_t|`` from ``smallest`` to ``largest``."""
+
+    points: int = 48
+    smallest: float = 1e-3
+    largest: float = 10.0
+
+
+Step = FixedStep | StepSearch
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds alike
 MAX_CLASSES = 100_000
@@ -474,6 +543,18 @@ class InfluenceConfig:
         1.0, "auto: largest lambda, as a multiple of sigma_max", within="(0, 1e6]"
     )
 
+    @property
+    def damping_setting(self) -> Damping:
+        """``damping`` with its form, or the damping path (``auto``), as a ``Damping``."""
+        return damping_of(
+            self.damping,
+            self.damping_form,
+            self.damping_relative,
+            points=self.damping_points,
+            smallest=self.damping_min,
+            largest=self.damping_max,
+        )
+
     def __post_init__(self) -> None:
         # YAML reads 1e-3 (no dot) as text; a damping written that way is still a number.
         if isinstance(self.damping, str) and self.damping != "auto":
@@ -573,6 +654,16 @@ class UpdateConfig:
         "describe (see BENCHMARKS.md, ResNet-18 with BatchNorm); a model without BatchNorm "
         "is unchanged; false: keep the input's statistics",
     )
+
+    @property
+    def step(self) -> Step:
+        """``scale`` as a ``Step`` (``auto``: the search); ``scale`` null is the task's rule,
+        which the edit resolves before it asks."""
+        if self.scale == "auto":
+            return StepSearch(self.grid_points, self.grid_min, self.grid_max)
+        if self.scale is None or isinstance(self.scale, str):
+            raise GifError(f"update.scale: must be 'auto' or a number, got {self.scale!r}")
+        return FixedStep(float(self.scale))
 
     def problems(self) -> list[str]:
         out = range_problems(self, "update.")

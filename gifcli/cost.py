@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
+from gifcli.config import DampingPath, InfluenceConfig, StepSearch, TrainConfig, UpdateConfig
 from gifcli.data import Split
 from gifcli.errors import GifError
 from gifcli.influence.hvp import CurvatureOperator
@@ -309,14 +309,13 @@ def plan_budget(
     selection and the right-hand side; ``validation``: samples of the validation split the step
     search scores; ``products(iterations)``: the curvature products of the estimator's solve
     run to ``iterations`` (``estimators.expected_products``)."""
-    evaluations = 1 if update.scale != "auto" else update.grid_points
-    if influence.damping == "auto":
-        evaluations *= influence.damping_points
+    step, damping = update.step, influence.damping_setting
+    evaluations = step.points if isinstance(step, StepSearch) else 1
+    if isinstance(damping, DampingPath):
+        evaluations *= damping.points
     fixed = fixed_passes + FORWARD_PASSES * evaluations * validation
 
     def predicted(samples: int, iterations: int) -> float:
-        if influence.method == "first-order":
-            return fixed
         return fixed + HVP_PASSES[influence.curvature] * samples * products(iterations)
 
     retraining = retrain_passes * STEP_PASSES
@@ -344,7 +343,8 @@ def plan_budget(
 
 
 def _given(value: int | str, auto: int) -> int:
-    return auto if value == "auto" else int(value)
+    """``value`` of a key that is a number or ``auto``."""
+    return int(value) if isinstance(value, int) else auto
 
 
 def retrain_record(*, epochs: int, samples: int, rates: Rates) -> RetrainRecord:

@@ -23,10 +23,12 @@ from torch import nn
 
 from gifcli import distributed
 from gifcli.config import (
-    TARGETED_METHODS,
     Config,
+    DampingPath,
+    FixedStep,
     InfluenceConfig,
     SelectionConfig,
+    StepSearch,
     TrainConfig,
     UpdateConfig,
 )
@@ -45,6 +47,7 @@ from gifcli.errors import GifError, ParameterError
 from gifcli.influence.estimators import (
     UpdatePath,
     estimate_update,
+    estimator,
     expected_products,
     removal_gradient,
     retained_gradient,
@@ -192,7 +195,7 @@ def edit(
     seconds: dict[str, float] = {}
     passes: dict[str, float] = {}
     device = next(model.parameters()).device
-    if settings.update.scale == "auto" and len(data.val) == 0:
+    if isinstance(settings.update.step, StepSearch) and len(data.val) == 0:
         raise ParameterError(
             "data.val_fraction",
             "update.scale auto searches the step on the validation split, which is empty; "
@@ -383,7 +386,7 @@ def _plan(
     (``retained``: the samples a retained gradient averages over; ``unknowns``: the model's
     trainable parameters, the most columns an ``exact`` solve builds)."""
     method = settings.selection.method
-    selects = settings.influence.method in TARGETED_METHODS and mask is None
+    selects = estimator(settings.influence.method).targeted and mask is None
     per_sample = 1.0 if method.endswith("gradients") else FORWARD_PASSES
     averaged = min(len(removal.x), settings.gradient_samples or len(removal.x))
     selection = averaged * per_sample if selects and method != "random" else 0.0
@@ -460,14 +463,15 @@ def solver_record(
     diagnostics = solve.to_dict()
     name = diagnostics.pop("solver")
     sigma_max = diagnostics.get("sigma_max")
+    path = isinstance(influence.damping_setting, DampingPath)
     return SolverRecord(
         name=name,
         curvature=influence.curvature,
         weight_decay=weight_decay,
         gradient=influence.gradient,
-        damping_form="tikhonov" if influence.damping == "auto" else influence.damping_form,
+        damping_form="tikhonov" if path else influence.damping_form,
         damping_relative=diagnostics["damping"] / sigma_max if sigma_max else None,
-        damping_chosen_by="validation" if influence.damping == "auto" else "config",
+        damping_chosen_by="validation" if path else "config",
         **diagnostics,
     )
 
@@ -514,7 +518,7 @@ def target_selection(
 ) -> Selection:
     """The scope's parameters (``influence.scope``) for ``if``/``sif``; else the given mask,
     or a selection made anew."""
-    if settings.influence.method not in TARGETED_METHODS:
+    if not estimator(settings.influence.method).targeted:
         return Selection(mask=scope_mask(model, settings.influence.scope))
     if mask is not None:
         check_mask(model, mask, source="mask")
@@ -575,7 +579,7 @@ def estimate(
                 true_labels=None if removal.true_y is None else removal.true_y[mine],
                 curvature=influence.curvature,
             )
-            if influence.method == "sif"
+            if estimator(influence.method).solves == 2
             else None
         )
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
@@ -684,8 +688,9 @@ def step_scale(
 ) -> tuple[float, list[SweepPoint]]:
     """``update.scale``, or the best scale on the validation split (and the sweep);
     ``target_norm`` is ``|θ̂_t|``, the reference of the relative steps."""
-    if update.scale != "auto":
-        return float(update.scale), []
+    step = update.step
+    if isinstance(step, FixedStep):
+        return step.scale, []
     grid = step_grid(delta, target_norm, update)
     with progress("step search", len(grid)) as advance:
         return search_scale(
@@ -724,14 +729,14 @@ def damping_and_step(
 ) -> tuple[torch.Tensor, SolveResult, float, list[SweepPoint]]:
     """``influence.damping: auto``: the damping and the step chosen together on the validation
     split (with a numeric ``update.scale``, the damping alone at that scale)."""
+    step = update.step
 
     def grid_for(delta: torch.Tensor) -> list[tuple[float, float]]:
-        if update.scale != "auto":
-            scale = float(update.scale)
-            return [(scale, scale * float(delta.norm()) / (target_norm or 1.0))]
+        if isinstance(step, FixedStep):
+            return [(step.scale, step.scale * float(delta.norm()) / (target_norm or 1.0))]
         return step_grid(delta, target_norm, update)
 
-    points = 1 if update.scale != "auto" else update.grid_points
+    points = step.points if isinstance(step, StepSearch) else 1
     with progress("damping and step search", len(path) * points) as advance:
         choice = search_damping_and_scale(
             model,

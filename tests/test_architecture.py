@@ -83,3 +83,38 @@ def test_only_the_task_package_names_tasks():
             if isinstance(node, ast.Constant) and node.value in TASK_NAMES:
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offenders
+
+
+STRATEGY_WORDS = {"gif", "fif", "pif", "if", "sif", "first-order", "shift", "tikhonov"}
+"""Names of an estimator and of a damping form."""
+STRATEGY_KEYS = ("method", "damping", "scale", "step")
+"""What a compared ``"auto"`` must not be: a damping mode or a step rule."""
+
+
+def _strings(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return {s for element in node.elts for s in _strings(element)}
+    return set()
+
+
+def test_strategies_are_asked_as_objects_not_compared_as_strings():
+    """An estimator, a damping mode or a step rule is compared as a string only where the
+    config is parsed (``config.py``); everywhere else the code asks the estimator registry
+    (``influence.estimators.estimator``) or the typed settings (``Damping``, ``Step``)."""
+    offenders = []
+    for path in modules():
+        if path == PACKAGE / "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            words = set().union(*(_strings(o) for o in operands))
+            text = ast.unparse(node)
+            if words & STRATEGY_WORDS or (
+                "auto" in words and any(key in text for key in STRATEGY_KEYS)
+            ):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {text}")
+    assert not offenders, "\n".join(offenders)

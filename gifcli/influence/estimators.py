@@ -41,11 +41,18 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from gifcli.config import DAMPING_FORMS, INFLUENCE_METHODS, TARGETED_METHODS
+from gifcli.config import (
+    INFLUENCE_METHODS,
+    Damping,
+    DampingPath,
+    FixedDamping,
+    damping_of,
+)
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import (
@@ -70,14 +77,170 @@ from gifcli.influence.solvers import (
 )
 
 METHODS = INFLUENCE_METHODS
-TARGETED = TARGETED_METHODS
-"""Methods whose ``Δ`` is zero outside the target mask."""
-PATH_METHODS = ("gif", "fif", "pif", "if")
-"""Methods with one damped solve, which ``estimate_path`` covers (``sif`` has two)."""
-AUTO = "auto"
-"""``influence.damping`` value asking for the regularisation path."""
 
 Progress = Callable[[int, float], None]
+_System = tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]
+"""``(A x, Aᵀ y, b, x ↦ Δ)`` of one linear system."""
+
+
+class Estimator:
+    """One estimator of the module docstring's table: the coordinates it changes, the system
+    it solves and the curvature products that costs. ``ESTIMATORS`` holds one of each;
+    ``estimator(name)`` looks one up by its ``influence.method`` name."""
+
+    name: ClassVar[str]
+    targeted: ClassVar[bool] = True
+    """``Δ`` is zero outside the target mask, which is selected for it."""
+    solves: ClassVar[int] = 1
+    """Damped curvature solves: 0 (no curvature), 1 (``estimate_path`` covers it), 2."""
+
+    def free(self, scope_flat: Tensor | None, target: Tensor, dim: int) -> Tensor:
+        """The coordinates the solve treats as variables, bool ``[dim]``: the scope."""
+        return _scope(scope_flat, target, dim)
+
+    def system(
+        self, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
+    ) -> _System:
+        """The square system ``H[s, s] x = g_s`` over the free coordinates ``s``."""
+        free_index = self.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
+        restricted = _restrict(operator, free_index).matvec
+        return restricted, restricted, g[free_index], self._placed(free_index, target, operator)
+
+    def _placed(
+        self, index: Tensor, target: Tensor, operator: LinearOperator
+    ) -> Callable[[Tensor], Tensor]:
+        return lambda x: scatter(x, index, operator.dim)
+
+    def products(
+        self,
+        solver: str,
+        iterations: int,
+        damping: Damping,
+        *,
+        unknowns: int = 0,
+        removal_products: int = 1,
+    ) -> int:
+        """The curvature products of the solve when its solver runs ``iterations`` in full
+        (what its record counts in ``hvps``; it stops earlier once it converges).
+
+        Every iterative solver (``lsqr``, ``cg``, ``neumann`` without restarts) takes one
+        product to start, two an iteration and two for the final residual check; ``exact`` one
+        to start, one per column of its matrix (``unknowns``, the length of ``x``) and the
+        check. A relative damping needs ``σ_max`` first (``2·SIGMA_STEPS + 1`` products) unless
+        ``lsqr`` takes it from its own run (Tikhonov); the damping path is one ``lsqr_path``
+        run, no check. ``removal_products``: what one product of ``H_U`` costs (``SIF``)."""
+        if not self.solves:
+            return 0
+        if isinstance(damping, DampingPath):
+            return 2 * iterations + 1
+        first = self._first(solver, iterations, damping, unknowns)
+        return self._combined(first, self._one(solver, iterations, unknowns), removal_products)
+
+    def _combined(self, first: int, later: int, removal_products: int) -> int:
+        """The estimate's products from its first solve's and those of one more solve."""
+        return first
+
+    @staticmethod
+    def _one(solver: str, iterations: int, unknowns: int) -> int:
+        return unknowns + 3 if solver == "exact" else 2 * iterations + 3
+
+    def _first(self, solver: str, iterations: int, damping: FixedDamping, unknowns: int) -> int:
+        estimates_sigma = damping.relative and (
+            damping.value > 0 if damping.shift else solver != "lsqr"
+        )
+        sigma = 2 * SIGMA_STEPS + 1 if estimates_sigma else 0
+        return self._one(solver, iterations, unknowns) + sigma
+
+
+class GIF(Estimator):
+    """Least squares over the target columns: ``A = H[:, t]``, ``b = g``."""
+
+    name = "gif"
+
+    def system(
+        self, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
+    ) -> _System:
+        h, dim = operator.matvec, operator.dim
+        index = target.nonzero().squeeze(1)
+        place = lambda x: scatter(x, index, dim)  # noqa: E731 - the map back to Δ
+        return lambda x: h(place(x)), lambda y: h(y)[index], g, place
+
+
+class FIF(Estimator):
+    """The target block: ``A = H[t, t]``, ``b = g_t``."""
+
+    name = "fif"
+
+    def free(self, scope_flat: Tensor | None, target: Tensor, dim: int) -> Tensor:
+        return target
+
+
+class PIF(Estimator):
+    """The scope's system, ``Δ`` kept on the targets; a target outside the scope joins it."""
+
+    name = "pif"
+
+    def free(self, scope_flat: Tensor | None, target: Tensor, dim: int) -> Tensor:
+        return _scope(scope_flat, target, dim, also=target)
+
+    def _placed(
+        self, index: Tensor, target: Tensor, operator: LinearOperator
+    ) -> Callable[[Tensor], Tensor]:
+        def to_update(x: Tensor) -> Tensor:
+            delta = scatter(x, index, operator.dim)
+            return torch.where(target, delta, torch.zeros_like(delta))
+
+        return to_update
+
+
+class IF(Estimator):
+    """The scope's system, every scope coordinate changed."""
+
+    name = "if"
+    targeted = False
+
+
+class SIF(Estimator):
+    """Basu et al.'s second-order group influence (``_second_order``): two solves of
+    ``H_S``, each product one of ``H`` and one of ``H_U``, and one ``H_D`` product between
+    them; no damping path."""
+
+    name = "sif"
+    targeted = False
+    solves = 2
+
+    def _combined(self, first: int, later: int, removal_products: int) -> int:
+        """``removal_products``: 1 for class removal, 2 for a backdoor (two label sets), 0
+        where ``H_U`` is zero (a backdoor under Gauss-Newton: one solve of ``H`` alone)."""
+        if removal_products == 0:
+            return first
+        return (1 + removal_products) * (first + later) + removal_products
+
+
+class FirstOrder(Estimator):
+    """``Δ = g`` on the targets: no curvature, no product."""
+
+    name = "first-order"
+    solves = 0
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e for e in (GIF(), FIF(), PIF(), IF(), SIF(), FirstOrder())
+}
+TARGETED = tuple(name for name, e in ESTIMATORS.items() if e.targeted)
+"""Methods whose ``Δ`` is zero outside the target mask."""
+PATH_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.solves == 1)
+"""Methods with one damped solve, which ``estimate_path`` covers."""
+
+
+def estimator(method: str) -> Estimator:
+    """The ``Estimator`` named ``method`` (``influence.method``)."""
+    try:
+        return ESTIMATORS[method]
+    except (KeyError, TypeError):
+        raise ParameterError(
+            "method", f"unknown {method!r}; use one of {', '.join(ESTIMATORS)}"
+        ) from None
 
 
 def expected_products(
@@ -91,35 +254,14 @@ def expected_products(
     unknowns: int = 0,
     removal_products: int = 1,
 ) -> int:
-    """The curvature products a solve of ``method`` makes when its solver runs ``iterations``
-    in full (what its record counts in ``hvps``; it stops earlier once it converges), for the
-    budget before the solve.
-
-    Every iterative solver (``lsqr``, ``cg``, ``neumann`` without restarts) takes one product
-    to start, two an iteration and two for the final residual check; ``exact`` one to start,
-    one per column of its matrix (``unknowns``, the length of ``x``) and the check. A relative
-    damping needs ``σ_max`` first (``2·SIGMA_STEPS + 1`` products) unless ``lsqr`` takes it
-    from its own run (``tikhonov``); ``damping="auto"`` is one ``lsqr_path`` run, no check.
-    ``sif`` makes two such solves of ``H_S``, each product one of ``H`` and one of ``H_U``, and
-    one ``H_D`` product between them; ``removal_products`` is what one product of ``H_U`` (and
-    of ``H_D``) costs: 1 for class removal, 2 for a backdoor (its two label sets), 0 where both
-    are zero (a backdoor under Gauss-Newton curvature: one solve of ``H`` alone).
-    """
-    if method == "first-order":
-        return 0
-    if damping == AUTO:
-        return 2 * iterations + 1
-    solve_products = unknowns + 3 if solver == "exact" else 2 * iterations + 3
-    relative = damping_relative and (
-        (damping_form == "shift" and float(damping) > 0)
-        or (damping_form == "tikhonov" and solver != "lsqr")
+    """``Estimator.products`` of ``method`` with the damping given as its config keys."""
+    return estimator(method).products(
+        solver,
+        iterations,
+        damping_of(damping, damping_form, damping_relative),
+        unknowns=unknowns,
+        removal_products=removal_products,
     )
-    first = solve_products + (2 * SIGMA_STEPS + 1 if relative else 0)
-    if method != "sif":
-        return first
-    if removal_products == 0:
-        return first
-    return (1 + removal_products) * (first + solve_products) + removal_products
 
 
 # --------------------------------------------------------------------------- removal gradient
@@ -258,15 +400,11 @@ def estimate_update(
     Coordinates outside the target mask are exactly zero for the targeted methods, and outside
     the scope for ``if`` and ``sif``.
     """
-    if isinstance(damping, str) and damping != AUTO:
-        raise ParameterError("damping", f"must be {AUTO!r} or a number >= 0, got {damping!r}")
-    if damping_form not in DAMPING_FORMS:
-        raise ParameterError(
-            "damping_form", f"unknown {damping_form!r}; use one of {', '.join(DAMPING_FORMS)}"
-        )
+    chosen = damping_of(damping, damping_form, damping_relative)
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ParameterError("weight_decay", f"must be a finite number >= 0, got {weight_decay}")
-    if damping == AUTO and method != "first-order":
+    kind = estimator(method)
+    if isinstance(chosen, DampingPath) and kind.solves:
         if solver != "lsqr":
             raise ParameterError(
                 "damping",
@@ -285,32 +423,30 @@ def estimate_update(
             scope_flat=scope_flat,
             progress=progress,
         )
-    _check(method, operator, gradient, target_flat, solver)
+    _check(kind, operator, gradient, target_flat, solver)
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
-    if method == "first-order":
+    if not kind.solves:
         return torch.where(target, g, torch.zeros_like(g)), _first_order_result()
-
-    chosen = {"damping": float(damping), "relative": damping_relative}
+    fixed = [chosen]
 
     def damped(system: Callable[[float], _System]) -> tuple[Tensor, SolveResult]:
         x, result = _damped_solve(
             system,
             weight_decay=weight_decay,
-            form=damping_form,
+            damping=fixed[0],
             solver=solver,
             settings={"max_iter": max_iter, "tol": tol, "progress": progress}
             | dict(solver_options or {}),
-            **chosen,
         )
         # A relative λ is resolved once, so that both solves of sif use the same λ.
-        chosen.update(damping=result.damping, relative=False)
+        fixed[0] = FixedDamping(result.damping, shift=fixed[0].shift)
         return x, result
 
-    if method in PATH_METHODS:
+    if kind.solves == 1:
 
         def system(shift: float) -> _System:
-            return _system(method, shifted(operator, shift), g, target, scope_flat)
+            return kind.system(shifted(operator, shift), g, target, scope_flat)
 
         x, result = damped(system)
         return system(weight_decay)[3](x), result
@@ -318,7 +454,7 @@ def estimate_update(
         raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
     if not isinstance(removal_operator, RemovalCurvature):
         removal_operator = RemovalCurvature(removal_operator, removal_operator)
-    free_index = _scope(scope_flat, target, method, operator.dim).nonzero().squeeze(1)
+    free_index = kind.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
     x, result = _second_order(
         _restrict(operator, free_index),
         RemovalCurvature(
@@ -332,17 +468,11 @@ def estimate_update(
     return scatter(x, free_index, operator.dim), result
 
 
-_System = tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]
-"""``(A x, Aᵀ y, b, x ↦ Δ)`` of one linear system."""
-
-
 def _damped_solve(
     system: Callable[[float], _System],
     *,
     weight_decay: float,
-    damping: float,
-    form: str,
-    relative: bool,
+    damping: FixedDamping,
     solver: str,
     settings: dict,
 ) -> tuple[Tensor, SolveResult]:
@@ -351,45 +481,26 @@ def _damped_solve(
     ``λ``. A relative ``λ`` is a multiple of ``σ_max`` of the system with ``c = wd``. The
     record's ``damping`` is the absolute ``λ``; ``settings`` are the solver's keyword
     arguments."""
-    if form == "tikhonov":
+    value = damping.value
+    if not damping.shift:
         matvec, rmatvec, b, _ = system(weight_decay)
-        return solve(solver, matvec, rmatvec, b, damping=damping, relative=relative, **settings)
-    started, sigma_max, extra, lam = time.perf_counter(), None, 0, float(damping)
-    if relative and damping > 0:
+        return solve(
+            solver, matvec, rmatvec, b, damping=value, relative=damping.relative, **settings
+        )
+    started, sigma_max, extra, lam = time.perf_counter(), None, 0, value
+    if damping.relative and value > 0:
         matvec, rmatvec, b, _ = system(weight_decay)
         sigma_max, extra = estimate_sigma_max(matvec, rmatvec, b)
-        lam = relative_damping(damping, sigma_max)
+        lam = relative_damping(value, sigma_max)
     matvec, rmatvec, b, _ = system(weight_decay + lam)
     x, result = solve(solver, matvec, rmatvec, b, damping=0.0, **settings)
     result.damping, result.sigma_max = lam, sigma_max
     result.hvps += extra
     result.seconds = time.perf_counter() - started
     if lam:
-        scale = f" ({damping:g} × σ_max {sigma_max:.3g}, {extra} products)" if sigma_max else ""
+        scale = f" ({value:g} × σ_max {sigma_max:.3g}, {extra} products)" if sigma_max else ""
         result.message += f"; curvature shifted by λ = {lam:.3g}{scale}"
     return x, result
-
-
-def _system(
-    method: str, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
-) -> _System:
-    """``(A x, Aᵀ y, b, x ↦ Δ)`` of a method with one damped solve (``PATH_METHODS``)."""
-    h, dim = operator.matvec, operator.dim
-    if method in ("gif", "fif"):
-        index = target.nonzero().squeeze(1)
-        place = lambda x: scatter(x, index, dim)  # noqa: E731 - the map back to Δ
-        if method == "gif":
-            return lambda x: h(place(x)), lambda y: h(y)[index], g, place
-        restricted = Restricted(operator, index).matvec  # H[t, t] is symmetric
-        return restricted, restricted, g[index], place
-    free_index = _scope(scope_flat, target, method, dim).nonzero().squeeze(1)
-    restricted = _restrict(operator, free_index).matvec
-
-    def to_update(x: Tensor) -> Tensor:
-        delta = scatter(x, free_index, dim)
-        return torch.where(target, delta, torch.zeros_like(delta)) if method == "pif" else delta
-
-    return restricted, restricted, g[free_index], to_update
 
 
 @dataclass
@@ -458,16 +569,17 @@ def estimate_path(
     ``basis_device`` and capped by ``max_basis_bytes``; ``reorthogonalize`` keeps it
     orthonormal (see ``lsqr_path``).
     """
-    if method not in PATH_METHODS:
+    kind = estimator(method)
+    if kind.solves != 1:
         raise ParameterError(
             "damping",
             f"'auto' supports the methods {', '.join(PATH_METHODS)}, not {method!r}; give a number",
         )
-    _check(method, operator, gradient, target_flat, "lsqr")
+    _check(kind, operator, gradient, target_flat, "lsqr")
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
     curvature = shifted(operator, weight_decay)
-    matvec, rmatvec, b, to_update = _system(method, curvature, g, target, scope_flat)
+    matvec, rmatvec, b, to_update = kind.system(curvature, g, target, scope_flat)
     path = lsqr_path(
         matvec,
         rmatvec,
@@ -484,15 +596,18 @@ def estimate_path(
     return UpdatePath(method=method, path=path, to_update=to_update)
 
 
-def _scope(scope_flat: Tensor | None, target: Tensor, method: str, dim: int) -> Tensor:
-    """The free coordinates of ``if``, ``pif`` and ``sif``, bool ``[dim]``."""
+def _scope(
+    scope_flat: Tensor | None, target: Tensor, dim: int, *, also: Tensor | None = None
+) -> Tensor:
+    """The free coordinates of ``if``, ``pif`` and ``sif``, bool ``[dim]``: the scope (None:
+    every coordinate), with ``also`` joined to it."""
     if scope_flat is None:
         return torch.ones(dim, dtype=torch.bool, device=target.device)
     if scope_flat.shape != (dim,) or scope_flat.dtype != torch.bool:
         raise ValueError(f"scope_flat must be a bool tensor of shape ({dim},)")
     free = scope_flat.to(target.device)
-    if method == "pif":
-        free = free | target
+    if also is not None:
+        free = free | also
     if not free.any():
         raise ParameterError(
             "scope",
@@ -563,12 +678,10 @@ def _second_order(
 
 
 def _check(
-    method: str, operator: LinearOperator, gradient: Tensor, target_flat: Tensor, solver: str
+    kind: Estimator, operator: LinearOperator, gradient: Tensor, target_flat: Tensor, solver: str
 ) -> None:
     """Raise on inputs that cannot be estimated from."""
-    if method not in METHODS:
-        raise ParameterError("method", f"unknown {method!r}; use one of {', '.join(METHODS)}")
-    if method != "first-order" and solver not in SOLVERS:
+    if kind.solves and solver not in SOLVERS:
         raise ParameterError("solver", f"unknown {solver!r}; use one of {', '.join(SOLVERS)}")
     if gradient.shape != (operator.dim,):
         raise ValueError(f"gradient has shape {tuple(gradient.shape)}; expected ({operator.dim},)")
@@ -579,7 +692,7 @@ def _check(
             "removal gradient: contains NaN or Inf; the checkpoint's loss is not finite on the "
             "removal set"
         )
-    if method in TARGETED and not target_flat.any():
+    if kind.targeted and not target_flat.any():
         raise GifError(
             "selection: the target mask selects no parameter; raise selection.ratio "
             "or check selection.include / exclude"
