@@ -62,8 +62,16 @@ from gifcli.runs import run_edit
 
 SCENARIOS = {
     "samples": "configs/digits-samples.yaml",
+    "memorised": "configs/digits-samples.yaml",
     "class": "configs/digits.yaml",
+    "backdoor": "configs/digits-backdoor.yaml",
 }
+"""``memorised``: the base model's lowest-margin training samples (``MEMORISED``, the worst
+case of a deletion request: the samples a model has to memorise to fit) in place of a random
+share; ``backdoor``: the poisoned samples of a backdoored model, removed with the labels they
+were trained with and re-added with their true ones."""
+MEMORISED = 0.05
+"""The share of the training split the ``memorised`` scenario removes."""
 GRIDS = {
     "fine-tune": [{"epochs": e} for e in (1, 2, 5)],
     "NegGrad+": [{"beta": b, "lr": r, "epochs": 1} for r in (0.1, 1.0) for b in (0.95, 0.8, 0.5)],
@@ -111,7 +119,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def protocol(task, metrics: dict) -> dict:
-    """The SalUn protocol from a task's metrics (percent)."""
+    """The SalUn protocol from a task's metrics (percent). A backdoor's removal set is its
+    poisoned samples: UA is the share no longer given the poisoned label, RA the clean
+    training accuracy, TA the clean test accuracy; it has no MIA-efficacy (None)."""
+    if "corrupt_acc_train" in metrics:
+        return {
+            "UA": 100 - metrics["corrupt_acc_train"],
+            "RA": metrics["clean_acc_train"],
+            "TA": metrics["clean_acc_test"],
+            "MIA": None,
+        }
     test = "retain_acc_test" if "retain_acc_test" in metrics else "acc_test"
     return {
         "UA": 100 - metrics["forget_acc_train"],
@@ -119,6 +136,25 @@ def protocol(task, metrics: dict) -> dict:
         "TA": metrics[test],
         "MIA": metrics["mia_efficacy"],
     }
+
+
+@torch.no_grad()
+def lowest_margin(config, folder: Path, share: float) -> Path:
+    """A ``removal.indices`` file of the ``share`` of training samples with the lowest margin
+    (true-class logit minus the largest other) under the base model: the ones it fits least
+    easily, which it has to memorise. Indices into the full training set."""
+    ctx = prepare(config)
+    model = ctx.load_model().eval()
+    train = ctx.data.train
+    logits = torch.cat([model(train.x[i : i + 512]) for i in range(0, len(train), 512)])
+    true = logits.gather(1, train.y[:, None]).squeeze(1)
+    others = logits.scatter(1, train.y[:, None], float("-inf")).amax(1)
+    count = max(1, round(share * len(train)))
+    positions = torch.argsort(true - others)[:count]
+    path = folder / "memorised.txt"
+    indices = ctx.data.train_source[positions].sort().values
+    path.write_text("".join(f"{int(i)}\n" for i in indices))
+    return path
 
 
 @torch.no_grad()
@@ -137,6 +173,10 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
     ]
     config = load_config(args.config, overrides)
     base_report = train(config, folder / "base.safetensors", retrain=False)
+    if args.scenario == "memorised":
+        listed = lowest_margin(config, folder, MEMORISED)
+        overrides += [f"removal.indices={listed}", "removal.random=null"]
+        config = load_config(args.config, overrides)
     oracle_report = train(config, folder / "oracle.safetensors", retrain=True)
     retrain_seconds = oracle_report["seconds"]
     ctx = prepare(config)
@@ -212,6 +252,12 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
         "removed": len(removed),
         "retrained_references": retrained_refs,
         "rows": rows,
+        "description": (
+            f"{len(removed)} training samples: the {MEMORISED:.0%} of the training split with "
+            "the lowest margin under the base model"
+            if args.scenario == "memorised"
+            else task.description
+        ),
     }
 
 
@@ -236,9 +282,9 @@ def measure(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     }
     with work_folder(args.work_dir) as work:
         for seed in args.seeds:
-            results["per_seed"][str(seed)] = run_seed(args, seed, work / f"seed-{seed}", log)
-            ctx = prepare(load_config(args.config, [*base_overrides(args), f"seed={seed}"]))
-            results["description"] = ctx.task().description
+            outcome = run_seed(args, seed, work / f"seed-{seed}", log)
+            results["description"] = outcome.pop("description")
+            results["per_seed"][str(seed)] = outcome
     finish(args, results, log)
     return results
 
@@ -251,7 +297,11 @@ def markdown(results: dict) -> str:
 
     def gap(row: str) -> list[float]:
         return [
-            statistics.fmean(abs(s["rows"][row][k] - s["rows"]["retrain"][k]) for k in PROTOCOL)
+            statistics.fmean(
+                abs(s["rows"][row][k] - s["rows"]["retrain"][k])
+                for k in PROTOCOL
+                if s["rows"]["retrain"][k] is not None
+            )
             for s in seeds
         ]
 

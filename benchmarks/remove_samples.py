@@ -141,7 +141,7 @@ def unseen_distances(config: Config, oracle: Path) -> dict:
     ctx = prepare(config)
     task = ctx.task()
     forget = ctx.data.train.subset(task.removed_mask(ctx.data))
-    val = task.validation(ctx.data)
+    val = ctx.data.val
     distances = {"bound": ks_critical(len(forget), len(val))}
     for name, checkpoint in (("base", config.checkpoint), ("oracle", oracle)):
         model = ctx.load_model(checkpoint)

@@ -154,6 +154,9 @@ def test_readme_and_help_examples_run_as_written(clone, monkeypatch):
                 f"{example.exit_code}: {stderr.strip()[-500:]}"
             )
         assert "Traceback" not in stderr, (example, stderr)
+        sized_here = "influence.hessian_samples" in key or "influence.max_iter" in key
+        if "predicted to cost" in stderr and not sized_here:  # the shipped configs fit
+            failures.append(f"{example.where}: `{example.command}` is dearer than retraining")
     assert not failures, "\n".join(failures)
     report = (clone / "runs" / "demo" / "remove-class" / "report.md").read_text()
     assert_same_table(demo_table(README.read_text()), demo_table(report))
