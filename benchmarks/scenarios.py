@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
+    FIDELITY_COLUMNS,
+    PAPER,
     RESULTS,
     ROOT,
     Log,
@@ -116,6 +119,7 @@ SCENARIOS: dict[str, tuple[str, str, list[str], str]] = {
 }
 METHODS: dict[str, tuple[str, list[str]]] = {
     "gif": ("gif", []),
+    "gif-paper": ("gif", list(PAPER)),
     "gif-rel": ("gif", ["influence.damping_relative=true", "influence.damping=0.025"]),
     "gif-auto": ("gif", ["influence.damping=auto"]),
     "gif-ggn": ("gif", ["influence.curvature=ggn"]),
@@ -233,7 +237,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 def markdown(results: dict) -> str:
     methods = list(results["methods"])
-    f1_rows, gap_rows, verdicts = [], [], []
+    f1_rows, gap_rows, fidelity_rows, verdicts = [], [], [], []
     for name, scenario in results["scenarios"].items():
         seeds = scenario["per_seed"]
 
@@ -247,6 +251,27 @@ def markdown(results: dict) -> str:
             m: mean_std([abs(a - b) for a, b in zip(f1(m), oracle, strict=True)]) for m in methods
         }
         label = f"`{name}` ({len(seeds)} seeds)"
+
+        def fidelity(method: str, key: str, seeds: list = seeds) -> list[float]:
+            return [s["methods"][method]["metrics"].get(key, math.nan) for s in seeds]
+
+        measured = "kl_oracle_test" in seeds[0]["before"]  # runs before fidelity had none
+        for key, what in FIDELITY_COLUMNS if measured else ():
+            fidelity_rows.append(
+                [
+                    label,
+                    what,
+                    cell([s["before"].get(key, math.nan) for s in seeds], 3),
+                    *(cell(fidelity(m, key), 3) for m in methods),
+                    *(
+                        "{:+.3f} ± {:.3f}".format(
+                            *paired(fidelity(m, key), fidelity("first-order", key))
+                        )
+                        for m in methods
+                        if m != "first-order"
+                    ),
+                ]
+            )
         f1_rows.append(
             [
                 label,
@@ -289,6 +314,28 @@ def markdown(results: dict) -> str:
         "seconds `first-order`",
         "seconds retrain",
     ]
+    fidelity_block = (
+        [
+            "Fidelity to the retrained oracle (KL(oracle ‖ edit) in nats, top-1 agreement in %, "
+            "on the test split and on the removal set; mean ± std over seeds) and differences "
+            "to first-order paired over seeds (KL: negative is closer; agreement: positive is "
+            "closer):",
+            "",
+            *table(
+                [
+                    "scenario",
+                    "measure",
+                    "before",
+                    *(f"`{m}`" for m in methods),
+                    *(f"`{m}` − first-order" for m in methods if m != "first-order"),
+                ],
+                fidelity_rows,
+            ),
+            "",
+        ]
+        if fidelity_rows
+        else []
+    )
     return "\n".join(
         [
             "F1 on the test split (mean ± std over seeds) and differences to first-order "
@@ -301,6 +348,7 @@ def markdown(results: dict) -> str:
             "",
             *table(gap_header, gap_rows),
             "",
+            *fidelity_block,
             *verdicts,
         ]
     )
