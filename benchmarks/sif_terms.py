@@ -60,7 +60,7 @@ def terms(task: str, seed: int, folder: Path) -> dict:
     train(config, checkpoint, retrain=False)
     ctx = prepare(config)
     model = ctx.load_model()
-    removal = ctx.task().removal_set(ctx.data, device=ctx.device)
+    removal = ctx.task().removal_set(ctx.data, device=ctx.device, model=model)
     influence = config.influence
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=seed)
 
