@@ -60,7 +60,7 @@ def terms(task: str, seed: int, folder: Path) -> dict:
     train(config, checkpoint, retrain=False)
     ctx = prepare(config)
     model = ctx.load_model()
-    removal = ctx.task().removal_set(ctx.data, device=ctx.device)
+    removal = ctx.task().removal_set(ctx.data, device=ctx.device, model=model)
     influence = config.influence
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=seed)
 
@@ -68,7 +68,7 @@ def terms(task: str, seed: int, folder: Path) -> dict:
         return CurvatureOperator(model=model, x=x, y=y, batch_size=influence.batch_size)
 
     hessian = curvature_of(sample.x, sample.y)
-    curvatures = removal_curvature(curvature_of, removal.x, removal.y, true_labels=removal.true_y)
+    h_u = removal_curvature(curvature_of, removal.x, removal.y, true_labels=removal.true_y)
     gradient = removal_gradient(
         model,
         removal_x=removal.x,
@@ -90,12 +90,12 @@ def terms(task: str, seed: int, folder: Path) -> dict:
             damping=influence.damping,
             max_iter=influence.max_iter,
             tol=influence.tol,
-            removal_operator=curvatures,
+            removal_operator=h_u,
             removal_fraction=p,
         )
         return delta
 
-    first_order = update("if", Combination([(1 - p, hessian), (p, curvatures.trained)]))
+    first_order = update("if", Combination([(1 - p, hessian), (p, h_u)]))
     first = (1 - 2 * p) / (1 - p) * first_order
     sif, plain = update("sif", hessian), update("if", hessian)
     second = sif - first
@@ -107,9 +107,7 @@ def terms(task: str, seed: int, folder: Path) -> dict:
         "task": task,
         "seed": seed,
         "p": p,
-        "change_over_gradient": float(
-            curvatures.change.matvec(first_order).norm() / gradient.norm()
-        ),
+        "change_over_gradient": float(h_u.matvec(first_order).norm() / gradient.norm()),
         "second_over_first": float(second.norm() / first.norm()),
         "cos_first_if": cosine(first, plain),
         "cos_second_if": cosine(second, plain),

@@ -38,11 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp
 
 from gifcli.config import DataConfig, TrainConfig
 from gifcli.data import TensorSplit, load_dataset
 from gifcli.influence import CurvatureOperator, estimate_path, estimate_update, removal_gradient
-from gifcli.influence.hvp import HVP_MODES, flatten, trainable_parameters
+from gifcli.influence.estimators import UpdatePath, estimator
+from gifcli.influence.hvp import flatten, trainable_parameters
+from gifcli.influence.solvers import lsqr_path
 from gifcli.models import TinyNet
 from gifcli.selection import mask_to_flat, select_targets
 from gifcli.train import train_model
@@ -56,6 +59,8 @@ from gifcli.update import (
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solvers.json"
 SECTIONS = ("solvers", "throughput", "memory", "damping", "path")
+TIMED_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse", "linearize")
+"""gifcli's ``HVP_MODES`` and reverse-over-reverse, which gifcli does not offer (slower)."""
 MEMORY_VARIANTS = (  # (column, hvp_mode, linearisation cache budget in bytes)
     ("linearize (default, 1 GiB cache)", "linearize", 1 << 30),
     ("linearize, 48 MiB cache", "linearize", 48 << 20),
@@ -144,6 +149,24 @@ def setup(args: argparse.Namespace) -> dict:
         "gradient": g,
         "train_seconds": train_seconds,
     }
+
+
+class ReverseOverReverse(CurvatureOperator):
+    """The Hessian product ``vjp(grad(L), θ)(v)``: builds and differentiates the graph of the
+    gradient per product. Timed here only: gifcli's paths are faster."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(hvp_mode="forward-over-reverse", **kwargs)
+
+    def _batch_product(self, index: int, xb: Tensor, yb: Tensor, v: dict) -> dict:
+        return vjp(lambda p: self._grad_fn()(p, xb, yb), self._loss.params)[1](v)[0]
+
+
+def hvp_operator(mode: str, **kwargs) -> CurvatureOperator:
+    """The operator whose products take the path ``mode`` of ``TIMED_MODES``."""
+    if mode == "reverse-over-reverse":
+        return ReverseOverReverse(**kwargs)
+    return CurvatureOperator(hvp_mode=mode, **kwargs)
 
 
 def operator_for(ctx: dict, args: argparse.Namespace, **kwargs) -> CurvatureOperator:
@@ -245,8 +268,8 @@ def bench_throughput(ctx: dict, args: argparse.Namespace) -> dict:
     x, y = sample.x[: args.batch_size], sample.y[: args.batch_size]
     v = torch.randn(sum(p.numel() for p in trainable_parameters(model).values()))
     out = {"batch": len(x), "seconds_per_product": {}, "linearize_setup_seconds": None}
-    for mode in HVP_MODES:
-        operator = CurvatureOperator(model=model, x=x, y=y, batch_size=len(x), hvp_mode=mode)
+    for mode in TIMED_MODES:
+        operator = hvp_operator(mode, model=model, x=x, y=y, batch_size=len(x))
         started = time.perf_counter()
         operator.matvec(v)
         if mode == "linearize":
@@ -266,14 +289,19 @@ def bench_throughput(ctx: dict, args: argparse.Namespace) -> dict:
     out["speedup_vs_double_backward"] = {
         mode: base / seconds for mode, seconds in out["seconds_per_product"].items()
     }
-    out["lsqr_20_iterations_seconds"] = {mode: _timed_solve(ctx, args, mode) for mode in HVP_MODES}
+    solves = {mode: _timed_solve(ctx, args, mode) for mode in TIMED_MODES}
+    out["lsqr_20_iterations_seconds"] = solves
     return out
 
 
 def _timed_solve(ctx: dict, args: argparse.Namespace, mode: str) -> float:
     """Operator construction plus a 20-iteration LSQR GIF solve over the Hessian sample."""
     started = time.perf_counter()
-    gif(ctx, operator_for(ctx, args, hvp_mode=mode), solver="lsqr", damping=1e-2, max_iter=20)
+    sample = ctx["sample"]
+    operator = hvp_operator(
+        mode, model=ctx["model"], x=sample.x, y=sample.y, batch_size=args.batch_size
+    )
+    gif(ctx, operator, solver="lsqr", damping=1e-2, max_iter=20)
     return time.perf_counter() - started
 
 
@@ -488,6 +516,15 @@ def true_residuals(operator, ctx: dict, delta: Tensor, damping: float) -> tuple[
     return float(r.norm() / g.norm()), float(normal.norm() / atb.norm())
 
 
+def reorthogonalized_path(ctx: dict, operator: CurvatureOperator, max_iter: int) -> UpdatePath:
+    """GIF's regularisation path as ``estimate_path`` runs it (default grid, ``tol`` 0), with
+    the Krylov basis kept orthonormal (``lsqr_path(reorthogonalize=True)``)."""
+    kind = estimator("gif")
+    matvec, rmatvec, b, to_update = kind.system(operator, ctx["gradient"], ctx["target"], None)
+    path = lsqr_path(matvec, rmatvec, b, max_iter=max_iter, tol=0.0, reorthogonalize=True)
+    return UpdatePath(method="gif", path=path, to_update=to_update)
+
+
 def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator) -> dict:
     """One path run against one single-λ lsqr solve at the same iterations, interleaved."""
     common = {
@@ -539,7 +576,7 @@ def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator)
         "agreement": float32_agreement(ctx, args, common),
         "grid": [],
     }
-    reorthogonal = estimate_path(max_iter=args.path_iter, reorthogonalize=True, **common)
+    reorthogonal = reorthogonalized_path(ctx, operator, args.path_iter)
     for i, damping in enumerate(run.lambdas):
         delta, other = run.update(i), reorthogonal.update(i)
         relative, normal = true_residuals(operator, ctx, delta, damping)

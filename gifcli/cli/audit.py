@@ -16,14 +16,15 @@ from gifcli.cli.common import (
     JSON_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
+    check_option,
+    checkpoint_option,
     console,
-    finish_checks,
     handle_errors,
     note,
     parse_check_options,
-    print_json,
     progress_factory,
     read_config,
+    show_report,
 )
 
 EPILOG = """Examples:
@@ -43,12 +44,8 @@ by content: another audit of the same config and removal set reuses them.
 def audit(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    checkpoint: Path = typer.Option(
-        ...,
-        "--checkpoint",
-        "-c",
-        help="Checkpoint to audit (an edit's model.safetensors, or any checkpoint).",
-        show_default=False,
+    checkpoint: Path = checkpoint_option(
+        "Checkpoint to audit (an edit's model.safetensors, or any checkpoint)."
     ),
     removed: Path = typer.Option(
         None,
@@ -64,13 +61,8 @@ def audit(
     ),
     force: bool = FORCE_OPT,
     json_output: bool = JSON_OPT,
-    checks: list[str] = typer.Option(
-        None,
-        "--check",
-        metavar="EXPR",
-        help="Gate on the report (repeatable), e.g. 'audit.auc<=retrained.auc+0.05', "
-        "'audit.forgetting_score>=0.5': exit code 3 when one fails.",
-        show_default=False,
+    checks: list[str] = check_option(
+        "report", "'audit.auc<=retrained.auc+0.05', 'audit.forgetting_score>=0.5'"
     ),
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -94,11 +86,7 @@ def audit(
         removal_given=bool(removed) or any(o.startswith("removal.") for o in overrides or []),
         note=(lambda message: None) if quiet else note,
     )
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_audit(report)
-    finish_checks(report["checks"], table=not (json_output or quiet))
+    show_report(report, print_audit, json_output=json_output, quiet=quiet)
 
 
 def print_audit(report: dict) -> None:

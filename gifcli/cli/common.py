@@ -91,22 +91,26 @@ OUTPUT_DIR_OPT = typer.Option(
     None, "-o", "--output-dir", help="Folder for the outputs; overrides output.dir."
 )
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print only errors and failed checks.")
-CHECK_OPT = typer.Option(
-    None,
-    "--check",
-    metavar="EXPR",
-    help="Gate on the report (repeatable), e.g. 'after.forget_acc_test<=1', "
-    "'gap.mean<=2', 'solver.ok==true': exit code 3 when one fails.",
-    show_default=False,
-)
-EVALUATE_CHECK_OPT = typer.Option(
-    None,
-    "--check",
-    metavar="EXPR",
-    help="Gate on the metrics (repeatable), e.g. 'acc_test>=95', "
-    "'per_class_acc_test.3<=1': exit code 3 when one fails.",
-    show_default=False,
-)
+
+
+def check_option(gated: str, examples: str) -> Any:
+    """The repeatable ``--check EXPR`` option of a command whose ``gated`` output it gates."""
+    return typer.Option(
+        None,
+        "--check",
+        metavar="EXPR",
+        help=f"Gate on the {gated} (repeatable), e.g. {examples}: exit code 3 when one fails.",
+        show_default=False,
+    )
+
+
+def checkpoint_option(help: str) -> Any:
+    """The required ``--checkpoint``/``-c`` option of a command that reads one."""
+    return typer.Option(..., "--checkpoint", "-c", help=help, show_default=False)
+
+
+CHECK_OPT = check_option("report", "'after.forget_acc_test<=1', 'gap.mean<=2', 'solver.ok==true'")
+EVALUATE_CHECK_OPT = check_option("metrics", "'acc_test>=95', 'per_class_acc_test.3<=1'")
 
 
 def _plain_flags(params: list) -> list:
@@ -269,6 +273,18 @@ def parse_check_options(texts: list[str] | None, schema: dict | None = None) -> 
     return checks
 
 
+def show_report(
+    report: dict, printer: Callable[[dict], None], *, json_output: bool, quiet: bool
+) -> None:
+    """A command's report: as JSON on stdout (``--json``), else through ``printer`` unless
+    ``--quiet``; then its checks (``finish_checks``), if it has any."""
+    if json_output:
+        print_json(report)
+    elif not quiet:
+        printer(report)
+    finish_checks(report.get("checks", []), table=not (json_output or quiet))
+
+
 def finish_checks(results: list[dict], *, table: bool) -> None:
     """Print the checks (a table of all, or only the failed ones) and exit 3 when one failed,
     2 when one names a path the report lacks."""
@@ -365,11 +381,7 @@ def edit_command(options: Callable[..., list[str]]) -> Callable[..., None]:
             checks=gates,
             note=(lambda message: None) if quiet else note,
         )
-        if json_output:
-            print_json(report)
-        elif not quiet:
-            print_edit_report(report)
-        finish_checks(report["checks"], table=not (json_output or quiet))
+        show_report(report, print_edit_report, json_output=json_output, quiet=quiet)
 
     command.__name__ = command.__qualname__ = options.__name__
     command.__doc__ = options.__doc__

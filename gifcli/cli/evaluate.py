@@ -15,12 +15,12 @@ from gifcli.cli.common import (
     JSON_OPT,
     OVERRIDES_ARG,
     QUIET_OPT,
+    checkpoint_option,
     console,
-    finish_checks,
     handle_errors,
     parse_check_options,
-    print_json,
     read_config,
+    show_report,
 )
 
 EPILOG = """Examples:
@@ -37,13 +37,7 @@ EPILOG = """Examples:
 def evaluate(
     config: Path = CONFIG_ARG,
     overrides: list[str] = OVERRIDES_ARG,
-    checkpoint: Path = typer.Option(
-        ...,
-        "--checkpoint",
-        "-c",
-        help="Checkpoint to evaluate (.safetensors, .pt, .pth).",
-        show_default=False,
-    ),
+    checkpoint: Path = checkpoint_option("Checkpoint to evaluate (.safetensors, .pt, .pth)."),
     json_output: bool = JSON_OPT,
     checks: list[str] = EVALUATE_CHECK_OPT,
     quiet: bool = QUIET_OPT,
@@ -60,11 +54,7 @@ def evaluate(
     schema = evaluate_report_schema(kind.metric_keys, salun=kind.salun_sources is not None)
     gates = parse_check_options(checks, schema)
     report = run_evaluate(config=cfg, checkpoint=checkpoint, checks=gates, removal_given=given)
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_metrics(report)
-    finish_checks(report["checks"], table=not (json_output or quiet))
+    show_report(report, print_metrics, json_output=json_output, quiet=quiet)
 
 
 def print_metrics(report: dict) -> None:

@@ -15,9 +15,9 @@ from gifcli.cli.common import (
     QUIET_OPT,
     console,
     handle_errors,
-    print_json,
     progress_factory,
     read_config,
+    show_report,
 )
 
 EPILOG = """Examples:
@@ -60,10 +60,7 @@ def train(
         force=force,
         progress=progress_factory(not (json_output or quiet)),
     )
-    if json_output:
-        print_json(report)
-    elif not quiet:
-        print_train_report(report)
+    show_report(report, print_train_report, json_output=json_output, quiet=quiet)
 
 
 def print_train_report(report: dict) -> None:

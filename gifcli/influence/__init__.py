@@ -3,7 +3,7 @@
 - ``hvp``: ``CurvatureOperator`` (``H v`` of the retained risk via ``torch.func``, streamed),
   ``loss_gradient``, the flat-vector helpers and ``reduce_sum``, the one reduction point.
 - ``operators``: operators composed from curvature operators (sums, restrictions to a scope,
-  zero) and ``removal_curvature``, the removal set's curvatures that ``sif`` needs.
+  zero) and ``removal_curvature``, the removal set's curvature ``H_U`` that ``sif`` needs.
 - ``solvers``: ``lsqr``, ``cg``, ``neumann``, ``exact`` behind one signature; ``SolveResult``;
   ``lsqr_path`` (every damping of a grid from one run, ``PathResult``) and relative damping.
 - ``estimators``: ``removal_gradient`` and ``estimate_update`` for gif, fif, pif, if, sif and

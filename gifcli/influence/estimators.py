@@ -58,7 +58,6 @@ from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import (
     Combination,
     LinearOperator,
-    RemovalCurvature,
     Restricted,
     Zero,
     products,
@@ -356,7 +355,7 @@ def estimate_update(
     damping_form: str = "shift",
     damping_relative: bool = False,
     damping_grid: Sequence[float] | None = None,
-    removal_operator: RemovalCurvature | LinearOperator | None = None,
+    removal_operator: LinearOperator | None = None,
     removal_fraction: float | None = None,
     scope_flat: Tensor | None = None,
     progress: Progress | None = None,
@@ -383,9 +382,8 @@ def estimate_update(
         damping_relative: ``damping`` is ``λ / σ_max(A)``: ``σ_max`` of the system of ``H``
             (shift: ``solvers.estimate_sigma_max``; tikhonov: estimated by the solve, see
             ``solvers.solve``); ``sif`` takes ``λ`` from its first system for both solves.
-        removal_operator: the removal set's curvatures (``sif`` only): a ``RemovalCurvature``
-            (``removal_curvature`` builds it for class removal and backdoor relabelling), or
-            one operator ``H_U`` that is both of them (class removal).
+        removal_operator: the removal set's curvature ``H_U`` (``sif`` only;
+            ``removal_curvature`` builds it for class removal and backdoor relabelling).
         removal_fraction: ``p = m / n`` (``sif`` only), in ``(0, 1)``.
         scope_flat: bool ``[dim]``, the parameters ``s`` that ``if``, ``pif`` and ``sif``
             treat as variables (``influence.scope``); None: all. The others are constants of
@@ -452,15 +450,10 @@ def estimate_update(
         return system(weight_decay)[3](x), result
     if removal_operator is None:
         raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
-    if not isinstance(removal_operator, RemovalCurvature):
-        removal_operator = RemovalCurvature(removal_operator, removal_operator)
     free_index = kind.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
     x, result = _second_order(
         _restrict(operator, free_index),
-        RemovalCurvature(
-            trained=_restrict(removal_operator.trained, free_index),
-            change=_restrict(removal_operator.change, free_index),
-        ),
+        _restrict(removal_operator, free_index),
         g[free_index],
         removal_fraction,
         damped,
@@ -555,9 +548,6 @@ def estimate_path(
     relative: bool = True,
     scope_flat: Tensor | None = None,
     progress: Callable[[int, float], None] | None = None,
-    basis_device: torch.device | str | None = None,
-    max_basis_bytes: int | None = None,
-    reorthogonalize: bool = False,
 ) -> UpdatePath:
     """``Δ_λ`` of ``method`` for every ``λ`` of ``grid`` from one LSQR run (``lsqr_path``).
 
@@ -565,9 +555,7 @@ def estimate_path(
     operator + weight_decay·I``); ``grid`` is relative to ``σ_max(A)``
     unless ``relative=False`` (default: 8 values from 1e-4 to 1). Costs what one ``lsqr`` solve
     of ``max_iter`` iterations costs, plus the Krylov basis: ``max_iter`` vectors of the system's
-    length (``|t|`` for gif and fif, ``|s|`` for pif and if), 4 bytes each in float32, on
-    ``basis_device`` and capped by ``max_basis_bytes``; ``reorthogonalize`` keeps it
-    orthonormal (see ``lsqr_path``).
+    length (``|t|`` for gif and fif, ``|s|`` for pif and if), 4 bytes each in float32.
     """
     kind = estimator(method)
     if kind.solves != 1:
@@ -589,9 +577,6 @@ def estimate_path(
         max_iter=max_iter,
         tol=tol,
         progress=progress,
-        basis_device=basis_device,
-        max_basis_bytes=max_basis_bytes,
-        reorthogonalize=reorthogonalize,
     )
     return UpdatePath(method=method, path=path, to_update=to_update)
 
@@ -628,7 +613,7 @@ def _restrict(operator: LinearOperator, index: Tensor) -> LinearOperator:
 
 def _second_order(
     operator: LinearOperator,
-    removal: RemovalCurvature,
+    removal: LinearOperator,
     g: Tensor,
     p: float | None,
     damped: Callable[[Callable[[float], _System]], tuple[Tensor, SolveResult]],
@@ -638,9 +623,9 @@ def _second_order(
         Δ = ((1 − 2p)/(1 − p)) · Δ₁ + (p/(1 − p)) · H_S⁻¹ H_D Δ₁,     Δ₁ = H_S⁻¹ g,
 
     ``H_S = (1 − p) H_loss + p H_U + wd·I`` the curvature of the *full* training objective at
-    ``θ̂`` (the retained loss's ``H_loss = operator`` and the removal loss's ``H_U =
-    removal.trained`` weighted by their shares of the training set, and the weight decay),
-    ``p = m / n``, and ``H_D = removal.change`` the curvature of the loss the edit takes out:
+    ``θ̂`` (the retained loss's ``H_loss = operator`` and the removal loss's ``H_U = removal``
+    weighted by their shares of the training set, and the weight decay), ``p = m / n``, and
+    ``H_D = removal`` too, the curvature of the loss the edit takes out:
     ``H_U`` itself for class removal, ``H_U(poisoned) − H_U(true)`` for a backdoor (the weight
     decay, in both objectives, cancels from it). ``damped(system)`` solves ``system(c)``, the
     system of the loss curvature plus ``c·I``, with ``A = H_S`` (symmetric, its own transpose)
@@ -652,7 +637,7 @@ def _second_order(
     if p is None or not 0 < p < 1:
         raise ParameterError("method", f"'sif' needs the removal fraction m/n in (0, 1), got {p}")
     started = time.perf_counter()
-    full_risk = Combination([(1 - p, operator), (p, removal.trained)])
+    full_risk = Combination([(1 - p, operator), (p, removal)])
 
     def system(b: Tensor) -> Callable[[float], _System]:
         def of(shift: float) -> _System:
@@ -663,11 +648,11 @@ def _second_order(
 
     first, first_result = damped(system(g))
     delta, results = ((1 - 2 * p) / (1 - p)) * first, [first_result]
-    if not isinstance(removal.change, Zero):
-        second, second_result = damped(system(removal.change.matvec(first)))
+    if not isinstance(removal, Zero):
+        second, second_result = damped(system(removal.matvec(first)))
         delta, results = delta + (p / (1 - p)) * second, [first_result, second_result]
-    result = _merge(results, per_product=products(full_risk), extra_hvps=products(removal.change))
-    if isinstance(removal.change, Zero):
+    result = _merge(results, per_product=products(full_risk), extra_hvps=products(removal))
+    if isinstance(removal, Zero):
         result.message += (
             "; second-order term 0: a backdoor's H_D is the curvature of L_U(poisoned labels) − "
             "L_U(true labels), and the Gauss-Newton matrix does not depend on the labels, so "

@@ -29,14 +29,13 @@ HVP path. Four compositions give ``H v`` for one batch:
   budget (``cache_bytes``, default 1 GiB); batches beyond it use forward-over-reverse, and
   memory stops growing with the sample size there;
 - forward-over-reverse ``jvp(grad(L), θ, v)``: one forward pass carrying dual numbers and one
-  backward pass per product, nothing kept between products: memory flat in the sample size;
-- reverse-over-reverse ``vjp(grad(L), θ)(v)``: builds and differentiates the graph of the
-  gradient per product.
+  backward pass per product, nothing kept between products: memory flat in the sample size.
 
 Measured by ``benchmarks/solvers.py`` (TinyNet on digits, batches of 256, CPU, one thread;
 tables in ``BENCHMARKS.md``, section "Solvers"): a replayed linearised product is
 1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), forward-
-and reverse-over-reverse run at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
+over-reverse (and reverse-over-reverse ``vjp(grad(L), θ)(v)``, which the benchmark times
+beside them) at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
 saving of some 20 products, so a 20-iteration LSQR solve (43 products) comes out about even
 with forward-over-reverse and longer solves (more iterations, ``neumann``, ``exact``, the two
 solves of ``sif``) gain up to the per-product factor. ``hvp_mode_for(products)`` therefore
@@ -60,13 +59,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, linearize, vjp
+from torch.func import functional_call, grad, jvp, linearize
 
 from gifcli import distributed
 from gifcli.config import CURVATURES
 from gifcli.errors import GifError, ParameterError
 
-HVP_MODES = ("double-backward", "forward-over-reverse", "reverse-over-reverse", "linearize")
+HVP_MODES = ("double-backward", "forward-over-reverse", "linearize")
 DEFAULT_HVP_MODE = "linearize"
 LINEARIZE_MIN_PRODUCTS = 40
 """Products from which tracing ``linearize`` pays for itself (module docstring)."""
@@ -292,12 +291,6 @@ def _forward_over_reverse(
     return jvp(lambda p: grad_fn(p, xb, yb), (params,), (v,))[1]
 
 
-def _reverse_over_reverse(
-    grad_fn: Callable, params: ParamDict, xb: Tensor, yb: Tensor, v: ParamDict
-) -> ParamDict:
-    return vjp(lambda p: grad_fn(p, xb, yb), params)[1](v)[0]
-
-
 def _kept_bytes(tangent_fn: Callable, loss: _FunctionalLoss, xb: Tensor) -> int:
     """Bytes of the tensors a linearised batch keeps alive.
 
@@ -406,7 +399,7 @@ class CurvatureOperator:
         self.dim = sum(p.numel() for p in self._loss.params.values())
         self.dtype, self.device = self._loss.dtype, self._loss.device
         self.hvp_count = 0
-        self.linearize_error: str | None = None
+        self._linearize_failed = False  # an operation linearize cannot trace: stop trying
         self._linearized: dict[int, Callable[[ParamDict], ParamDict]] = {}
         self._gauss_newton: dict[int, _GaussNewtonBatch] = {}
         self._cached_bytes = 0
@@ -441,8 +434,6 @@ class CurvatureOperator:
             return self._gauss_newton_batch(index, xb).product(v)
         if self.hvp_mode == "double-backward":
             return _double_backward(self._loss, xb, yb, v)
-        if self.hvp_mode == "reverse-over-reverse":
-            return _reverse_over_reverse(self._grad_fn(), self._loss.params, xb, yb, v)
         if self.hvp_mode == "linearize":
             product = self._linearized_product(index, xb, yb, v)
             if product is not None:
@@ -475,7 +466,7 @@ class CurvatureOperator:
         """
         if index in self._linearized:
             return self._linearized[index](v)
-        if self._cache_full or self.linearize_error is not None:
+        if self._cache_full or self._linearize_failed:
             return None
         try:
             with warnings.catch_warnings():
@@ -484,8 +475,8 @@ class CurvatureOperator:
                 warnings.simplefilter("ignore")
                 _, tangent_fn = linearize(lambda p: self._grad_fn()(p, xb, yb), self._loss.params)
                 product = tangent_fn(v)
-        except Exception as error:  # an op without a traceable forward-mode rule
-            self.linearize_error = f"{type(error).__name__}: {error}"
+        except Exception:  # an op without a traceable forward-mode rule
+            self._linearize_failed = True
             return None
         kept = _kept_bytes(tangent_fn, self._loss, xb)
         if self._cached_bytes + kept > self.cache_bytes:

@@ -10,7 +10,6 @@ is what the solve records count as HVPs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -111,22 +110,6 @@ def scatter(x: Tensor, index: Tensor, dim: int) -> Tensor:
     return full
 
 
-@dataclass
-class RemovalCurvature:
-    """The removal set's curvatures that ``sif`` needs (see docs/design.md, estimators).
-
-    ``trained``: the ``H_U`` of ``H_S = (1 − p) H + p H_U``; ``change``: the ``H_U`` of the
-    second-order term ``H_S⁻¹ H_U Δ₁``. Both are the curvature of the loss the edit takes out:
-    ``L_U`` for class removal, ``L_U(poisoned labels) − L_U(true labels)`` for a backdoor
-    (docs/design.md, "Estimators"). They are kept apart so that an operator reading ``H_S``
-    with the poisoned labels alone (the full risk the model was trained on) can be built
-    without touching the estimator; BENCHMARKS.md compares the two readings.
-    """
-
-    trained: LinearOperator
-    change: LinearOperator
-
-
 def removal_curvature(
     curvature_of: Callable[[Tensor, Tensor], LinearOperator],
     x: Tensor,
@@ -134,23 +117,23 @@ def removal_curvature(
     *,
     true_labels: Tensor | None = None,
     curvature: str = "hessian",
-) -> RemovalCurvature:
-    """The ``RemovalCurvature`` of the removal set ``(x, y)`` (inputs ``[m, ...]``, the labels
-    it was trained on ``[m]``); ``curvature_of(x, y)`` builds the curvature operator of the mean
-    loss over ``(x, y)``.
+) -> LinearOperator:
+    """The removal set's curvature ``H_U`` that ``sif`` needs, both in ``H_S = (1 − p) H + p
+    H_U`` and in its second-order term ``H_S⁻¹ H_U Δ₁``: the curvature of the loss the edit
+    takes out (docs/design.md, "Estimators"). ``(x, y)``: the removal set's inputs ``[m, ...]``
+    and the labels it was trained on ``[m]``; ``curvature_of(x, y)`` builds the curvature
+    operator of the mean loss over ``(x, y)``.
 
-    Class removal: both are ``curvature_of(x, y)``. Backdoor relabelling (``true_labels``
-    given): the points are removed with their poisoned labels ``y`` and re-added with their true
-    labels, so both are the difference of the two operators on the same inputs. With
+    Class removal: ``curvature_of(x, y)``. Backdoor relabelling (``true_labels`` given): the
+    points are removed with their poisoned labels ``y`` and re-added with their true labels,
+    so it is the difference of the two operators on the same inputs. With
     ``curvature="ggn"`` that difference is exactly zero: the Gauss-Newton matrix ``Jᵀ H_out J``
     of the cross-entropy does not depend on the labels (``H_out = diag(p) − p pᵀ`` is the
-    softmax's), so both are ``Zero`` and cost nothing.
+    softmax's), so it is ``Zero`` and costs nothing.
     """
     removed = curvature_of(x, y)
     if true_labels is None:
-        return RemovalCurvature(trained=removed, change=removed)
+        return removed
     if curvature == "ggn":
-        zero = Zero(dim=removed.dim, dtype=removed.dtype, device=removed.device)
-        return RemovalCurvature(trained=zero, change=zero)
-    change = Combination([(1.0, removed), (-1.0, curvature_of(x, true_labels))])
-    return RemovalCurvature(trained=change, change=change)
+        return Zero(dim=removed.dim, dtype=removed.dtype, device=removed.device)
+    return Combination([(1.0, removed), (-1.0, curvature_of(x, true_labels))])

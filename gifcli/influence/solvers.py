@@ -304,18 +304,18 @@ class _GolubKahan:
         return beta, self.alpha
 
     def reorthogonalize(self, basis: Tensor) -> float:
-        """Project the newest ``v`` off the rows of ``basis`` (``V``, where it is kept), twice
+        """Project the newest ``v`` off the rows of ``basis`` (``V``), twice
         ("twice is enough"), and renormalise; returns the corrected ``α``. In floating point
         the ``v_j`` lose orthogonality as Ritz values converge; this keeps ``V`` orthonormal
         (one-sided reorthogonalisation) at ``2k`` dot products of length ``n`` per step and
         no product with ``A``."""
         if self.beta == 0 or self.alpha == 0:
             return self.alpha
-        v = self.v.to(basis.device) * self.alpha
+        v = self.v * self.alpha
         for _ in range(2):
             v = v - (basis @ v) @ basis
         self.alpha = _norm(v)
-        self.v = (v / self.alpha if self.alpha > 0 else v).to(self.v.device)
+        self.v = v / self.alpha if self.alpha > 0 else v
         self.alphas[-1] = self.alpha
         return self.alpha
 
@@ -533,7 +533,6 @@ def lsqr_path(
     max_iter: int = 20,
     tol: float = 1e-6,
     progress: Progress | None = None,
-    basis_device: torch.device | str | None = None,
     max_basis_bytes: int | None = None,
     reorthogonalize: bool = False,
     verify: bool = False,
@@ -558,8 +557,6 @@ def lsqr_path(
             ``relative_residual <= tol`` or relative normal residual ``<= tol``, or the
             Krylov space is exhausted (``α`` or ``β`` below ``eps · σ_max``).
         progress: ``progress(iteration, the worst relative normal residual of the grid)``.
-        basis_device: where ``V_k`` is kept (e.g. ``"cpu"`` for a solve on a GPU); default
-            ``b``'s device.
         max_basis_bytes: cap on ``V_k``'s memory, ``k · n · itemsize`` bytes (``4 k n`` in
             float32, ``n`` the length of ``x``): the run stops at the iterations that fit,
             and says so.
@@ -581,7 +578,7 @@ def lsqr_path(
     run = _GolubKahan(op, b)
     atb_norm, n = run.alpha * run.beta, run.v.numel()
     steps = _basis_steps(max_iter, max_basis_bytes, n, b.dtype)
-    basis = torch.empty(steps if atb_norm else 0, n, dtype=b.dtype, device=basis_device or b.device)
+    basis = torch.empty(steps if atb_norm else 0, n, dtype=b.dtype, device=b.device)
     eps = torch.finfo(b.dtype).eps
     smalls: list[_Bidiagonal] = []
     stop = None
