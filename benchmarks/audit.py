@@ -15,7 +15,8 @@ base model and every result is audited against the same references:
 
 Columns: the SalUn protocol (UA = 100 − accuracy on the removal set, RA = accuracy on the
 retained training data, TA = test accuracy (retained classes for a class removal),
-MIA-efficacy = the tool's ``mia_efficacy``), their mean gap to the oracle, the audit's AUC,
+MIA-efficacy = the tool's ``mia_efficacy``), their mean gap to the oracle, the mean
+KL(oracle ‖ model) on the test split and on the removal set, the audit's AUC,
 TPR at 1% FPR, share identified and forgetting score, seconds and × retraining (the seed's
 oracle training seconds, measured in the same process).
 
@@ -190,11 +191,14 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
     reference = audit_model(ctx, task, base, cache)  # trains the references once
     log(f"seed {seed}: references ready ({time.perf_counter() - started:.0f} s)")
 
+    oracle = ctx.load_model(folder / "oracle.safetensors")
+
     def measure(model: torch.nn.Module, seconds: float | None, extra: dict | None = None) -> dict:
         result = audit_model(ctx, task, model, cache)
-        metrics = task.metrics(model, ctx.data, device=ctx.device, seed=seed)
+        metrics = task.evaluate(model, ctx.data, device=ctx.device, seed=seed, oracle=oracle)
         row = {
             **protocol(task, metrics),
+            **{key: metrics[key] for key in ("kl_oracle_test", "kl_oracle_removed")},
             **result.audited.summary(),
             "seconds": seconds,
             "x_retrain": None if seconds is None else seconds / retrain_seconds,
@@ -204,7 +208,7 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
 
     rows = {
         "unedited": measure(base, None),
-        "retrain": measure(ctx.load_model(folder / "oracle.safetensors"), retrain_seconds),
+        "retrain": measure(oracle, retrain_seconds),
     }
     retrained_refs = {
         key: statistics.fmean(a.summary()[key] for a in reference.retrained)
@@ -293,7 +297,7 @@ def markdown(results: dict) -> str:
     seeds = list(results["per_seed"].values())
 
     def values(row: str, key: str) -> list[float]:
-        return [s["rows"][row][key] for s in seeds if s["rows"][row][key] is not None]
+        return [s["rows"][row][key] for s in seeds if s["rows"][row].get(key) is not None]
 
     def gap(row: str) -> list[float]:
         return [
@@ -312,6 +316,8 @@ def markdown(results: dict) -> str:
         "TA",
         "MIA-eff.",
         "avg gap",
+        "KL test",
+        "KL removed",
         "audit AUC",
         "TPR@1%FPR",
         "identified",
@@ -323,6 +329,7 @@ def markdown(results: dict) -> str:
     body = []
     for row in ROWS:
         cells = [row, *(cell(values(row, k)) for k in PROTOCOL), cell(gap(row))]
+        cells += [cell(values(row, k), 3) for k in ("kl_oracle_test", "kl_oracle_removed")]
         cells += [cell(values(row, "auc"), 3), cell(values(row, "tpr_at_1pct_fpr"))]
         cells += [cell(values(row, "identified")), cell(values(row, "forgetting_score"), 3)]
         seconds = values(row, "seconds")
@@ -339,7 +346,7 @@ def markdown(results: dict) -> str:
         body.append(cells)
     refs = [s["retrained_references"] for s in seeds]
     body.append(
-        ["retrained references (each vs the others)", *["—"] * 5]
+        ["retrained references (each vs the others)", *["—"] * 7]
         + [cell([r["auc"] for r in refs], 3), cell([r["tpr_at_1pct_fpr"] for r in refs])]
         + [cell([r["identified"] for r in refs]), cell([r["forgetting_score"] for r in refs], 3)]
         + ["—", "—", "—"]

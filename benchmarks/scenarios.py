@@ -36,12 +36,14 @@ from common import (
     PAPER,
     RESULTS,
     ROOT,
+    VARIANTS,
     Log,
     SeedRuns,
     add_overrides,
     cell,
     command_line,
     csv,
+    finetune_baseline,
     machine,
     mean_std,
     measure_or_render,
@@ -120,6 +122,8 @@ SCENARIOS: dict[str, tuple[str, str, list[str], str]] = {
 METHODS: dict[str, tuple[str, list[str]]] = {
     "gif": ("gif", []),
     "gif-paper": ("gif", list(PAPER)),
+    "gif-corrected": ("gif", list(VARIANTS["gif-corrected"][1])),
+    "gif-corrected-searched": ("gif", list(VARIANTS["gif-corrected-searched"][1])),
     "gif-rel": ("gif", ["influence.damping_relative=true", "influence.damping=0.025"]),
     "gif-auto": ("gif", ["influence.damping=auto"]),
     "gif-ggn": ("gif", ["influence.curvature=ggn"]),
@@ -137,6 +141,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--scenarios", type=csv(), default=list(SCENARIOS), help="default: all")
     add("--methods", type=csv(), default=list(METHODS), help="default: all")
     add("--seeds", type=csv(int), default=[0, 1, 2, 3, 4])
+    add(
+        "--finetune",
+        type=csv(int),
+        default=[],
+        help="also fine-tune on the retained data for these epochs (default: none)",
+    )
     add_overrides(parser, "extra dotted config override for every scenario and method, repeatable")
     add("--threads", type=int, default=1)
     add("--work-dir", type=Path, help="keep (and reuse) checkpoints here")
@@ -171,7 +181,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "command": command_line("scenarios.py", argv),
         "seeds": args.seeds,
         "overrides": args.overrides,
-        "methods": {name: METHODS[name] for name in args.methods},
+        "methods": {name: METHODS[name] for name in args.methods}
+        | {f"fine-tune-{e}": ("fine-tune", [f"epochs={e}"]) for e in args.finetune},
         "machine": machine(args.threads),
         "scenarios": stored.get("scenarios", {}),
     }
@@ -201,7 +212,13 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
                 methods = {
                     label: runs.run(method, options=options)
                     for label, (method, options) in results["methods"].items()
+                    if method != "fine-tune"
                 }
+                if args.finetune:
+                    tuned = finetune_baseline(
+                        runs.config(), folder / "oracle.safetensors", args.finetune, log
+                    )
+                    methods |= {f"fine-tune-{e}": tuned[str(e)] for e in args.finetune}
                 per_seed.append(
                     {
                         "seed": seed,
