@@ -22,6 +22,9 @@ oracle training seconds, measured in the same process).
 
     .venv/bin/python benchmarks/audit.py --scenario samples --data runs/digits16-4000.npz \\
         --set train.epochs=10 --seeds 0,1,2
+    .venv/bin/python benchmarks/audit.py --scenario memorised --data runs/digits16-4000.npz \\
+        --set train.epochs=10 --seeds 0,1,2,3,4
+    .venv/bin/python benchmarks/audit.py --scenario backdoor --seeds 0,1,2,3,4
     .venv/bin/python benchmarks/audit.py --scenario class --seeds 0,1,2
     .venv/bin/python benchmarks/audit.py --render --output benchmarks/results/audit_class.json
 """
