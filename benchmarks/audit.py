@@ -247,6 +247,10 @@ def run_seed(args: argparse.Namespace, seed: int, folder: Path, log: Log) -> dic
             value, _ = removal.objective(model)
             if best is None or value > best[0]:
                 best = (value, point, model, seconds)
+        if best is None:  # every grid point diverged: no model to audit
+            rows[name] = {"chosen": "every grid point diverged", "grid_seconds": total}
+            log(f"seed {seed}: {name}: every grid point diverged")
+            continue
         value, point, model, seconds = best
         rows[name] = measure(
             model, seconds, {"chosen": point, "objective_val": value, "grid_seconds": total}
@@ -310,6 +314,7 @@ def markdown(results: dict) -> str:
                 if s["rows"]["retrain"][k] is not None
             )
             for s in seeds
+            if s["rows"][row].get("UA") is not None
         ]
 
     header = [
