@@ -269,6 +269,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, quick_base):
         assert error < 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_an_input_error_stops_every_rank_with_its_message(tmp_path, quick_base):
     done = torchrun(

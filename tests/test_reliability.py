@@ -636,6 +636,7 @@ def test_an_interrupted_or_killed_edit_leaves_the_old_or_the_new_set(
     assert beside(out) == [], "no staging, moved-aside set or lock is left"
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path, base):
     out = tmp_path / "out"
     first = paused(*edit_into(out, base), stage="staged")
@@ -716,6 +717,7 @@ def test_a_full_disk_is_named_and_nothing_is_left_on_it(tmp_path, base, size):
     assert done.stdout == "rc=1\n", "the disk is left empty"
 
 
+@pytest.mark.slow
 def test_a_mount_point_as_output_dir_is_refused_before_any_work(tmp_path, base):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -817,6 +819,7 @@ def _tensors_folder_with_fifo(tmp: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", list(FIFOS), ids=list(FIFOS))
 def test_a_fifo_is_refused_at_once_wherever_a_file_is_read(tmp_path, base, where):
     args = FIFOS[where](tmp_path, base)
@@ -906,6 +909,7 @@ def test_a_writer_inside_a_locked_output_folder_is_refused_at_once(locked_folder
     assert tree(locked_folder.parent) == before
 
 
+@pytest.mark.slow
 def test_the_current_folder_as_output_dir_is_resolved(tmp_path, base):
     here = tmp_path / "here"
     here.mkdir()
@@ -1063,6 +1067,7 @@ MEMORY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MEMORY), ids=list(MEMORY))
 def test_a_huge_or_lying_input_fails_at_once_in_flat_memory(tmp_path, base, baseline_rss, name):
     make, message = MEMORY[name]
