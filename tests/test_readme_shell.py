@@ -154,8 +154,11 @@ def test_readme_and_help_examples_run_as_written(clone, monkeypatch):
                 f"{example.exit_code}: {stderr.strip()[-500:]}"
             )
         assert "Traceback" not in stderr, (example, stderr)
+        # a solve sized on the command line, or the paper's own solve (its preset reproduces
+        # the paper whatever that costs), may be dearer; the shipped configs' own are not
         sized_here = "influence.hessian_samples" in key or "influence.max_iter" in key
-        if "predicted to cost" in stderr and not sized_here:  # the shipped configs fit
+        sized_here |= "digits-paper-neumann.yaml" in key
+        if "predicted to cost" in stderr and not sized_here:
             failures.append(f"{example.where}: `{example.command}` is dearer than retraining")
     assert not failures, "\n".join(failures)
     report = (clone / "runs" / "demo" / "remove-class" / "report.md").read_text()
