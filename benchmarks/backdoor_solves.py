@@ -18,14 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import csv, machine  # noqa: E402
-from cost_gate import gif, shown_arguments  # noqa: E402
+from cost_gate import gif, run, shown_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/digits-backdoor.yaml"
@@ -96,13 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
-
-
-def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode not in (0, 3):
-        sys.exit(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
-    return done
 
 
 def passes(row: dict) -> bool:

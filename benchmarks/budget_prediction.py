@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-from cost_gate import gif, shown_arguments  # noqa: E402
+from cost_gate import gif, run, shown_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "budget_prediction.json"
@@ -104,13 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
-
-
-def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode not in (0, 3):
-        sys.exit(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
-    return done
 
 
 def render(results: dict) -> str:

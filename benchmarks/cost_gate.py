@@ -30,6 +30,15 @@ RESULTS = ROOT / "benchmarks" / "results" / "cost_gate.json"
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 
 
+def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``command`` in the repository root; exits with its stderr unless it ran (0) or only a
+    check failed (3)."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode not in (0, 3):
+        sys.exit(f"{' '.join(command)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
 def gif() -> list[str]:
     script = Path(sys.executable).with_name("gif")
     return [str(script)] if script.exists() else [sys.executable, "-m", "gifcli"]
