@@ -57,8 +57,9 @@ the solve the tool used before the budget."""
 HVP_PASSES: dict[str, float] = {"hessian": 3.0, "ggn": 2.0}
 """Sample passes of one curvature product over one sample, for the budget, per
 ``influence.curvature``: the Hessian's double backward and the Gauss-Newton product through
-the kept forward graph, near the upper end of what the reports' ``cost.hvp_passes`` measure
-(BENCHMARKS.md, "Cost against retraining"). Constants, not the probe's timing, so that one
+the kept forward graph, rounded from what the reports' ``cost.hvp_passes`` measure on TinyNet
+(the Gauss-Newton factor near the measurement, the Hessian's at its low end; BENCHMARKS.md,
+"The budget's prediction against the count"). Constants, not the probe's timing, so that one
 config always plans the same solve."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
@@ -308,7 +309,7 @@ def plan_budget(
     retrained samples (each a training step of ``STEP_PASSES``); ``fixed_passes``: the
     selection and the right-hand side; ``validation``: samples of the validation split the step
     search scores; ``products(iterations)``: the curvature products of the estimator's solve
-    run to ``iterations`` (``estimators.expected_products``)."""
+    run to ``iterations`` (``Estimator.products``)."""
     step, damping = update.step, influence.damping_setting
     evaluations = step.points if isinstance(step, StepSearch) else 1
     if isinstance(damping, DampingPath):

@@ -48,7 +48,6 @@ from gifcli.influence.estimators import (
     UpdatePath,
     estimate_update,
     estimator,
-    expected_products,
     removal_gradient,
     retained_gradient,
 )
@@ -215,6 +214,7 @@ def edit(
     retrain_samples = len(task.retrain_split(data))
     retrain_passes = float(settings.train.epochs * retrain_samples)
     retained = retained_sample(task, data, settings)
+    unknowns = sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget = _plan(
         settings,
         removal,
@@ -222,7 +222,7 @@ def edit(
         validation=len(data.val),
         mask=mask,
         retained=retained,
-        unknowns=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        unknowns=unknowns,
     )
     if budget.predicted_ratio > 1:
         note(
@@ -246,7 +246,7 @@ def edit(
         batch_size=settings.influence.batch_size,
         device=device,
         curvature=settings.influence.curvature,
-        hvp_mode=hvp_mode_for(_solve_products(settings.influence, removal)),
+        hvp_mode=hvp_mode_for(_solve_products(settings.influence, removal, unknowns=unknowns)),
     )
     retrain = retrain_record(epochs=settings.train.epochs, samples=retrain_samples, rates=rates)
     influence = settings.influence
@@ -579,7 +579,7 @@ def estimate(
                 true_labels=None if removal.true_y is None else removal.true_y[mine],
                 curvature=influence.curvature,
             )
-            if estimator(influence.method).solves == 2
+            if estimator(influence.method).uses_removal_curvature
             else None
         )
         with progress(f"solve ({influence.solver})", influence.max_iter) as advance:
@@ -647,23 +647,19 @@ def _solve_products(
     removal: RemovalSet,
     iterations: int | None = None,
     *,
-    unknowns: int = 2**31,
+    unknowns: int,
 ) -> int:
     """The curvature products of the solve run to ``iterations`` (default ``max_iter``), as the
-    estimator makes them (``expected_products``); ``unknowns``: the length of the solution
-    (the ``exact`` solver's columns; by default as if many)."""
+    estimator makes them (``Estimator.products``); ``unknowns``: the model's trainable
+    parameters, the most columns an ``exact`` solve builds."""
     # a backdoor's H_U is the difference of two label sets' curvatures, zero under Gauss-Newton
     backdoor = 0 if influence.curvature == "ggn" else 2
-    removal_products = 1 if removal.true_y is None else backdoor
-    return expected_products(
-        influence.method,
+    return estimator(influence.method).products(
         influence.solver,
         int(influence.max_iter if iterations is None else iterations),
-        damping=influence.damping,
-        damping_form=influence.damping_form,
-        damping_relative=influence.damping_relative,
+        influence.damping_setting,
         unknowns=unknowns,
-        removal_products=removal_products,
+        removal_products=1 if removal.true_y is None else backdoor,
     )
 
 

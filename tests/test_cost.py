@@ -7,7 +7,7 @@ import torch
 
 import gifcli
 from gifcli.cli.main import app
-from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig
+from gifcli.config import InfluenceConfig, TrainConfig, UpdateConfig, damping_of
 from gifcli.cost import (
     BUDGET_LADDER,
     FORWARD_PASSES,
@@ -21,7 +21,7 @@ from gifcli.cost import (
     retrain_record,
 )
 from gifcli.data import TensorSplit
-from gifcli.influence.estimators import expected_products
+from gifcli.influence.estimators import estimator
 from tests.conftest import DIGITS
 from tests.test_api import FAST, in_memory
 
@@ -34,12 +34,18 @@ def plan(retrain_passes: float, **influence) -> gifcli.records.BudgetRecord:
         retrain_passes=retrain_passes,
         fixed_passes=100.0,
         validation=50,
-        products=lambda iterations: expected_products(config.method, config.solver, iterations),
+        products=lambda iterations: estimator(config.method).products(
+            config.solver, iterations, config.damping_setting
+        ),
     )
 
 
 def solve_passes(samples: int, iterations: int, method: str = "gif") -> float:
-    return HVP_PASSES["ggn"] * samples * expected_products(method, "lsqr", iterations)
+    return (
+        HVP_PASSES["ggn"]
+        * samples
+        * estimator(method).products("lsqr", iterations, damping_of(0.0))
+    )
 
 
 def test_budget_takes_the_dearest_rung_that_fits():

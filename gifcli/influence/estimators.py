@@ -92,6 +92,8 @@ class Estimator:
     """``Δ`` is zero outside the target mask, which is selected for it."""
     solves: ClassVar[int] = 1
     """Damped curvature solves: 0 (no curvature), 1 (``estimate_path`` covers it), 2."""
+    uses_removal_curvature: ClassVar[bool] = False
+    """Its system needs the removal set's curvature ``H_U`` (``removal_operator``)."""
 
     def free(self, scope_flat: Tensor | None, target: Tensor, dim: int) -> Tensor:
         """The coordinates the solve treats as variables, bool ``[dim]``: the scope."""
@@ -207,6 +209,7 @@ class SIF(Estimator):
     name = "sif"
     targeted = False
     solves = 2
+    uses_removal_curvature = True
 
     def _combined(self, first: int, later: int, removal_products: int) -> int:
         """``removal_products``: 1 for class removal, 2 for a backdoor (two label sets), 0
@@ -240,27 +243,6 @@ def estimator(method: str) -> Estimator:
         raise ParameterError(
             "method", f"unknown {method!r}; use one of {', '.join(ESTIMATORS)}"
         ) from None
-
-
-def expected_products(
-    method: str,
-    solver: str,
-    iterations: int,
-    *,
-    damping: float | str = 0.0,
-    damping_form: str = "shift",
-    damping_relative: bool = False,
-    unknowns: int = 0,
-    removal_products: int = 1,
-) -> int:
-    """``Estimator.products`` of ``method`` with the damping given as its config keys."""
-    return estimator(method).products(
-        solver,
-        iterations,
-        damping_of(damping, damping_form, damping_relative),
-        unknowns=unknowns,
-        removal_products=removal_products,
-    )
 
 
 # --------------------------------------------------------------------------- removal gradient

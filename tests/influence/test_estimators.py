@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gifcli.config import damping_of
 from gifcli.errors import GifError
 from gifcli.influence import (
     METHODS,
@@ -12,7 +13,7 @@ from gifcli.influence import (
     estimate_update,
     removal_gradient,
 )
-from gifcli.influence.estimators import estimator, expected_products, retained_gradient
+from gifcli.influence.estimators import estimator, retained_gradient
 from gifcli.influence.hvp import flatten_params, loss_gradient
 from gifcli.influence.operators import Zero, removal_curvature
 from gifcli.influence.solvers import lsqr_path
@@ -655,7 +656,7 @@ DAMPINGS = {  # (damping, form, relative): none, a shift, relative shift, relati
 def test_the_budget_counts_the_products_the_solve_makes(
     method, solver, damping, mlp, mlp_operators
 ):
-    """``expected_products`` (what the budget plans with) against the solve's own count, with
+    """``Estimator.products`` (what the budget plans with) against the solve's own count, with
     the solver run to its iteration limit: within 10% for every estimator and solver."""
     value, form, relative = DAMPINGS[damping]
     target = _target(len(mlp.removal_gradient))
@@ -674,14 +675,8 @@ def test_the_budget_counts_the_products_the_solve_makes(
         weight_decay=WEIGHT_DECAY,
     )
     unknowns = int(target.sum()) if method in ("gif", "fif") else len(target)
-    expected = expected_products(
-        method,
-        solver,
-        iterations,
-        damping=value,
-        damping_form=form,
-        damping_relative=relative,
-        unknowns=unknowns,
+    expected = estimator(method).products(
+        solver, iterations, damping_of(value, form, relative), unknowns=unknowns
     )
     assert result.hvps <= expected
     assert result.hvps >= 0.9 * expected, (result.hvps, expected, result.message)
@@ -709,7 +704,9 @@ def test_the_budget_counts_sif_for_a_backdoor(curvature, mlp, reference):
         removal_fraction=len(mlp.removal_x) / mlp.n_train,
     )
     removal_products = 2 if curvature == "hessian" else 0
-    expected = expected_products("sif", "lsqr", 6, damping=0.05, removal_products=removal_products)
+    expected = estimator("sif").products(
+        "lsqr", 6, damping_of(0.05), removal_products=removal_products
+    )
     assert 0.9 * expected <= result.hvps <= expected
 
 
@@ -724,4 +721,4 @@ def test_the_budget_counts_one_path_run_for_auto_damping(mlp, mlp_operators):
         max_iter=6,
         tol=1e-12,
     )
-    assert path.path.hvps == expected_products("gif", "lsqr", 6, damping="auto")
+    assert path.path.hvps == estimator("gif").products("lsqr", 6, damping_of("auto"))
