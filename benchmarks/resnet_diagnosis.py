@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             "targets": int(target.sum()),
             "target_norm": float(theta[target].norm()),
             "g_t_norm": float(first.norm()),
-            "sigma_max": path.sigma_max,
+            "sigma_max": path.run.sigma_max,
             "hessian_samples": len(sample),
             "iterations": iterations,
             "curvature": curvature,
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         results["variants"][variant] = record
         write()
         print(
-            f"{variant}: sigma_max {path.sigma_max:.3g}, {record['seconds']:.0f} s", file=sys.stderr
+            f"{variant}: sigma_max {path.run.sigma_max:.3g}, {record['seconds']:.0f} s",
+            file=sys.stderr,
         )
         for row in record["path"]:
             print(

@@ -92,7 +92,7 @@ def terms(task: str, seed: int, folder: Path) -> dict:
             tol=influence.tol,
             removal_operator=h_u,
             removal_fraction=p,
-        )
+        ).fixed()
         return delta
 
     first_order = update("if", Combination([(1 - p, hessian), (p, h_u)]))

@@ -52,8 +52,8 @@ from gifcli.train import train_model
 from gifcli.update import (
     assign_flat,
     scale_grid,
-    search_damping_and_scale,
     search_scale,
+    search_step,
     updated,
 )
 
@@ -522,7 +522,7 @@ def reorthogonalized_path(ctx: dict, operator: CurvatureOperator, max_iter: int)
     kind = estimator("gif")
     matvec, rmatvec, b, to_update = kind.system(operator, ctx["gradient"], ctx["target"], None)
     path = lsqr_path(matvec, rmatvec, b, max_iter=max_iter, tol=0.0, reorthogonalize=True)
-    return UpdatePath(method="gif", path=path, to_update=to_update)
+    return UpdatePath.along("gif", path, to_update)
 
 
 def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator) -> dict:
@@ -537,7 +537,9 @@ def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator)
     operator.matvec(ctx["gradient"])  # trace the linearisation first: both runs replay it
 
     def single():
-        return estimate_update(solver="lsqr", damping=1e-2, max_iter=args.path_iter, **common)
+        return estimate_update(
+            solver="lsqr", damping=1e-2, max_iter=args.path_iter, **common
+        ).fixed()
 
     def path():  # every Δ_λ materialised once, as the joint search does
         run = estimate_path(max_iter=args.path_iter, **common)
@@ -569,9 +571,9 @@ def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator)
         "path_over_lsqr": median["path"] / median["lsqr"],
         "path_over_lsqr_fastest": fastest["path"] / fastest["lsqr"],
         "path_over_lsqr_cpu": median_cpu["path"] / median_cpu["lsqr"],
-        "hvps": {"lsqr": single_result.hvps, "path": run.path.hvps},
-        "sigma_max_path": run.sigma_max,
-        "sigma_history": run.path.sigma_history,
+        "hvps": {"lsqr": single_result.hvps, "path": run.run.hvps},
+        "sigma_max_path": run.run.sigma_max,
+        "sigma_history": run.run.sigma_history,
         "sigma_max_power_iteration": ctx["sigma_max"],
         "agreement": float32_agreement(ctx, args, common),
         "grid": [],
@@ -605,8 +607,10 @@ def float32_agreement(ctx: dict, args: argparse.Namespace, common: dict) -> list
     rows = []
     for iterations in (args.path_iter, 2 * args.path_iter):
         run = estimate_path(max_iter=iterations, grid=[1e-2], relative=False, **common)
-        delta, _ = estimate_update(solver="lsqr", damping=1e-2, max_iter=iterations, **common)
-        basis = run.path.basis.double()
+        delta, _ = estimate_update(
+            solver="lsqr", damping=1e-2, max_iter=iterations, **common
+        ).fixed()
+        basis = run.run.basis.double()
         eye = torch.eye(len(basis), dtype=torch.float64)
         rows.append(
             {
@@ -619,11 +623,11 @@ def float32_agreement(ctx: dict, args: argparse.Namespace, common: dict) -> list
 
 
 def joint_search(ctx: dict, args: argparse.Namespace, run, stride: int) -> dict:
-    """``search_damping_and_scale`` on the validation split; test metrics at its choice."""
+    """``search_step`` on the validation split; test metrics at its choice."""
     model = ctx["model"]
     theta = flatten(p.detach() for p in trainable_parameters(model).values()).clone()
     started = time.perf_counter()
-    choice = search_damping_and_scale(
+    choice = search_step(
         model,
         theta=theta,
         path=run,
@@ -632,15 +636,14 @@ def joint_search(ctx: dict, args: argparse.Namespace, run, stride: int) -> dict:
         objective=validation_objective(ctx, args),
         coarse_stride=stride,
     )
-    chosen = next(
-        p for p in choice.sweep if p.damping == choice.damping and p.scale == choice.scale
-    )
+    damping = run.lambdas[choice.index]
+    chosen = next(p for p in choice.sweep if p.damping == damping and p.scale == choice.scale)
     return {
         "coarse_stride": stride,
         "evaluations": len(choice.sweep),
         "seconds": time.perf_counter() - started,
-        "relative_damping": choice.relative_damping,
-        "damping": choice.damping,
+        "relative_damping": chosen.relative_damping,
+        "damping": damping,
         "relative_step": chosen.relative_step,
         "f1_val": choice.objective,
         **metrics_on_test(ctx, args, theta, run.update(choice.index), choice.scale),

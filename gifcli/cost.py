@@ -27,7 +27,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -294,6 +294,29 @@ def counted_forwards(model: nn.Module) -> Iterator[list[int]]:
         handle.remove()
 
 
+class Stages:
+    """The seconds and sample passes of an edit's stages, each recorded by ``with
+    stages.timed(name):`` around its work. A stage whose work is not forward passes (a
+    gradient, a solve) has its passes set by the caller."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.passes: dict[str, float] = {}
+
+    @contextmanager
+    def timed(
+        self, name: str, *, model: nn.Module | None = None, forward_passes: float = 1.0
+    ) -> Iterator[None]:
+        """Time the block as stage ``name``; with ``model``, also count the samples its forward
+        sees in the block, each ``forward_passes`` sample passes."""
+        started = time.perf_counter()
+        with counted_forwards(model) if model is not None else nullcontext([0]) as forwards:
+            yield
+        self.seconds[name] = time.perf_counter() - started
+        if model is not None:
+            self.passes[name] = forwards[0] * forward_passes
+
+
 def plan_budget(
     influence: InfluenceConfig,
     update: UpdateConfig,
@@ -364,8 +387,7 @@ def retrain_record(*, epochs: int, samples: int, rates: Rates) -> RetrainRecord:
 
 def cost_record(
     *,
-    seconds: dict[str, float],
-    passes: dict[str, float],
+    stages: Stages,
     rates: Rates,
     retrain: RetrainRecord,
     budget: BudgetRecord,
@@ -373,6 +395,7 @@ def cost_record(
 ) -> CostRecord:
     """The ``cost`` block: the edit is every stage but ``metrics`` (the evaluation, which a
     retraining would need as well)."""
+    seconds, passes = stages.seconds, stages.passes
     edit_seconds = sum(v for k, v in seconds.items() if k != "metrics")
     edit_passes = sum(v for k, v in passes.items() if k != "metrics")
     return CostRecord(

@@ -13,7 +13,7 @@ them is all-reduced.
 from __future__ import annotations
 
 import copy
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +35,9 @@ from gifcli.config import (
 from gifcli.cost import (
     FORWARD_PASSES,
     STEP_PASSES,
+    Stages,
     cached_rates,
     cost_record,
-    counted_forwards,
     plan_budget,
     retrain_record,
 )
@@ -76,8 +76,7 @@ from gifcli.update import (
     recalibrate_batchnorm,
     recalibrating,
     scale_grid,
-    search_damping_and_scale,
-    search_scale,
+    search_step,
     tracks_batch_statistics,
     updated,
 )
@@ -190,9 +189,6 @@ def edit(
     given_scale = settings.update.scale is not None
     if not given_scale:  # the task's rule
         settings = replace(settings, update=replace(settings.update, scale=task.step))
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    passes: dict[str, float] = {}
     device = next(model.parameters()).device
     if isinstance(settings.update.step, StepSearch) and len(data.val) == 0:
         raise ParameterError(
@@ -201,127 +197,83 @@ def edit(
             "hold out a validation split or give a numeric update.scale",
         )
     model = (model if inplace else copy.deepcopy(model)).eval()
-    removal = task.removal_set(
-        data,
-        device=device,
-        model=model,
-        search_samples=settings.update.search_samples,
-        seed=settings.seed,
-    )
-    seconds["removal_set"] = time.perf_counter() - started
-
-    clock = time.perf_counter()
-    retrain_samples = len(task.retrain_split(data))
-    retrain_passes = float(settings.train.epochs * retrain_samples)
-    retained = retained_sample(task, data, settings)
-    unknowns = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    budget = _plan(
-        settings,
-        removal,
-        retrain_passes,
-        validation=len(data.val),
-        mask=mask,
-        retained=retained,
-        unknowns=unknowns,
-    )
-    if budget.predicted_ratio > 1:
-        note(
-            f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
-            f"retraining ({budget.predicted_passes:,.0f} sample passes against its "
-            f"{retrain_passes * STEP_PASSES:,.0f}) "
-            "and runs anyway; influence.hessian_samples=auto and influence.max_iter=auto size "
-            "it to influence.budget"
+    stages = Stages()
+    with stages.timed("removal_set"):
+        removal = task.removal_set(
+            data,
+            device=device,
+            model=model,
+            search_samples=settings.update.search_samples,
+            seed=settings.seed,
         )
-    settings = replace(
-        settings,
-        influence=replace(
-            settings.influence, hessian_samples=budget.hessian_samples, max_iter=budget.max_iter
-        ),
-    )
-    rates, rates_cached = cached_rates(
-        rates_cache,
-        model,
-        removal.retained,
-        train=settings.train,
-        batch_size=settings.influence.batch_size,
-        device=device,
-        curvature=settings.influence.curvature,
-        hvp_mode=hvp_mode_for(_solve_products(settings.influence, removal, unknowns=unknowns)),
-    )
-    retrain = retrain_record(epochs=settings.train.epochs, samples=retrain_samples, rates=rates)
+    with stages.timed("probe"):
+        retained = retained_sample(task, data, settings)
+        plan = _plan(model, settings, task, data, removal, retained, mask=mask, note=note)
+        settings = plan.settings
+        rates, rates_cached = cached_rates(
+            rates_cache,
+            model,
+            removal.retained,
+            train=settings.train,
+            batch_size=settings.influence.batch_size,
+            device=device,
+            curvature=settings.influence.curvature,
+            hvp_mode=plan.hvp_mode,
+        )
     influence = settings.influence
-    seconds["probe"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    with counted_forwards(model) as forwards:
+    by_gradient = settings.selection.method.endswith("gradients")
+    with stages.timed(
+        "selection", model=model, forward_passes=1.0 if by_gradient else rates.forward_passes
+    ):
         selection = target_selection(model, removal, settings, mask=mask, device=device)
     target = mask_to_flat(model, selection.mask).to(device)
-    seconds["selection"] = time.perf_counter() - clock
-    by_gradient = settings.selection.method.endswith("gradients")
-    passes["selection"] = forwards[0] * (1.0 if by_gradient else rates.forward_passes)
-
-    clock = time.perf_counter()
+    averaged = seeded_subset(len(removal.x), settings.gradient_samples, seed=settings.seed)
+    with (
+        stages.timed("removal_gradient"),
+        progress(f"{influence.gradient} gradient", 1) as advance,
+    ):
+        gradient = right_hand_side(model, removal, retained, averaged, settings)
+        advance(1)
+    stages.passes["removal_gradient"] = _gradient_passes(settings, removal, retained)
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
-    estimated = estimate(model, removal, sample, retained, target, settings, progress)
-    estimate_seconds = time.perf_counter() - clock
-    recalibrates = settings.update.recalibrate_batchnorm and tracks_batch_statistics(model)
-    calibration = sample.x if recalibrates else None
-    if calibration is not None:  # every edited model is scored with its own statistics
+    with stages.timed("solve"):
+        path = solve_path(model, removal, sample, gradient, target, settings, plan, progress)
+    stages.passes["solve"] = path.record(0).hvps * len(sample) * rates.hvp_passes
+
+    if settings.update.recalibrate_batchnorm and tracks_batch_statistics(model):
+        # every edited model is scored with its own statistics
+        calibrate = functools.partial(
+            recalibrate_batchnorm, x=sample.x, batch_size=influence.batch_size
+        )
         removal = replace(
             removal,
-            objective=recalibrating(
-                removal.objective, calibration, batch_size=influence.batch_size
-            ),
+            objective=recalibrating(removal.objective, sample.x, batch_size=influence.batch_size),
         )
-
-    clock = time.perf_counter()
+    else:
+        calibrate = None
     theta = flatten_params(model)
     target_norm = float(theta[target].norm())
-    with counted_forwards(model) as forwards:
-        if isinstance(estimated, UpdatePath):
-            delta, solve, scale, sweep = damping_and_step(
-                model, theta, estimated, target, target_norm, removal, settings.update, progress
-            )
-        else:
-            delta, solve = estimated
-            scale, sweep = step_scale(
-                model, theta, delta, target, target_norm, removal, settings.update, progress
-            )
+    with stages.timed("step_search", model=model, forward_passes=rates.forward_passes):
+        delta, solve, scale, sweep = damping_and_step(
+            model, theta, path, target, target_norm, removal, settings.update, progress
+        )
     _check_finite(delta, solve, influence)
     if sweep and scale > EXTRAPOLATED:
         note(
             f"update.scale: the search chose {scale:.3g}x the influence step; past "
             f"{EXTRAPOLATED:g}x the quadratic model it comes from is being extrapolated"
         )
-    delta_norm = float(delta.norm())
-    seconds["step_search"] = time.perf_counter() - clock
-    passes["step_search"] = forwards[0] * rates.forward_passes
-    seconds["solve"] = min(solve.seconds, estimate_seconds)
-    seconds["removal_gradient"] = estimate_seconds - seconds["solve"]
-    gradient_samples = min(len(removal.x), settings.gradient_samples or len(removal.x))
-    passes["removal_gradient"] = _gradient_passes(settings, removal, retained)
-    passes["solve"] = solve.hvps * len(sample) * rates.hvp_passes
 
-    clock = time.perf_counter()
     new_theta = updated(theta, delta, target, scale)
     check_finite(new_theta, scale)
-    with counted_forwards(model) as forwards:
+    with stages.timed("metrics", model=model, forward_passes=rates.forward_passes):
         metrics = measure(
-            task,
-            data,
-            model,
-            new_theta,
-            oracle=oracle,
-            seed=settings.seed,
-            calibrate=None
-            if calibration is None
-            else lambda m: recalibrate_batchnorm(m, calibration, batch_size=influence.batch_size),
+            task, data, model, new_theta, oracle=oracle, seed=settings.seed, calibrate=calibrate
         )
     check_edited_outputs(model, data.test, device, scale=scale, searched=bool(sweep))
-    seconds["metrics"] = time.perf_counter() - clock
-    passes["metrics"] = forwards[0] * rates.forward_passes
 
     changed = int((new_theta != theta).sum())
+    delta_norm = float(delta.norm())
     report = EditReport(
         task=task.name,
         method=influence.method,
@@ -330,7 +282,7 @@ def edit(
             samples=len(removal.x),
             train_samples=removal.n_train,
             hessian_samples=len(sample),
-            gradient_samples=gradient_samples,
+            gradient_samples=len(averaged),
         ),
         selection=SelectionRecord(
             method=settings.selection.method,
@@ -351,11 +303,12 @@ def edit(
         ),
         metrics=metrics,
         cost=cost_record(
-            seconds=seconds,
-            passes=passes,
+            stages=stages,
             rates=rates,
-            retrain=retrain,
-            budget=budget,
+            retrain=retrain_record(
+                epochs=settings.train.epochs, samples=plan.retrain_samples, rates=rates
+            ),
+            budget=plan.budget,
             rates_cached=rates_cached,
         ),
     )
@@ -372,25 +325,42 @@ def edit(
     )
 
 
+@dataclass
+class Plan:
+    """The solve an edit will make, fixed before any of its work: ``settings`` with the
+    Hessian sample and iterations the ``budget`` chose, the HVP mode of its products and the
+    samples a retraining would train on."""
+
+    settings: Settings
+    budget: BudgetRecord
+    hvp_mode: str
+    retrain_samples: int
+
+
 def _plan(
+    model: nn.Module,
     settings: Settings,
+    task: Task,
+    data: DataSplits,
     removal: RemovalSet,
-    retrain_passes: float,
-    *,
-    validation: int,
-    mask: dict[str, torch.Tensor] | None,
     retained: Split | None,
-    unknowns: int,
-) -> BudgetRecord:
+    *,
+    mask: dict[str, torch.Tensor] | None,
+    note: Callable[[str], None],
+) -> Plan:
     """The solve's size under ``influence.budget``, before any of the edit's work
-    (``retained``: the samples a retained gradient averages over; ``unknowns``: the model's
-    trainable parameters, the most columns an ``exact`` solve builds)."""
+    (``retained``: the samples a retained gradient averages over); an edit predicted to cost
+    more than one retraining is noted."""
     method = settings.selection.method
     selects = estimator(settings.influence.method).targeted and mask is None
     per_sample = 1.0 if method.endswith("gradients") else FORWARD_PASSES
     averaged = min(len(removal.x), settings.gradient_samples or len(removal.x))
     selection = averaged * per_sample if selects and method != "random" else 0.0
-    return plan_budget(
+    retrain_samples = len(task.retrain_split(data))
+    retrain_passes = float(settings.train.epochs * retrain_samples)
+    validation = len(data.val)
+    unknowns = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    budget = plan_budget(
         settings.influence,
         settings.update,
         retrain_passes=retrain_passes,
@@ -399,6 +369,23 @@ def _plan(
         products=lambda iterations: _solve_products(
             settings.influence, removal, iterations, unknowns=unknowns
         ),
+    )
+    if budget.predicted_ratio > 1:
+        note(
+            f"influence: this edit is predicted to cost {budget.predicted_ratio:.1f}x one "
+            f"retraining ({budget.predicted_passes:,.0f} sample passes against its "
+            f"{retrain_passes * STEP_PASSES:,.0f}) "
+            "and runs anyway; influence.hessian_samples=auto and influence.max_iter=auto size "
+            "it to influence.budget"
+        )
+    influence = replace(
+        settings.influence, hessian_samples=budget.hessian_samples, max_iter=budget.max_iter
+    )
+    return Plan(
+        settings=replace(settings, influence=influence),
+        budget=budget,
+        hvp_mode=hvp_mode_for(_solve_products(influence, removal, unknowns=unknowns)),
+        retrain_samples=retrain_samples,
     )
 
 
@@ -532,28 +519,25 @@ def hessian_sample(retained: Split, *, size: int, seed: int) -> Split:
     return retained.subset(seeded_subset(len(retained), size, seed=seed)).in_memory()
 
 
-def estimate(
+def solve_path(
     model: nn.Module,
     removal: RemovalSet,
     sample: Split,
-    retained: Split | None,
+    gradient: torch.Tensor,
     target: torch.Tensor,
     settings: Settings,
+    plan: Plan,
     progress: ProgressFactory,
-) -> tuple[torch.Tensor, SolveResult] | UpdatePath:
-    """The update ``Δ`` of ``influence.method`` (flat, zero outside ``target``) and its solve;
-    with ``influence.damping: auto``, the path of updates over the damping grid.
+) -> UpdatePath:
+    """The updates ``Δ`` of ``influence.method`` (flat, zero outside ``target``) for the
+    right-hand side ``gradient``, as a path over the damping: one point for a fixed damping,
+    the grid of ``influence.damping: auto``.
 
-    The right-hand side is the retained objective's gradient over ``retained``
-    (``retained_sample``) or the removal set's (``influence.gradient``). Each rank streams its
-    share of the Hessian sample, of ``retained`` and of the removal set (of its
-    ``gradient_samples`` subsample, for the removal gradient); the engine all-reduces every
-    product and gradient.
+    Each rank streams its share of the Hessian sample and of the removal set; the engine
+    all-reduces every product.
     """
     influence = settings.influence
     mine = distributed.shard(len(removal.x))
-    averaged = seeded_subset(len(removal.x), settings.gradient_samples, seed=settings.seed)
-    averaged = averaged[distributed.shard(len(averaged))]
     local = sample.subset(distributed.shard(len(sample)))
 
     def curvature(x: torch.Tensor, y: torch.Tensor) -> CurvatureOperator:
@@ -563,14 +547,11 @@ def estimate(
             y=y,
             batch_size=influence.batch_size,
             curvature=influence.curvature,
-            hvp_mode=hvp_mode_for(_solve_products(influence, removal, unknowns=len(target))),
+            hvp_mode=plan.hvp_mode,
             cache_bytes=influence.cache_mb << 20,
         )
 
     try:
-        with progress(f"{influence.gradient} gradient", 1) as advance:
-            gradient = right_hand_side(model, removal, retained, averaged, settings)
-            advance(1)
         removal_operator = (
             removal_curvature(
                 curvature,
@@ -618,9 +599,10 @@ def right_hand_side(
     settings: Settings,
 ) -> torch.Tensor:
     """``g = −∇R(θ̂)`` of ``influence.gradient`` (docs/design.md, "Notation"): over this rank's
-    share of ``retained``, or from this rank's share ``averaged`` of the removal set's
-    ``gradient_samples`` subsample."""
+    share of ``retained``, or from this rank's share of ``averaged``, the removal set's
+    ``gradient_samples`` subsample (the ranks' gradients all-reduced)."""
     batch_size = settings.influence.batch_size
+    averaged = averaged[distributed.shard(len(averaged))]
     if retained is not None:
         mine = retained.subset(distributed.shard(len(retained)))
         return retained_gradient(
@@ -672,44 +654,20 @@ def _check_finite(delta: torch.Tensor, solve: SolveResult, influence: InfluenceC
         )
 
 
-def step_scale(
-    model: nn.Module,
-    theta: torch.Tensor,
-    delta: torch.Tensor,
-    target: torch.Tensor,
-    target_norm: float,
-    removal: RemovalSet,
-    update: UpdateConfig,
-    progress: ProgressFactory,
-) -> tuple[float, list[SweepPoint]]:
-    """``update.scale``, or the best scale on the validation split (and the sweep);
-    ``target_norm`` is ``|θ̂_t|``, the reference of the relative steps."""
-    step = update.step
-    if isinstance(step, FixedStep):
-        return step.scale, []
-    grid = step_grid(delta, target_norm, update)
-    with progress("step search", len(grid)) as advance:
-        return search_scale(
-            model,
-            theta=theta,
-            delta=delta,
-            target=target,
-            grid=grid,
-            objective=removal.objective,
-            advance=advance,
-        )
-
-
 def step_grid(
     delta: torch.Tensor, target_norm: float, update: UpdateConfig
 ) -> list[tuple[float, float]]:
-    """The (scale, relative step) grid of ``update`` for the update ``delta``."""
+    """The (scale, relative step) grid of ``update`` for the update ``delta``: the searched
+    grid, or the one given scale."""
+    step = update.step
+    if isinstance(step, FixedStep):
+        return [(step.scale, step.scale * float(delta.norm()) / (target_norm or 1.0))]
     return scale_grid(
         delta_norm=float(delta.norm()),
         target_norm=target_norm,
-        points=update.grid_points,
-        smallest=update.grid_min,
-        largest=update.grid_max,
+        points=step.points,
+        smallest=step.smallest,
+        largest=step.largest,
     )
 
 
@@ -723,23 +681,21 @@ def damping_and_step(
     update: UpdateConfig,
     progress: ProgressFactory,
 ) -> tuple[torch.Tensor, SolveResult, float, list[SweepPoint]]:
-    """``influence.damping: auto``: the damping and the step chosen together on the validation
-    split (with a numeric ``update.scale``, the damping alone at that scale)."""
+    """The update, its solve record, the step scale and the validation sweep: the damping of
+    ``path`` and the step chosen together on the validation split (a given ``update.scale``
+    holds the step; with one damping as well there is nothing to search). ``target_norm`` is
+    ``|θ̂_t|``, the reference of the relative steps."""
     step = update.step
-
-    def grid_for(delta: torch.Tensor) -> list[tuple[float, float]]:
-        if isinstance(step, FixedStep):
-            return [(step.scale, step.scale * float(delta.norm()) / (target_norm or 1.0))]
-        return step_grid(delta, target_norm, update)
-
+    if len(path) == 1 and isinstance(step, FixedStep):
+        return path.update(0), path.record(0), step.scale, []
     points = step.points if isinstance(step, StepSearch) else 1
-    with progress("damping and step search", len(path) * points) as advance:
-        choice = search_damping_and_scale(
+    with progress("step search", len(path) * points) as advance:
+        choice = search_step(
             model,
             theta=theta,
             path=path,
             target=target,
-            grid_for=grid_for,
+            grid_for=lambda delta: step_grid(delta, target_norm, update),
             objective=removal.objective,
             advance=advance,
         )

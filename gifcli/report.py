@@ -140,7 +140,7 @@ def plot_sweep(report: dict, path: Path) -> None:
 
     sweep = report["update"]["sweep"]
     figure, axis = plt.subplots(figsize=(9.6, 4.2))
-    if "damping" in sweep[0]:  # damping: auto, one curve of the objective per λ
+    if len({p["damping"] for p in sweep}) > 1:  # damping: auto, one curve of the objective per λ
         for relative in sorted({p["relative_damping"] for p in sweep}):
             curve = sorted(
                 (p["relative_step"], p["objective"])

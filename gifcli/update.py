@@ -6,10 +6,10 @@ The first-order ``Δ`` is exact only for an infinitesimal removal, so its length
 scored by the task's objective on the validation split and the best is kept, ties going to
 the smaller step.
 
-With ``influence.damping: auto`` the estimator returns one ``Δ_λ`` per damping of a grid
-(``UpdatePath``), and ``search_damping_and_scale`` searches ``(λ, s)`` jointly: every step grid
-coarsely, then finely around each ``λ``'s best, ties going to the larger ``λ`` and then to the
-smaller step.
+The estimator returns one ``Δ_λ`` per damping it solved at (``UpdatePath``: one for a fixed
+damping, a grid for ``influence.damping: auto``), and ``search_step`` searches ``(λ, s)``
+jointly: each ``λ``'s step grid in full when there is one ``λ``, else coarsely and then finely
+around each ``λ``'s best; ties go to the larger ``λ`` and then to the smaller step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -149,17 +149,28 @@ def _is_norm_buffer(model: nn.Module, key: str) -> bool:
 
 @dataclass
 class SweepPoint:
+    """A point of the validation sweep: the step ``scale`` (relative step ``relative_step``)
+    along ``Δ_λ`` of damping ``damping`` (``relative_damping = λ / σ_max``, None where
+    ``σ_max`` is unknown), its ``objective`` and validation ``metrics``, and the ``stage`` of
+    the search that scored it (``full``, ``coarse`` or ``fine``)."""
+
     scale: float
     relative_step: float
     objective: float
     metrics: dict
+    damping: float = 0.0
+    relative_damping: float | None = None
+    stage: str = "full"
 
     def to_dict(self) -> dict:
         return {
+            "damping": self.damping,
+            "relative_damping": self.relative_damping,
             "scale": self.scale,
             "relative_step": self.relative_step,
             "objective": self.objective,
             **self.metrics,
+            "stage": self.stage,
         }
 
 
@@ -212,11 +223,11 @@ def _finite(value: float) -> float:
 # --------------------------------------------------------------------------- damping and step
 
 
-class DampingPath(Protocol):
-    """What the joint search needs from a regularisation path (``UpdatePath`` has it)."""
+class UpdatePath(Protocol):
+    """What the search needs of the estimator's path (``influence.estimators.UpdatePath``)."""
 
     lambdas: list[float]
-    relative: list[float]
+    relative: list[float | None]
 
     def __len__(self) -> int: ...
 
@@ -224,62 +235,45 @@ class DampingPath(Protocol):
 
 
 @dataclass
-class DampedSweepPoint(SweepPoint):
-    """A point of the 2-D sweep: the step ``scale`` along ``Δ_λ`` of damping ``λ``."""
-
-    damping: float = 0.0
-    relative_damping: float = 0.0
-    stage: str = "coarse"
-
-    def to_dict(self) -> dict:
-        return {
-            "damping": self.damping,
-            "relative_damping": self.relative_damping,
-            **super().to_dict(),
-            "stage": self.stage,
-        }
-
-
-@dataclass
-class DampingChoice:
-    """The chosen ``(λ, s)``: ``index`` into the path's grid, and the 2-D sweep."""
+class StepChoice:
+    """The chosen ``(λ, s)``: ``index`` into the path, the step ``scale`` and the sweep."""
 
     index: int
-    damping: float
-    relative_damping: float
     scale: float
     objective: float
-    sweep: list[DampedSweepPoint] = field(default_factory=list)
+    sweep: list[SweepPoint] = field(default_factory=list)
 
 
-def search_damping_and_scale(
+def search_step(
     model: nn.Module,
     *,
     theta: torch.Tensor,
-    path: DampingPath,
+    path: UpdatePath,
     target: torch.Tensor,
     grid_for: Callable[[torch.Tensor], list[tuple[float, float]]],
     objective: Objective,
-    coarse_stride: int = 2,
+    coarse_stride: int | None = None,
     advance: Callable[[], None] | None = None,
-) -> DampingChoice:
+) -> StepChoice:
     """Choose the damping ``λ`` of ``path`` and the step scale ``s`` together on ``objective``.
 
     For each ``λ`` (one ``Δ_λ = path.update(i)`` in memory at a time), ``grid_for(Δ_λ)`` gives
     its step grid, ``[(scale, relative step)]`` (``scale_grid``); the coarse pass scores every
     ``coarse_stride``-th point and the last, the fine pass the points skipped next to the
     coarse best, so a single-peaked curve keeps its exact optimum at about ``1/coarse_stride``
-    of the evaluations (``coarse_stride=1``: the full grid). The best point over all ``λ``
-    wins, ties going to the larger ``λ`` (the more regularised update), then to the smaller
-    step. ``objective(model) -> (value, metrics)``, higher is better; non-finite values lose.
-    The model is left at ``theta``. Raises ValueError on an empty path.
+    of the evaluations. ``coarse_stride`` defaults to 1 (the full grid) for a one-point path
+    and 2 for a longer one. The best point over all ``λ`` wins, ties going to the larger ``λ``
+    (the more regularised update), then to the smaller step. ``objective(model) -> (value,
+    metrics)``, higher is better; non-finite values lose. The model is left at ``theta``.
+    Raises ValueError on an empty path.
     """
-    if coarse_stride < 1:
-        raise ValueError(f"coarse_stride must be >= 1, got {coarse_stride}")
     if len(path) == 0:
         raise ValueError("the damping path is empty")
-    sweep: list[DampedSweepPoint] = []
-    owner: list[int] = []  # the grid index of each sweep point's λ
+    stride = (1 if len(path) == 1 else 2) if coarse_stride is None else coarse_stride
+    if stride < 1:
+        raise ValueError(f"coarse_stride must be >= 1, got {stride}")
+    sweep: list[SweepPoint] = []
+    owner: list[int] = []  # the path index of each sweep point's λ
     for index in range(len(path)):
         delta = path.update(index)
         grid = grid_for(delta)
@@ -294,32 +288,27 @@ def search_damping_and_scale(
             damping=path.lambdas[index],
             relative_damping=path.relative[index],
         )
-        coarse = sorted({*range(0, len(grid), coarse_stride), len(grid) - 1} - {-1})
-        points = evaluate(grid=[grid[i] for i in coarse], stage="coarse")
-        if points:
+        coarse = sorted({*range(0, len(grid), stride), len(grid) - 1} - {-1})
+        points = evaluate(grid=[grid[i] for i in coarse], stage="full" if stride == 1 else "coarse")
+        if points and stride > 1:
             best = coarse[max(range(len(points)), key=lambda j: _rank(points[j]))]
             fine = [
                 i
-                for i in range(best - coarse_stride + 1, best + coarse_stride)
+                for i in range(best - stride + 1, best + stride)
                 if 0 <= i < len(grid) and i not in coarse
             ]
             points += evaluate(grid=[grid[i] for i in fine], stage="fine")
         sweep += points
         owner += [index] * len(points)
     if not sweep:
-        return DampingChoice(0, path.lambdas[0], path.relative[0], 0.0, -math.inf)
+        return StepChoice(0, 0.0, -math.inf)
     position = max(
         range(len(sweep)),
         key=lambda j: (_finite(sweep[j].objective), sweep[j].damping, -sweep[j].scale),
     )
     best = sweep[position]
-    return DampingChoice(
-        index=owner[position],
-        damping=best.damping,
-        relative_damping=best.relative_damping,
-        scale=best.scale,
-        objective=best.objective,
-        sweep=sweep,
+    return StepChoice(
+        index=owner[position], scale=best.scale, objective=best.objective, sweep=sweep
     )
 
 
@@ -329,22 +318,13 @@ def _score(
     grid: list[tuple[float, float]],
     stage: str,
     damping: float,
-    relative_damping: float,
+    relative_damping: float | None,
     **search: object,
-) -> list[DampedSweepPoint]:
+) -> list[SweepPoint]:
     """``search_scale``'s sweep over ``grid``, each point labelled with its ``λ`` and stage."""
     _, points = search_scale(model, grid=grid, **search)
     return [
-        DampedSweepPoint(
-            p.scale,
-            p.relative_step,
-            p.objective,
-            p.metrics,
-            damping=damping,
-            relative_damping=relative_damping,
-            stage=stage,
-        )
-        for p in points
+        replace(p, damping=damping, relative_damping=relative_damping, stage=stage) for p in points
     ]
 
 

@@ -14,6 +14,7 @@ from gifcli.cost import (
     HVP_PASSES,
     STEP_PASSES,
     Rates,
+    Stages,
     cached_rates,
     cost_record,
     measure_rates,
@@ -97,9 +98,11 @@ def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
     rates = Rates(gradient=1e-4, forward=2e-5, train=2e-4, hvp=3e-4)
     retrain = retrain_record(epochs=10, samples=1000, rates=rates)
     assert retrain.passes == 10_000 and retrain.seconds == pytest.approx(2.0)
+    stages = Stages()
+    stages.seconds = {"selection": 0.1, "solve": 0.3, "step_search": 0.1, "metrics": 5.0}
+    stages.passes = {"selection": 10.0, "solve": 400.0, "metrics": 999.0}
     cost = cost_record(
-        seconds={"selection": 0.1, "solve": 0.3, "step_search": 0.1, "metrics": 5.0},
-        passes={"selection": 10.0, "solve": 400.0, "metrics": 999.0},
+        stages=stages,
         rates=rates,
         retrain=retrain,
         budget=plan(1e6),
@@ -111,6 +114,19 @@ def test_the_ratio_is_the_edit_seconds_over_a_known_retraining():
     assert retrain.step_passes == pytest.approx(2.0)
     assert cost.retrain_ratio == pytest.approx(410.0 / (10_000 * 2.0))
     assert cost.forward_passes == pytest.approx(0.2) and cost.hvp_passes == pytest.approx(3.0)
+
+
+def test_a_timed_stage_counts_the_samples_its_model_sees():
+    model, stages = torch.nn.Linear(3, 2), Stages()
+    with stages.timed("metrics", model=model, forward_passes=0.5):
+        model(torch.zeros(4, 3))
+        model(torch.zeros(6, 3))
+    with stages.timed("removal_set"):
+        model(torch.zeros(8, 3))  # not counted: no model given
+    model(torch.zeros(9, 3))  # outside every stage
+    assert stages.passes == {"metrics": 5.0}
+    assert set(stages.seconds) == {"metrics", "removal_set"}
+    assert all(seconds >= 0 for seconds in stages.seconds.values())
 
 
 def test_measuring_the_rates_leaves_the_model_as_it_was():

@@ -7,8 +7,8 @@ from torch import nn
 from gifcli.update import (
     assign_flat,
     scale_grid,
-    search_damping_and_scale,
     search_scale,
+    search_step,
     updated,
 )
 
@@ -91,7 +91,7 @@ def _joint(path, objective, **kwargs):
     theta = torch.zeros(2)
     assign_flat(model, theta)
     grid_for = lambda delta: [(s, s) for s in torch.logspace(-2, 1, 25).tolist()]  # noqa: E731
-    choice = search_damping_and_scale(
+    choice = search_step(
         model,
         theta=theta,
         path=path,
@@ -116,11 +116,12 @@ def test_joint_search_finds_the_full_grid_optimum_with_fewer_evaluations():
     path = FakePath([0.1, 1.0, 10.0], directions)
     coarse = _joint(path, _peak, coarse_stride=3)
     assert (coarse.index, coarse.scale) == (full.index, full.scale) == (1, pytest.approx(1.0))
-    assert coarse.damping == 1.0 and coarse.relative_damping == 0.1
     assert len(full.sweep) == 3 * 25
     assert len(coarse.sweep) == 3 * (9 + 4)  # per damping: 9 coarse points, 4 fine ones
     assert {p.stage for p in coarse.sweep} == {"coarse", "fine"}
     assert path.updates == 3, "one materialised update per damping"
+    chosen = next(p for p in coarse.sweep if p.scale == coarse.scale and p.damping == 1.0)
+    assert chosen.relative_damping == 0.1
     point = coarse.sweep[0].to_dict()
     assert {"damping", "relative_damping", "scale", "relative_step", "objective", "w0"} <= set(
         point
@@ -134,7 +135,7 @@ def test_joint_search_ties_go_to_the_larger_damping_then_the_smaller_step():
         return min(m.weight[0, 0].item(), 1.0), {}
 
     choice = _joint(path, plateau, coarse_stride=1)
-    assert choice.index == 2 and choice.damping == 10.0
+    assert choice.index == 2
     assert choice.scale == pytest.approx(1.0)  # the smallest step reaching the plateau
 
 
@@ -217,3 +218,25 @@ def test_only_a_batchnorm_with_running_statistics_is_recalibrated() -> None:
     assert tracks_batch_statistics(_bn_model())
     assert not tracks_batch_statistics(untracked)
     assert not tracks_batch_statistics(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_a_one_point_path_is_searched_over_its_full_step_grid():
+    """A fixed damping is a path of one ``λ``: its search scores every step of the grid, as
+    ``search_scale`` does, and chooses the same step."""
+    path = FakePath([0.5], [[1.0, 1.0]])
+    choice = _joint(path, _peak)
+    model = nn.Linear(2, 1, bias=False)
+    grid = [(s, s) for s in torch.logspace(-2, 1, 25).tolist()]
+    best, sweep = search_scale(
+        model,
+        theta=torch.zeros(2),
+        delta=torch.tensor([1.0, 1.0]),
+        target=torch.ones(2, dtype=torch.bool),
+        grid=grid,
+        objective=_peak,
+    )
+    assert (choice.index, choice.scale) == (0, best)
+    assert [p.scale for p in choice.sweep] == [p.scale for p in sweep]
+    assert {p.stage for p in choice.sweep} == {"full"} and {p.damping for p in choice.sweep} == {
+        0.5
+    }

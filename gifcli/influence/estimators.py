@@ -342,9 +342,11 @@ def estimate_update(
     scope_flat: Tensor | None = None,
     progress: Progress | None = None,
     solver_options: Mapping[str, object] | None = None,
-) -> tuple[Tensor, SolveResult] | UpdatePath:
-    """The update ``Δ`` (flat, ``[dim]``, the operator's dtype and device) and its solve record;
-    for ``damping="auto"`` the regularisation path instead (``estimate_path``).
+) -> UpdatePath:
+    """The updates ``Δ`` (flat, ``[dim]``, the operator's dtype and device) with their solve
+    records, as a path over the damping: one point for a fixed damping (``UpdatePath.fixed()``
+    gives ``Δ`` and its record), the regularisation path over ``damping_grid`` for
+    ``damping="auto"`` (``estimate_path``).
 
     Args (keyword-only):
         method: one of ``METHODS`` (module docstring).
@@ -407,7 +409,9 @@ def estimate_update(
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
     if not kind.solves:
-        return torch.where(target, g, torch.zeros_like(g)), _first_order_result()
+        return UpdatePath.of(
+            method, torch.where(target, g, torch.zeros_like(g)), _first_order_result()
+        )
     fixed = [chosen]
 
     def damped(system: Callable[[float], _System]) -> tuple[Tensor, SolveResult]:
@@ -429,7 +433,7 @@ def estimate_update(
             return kind.system(shifted(operator, shift), g, target, scope_flat)
 
         x, result = damped(system)
-        return system(weight_decay)[3](x), result
+        return UpdatePath.of(method, system(weight_decay)[3](x), result)
     if removal_operator is None:
         raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
     free_index = kind.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
@@ -440,7 +444,7 @@ def estimate_update(
         removal_fraction,
         damped,
     )
-    return scatter(x, free_index, operator.dim), result
+    return UpdatePath.of(method, scatter(x, free_index, operator.dim), result)
 
 
 def _damped_solve(
@@ -480,41 +484,62 @@ def _damped_solve(
 
 @dataclass
 class UpdatePath:
-    """The updates ``Δ_λ`` of one LSQR run for every ``λ`` of a damping grid.
+    """The updates ``Δ_λ`` of one estimate, one for each damping ``λ`` it was solved at: the
+    one ``λ`` of a fixed damping, or a grid of them from one LSQR run (``influence.damping:
+    auto``, ``estimate_path``).
 
-    ``path`` holds the Krylov basis and the per-``λ`` solutions of the system; ``update(i)``
-    maps solution ``i`` to the full-size ``Δ`` (``[dim]``) when asked, one at a time, so a grid
-    of ``G`` updates never occupies ``G`` full-size vectors.
+    ``records[i]`` is the solve record of ``λ_i`` (``damping`` and ``sigma_max`` filled in);
+    ``update(i)`` builds ``Δ_{λ_i}`` (flat, ``[dim]``) when asked, one at a time, so a grid of
+    ``G`` updates never occupies ``G`` full-size vectors.
     """
 
     method: str
-    path: PathResult
-    to_update: Callable[[Tensor], Tensor]
+    records: list[SolveResult]
+    updates: Callable[[int], Tensor]
+    run: PathResult | None = None
+    """The LSQR run behind a damping grid (its Krylov basis and coefficients); None for a
+    fixed damping."""
+
+    @classmethod
+    def of(cls, method: str, delta: Tensor, record: SolveResult) -> UpdatePath:
+        """The one-point path of an update solved at a fixed damping."""
+        return cls(method=method, records=[record], updates=lambda index: delta)
+
+    @classmethod
+    def along(
+        cls, method: str, run: PathResult, to_update: Callable[[Tensor], Tensor]
+    ) -> UpdatePath:
+        """The path of an LSQR run over a damping grid, ``to_update`` mapping each of its
+        solutions to ``Δ``."""
+        updates = lambda index: to_update(run.solution(index))  # noqa: E731
+        return cls(method=method, records=run.records, updates=updates, run=run)
 
     def __len__(self) -> int:
-        return len(self.path)
+        return len(self.records)
 
     @property
     def lambdas(self) -> list[float]:
-        """Absolute ``λ`` of the grid."""
-        return self.path.lambdas
+        """Absolute ``λ`` of each point."""
+        return [record.damping for record in self.records]
 
     @property
-    def relative(self) -> list[float]:
-        """``λ / σ_max``."""
-        return self.path.relative
-
-    @property
-    def sigma_max(self) -> float:
-        return self.path.sigma_max
+    def relative(self) -> list[float | None]:
+        """``λ / σ_max`` of each point; None where ``σ_max`` was not estimated."""
+        return [r.damping / r.sigma_max if r.sigma_max else None for r in self.records]
 
     def update(self, index: int) -> Tensor:
         """``Δ`` of ``lambdas[index]``, flat ``[dim]``."""
-        return self.to_update(self.path.solution(index))
+        return self.updates(index)
 
     def record(self, index: int) -> SolveResult:
-        """The solve record of ``lambdas[index]`` (``damping`` and ``sigma_max`` filled in)."""
-        return self.path.records[index]
+        """The solve record of ``lambdas[index]``."""
+        return self.records[index]
+
+    def fixed(self) -> tuple[Tensor, SolveResult]:
+        """``Δ`` and the record of a one-point path (a fixed damping)."""
+        if len(self) != 1:
+            raise ValueError(f"the path has {len(self)} dampings; pick one with update(i)")
+        return self.update(0), self.record(0)
 
 
 def estimate_path(
@@ -560,7 +585,7 @@ def estimate_path(
         tol=tol,
         progress=progress,
     )
-    return UpdatePath(method=method, path=path, to_update=to_update)
+    return UpdatePath.along(method, path, to_update)
 
 
 def _scope(

@@ -141,7 +141,9 @@ def test_exact_solver_matches_dense_reference(name, method, damping, objective, 
     target = _target(len(problem.theta))
     operators = request.getfixturevalue(f"{name}_operators")
     settings = OBJECTIVES[objective]
-    delta, result = _estimate(problem, method, "exact", damping, target, operators, **settings)
+    delta, result = _estimate(
+        problem, method, "exact", damping, target, operators, **settings
+    ).fixed()
     expected = _reference_update(problem, method, target, damping, reference, **settings)
     assert result.converged, result.message
     assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
@@ -158,7 +160,9 @@ def test_iterative_solvers_match_dense_reference_on_the_mlp(
     singular, so λ damps the squared system (tikhonov) here."""
     target = _target(len(mlp.theta))
     damping, settings = ITERATIVE_DAMPING[solver], OBJECTIVES["trained-tikhonov"]
-    delta, result = _estimate(mlp, method, solver, damping, target, mlp_operators, **settings)
+    delta, result = _estimate(
+        mlp, method, solver, damping, target, mlp_operators, **settings
+    ).fixed()
     assert result.converged, result.message
     expected = _reference_update(mlp, method, target, damping, reference, **settings)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
@@ -174,7 +178,7 @@ def test_iterative_solvers_match_dense_reference_on_the_cnn(
 ):
     target = _target(len(cnn.theta))
     settings = OBJECTIVES[objective]
-    delta, result = _estimate(cnn, method, solver, 0.05, target, cnn_operators, **settings)
+    delta, result = _estimate(cnn, method, solver, 0.05, target, cnn_operators, **settings).fixed()
     assert result.converged, result.message
     expected = _reference_update(cnn, method, target, 0.05, reference, **settings)
     assert reference.relative_error(delta, expected) < TOLERANCE[solver]
@@ -197,7 +201,7 @@ def test_gauss_newton_plus_weight_decay_is_well_posed_for_the_krylov_solvers(
     settings = OBJECTIVES["trained"]
     delta, result = _estimate(
         cnn, method, solver, damping, target, cnn_ggn_operators, **settings, tol=1e-12
-    )
+    ).fixed()
     assert result.converged, result.message
     ggn = reference.ggn(cnn.model, cnn.x, cnn.y)
     h_u = reference.ggn(cnn.model, cnn.removal_x, cnn.removal_y)
@@ -256,7 +260,7 @@ def test_sif_for_a_backdoor_matches_the_dense_reference(name, damping, request, 
     problem = request.getfixturevalue(name)
     g, h_u, h_d, removal = _backdoor(problem, reference)
     hessian, _ = request.getfixturevalue(f"{name}_operators")
-    delta, result = _sif(problem, hessian, g, removal, damping)
+    delta, result = _sif(problem, hessian, g, removal, damping).fixed()
     everything = torch.ones(len(g), dtype=torch.bool)
     expected = _reference_update(
         problem,
@@ -282,7 +286,7 @@ def test_sif_for_a_backdoor_under_gauss_newton_has_no_second_order_term(cnn, ref
     assert h_d.abs().max() < 1e-14
     assert isinstance(removal, Zero)
     hessian, _ = _operators(cnn, curvature="ggn")
-    delta, result = _sif(cnn, hessian, g, removal, 0.01)
+    delta, result = _sif(cnn, hessian, g, removal, 0.01).fixed()
     p = len(cnn.removal_x) / cnn.n_train
     h_s = (1 - p) * reference.ggn(cnn.model, cnn.x, cnn.y)  # + p · H_D, which is 0
     expected = (1 - 2 * p) / (1 - p) * reference.damped_lstsq(h_s, g, 0.01)
@@ -312,20 +316,20 @@ def test_scope_holds_the_other_parameters_fixed(method, damping, cnn, cnn_operat
     target = _target(len(cnn.theta))
     delta, result = _estimate(
         cnn, method, "exact", damping, target, cnn_operators, scope_flat=scope
-    )
+    ).fixed()
     expected = _reference_update(cnn, method, target, damping, reference, scope=scope)
     assert result.converged, result.message
     assert reference.relative_error(delta, expected) < TOLERANCE["exact"]
     assert not delta[~scope & ~target].any()
     if damping:  # undamped, the near-null directions of H dominate both solutions alike
-        unscoped, _ = _estimate(cnn, method, "exact", damping, target, cnn_operators)
+        unscoped, _ = _estimate(cnn, method, "exact", damping, target, cnn_operators).fixed()
         assert reference.relative_error(delta, unscoped) > 1e-5  # the scope does change it
 
 
 def test_gif_with_gauss_newton_curvature(cnn, reference):
     target = _target(len(cnn.theta))
     operators = _operators(cnn, curvature="ggn")
-    delta, _ = _estimate(cnn, "gif", "exact", 0.01, target, operators)
+    delta, _ = _estimate(cnn, "gif", "exact", 0.01, target, operators).fixed()
     ggn = reference.ggn(cnn.model, cnn.x, cnn.y)
     expected = _reference_update(cnn, "gif", target, 0.01, reference, hessian=ggn)
     assert reference.relative_error(delta, expected) < 1e-8
@@ -333,7 +337,7 @@ def test_gif_with_gauss_newton_curvature(cnn, reference):
 
 def test_first_order_is_the_masked_gradient_without_products(mlp, mlp_operators):
     target = _target(len(mlp.theta))
-    delta, result = _estimate(mlp, "first-order", "lsqr", 0.0, target, mlp_operators)
+    delta, result = _estimate(mlp, "first-order", "lsqr", 0.0, target, mlp_operators).fixed()
     assert torch.equal(delta, torch.where(target, mlp.removal_gradient, 0.0))
     assert (result.iterations, result.hvps, result.converged) == (0, 0, True)
 
@@ -356,7 +360,7 @@ def test_gif_is_invariant_to_the_loss_scale(solver, mlp, reference):
             damping=0.0,
             max_iter=2000,
             tol=1e-12,
-        )
+        ).fixed()
         deltas.append(delta)
     assert reference.relative_error(deltas[1], deltas[0]) < 1e-8
 
@@ -384,7 +388,7 @@ def test_neumann_converges_where_plain_neumann_diverges_on_an_indefinite_hessian
         damping_form="tikhonov",
         max_iter=3000,
         tol=1e-10,
-    )
+    ).fixed()
     assert result.converged, result.message
     assert reference.relative_error(delta, reference.damped_lstsq(hessian, g, 0.1)) < 1e-3
 
@@ -393,7 +397,7 @@ def test_singular_indefinite_hessian_undamped_is_not_an_error(mlp, mlp_operators
     eigenvalues = torch.linalg.eigvalsh(mlp.hessian).abs()
     assert eigenvalues.min() < 1e-14  # singular (softmax shift invariance)
     all_params = torch.ones(len(mlp.theta), dtype=torch.bool)
-    delta, result = _estimate(mlp, "if", "exact", 0.0, all_params, mlp_operators)
+    delta, result = _estimate(mlp, "if", "exact", 0.0, all_params, mlp_operators).fixed()
     expected = torch.linalg.pinv(mlp.hessian) @ mlp.removal_gradient
     assert reference.relative_error(delta, expected) < 1e-8
 
@@ -533,7 +537,7 @@ def _reorthogonalized_path(problem, method, target, operators, max_iter):
     hessian, _ = operators
     system = estimator(method).system(hessian, problem.removal_gradient, target, None)
     path = lsqr_path(*system[:3], max_iter=max_iter, tol=0.0, reorthogonalize=True)
-    return UpdatePath(method=method, path=path, to_update=system[3])
+    return UpdatePath.along(method, path, system[3])
 
 
 @pytest.mark.parametrize("method", PATH_METHODS)
@@ -542,11 +546,11 @@ def test_path_updates_equal_separate_lsqr_solves_at_every_damping(
 ):
     target = _target(len(mlp.theta))
     path = _path_estimate(mlp, method, target, mlp_operators)
-    assert len(path) == 8 and path.path.iterations == 8
+    assert len(path) == 8 and path.run.iterations == 8
     for i, damping in enumerate(path.lambdas):
         delta, result = _estimate(
             mlp, method, "lsqr", damping, target, mlp_operators, max_iter=8, tol=0.0
-        )
+        ).fixed()
         assert reference.relative_error(path.update(i), delta) < 1e-5
         assert path.record(i).relative_residual == pytest.approx(result.relative_residual)
         if method != "if":
@@ -567,7 +571,7 @@ def test_path_over_the_whole_krylov_space_matches_the_dense_reference(
     plain = _path_estimate(problem, method, target, operators, max_iter=3 * size, tol=1e-13)
     for i, damping in enumerate(exact.lambdas):
         expected = _reference_update(problem, method, target, damping, reference)
-        assert exact.path.iterations <= size
+        assert exact.run.iterations <= size
         assert reference.relative_error(exact.update(i), expected) < 1e-8
         assert reference.relative_error(plain.update(i), expected) < 1e-8
 
@@ -583,7 +587,7 @@ def test_path_in_float32_matches_lsqr_without_reorthogonalisation(method, refere
     gradient = problem.removal_gradient.float()
     common = {"operator": operator, "gradient": gradient, "target_flat": target, "tol": 0.0}
     path = estimate_path(method=method, max_iter=40, **common)
-    basis = path.path.basis.double()
+    basis = path.run.basis.double()
     assert (basis @ basis.T - torch.eye(40, dtype=torch.float64)).abs().max() > 0.1
     for i, damping in enumerate(path.lambdas):
         delta, _ = estimate_update(
@@ -593,7 +597,7 @@ def test_path_in_float32_matches_lsqr_without_reorthogonalisation(method, refere
             damping_form="tikhonov",
             max_iter=40,
             **common,
-        )
+        ).fixed()
         assert reference.relative_error(path.update(i), delta) < 1e-5
 
 
@@ -609,14 +613,14 @@ def test_auto_damping_returns_the_path_and_needs_lsqr(mlp, mlp_operators):
     }
     path = estimate_update(method="gif", solver="lsqr", damping_grid=[0.01, 0.1], **common)
     assert isinstance(path, UpdatePath) and path.relative == pytest.approx([0.01, 0.1])
-    assert path.lambdas == pytest.approx([0.01 * path.sigma_max, 0.1 * path.sigma_max])
+    assert path.lambdas == pytest.approx([0.01 * path.run.sigma_max, 0.1 * path.run.sigma_max])
     with pytest.raises(GifError, match="influence.solver to lsqr"):
         estimate_update(method="gif", solver="cg", **common)
     with pytest.raises(GifError, match="not 'sif'"):
         estimate_update(method="sif", solver="lsqr", removal_operator=removal, **common)
     with pytest.raises(GifError, match="'auto' or a number"):
         estimate_update(method="gif", solver="lsqr", **common | {"damping": "fast"})
-    first_order, _ = estimate_update(method="first-order", solver="lsqr", **common)
+    first_order, _ = estimate_update(method="first-order", solver="lsqr", **common).fixed()
     assert torch.is_tensor(first_order)
 
 
@@ -627,7 +631,7 @@ def test_relative_damping_solves_with_lambda_times_sigma_max(
     target = _target(len(mlp.theta))
     delta, result = _estimate(
         mlp, method, solver, 0.1, target, mlp_operators, damping_relative=True, max_iter=3000
-    )
+    ).fixed()
     assert result.converged, result.message
     size = int(target.sum()) if method == "gif" else len(mlp.theta)
     p = len(mlp.removal_x) / mlp.n_train
@@ -673,7 +677,7 @@ def test_the_budget_counts_the_products_the_solve_makes(
         damping_form=form,
         damping_relative=relative,
         weight_decay=WEIGHT_DECAY,
-    )
+    ).fixed()
     unknowns = int(target.sum()) if method in ("gif", "fif") else len(target)
     expected = estimator(method).products(
         solver, iterations, damping_of(value, form, relative), unknowns=unknowns
@@ -702,7 +706,7 @@ def test_the_budget_counts_sif_for_a_backdoor(curvature, mlp, reference):
         weight_decay=WEIGHT_DECAY,
         removal_operator=removal,
         removal_fraction=len(mlp.removal_x) / mlp.n_train,
-    )
+    ).fixed()
     removal_products = 2 if curvature == "hessian" else 0
     expected = estimator("sif").products(
         "lsqr", 6, damping_of(0.05), removal_products=removal_products
@@ -721,4 +725,4 @@ def test_the_budget_counts_one_path_run_for_auto_damping(mlp, mlp_operators):
         max_iter=6,
         tol=1e-12,
     )
-    assert path.path.hvps == estimator("gif").products("lsqr", 6, damping_of("auto"))
+    assert path.run.hvps == estimator("gif").products("lsqr", 6, damping_of("auto"))

@@ -97,7 +97,7 @@ def _cosines(seed, p):
             tol=1e-12,
             removal_operator=removal_curvature(curvature_of, x[removed], y[removed]),
             removal_fraction=m / N,
-        )
+        ).fixed()
         assert result.converged, result.message
         cosines[method] = float(F.cosine_similarity(delta, exact, dim=0))
     # The formula sif had before, Δ₁ + p/(1−p) H⁻¹ (H − H_U) Δ₁ with the retained H.
