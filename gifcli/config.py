@@ -88,6 +88,24 @@ def damping_of(
     return FixedDamping(float(value), shift=form == "shift", relative=relative)
 
 
+def path_problems(method: str, solver: str) -> list[str]:
+    """Why ``damping: auto`` cannot run for ``method`` and ``solver``: the damping path is one
+    LSQR run of a method with one solve (``first-order`` solves nothing and ignores it)."""
+    if method == "first-order":
+        return []
+    out = []
+    if solver != "lsqr":
+        out.append(
+            f"'auto' runs the lsqr regularisation path; set influence.solver: lsqr (got "
+            f"{solver!r}) or give a number"
+        )
+    if method == "sif":
+        out.append(
+            "'auto' covers the methods with one solve (gif, fif, pif, if), not sif; give a number"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class FixedStep:
     """``update.scale`` a number: the edit ``θ̂ + scale·Δ``."""
@@ -604,16 +622,7 @@ class InfluenceConfig:
         elif self.damping != "auto":
             out.append(f"influence.damping: must be 'auto' or a number, got {self.damping!r}")
         else:
-            if self.solver != "lsqr":
-                out.append(
-                    "influence.damping: 'auto' runs the lsqr regularisation path; set "
-                    f"influence.solver: lsqr (got {self.solver!r}) or give a number"
-                )
-            if self.method == "sif":
-                out.append(
-                    "influence.damping: 'auto' covers the methods with one solve (gif, fif, "
-                    "pif, if), not sif; give a number"
-                )
+            out += [f"influence.damping: {p}" for p in path_problems(self.method, self.solver)]
         return out
 
 

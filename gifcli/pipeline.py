@@ -27,10 +27,12 @@ from gifcli.config import (
     DampingPath,
     FixedStep,
     InfluenceConfig,
+    RemovalConfig,
     SelectionConfig,
     StepSearch,
     TrainConfig,
     UpdateConfig,
+    range_problems,
 )
 from gifcli.cost import (
     FORWARD_PASSES,
@@ -119,11 +121,9 @@ class Settings:
     def problems(self) -> list[str]:
         problems = self.selection.problems() + self.influence.problems() + self.update.problems()
         problems += self.train.problems()
-        if self.gradient_samples is not None and self.gradient_samples < 1:
-            problems.append(
-                f"gradient_samples: must be positive or None, got {self.gradient_samples}"
-            )
-        return problems
+        # the removal section's own range for its one key the edit takes
+        removal = replace(RemovalConfig(), gradient_samples=self.gradient_samples)
+        return problems + range_problems(removal, "removal.")
 
 
 @dataclass

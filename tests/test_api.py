@@ -152,3 +152,12 @@ def test_an_oracle_adds_fidelity_and_the_salun_gap_to_the_report(digits_base, di
     assert metrics.salun["after"]["ua"] == 100 - metrics.after["forget_acc_train"]
     itself = task.evaluate(oracle, data, device=torch.device("cpu"), seed=0, oracle=oracle)
     assert (itself["kl_oracle_removed"], itself["agree_oracle_removed"]) == (0.0, 100.0)
+
+
+def test_settings_check_gradient_samples_as_the_config_does():
+    from gifcli.pipeline import Settings
+
+    assert Settings(gradient_samples=None).problems() == []
+    assert Settings(gradient_samples=0).problems() == [
+        "removal.gradient_samples: must be in 1..1000000000, got 0"
+    ]

@@ -52,6 +52,7 @@ from gifcli.config import (
     DampingPath,
     FixedDamping,
     damping_of,
+    path_problems,
 )
 from gifcli.errors import GifError, ParameterError
 from gifcli.influence.hvp import flatten_params, loss_gradient
@@ -229,10 +230,6 @@ class FirstOrder(Estimator):
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e for e in (GIF(), FIF(), PIF(), IF(), SIF(), FirstOrder())
 }
-TARGETED = tuple(name for name, e in ESTIMATORS.items() if e.targeted)
-"""Methods whose ``Δ`` is zero outside the target mask."""
-PATH_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.solves == 1)
-"""Methods with one damped solve, which ``estimate_path`` covers."""
 
 
 def estimator(method: str) -> Estimator:
@@ -358,7 +355,7 @@ def estimate_update(
             and ``sif``, which change every parameter of the scope).
         solver, damping, max_iter, tol: the solver (``SOLVERS``) and its settings; unused by
             ``first-order``. ``damping="auto"``: ``estimate_path`` with ``damping_grid``
-            (``lsqr`` and ``PATH_METHODS`` only), Tikhonov ``λ`` on the system of ``H``.
+            (``lsqr`` and a method of one solve only), Tikhonov ``λ`` on the system of ``H``.
         weight_decay: ``wd`` of the trained objective ``mean loss + (wd/2)‖θ‖²``.
         damping_form: ``"shift"``: ``λ`` shifts the curvature, ``H + λ·I`` (Levenberg-
             Marquardt), and the system is solved undamped; ``"tikhonov"``: ``λ`` damps the
@@ -387,12 +384,7 @@ def estimate_update(
         raise ParameterError("weight_decay", f"must be a finite number >= 0, got {weight_decay}")
     kind = estimator(method)
     if isinstance(chosen, DampingPath) and kind.solves:
-        if solver != "lsqr":
-            raise ParameterError(
-                "damping",
-                f"'auto' runs the LSQR regularisation path; set "
-                f"influence.solver to lsqr (got {solver!r}) or give a number",
-            )
+        _check_path(method, solver)
         return estimate_path(
             method=method,
             operator=operator,
@@ -565,11 +557,7 @@ def estimate_path(
     length (``|t|`` for gif and fif, ``|s|`` for pif and if), 4 bytes each in float32.
     """
     kind = estimator(method)
-    if kind.solves != 1:
-        raise ParameterError(
-            "damping",
-            f"'auto' supports the methods {', '.join(PATH_METHODS)}, not {method!r}; give a number",
-        )
+    _check_path(method, "lsqr")
     _check(kind, operator, gradient, target_flat, "lsqr")
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
@@ -689,6 +677,13 @@ def _check(
             "selection: the target mask selects no parameter; raise selection.ratio "
             "or check selection.include / exclude"
         )
+
+
+def _check_path(method: str, solver: str) -> None:
+    """Raise where ``damping: auto`` cannot run (``config.path_problems``)."""
+    problems = path_problems(method, solver)
+    if problems:
+        raise ParameterError("damping", problems[0])
 
 
 def _first_order_result() -> SolveResult:
