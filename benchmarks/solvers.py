@@ -159,7 +159,8 @@ class ReverseOverReverse(CurvatureOperator):
         super().__init__(hvp_mode="forward-over-reverse", **kwargs)
 
     def _batch_product(self, index: int, xb: Tensor, yb: Tensor, v: dict) -> dict:
-        return vjp(lambda p: self._grad_fn()(p, xb, yb), self._loss.params)[1](v)[0]
+        grad_fn = torch.func.grad(self._loss.loss_sum)
+        return vjp(lambda p: grad_fn(p, xb, yb), self._loss.params)[1](v)[0]
 
 
 def hvp_operator(mode: str, **kwargs) -> CurvatureOperator:

@@ -31,10 +31,10 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "imagefolder"
 TRIGGERS = ("checkerboard", "patch", "blend")
 SELECTION_METHODS = ("top-outputs", "top-gradients", "lowest-outputs", "lowest-gradients", "random")
 INFLUENCE_METHODS = ("gif", "fif", "pif", "if", "sif", "first-order")
-CURVATURES = ("hessian", "ggn")
+CURVATURE_NAMES = ("hessian", "ggn")
 GRADIENTS = ("retained", "removal")  # the right-hand side: see docs/design.md, "Notation"
 DAMPING_FORMS = ("shift", "tikhonov")  # how influence.damping enters: docs/design.md, "Damping"
-SOLVERS = ("lsqr", "cg", "neumann", "exact")
+SOLVER_NAMES = ("lsqr", "cg", "neumann", "exact")
 SCOPES = ("linear-conv", "all")
 
 
@@ -475,7 +475,7 @@ class InfluenceConfig:
         "than the Hessian's double backward: BENCHMARKS.md) "
         "| hessian (the paper's)",
     )
-    solver: str = _field("lsqr", " | ".join(SOLVERS))
+    solver: str = _field("lsqr", " | ".join(SOLVER_NAMES))
     hessian_samples: int | str = _field(
         "auto",
         "retained training samples in the Hessian sample; auto: sized by influence.budget",
@@ -591,8 +591,8 @@ class InfluenceConfig:
         out = range_problems(self, "influence.")
         for key, choices in (
             ("method", INFLUENCE_METHODS),
-            ("curvature", CURVATURES),
-            ("solver", SOLVERS),
+            ("curvature", CURVATURE_NAMES),
+            ("solver", SOLVER_NAMES),
             ("scope", SCOPES),
             ("gradient", GRADIENTS),
             ("damping_form", DAMPING_FORMS),

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from gifcli.config import DampingPath, InfluenceConfig, StepSearch, TrainConfig, UpdateConfig
 from gifcli.data import Split
 from gifcli.errors import GifError
-from gifcli.influence.hvp import CurvatureOperator
+from gifcli.influence.hvp import CURVATURES_BY_NAME, CurvatureOperator, curvature_kind
 from gifcli.records import BudgetRecord, CostRecord, RetrainRecord
 
 BUDGET_LADDER: tuple[tuple[int, int], ...] = (
@@ -54,13 +54,9 @@ BUDGET_LADDER: tuple[tuple[int, int], ...] = (
 that fits. Chosen from the cost-quality frontier (BENCHMARKS.md, "Cost against retraining"):
 beyond 5 iterations a larger Hessian sample buys more than more iterations; the top rung is
 the solve the tool used before the budget."""
-HVP_PASSES: dict[str, float] = {"hessian": 3.0, "ggn": 2.0}
+HVP_PASSES: dict[str, float] = {name: c.passes for name, c in CURVATURES_BY_NAME.items()}
 """Sample passes of one curvature product over one sample, for the budget, per
-``influence.curvature``: the Hessian's double backward and the Gauss-Newton product through
-the kept forward graph, rounded from what the reports' ``cost.hvp_passes`` measure on TinyNet
-(the Gauss-Newton factor near the measurement, the Hessian's at its low end; BENCHMARKS.md,
-"The budget's prediction against the count"). Constants, not the probe's timing, so that one
-config always plans the same solve."""
+``influence.curvature`` (each ``Curvature``'s ``passes``)."""
 FORWARD_PASSES = 0.2
 """Sample passes of one forward pass of one sample, for the budget (measured likewise)."""
 STEP_PASSES = 2.0
@@ -214,7 +210,7 @@ def cached_rates(
     if cache is None:
         return measure(), False
     key = _rates_key(model, sample, train=train, batch_size=batch_size, device=device)
-    key += f"|{curvature}" + (f" {hvp_mode}" if curvature == "hessian" else "")
+    key += f"|{curvature}" + (f" {hvp_mode}" if curvature_kind(curvature).takes_hvp_mode else "")
     entries = _read_cache(cache)
     try:
         return Rates(**entries[key]), True

@@ -53,7 +53,7 @@ from gifcli.influence.estimators import (
     removal_gradient,
     retained_gradient,
 )
-from gifcli.influence.hvp import CurvatureOperator, flatten_params, hvp_mode_for
+from gifcli.influence.hvp import CurvatureOperator, curvature_kind, flatten_params, hvp_mode_for
 from gifcli.influence.operators import removal_curvature
 from gifcli.influence.solvers import SolveResult, damping_grid
 from gifcli.metrics import oracle_gap
@@ -634,8 +634,9 @@ def _solve_products(
     """The curvature products of the solve run to ``iterations`` (default ``max_iter``), as the
     estimator makes them (``Estimator.products``); ``unknowns``: the model's trainable
     parameters, the most columns an ``exact`` solve builds."""
-    # a backdoor's H_U is the difference of two label sets' curvatures, zero under Gauss-Newton
-    backdoor = 0 if influence.curvature == "ggn" else 2
+    # a backdoor's H_U is the difference of two label sets' curvatures: zero for a curvature
+    # the labels do not enter
+    backdoor = 0 if curvature_kind(influence.curvature).label_free else 2
     return estimator(influence.method).products(
         influence.solver,
         int(influence.max_iter if iterations is None else iterations),

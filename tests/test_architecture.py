@@ -85,8 +85,12 @@ def test_only_the_task_package_names_tasks():
     assert not offenders
 
 
-STRATEGY_WORDS = {"gif", "fif", "pif", "if", "sif", "first-order", "shift", "tikhonov"}
-"""Names of an estimator and of a damping form."""
+STRATEGY_WORDS = {
+    *("gif", "fif", "pif", "if", "sif", "first-order"),
+    *("shift", "tikhonov"),
+    *("hessian", "ggn"),
+}
+"""Names of an estimator, of a damping form and of a curvature."""
 STRATEGY_KEYS = ("method", "damping", "scale", "step")
 """What a compared ``"auto"`` must not be: a damping mode or a step rule."""
 
@@ -100,9 +104,10 @@ def _strings(node: ast.AST) -> set[str]:
 
 
 def test_strategies_are_asked_as_objects_not_compared_as_strings():
-    """An estimator, a damping mode or a step rule is compared as a string only where the
-    config is parsed (``config.py``); everywhere else the code asks the estimator registry
-    (``influence.estimators.estimator``) or the typed settings (``Damping``, ``Step``)."""
+    """An estimator, a curvature, a damping mode or a step rule is compared as a string only
+    where the config is parsed (``config.py``); everywhere else the code asks the registries
+    (``influence.estimators.estimator``, ``influence.hvp.curvature_kind``) or the typed
+    settings (``Damping``, ``Step``)."""
     offenders = []
     for path in modules():
         if path == PACKAGE / "config.py":
@@ -118,3 +123,14 @@ def test_strategies_are_asked_as_objects_not_compared_as_strings():
             ):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {text}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_registries_hold_what_the_config_accepts():
+    from gifcli.config import CURVATURE_NAMES, INFLUENCE_METHODS, SOLVER_NAMES
+    from gifcli.influence.estimators import ESTIMATORS
+    from gifcli.influence.hvp import CURVATURES_BY_NAME
+    from gifcli.influence.solvers import SOLVERS
+
+    assert tuple(ESTIMATORS) == INFLUENCE_METHODS
+    assert tuple(CURVATURES_BY_NAME) == CURVATURE_NAMES
+    assert tuple(SOLVERS) == SOLVER_NAMES

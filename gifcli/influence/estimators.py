@@ -47,7 +47,6 @@ import torch
 from torch import Tensor, nn
 
 from gifcli.config import (
-    INFLUENCE_METHODS,
     Damping,
     DampingPath,
     FixedDamping,
@@ -75,8 +74,6 @@ from gifcli.influence.solvers import (
     relative_damping,
     solve,
 )
-
-METHODS = INFLUENCE_METHODS
 
 Progress = Callable[[int, float], None]
 _System = tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]
@@ -230,6 +227,7 @@ class FirstOrder(Estimator):
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e for e in (GIF(), FIF(), PIF(), IF(), SIF(), FirstOrder())
 }
+METHODS = tuple(ESTIMATORS)
 
 
 def estimator(method: str) -> Estimator:

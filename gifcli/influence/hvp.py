@@ -55,6 +55,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize
 
 from gifcli import distributed
-from gifcli.config import CURVATURES
 from gifcli.errors import GifError, ParameterError
 
 HVP_MODES = ("double-backward", "forward-over-reverse", "linearize")
@@ -342,6 +342,120 @@ def _activation_bytes(loss: _FunctionalLoss, xb: Tensor) -> int:
     return total
 
 
+class Curvature:
+    """One curvature's products over a batch of the loss at ``θ̂``, with the cache of batches
+    they keep within a memory budget, and the facts the budget and the estimators ask of it.
+    ``CURVATURES_BY_NAME`` holds one class per ``influence.curvature``; ``curvature_kind(name)``
+    looks one up."""
+
+    name: ClassVar[str]
+    passes: ClassVar[float]
+    """Sample passes of one product over one sample, for the budget (``cost.HVP_PASSES``):
+    rounded from what the reports' ``cost.hvp_passes`` measure (BENCHMARKS.md, "The budget's
+    prediction against the count"); constants, so that one config always plans one solve."""
+    label_free: ClassVar[bool] = False
+    """Its products do not depend on the labels (a relabelling's curvature difference is 0)."""
+    takes_hvp_mode: ClassVar[bool] = False
+    """Its products are made by the HVP path ``hvp_mode`` (module docstring)."""
+
+    def __init__(self, loss: _FunctionalLoss, *, hvp_mode: str, cache_bytes: int) -> None:
+        self.loss, self.hvp_mode, self.cache_bytes = loss, hvp_mode, int(cache_bytes)
+        self.cached: dict[int, object] = {}
+        self.cached_bytes = 0
+        self.cache_full = False
+
+    def product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
+        """``Σ_{i∈batch} C_i v`` of batch ``index`` as a parameter dict."""
+        raise NotImplementedError
+
+    def _admit(self, index: int, kept: object, nbytes: int) -> None:
+        """Cache ``kept`` for batch ``index`` while the budget has room; once a batch does not
+        fit, later ones are not tried (they are as large; the last may be smaller)."""
+        if not self.cache_full and self.cached_bytes + nbytes <= self.cache_bytes:
+            self.cached[index] = kept
+            self.cached_bytes += nbytes
+        else:
+            self.cache_full = True
+
+
+class Hessian(Curvature):
+    """``∇²R(θ̂)``, possibly indefinite, by double backward, ``linearize`` (cached per batch)
+    or forward-over-reverse (``hvp_mode``; module docstring). A product re-runs the forward
+    and backward passes of a batch and differentiates them again: 3 sample passes."""
+
+    name = "hessian"
+    passes = 3.0
+    takes_hvp_mode = True
+
+    def __init__(self, loss: _FunctionalLoss, *, hvp_mode: str, cache_bytes: int) -> None:
+        super().__init__(loss, hvp_mode=hvp_mode, cache_bytes=cache_bytes)
+        self._grad_fn = functools.cache(lambda: grad(loss.loss_sum))
+        self._linearize_failed = False  # an operation linearize cannot trace: stop trying
+
+    def product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
+        if self.hvp_mode == "double-backward":
+            return _double_backward(self.loss, xb, yb, v)
+        if self.hvp_mode == "linearize":
+            product = self._linearized_product(index, xb, yb, v)
+            if product is not None:
+                return product
+        return _forward_over_reverse(self._grad_fn(), self.loss.params, xb, yb, v)
+
+    def _linearized_product(
+        self, index: int, xb: Tensor, yb: Tensor, v: ParamDict
+    ) -> ParamDict | None:
+        """The product through this batch's linearisation, traced now while the cache has
+        room; ``None`` when the batch is not cached (the caller then uses forward-over-reverse).
+        """
+        if index in self.cached:
+            return self.cached[index](v)
+        if self.cache_full or self._linearize_failed:
+            return None
+        try:
+            with warnings.catch_warnings():
+                # linearize's tracing and constant folding (run at the first call) warn about
+                # internals they handle themselves.
+                warnings.simplefilter("ignore")
+                _, tangent_fn = linearize(lambda p: self._grad_fn()(p, xb, yb), self.loss.params)
+                product = tangent_fn(v)
+        except Exception:  # an op without a traceable forward-mode rule
+            self._linearize_failed = True
+            return None
+        self._admit(index, tangent_fn, _kept_bytes(tangent_fn, self.loss, xb))
+        return product
+
+
+class GaussNewton(Curvature):
+    """The Gauss-Newton matrix ``(1/N) Σ_i J_iᵀ H_out,i J_i``, positive semi-definite: a
+    ``jvp`` and a backward pass through each batch's forward graph at ``θ̂``, kept within the
+    cache budget (``_GaussNewtonBatch``): one forward pass fewer than the Hessian's, 2 sample
+    passes. The labels do not enter."""
+
+    name = "ggn"
+    passes = 2.0
+    label_free = True
+
+    def product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
+        batch = self.cached.get(index)
+        if batch is None:  # built now; cached while the budget has room
+            batch = _GaussNewtonBatch(self.loss, xb)
+            self._admit(index, batch, batch.kept_bytes)
+        return batch.product(v)
+
+
+CURVATURES_BY_NAME: dict[str, type[Curvature]] = {c.name: c for c in (Hessian, GaussNewton)}
+
+
+def curvature_kind(name: str) -> type[Curvature]:
+    """The ``Curvature`` class named ``name`` (``influence.curvature``)."""
+    try:
+        return CURVATURES_BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ParameterError(
+            "curvature", f"unknown {name!r}; use one of {tuple(CURVATURES_BY_NAME)}"
+        ) from None
+
+
 class CurvatureOperator:
     """Matrix-free ``H v`` for the retained risk over a Hessian sample.
 
@@ -384,26 +498,20 @@ class CurvatureOperator:
         hvp_mode: str = DEFAULT_HVP_MODE,
         cache_bytes: int = LINEARIZE_CACHE_BYTES,
     ) -> None:
-        if curvature not in CURVATURES:
-            raise ParameterError("curvature", f"unknown {curvature!r}; use one of {CURVATURES}")
+        kind = curvature_kind(curvature)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode: unknown {hvp_mode!r}; use one of {HVP_MODES}")
         _check_sample(x, y, batch_size, "Hessian sample")
-        if curvature == "ggn" or hvp_mode != "double-backward":
+        if not kind.takes_hvp_mode or hvp_mode != "double-backward":
             _load_forward_ad()
         self._loss = _FunctionalLoss(model, loss_scale)
         self._loss.params = {name: p.clone() for name, p in self._loss.params.items()}
-        self._grad_fn = functools.cache(lambda: grad(self._loss.loss_sum))
+        self._products = kind(self._loss, hvp_mode=hvp_mode, cache_bytes=cache_bytes)
         self.x, self.y, self.batch_size = x, y, int(batch_size)
-        self.curvature, self.hvp_mode, self.cache_bytes = curvature, hvp_mode, int(cache_bytes)
+        self.curvature, self.hvp_mode = curvature, hvp_mode
         self.dim = sum(p.numel() for p in self._loss.params.values())
         self.dtype, self.device = self._loss.dtype, self._loss.device
         self.hvp_count = 0
-        self._linearize_failed = False  # an operation linearize cannot trace: stop trying
-        self._linearized: dict[int, Callable[[ParamDict], ParamDict]] = {}
-        self._gauss_newton: dict[int, _GaussNewtonBatch] = {}
-        self._cached_bytes = 0
-        self._cache_full = False
 
     @property
     def sample_size(self) -> int:
@@ -411,9 +519,14 @@ class CurvatureOperator:
 
     @property
     def cached_batches(self) -> int:
-        """Batches whose linearisation (``"linearize"`` mode) or Gauss-Newton graph
-        (``"ggn"``) is cached."""
-        return len(self._linearized) + len(self._gauss_newton)
+        """Batches whose linearisation (Hessian, ``"linearize"`` mode) or Gauss-Newton graph
+        is cached."""
+        return len(self._products.cached)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes kept by the cached linearisations or Gauss-Newton graphs."""
+        return self._products.cached_bytes
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat ``v`` of shape ``[dim]``; returns ``[dim]``."""
@@ -430,58 +543,4 @@ class CurvatureOperator:
 
     def _batch_product(self, index: int, xb: Tensor, yb: Tensor, v: ParamDict) -> ParamDict:
         """``Σ_{i∈batch} ∇²ℓ_i v`` (or its Gauss-Newton part) as a parameter dict."""
-        if self.curvature == "ggn":
-            return self._gauss_newton_batch(index, xb).product(v)
-        if self.hvp_mode == "double-backward":
-            return _double_backward(self._loss, xb, yb, v)
-        if self.hvp_mode == "linearize":
-            product = self._linearized_product(index, xb, yb, v)
-            if product is not None:
-                return product
-        return _forward_over_reverse(self._grad_fn(), self._loss.params, xb, yb, v)
-
-    def _gauss_newton_batch(self, index: int, xb: Tensor) -> _GaussNewtonBatch:
-        """The batch's Gauss-Newton graph: cached while the budget has room, else built for
-        this product alone (memory then stops growing with the sample size)."""
-        if index in self._gauss_newton:
-            return self._gauss_newton[index]
-        batch = _GaussNewtonBatch(self._loss, xb)
-        if not self._cache_full and self._cached_bytes + batch.kept_bytes <= self.cache_bytes:
-            self._gauss_newton[index] = batch
-            self._cached_bytes += batch.kept_bytes
-        else:
-            self._cache_full = True
-        return batch
-
-    @property
-    def cached_bytes(self) -> int:
-        """Bytes kept by the cached linearisations or Gauss-Newton graphs."""
-        return self._cached_bytes
-
-    def _linearized_product(
-        self, index: int, xb: Tensor, yb: Tensor, v: ParamDict
-    ) -> ParamDict | None:
-        """The product through this batch's linearisation, traced now while the cache has
-        room; ``None`` when the batch is not cached (the caller then uses forward-over-reverse).
-        """
-        if index in self._linearized:
-            return self._linearized[index](v)
-        if self._cache_full or self._linearize_failed:
-            return None
-        try:
-            with warnings.catch_warnings():
-                # linearize's tracing and constant folding (run at the first call) warn about
-                # internals they handle themselves.
-                warnings.simplefilter("ignore")
-                _, tangent_fn = linearize(lambda p: self._grad_fn()(p, xb, yb), self._loss.params)
-                product = tangent_fn(v)
-        except Exception:  # an op without a traceable forward-mode rule
-            self._linearize_failed = True
-            return None
-        kept = _kept_bytes(tangent_fn, self._loss, xb)
-        if self._cached_bytes + kept > self.cache_bytes:
-            self._cache_full = True  # later batches are as large (the last may be smaller)
-        else:
-            self._linearized[index] = tangent_fn
-            self._cached_bytes += kept
-        return product
+        return self._products.product(index, xb, yb, v)

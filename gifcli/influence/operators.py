@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from gifcli.influence.hvp import curvature_kind
+
 
 class LinearOperator(Protocol):
     """What the estimators need from a curvature operator (``CurvatureOperator`` has it)."""
@@ -126,14 +128,14 @@ def removal_curvature(
 
     Class removal: ``curvature_of(x, y)``. Backdoor relabelling (``true_labels`` given): the
     points are removed with their poisoned labels ``y`` and re-added with their true labels,
-    so it is the difference of the two operators on the same inputs. With
-    ``curvature="ggn"`` that difference is exactly zero: the Gauss-Newton matrix ``Jᵀ H_out J``
-    of the cross-entropy does not depend on the labels (``H_out = diag(p) − p pᵀ`` is the
-    softmax's), so it is ``Zero`` and costs nothing.
+    so it is the difference of the two operators on the same inputs. For a curvature the
+    labels do not enter (``Curvature.label_free``: the Gauss-Newton matrix ``Jᵀ H_out J`` of the
+    cross-entropy, ``H_out = diag(p) − p pᵀ`` the softmax's) that difference is exactly zero,
+    so it is ``Zero`` and costs nothing.
     """
     removed = curvature_of(x, y)
     if true_labels is None:
         return removed
-    if curvature == "ggn":
+    if curvature_kind(curvature).label_free:
         return Zero(dim=removed.dim, dtype=removed.dtype, device=removed.device)
     return Combination([(1.0, removed), (-1.0, curvature_of(x, true_labels))])
