@@ -38,9 +38,9 @@ from gifcli.inputs import check_input, open_input
 MAX_INDEX_FILE_BYTES = 256 << 20  # 25 million indices as text
 
 
-def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
-    """Sorted int64 positions ``(removal, retained)`` in ``train`` of the samples whose label is
-    one of ``classes``, and of all others."""
+def class_removal_mask(train: Split, classes: Iterable[int]) -> Tensor:
+    """A boolean mask over ``train``, True on the samples whose label is one of ``classes``;
+    refused when a class has no sample there."""
     classes = [int(k) for k in classes]
     for k in classes:
         if not bool((train.y == k).any()):
@@ -48,7 +48,13 @@ def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor,
                 f"removal.classes: class {k} has no samples in the training split; "
                 f"list classes the data set has"
             )
-    forget = torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype, device=train.y.device))
+    return torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype, device=train.y.device))
+
+
+def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
+    """Sorted int64 positions ``(removal, retained)`` in ``train`` of the samples whose label is
+    one of ``classes`` (``class_removal_mask``), and of all others."""
+    forget = class_removal_mask(train, classes)
     return torch.nonzero(forget).flatten(), torch.nonzero(~forget).flatten()
 
 
