@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gifcli.data.npy import read_npy_header
 from gifcli.data.splits import Split
 from gifcli.errors import GifError
 from gifcli.inputs import check_input, open_input
@@ -232,14 +233,7 @@ def _read_npy(handle: BinaryIO, entries: _Entries) -> None:
     the file before anything is read, then the rows are checked a chunk at a time."""
     path = entries.path
     try:
-        version = np.lib.format.read_magic(handle)
-        readers = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        if version not in readers:
-            raise ValueError(f"format version {version} is not read")
-        shape, fortran_order, dtype = readers[version](handle)
+        shape, fortran_order, dtype = read_npy_header(handle)
     except ValueError as exc:
         raise GifError(
             f"{path}: cannot read the .npy file ({exc}); save it with numpy.save"
