@@ -75,7 +75,12 @@ class Scoring:
 
 
 class Task(ABC):
-    """One unlearning job. Subclasses set ``name`` (the command) and ``metric_keys``."""
+    """One unlearning job. Subclasses set ``name`` (the command) and ``metric_keys``, and say
+    which training samples are removed (``removed_mask``), how an edit is scored on the
+    validation split (``validation_objective``) and what is measured (``metrics``). A task
+    whose removal set is not simply its removed samples, whose objective must skip validation
+    samples, or whose oracle trains on more than the rest overrides ``removal_points``,
+    ``validation_split`` or ``retrain_split``."""
 
     name: ClassVar[str]
     metric_keys: ClassVar[tuple[str, ...]]
