@@ -4,6 +4,7 @@ sets."""
 from gifcli.data.datasets import DataSplits, load_dataset, stratified_split
 from gifcli.data.removal import (
     class_removal_indices,
+    class_removal_mask,
     read_poison_indices,
     read_removal_indices,
     seeded_subset,
@@ -20,6 +21,7 @@ __all__ = [
     "TensorSplit",
     "apply_trigger",
     "class_removal_indices",
+    "class_removal_mask",
     "load_dataset",
     "poison_split",
     "read_poison_indices",

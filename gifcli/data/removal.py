@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gifcli.data.npy import read_npy_header
 from gifcli.data.splits import Split
 from gifcli.errors import GifError
 from gifcli.inputs import check_input, open_input
@@ -38,9 +39,9 @@ from gifcli.inputs import check_input, open_input
 MAX_INDEX_FILE_BYTES = 256 << 20  # 25 million indices as text
 
 
-def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
-    """Sorted int64 positions ``(removal, retained)`` in ``train`` of the samples whose label is
-    one of ``classes``, and of all others."""
+def class_removal_mask(train: Split, classes: Iterable[int]) -> Tensor:
+    """A boolean mask over ``train``, True on the samples whose label is one of ``classes``;
+    refused when a class has no sample there."""
     classes = [int(k) for k in classes]
     for k in classes:
         if not bool((train.y == k).any()):
@@ -48,7 +49,13 @@ def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor,
                 f"removal.classes: class {k} has no samples in the training split; "
                 f"list classes the data set has"
             )
-    forget = torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype, device=train.y.device))
+    return torch.isin(train.y, torch.tensor(classes, dtype=train.y.dtype, device=train.y.device))
+
+
+def class_removal_indices(train: Split, classes: Iterable[int]) -> tuple[Tensor, Tensor]:
+    """Sorted int64 positions ``(removal, retained)`` in ``train`` of the samples whose label is
+    one of ``classes`` (``class_removal_mask``), and of all others."""
+    forget = class_removal_mask(train, classes)
     return torch.nonzero(forget).flatten(), torch.nonzero(~forget).flatten()
 
 
@@ -226,14 +233,7 @@ def _read_npy(handle: BinaryIO, entries: _Entries) -> None:
     the file before anything is read, then the rows are checked a chunk at a time."""
     path = entries.path
     try:
-        version = np.lib.format.read_magic(handle)
-        readers = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        if version not in readers:
-            raise ValueError(f"format version {version} is not read")
-        shape, fortran_order, dtype = readers[version](handle)
+        shape, fortran_order, dtype = read_npy_header(handle)
     except ValueError as exc:
         raise GifError(
             f"{path}: cannot read the .npy file ({exc}); save it with numpy.save"

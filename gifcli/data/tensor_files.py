@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gifcli.config import MAX_CLASSES
+from gifcli.data.npy import read_npy_header
 from gifcli.data.stores import ArrayStore
 from gifcli.errors import GifError
 from gifcli.inputs import check_input
@@ -223,14 +224,10 @@ def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tup
     """The shape and dtype a member's .npy header declares, read without its data; refused
     when they do not fill the member's size exactly (a few bytes cannot declare gigabytes)."""
     with archive.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        readers = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        if version not in readers:
-            raise ValueError(f"{info.filename}: .npy format version {version} is not read")
-        shape, _, dtype = readers[version](member)
+        try:
+            shape, _, dtype = read_npy_header(member)
+        except ValueError as exc:
+            raise ValueError(f"{info.filename}: {exc}") from None
         header = member.tell()
     declared = math.prod(shape) * dtype.itemsize
     if not dtype.hasobject and header + declared != info.file_size:

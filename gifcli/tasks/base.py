@@ -53,8 +53,34 @@ def searched(split: Split, samples: int | None, seed: int) -> Split:
     return split.subset(seeded_subset(len(split), samples, seed=seed))
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a task's validation objective is built from (``Task.validation_objective``)."""
+
+    data: DataSplits
+    removed: torch.Tensor
+    """``removed_mask(data)``: the removal set's training samples."""
+    val: Split
+    """The searched sample of the task's ``validation_split``."""
+    model: nn.Module
+    """The model before the edit (an objective may be measured against it)."""
+    device: torch.device
+    search_samples: int | None
+    seed: int
+    """How ``val``, and any other split the objective scores, is sampled (``searched``)."""
+
+    def searched(self, split: Split) -> Split:
+        """The sample of ``split`` the objective scores, drawn as ``val`` was."""
+        return searched(split, self.search_samples, self.seed)
+
+
 class Task(ABC):
-    """One unlearning job. Subclasses set ``name`` (the command) and ``metric_keys``."""
+    """One unlearning job. Subclasses set ``name`` (the command) and ``metric_keys``, and say
+    which training samples are removed (``removed_mask``), how an edit is scored on the
+    validation split (``validation_objective``) and what is measured (``metrics``). A task
+    whose removal set is not simply its removed samples, whose objective must skip validation
+    samples, or whose oracle trains on more than the rest overrides ``removal_points``,
+    ``validation_split`` or ``retrain_split``."""
 
     name: ClassVar[str]
     metric_keys: ClassVar[tuple[str, ...]]
@@ -96,7 +122,6 @@ class Task(ABC):
     def description(self) -> str:
         """What is removed, in a few words (``classes [3]``)."""
 
-    @abstractmethod
     def removal_set(
         self,
         data: DataSplits,
@@ -108,7 +133,43 @@ class Task(ABC):
     ) -> RemovalSet:
         """The removal set and the validation objective on ``data``; ``model`` is the model
         as it is before the edit (an objective may be measured against it). The objective
-        scores at most ``search_samples`` samples of each split it reads (``searched``)."""
+        scores at most ``search_samples`` samples of each split it reads (``searched``).
+
+        Every task's is assembled alike: the points ``removal_points`` gives, every training
+        sample ``removed_mask`` leaves as the retained set, and ``validation_objective`` on a
+        searched sample of the task's ``validation_split``."""
+        removed = self.removed_mask(data)
+        x, y, true_y = self.removal_points(data, removed)
+        val = searched(self.validation_split(data), search_samples, seed)
+        scoring = Scoring(data, removed, val, model, device, search_samples, seed)
+        return RemovalSet(
+            x=x,
+            y=y,
+            true_y=true_y,
+            n_train=len(data.train),
+            retained=data.train.subset(~removed),
+            objective=self.validation_objective(scoring),
+            description=self.description,
+        )
+
+    def removal_points(
+        self, data: DataSplits, removed: torch.Tensor
+    ) -> tuple[torch.Tensor | LazyInputs, torch.Tensor, torch.Tensor | None]:
+        """``x``, ``y`` and ``true_y`` of the removal set (``RemovalSet``), given ``removed``
+        (``removed_mask(data)``): by default the removed training samples with the labels they
+        were trained on, re-added with none."""
+        forget = data.train.subset(removed)
+        return forget.inputs, forget.y, None
+
+    def validation_split(self, data: DataSplits) -> Split:
+        """The validation samples the objective may score (before ``searched`` samples them):
+        all of ``data.val``, unless the task must leave some out."""
+        return data.val
+
+    @abstractmethod
+    def validation_objective(self, scoring: Scoring) -> Objective:
+        """The step search's validation objective: an edited model's score (higher is
+        better) and its parts for the sweep."""
 
     @abstractmethod
     def metrics(
@@ -117,9 +178,10 @@ class Task(ABC):
         """The task's metrics of ``model`` in percent (``metric_keys`` and
         ``per_class_acc_test``); ``seed`` draws the membership-inference sample."""
 
-    @abstractmethod
     def retrain_split(self, data: DataSplits) -> Split:
-        """The training data of the retrain oracle."""
+        """The training data of the retrain oracle: by default every training sample but the
+        removal set's (refused where ``removed_mask`` refuses ``data``)."""
+        return data.train.subset(~self.removed_mask(data))
 
     @abstractmethod
     def removed_mask(self, data: DataSplits) -> torch.Tensor:

@@ -24,10 +24,11 @@ from gifcli.data import (
 )
 from gifcli.errors import GifError
 from gifcli.metrics import backdoor_metrics, harmonic_mean, percent, predict
-from gifcli.tasks.base import RemovalSet, Task, searched
+from gifcli.tasks.base import Objective, Scoring, Task
 
 if TYPE_CHECKING:
     from gifcli.config import Config
+    from gifcli.data.splits import LazyInputs
 
 
 @dataclass
@@ -129,36 +130,32 @@ class RecoverBackdoor(Task):
         labelled with their true class (ASR and robust accuracy are measured on these)."""
         return split.subset(split.y != self.target).with_trigger(lambda x: self.triggered(data, x))
 
-    def clean_mask(self, n_train: int) -> torch.Tensor:
-        clean = torch.ones(n_train, dtype=torch.bool)
-        clean[self.poisoned] = False
-        return clean
-
-    def removal_set(
-        self,
-        data: DataSplits,
-        *,
-        device: torch.device,
-        model: nn.Module,
-        search_samples: int | None = None,
-        seed: int = 0,
-    ) -> RemovalSet:
-        train = data.train
+    def validation_split(self, data: DataSplits) -> Split:
+        """``data.val`` without the poisoned samples a user's split put there."""
         keep = torch.ones(len(data.val), dtype=torch.bool)
         keep[self.val_poisoned] = False
-        val = searched(data.val.subset(torch.nonzero(keep).squeeze(1)), search_samples, seed)
-        clean = self.clean_mask(len(train))
+        return data.val.subset(torch.nonzero(keep).squeeze(1))
+
+    def removal_points(
+        self, data: DataSplits, removed: torch.Tensor
+    ) -> tuple[torch.Tensor | LazyInputs, torch.Tensor, torch.Tensor]:
+        """The poisoned samples with their poisoned labels, re-added with their true labels;
+        with ``synthetic_samples``, that many clean training samples of another class than
+        the target (drawn with ``seed``) given the trigger and the target label instead."""
+        train = data.train
         if self.synthetic_samples is None:
             poisoned = train.subset(self.poisoned)
-            x, y, true_y = poisoned.inputs, poisoned.y, self.true_labels
-        else:
-            candidates = torch.nonzero(clean & (train.y != self.target)).squeeze(1)
-            generator = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(len(candidates), generator=generator)
-            chosen = candidates[order[: self.synthetic_samples]]
-            x = self.triggered(data, train.take(chosen))
-            y, true_y = torch.full((len(chosen),), self.target), train.y[chosen]
-        triggered_val = self.triggered_inputs(data, val)
+            return poisoned.inputs, poisoned.y, self.true_labels
+        candidates = torch.nonzero(~removed & (train.y != self.target)).squeeze(1)
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(candidates), generator=generator)
+        chosen = candidates[order[: self.synthetic_samples]]
+        x = self.triggered(data, train.take(chosen))
+        return x, torch.full((len(chosen),), self.target), train.y[chosen]
+
+    def validation_objective(self, scoring: Scoring) -> Objective:
+        val, device = scoring.val, scoring.device
+        triggered_val = self.triggered_inputs(scoring.data, val)
 
         def objective(model: nn.Module) -> tuple[float, dict]:
             clean_pred, _ = predict(model, val, device=device)
@@ -171,15 +168,7 @@ class RecoverBackdoor(Task):
                 "asr_val": percent(triggered_pred == self.target),
             }
 
-        return RemovalSet(
-            x=x,
-            y=y,
-            true_y=true_y,
-            n_train=len(train),
-            retained=train.subset(torch.nonzero(clean).squeeze(1)),
-            objective=objective,
-            description=self.description,
-        )
+        return objective
 
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
@@ -200,7 +189,9 @@ class RecoverBackdoor(Task):
 
     def removed_mask(self, data: DataSplits) -> torch.Tensor:
         """The known poisoned samples (none when only the trigger is known)."""
-        return ~self.clean_mask(len(data.train))
+        removed = torch.zeros(len(data.train), dtype=torch.bool)
+        removed[self.poisoned] = True
+        return removed
 
     def retrain_split(self, data: DataSplits) -> Split:
         y = data.train.y.clone()

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from gifcli.data import DataSplits, Split, class_removal_indices
+from gifcli.data import DataSplits, class_removal_mask
 from gifcli.metrics import forget_retain, harmonic_mean, predict, remove_class_metrics
-from gifcli.tasks.base import RemovalSet, Task, searched
+from gifcli.tasks.base import Objective, Scoring, Task
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -59,18 +59,8 @@ class RemoveClass(Task):
     def description(self) -> str:
         return f"classes {self.classes}"
 
-    def removal_set(
-        self,
-        data: DataSplits,
-        *,
-        device: torch.device,
-        model: nn.Module,
-        search_samples: int | None = None,
-        seed: int = 0,
-    ) -> RemovalSet:
-        train, val = data.train, searched(data.val, search_samples, seed)
-        removed, retained = class_removal_indices(train, self.classes)
-        forget = train.subset(removed)
+    def validation_objective(self, scoring: Scoring) -> Objective:
+        val, device = scoring.val, scoring.device
 
         def objective(model: nn.Module) -> tuple[float, dict]:
             predicted, _ = predict(model, val, device=device)
@@ -80,15 +70,7 @@ class RemoveClass(Task):
                 "retain_acc_val": retain,
             }
 
-        return RemovalSet(
-            x=forget.inputs,
-            y=forget.y,
-            true_y=None,
-            n_train=len(train),
-            retained=train.subset(retained),
-            objective=objective,
-            description=self.description,
-        )
+        return objective
 
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
@@ -104,9 +86,6 @@ class RemoveClass(Task):
             seed=seed,
         )
 
-    def retrain_split(self, data: DataSplits) -> Split:
-        _, retained = class_removal_indices(data.train, self.classes)
-        return data.train.subset(retained)
-
     def removed_mask(self, data: DataSplits) -> torch.Tensor:
-        return torch.isin(data.train.y, torch.tensor(self.classes))
+        """The training samples of ``classes``; refused when a class has none."""
+        return class_removal_mask(data.train, self.classes)

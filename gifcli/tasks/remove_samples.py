@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gifcli.config import SAMPLE_OBJECTIVES
-from gifcli.data import DataSplits, Split, read_removal_indices, to_split_positions
+from gifcli.data import DataSplits, read_removal_indices, to_split_positions
 from gifcli.errors import GifError
 from gifcli.metrics import (
     ks_critical,
@@ -27,7 +27,7 @@ from gifcli.metrics import (
     predict_loss,
     remove_samples_metrics,
 )
-from gifcli.tasks.base import RemovalSet, Task, searched
+from gifcli.tasks.base import Objective, Scoring, Task
 
 if TYPE_CHECKING:
     from gifcli.config import Config
@@ -171,22 +171,11 @@ class RemoveSamples(Task):
         )
         return 100 - (accuracy_gap + confidence_gap) / 2, {"confidence_gap_val": confidence_gap}
 
-    def removal_set(
-        self,
-        data: DataSplits,
-        *,
-        device: torch.device,
-        model: nn.Module,
-        search_samples: int | None = None,
-        seed: int = 0,
-    ) -> RemovalSet:
-        train = data.train
-        removed = self.removed_mask(data)
-        forget = train.subset(removed)
-        scored = searched(forget, search_samples, seed)
-        # empty only with a given step, which needs no objective
-        val = searched(data.val, search_samples, seed)
-        predicted, _ = predict_loss(model, val, device=device)
+    def validation_objective(self, scoring: Scoring) -> Objective:
+        val, device = scoring.val, scoring.device
+        scored = scoring.searched(scoring.data.train.subset(scoring.removed))
+        # val is empty only with a given step, which needs no objective
+        predicted, _ = predict_loss(scoring.model, val, device=device)
         floor = percent(predicted == val.y) - self.tolerance
 
         def objective(edited: nn.Module) -> tuple[float, dict]:
@@ -206,15 +195,7 @@ class RemoveSamples(Task):
                 "forget_acc_train": forget_acc,
             }
 
-        return RemovalSet(
-            x=forget.inputs,
-            y=forget.y,
-            true_y=None,
-            n_train=len(train),
-            retained=train.subset(~removed),
-            objective=objective,
-            description=self.description,
-        )
+        return objective
 
     def metrics(
         self, model: nn.Module, data: DataSplits, *, device: torch.device, seed: int
@@ -229,9 +210,6 @@ class RemoveSamples(Task):
             device=device,
             seed=seed,
         )
-
-    def retrain_split(self, data: DataSplits) -> Split:
-        return data.train.subset(~self.removed_mask(data))
 
 
 def _read_listed(path: str, data: DataSplits) -> torch.Tensor:
