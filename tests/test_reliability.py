@@ -435,7 +435,14 @@ def _(tmp, base):
     return evaluate(base, "seed")
 
 
-@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+SLOW_CASES = {"a list of 300,000 classes is echoed cut short"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow if n in SLOW_CASES else ()) for n in CASES],
+    ids=list(CASES),
+)
 def test_a_hostile_input_is_one_clear_message_and_writes_nothing(tmp_path, base, name):
     make, code, message = CASES[name]
     shutil.copy(base, tmp_path / "base.safetensors")
@@ -589,15 +596,12 @@ KILLS = [
     (signal.SIGKILL, "moved-old", "missing"),
     (signal.SIGKILL, "swapped", "new"),
 ]
-QUICK_KILLS = {(signal.SIGINT, "staged"), (signal.SIGKILL, "moved-old")}
 
 
+@pytest.mark.slow  # a process started and stopped per case
 @pytest.mark.parametrize(
     ("signum", "stage", "left"),
-    [
-        pytest.param(*kill, marks=() if kill[:2] in QUICK_KILLS else pytest.mark.slow)
-        for kill in KILLS
-    ],
+    KILLS,
     ids=[f"{signal.Signals(k[0]).name}-{k[1]}" for k in KILLS],
 )
 def test_an_interrupted_or_killed_edit_leaves_the_old_or_the_new_set(
@@ -929,9 +933,10 @@ def test_the_current_folder_as_output_dir_is_resolved(tmp_path, base):
 @pytest.mark.parametrize(
     ("config", "reason"),
     [
-        (
+        pytest.param(
             "removal: {classes: [" + "3, " * 600_000 + "3]}",
             "1,800,023 characters, more than the 1,048,576",
+            marks=pytest.mark.slow,
         ),
         ("removal: {classes: [3", "malformed YAML: did not find expected ',' or ']'"),
     ],

@@ -132,10 +132,23 @@ def cnn_operators(cnn):
     return _operators(cnn)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("damping", [0.0, 0.05])
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def _cnn_sif_is_slow(name, method, damping, objective):
+    """The cnn's ``sif`` builds two dense systems column by column: one case runs in the quick
+    loop, the others with the slow tests."""
+    slow = (name, method) == ("cnn", "sif") and (damping, objective) != (0.05, "trained")
+    return pytest.param(name, method, damping, objective, marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "damping", "objective"),
+    [
+        _cnn_sif_is_slow(name, method, damping, objective)
+        for name in ("mlp", "cnn")
+        for method in METHODS
+        for damping in (0.0, 0.05)
+        for objective in OBJECTIVES
+    ],
+)
 def test_exact_solver_matches_dense_reference(name, method, damping, objective, request, reference):
     problem = request.getfixturevalue(name)
     target = _target(len(problem.theta))
@@ -557,7 +570,10 @@ def test_path_updates_equal_separate_lsqr_solves_at_every_damping(
             assert not path.update(i)[~target].any()
 
 
-@pytest.mark.parametrize(("name", "method"), [("mlp", m) for m in PATH_METHODS] + [("cnn", "gif")])
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("mlp", m) for m in PATH_METHODS] + [pytest.param("cnn", "gif", marks=pytest.mark.slow)],
+)
 def test_path_over_the_whole_krylov_space_matches_the_dense_reference(
     name, method, request, reference
 ):
