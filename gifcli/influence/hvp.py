@@ -16,38 +16,31 @@ rank streams only its shard of the sample and ``reduce_sum`` is an all-reduce
 (``gifcli.distributed``). Memory is per process: one batch's forward and backward passes plus,
 on the default path, the linearisation cache below (its budget counts per rank).
 
-HVP path. Four compositions give ``H v`` for one batch:
+HVP path. Three compositions give ``H v`` for one batch:
 
 - double backward (``torch.autograd.grad`` twice, the paper's HVP): the gradient's graph is
   built and differentiated per product; nothing kept between products, and no ``torch.func``
-  transform, whose first use imports torch's compiler (about 1.5 s of every process);
-
-- ``linearize(grad(L), θ)`` (the default): traced once per batch at the first product, then
-  each product replays only the tangent part — the forward and backward passes at ``θ̂`` are
-  constants of the trace, computed once. The trace keeps those intermediates alive (about
-  20 MB per 256 digits, 128 MB per 256 MNIST images for TinyNet), so the cache has a memory
-  budget (``cache_bytes``, default 1 GiB); batches beyond it use forward-over-reverse, and
-  memory stops growing with the sample size there;
+  transform, whose first use imports torch's compiler (a fixed cost of every process);
+- ``linearize(grad(L), θ)``: traced once per batch at the first product, then each product
+  replays only the tangent part — the forward and backward passes at ``θ̂`` are constants of
+  the trace, computed once. The trace keeps those intermediates alive, so the cache has a
+  memory budget (``cache_bytes``, default 1 GiB); batches beyond it use forward-over-reverse,
+  and memory stops growing with the sample size there;
 - forward-over-reverse ``jvp(grad(L), θ, v)``: one forward pass carrying dual numbers and one
   backward pass per product, nothing kept between products: memory flat in the sample size.
 
-Measured by ``benchmarks/solvers.py`` (TinyNet on digits, batches of 256, CPU, one thread;
-tables in ``BENCHMARKS.md``, section "Solvers"): a replayed linearised product is
-1.6-2x faster than the paper's double-backward HVP (``torch.autograd.grad`` twice), forward-
-over-reverse (and reverse-over-reverse ``vjp(grad(L), θ)(v)``, which the benchmark times
-beside them) at 0.8-1.0x of it. Tracing costs about 0.3 s per batch, the
-saving of some 20 products, so a 20-iteration LSQR solve (43 products) comes out about even
-with forward-over-reverse and longer solves (more iterations, ``neumann``, ``exact``, the two
-solves of ``sif``) gain up to the per-product factor. ``hvp_mode_for(products)`` therefore
+A replayed linearised product is cheaper than a double-backward one, but tracing a batch costs
+some products' worth, so it pays only in long solves. ``hvp_mode_for(products)`` therefore
 picks double backward below ``LINEARIZE_MIN_PRODUCTS`` products (the budgeted solves: no
 trace, and no compiler import) and ``linearize`` from there; forward-over-reverse is
-linearize's fallback (cache full, or an operation linearize cannot trace).
+linearize's fallback (cache full, or an operation linearize cannot trace). The per-product
+and tracing costs, and where the threshold comes from, are measured by
+``benchmarks/solvers.py`` (BENCHMARKS.md, "Solvers").
 
-Gauss-Newton path (``curvature="ggn"``): ``Jᵀ H_out J v`` is a ``jvp`` of the logits and a
-backward pass through the batch's forward graph at ``θ̂``, which is built once and kept within
-the same memory budget: one forward pass fewer per product, and about half the cost of the
-Hessian's double backward on 32×32 images (level on 8×8 digits, where per-call overhead
-dominates; BENCHMARKS.md, "Cost against retraining").
+Gauss-Newton (``curvature="ggn"``, class ``GaussNewton``): ``Jᵀ H_out J v`` is a ``jvp`` of
+the logits and a backward pass through the batch's forward graph at ``θ̂``, which is built
+once and kept within the same memory budget: one forward pass fewer per product than the
+Hessian's double backward (what that saves: BENCHMARKS.md, "Cost against retraining").
 """
 
 from __future__ import annotations
@@ -72,8 +65,8 @@ LINEARIZE_MIN_PRODUCTS = 40
 LINEARIZE_CACHE_BYTES = 1 << 30
 """Default memory budget of the linearisation cache (1 GiB)."""
 KEPT_PER_ACTIVATION_BYTE = 10
-"""Fallback size of a linearised batch per byte of its leaf activations (measured 8-9 on
-TinyNet: the traced graph also keeps the backward pass's intermediates)."""
+"""Fallback size of a linearised batch per byte of its leaf activations, on the high side of
+what the exact count finds (the traced graph also keeps the backward pass's intermediates)."""
 
 ParamDict = dict[str, Tensor]
 
