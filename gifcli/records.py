@@ -62,29 +62,36 @@ class ParamsRecord:
     fraction: float
 
 
-@dataclass
-class SolverRecord:
-    """The curvature solve (``name`` is ``none`` for first-order): its settings and diagnostics."""
+@dataclass(kw_only=True)
+class SolveDiagnostics:
+    """What a curvature solve did and how well it did it: the solvers' record
+    (``influence.solvers.SolveResult``) and the report's (``SolverRecord``) alike."""
 
-    name: str
-    curvature: str
-    damping: float
-    """The absolute λ the update was solved with."""
     iterations: int
     hvps: int
     relative_residual: float
     normal_residual: float
     converged: bool
     seconds: float
+    damping: float = 0.0
+    """The absolute λ the update was solved with (0 for a solve without curvature)."""
+    sigma_max: float | None = None
+    """σ_max of the solved system, estimated for a relative damping or a path, else None."""
     residual_history: list[float] = field(default_factory=list)
     normal_history: list[float] = field(default_factory=list)
     message: str = ""
     status: str = "converged"
     """converged | iteration-limit | float-floor | breakdown | no-solve (first-order)."""
+
+
+@dataclass(kw_only=True)
+class SolverRecord(SolveDiagnostics):
+    """The curvature solve (``name`` is ``none`` for first-order): its settings and diagnostics."""
+
+    name: str
+    curvature: str
     ok: bool = True
     """The returned update is the intended (regularised) one: every status but breakdown."""
-    sigma_max: float | None = None
-    """σ_max of the solved system, estimated by the solve (relative or auto damping)."""
     damping_relative: float | None = None
     """λ / σ_max, when σ_max was estimated."""
     damping_chosen_by: str = "config"

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from gifcli.errors import GifError, ParameterError
+from gifcli.records import SolveDiagnostics
 
 Operator = Callable[[Tensor], Tensor]
 Progress = Callable[[int, float], None]
@@ -72,26 +73,12 @@ _TRY = (
 )
 
 
-@dataclass
-class SolveResult:
-    """What a solve did and how well it did it (module docstring for the definitions)."""
+@dataclass(kw_only=True)
+class SolveResult(SolveDiagnostics):
+    """What a solve did and how well it did it (module docstring for the definitions;
+    ``status``: ``STATUSES``)."""
 
     solver: str
-    iterations: int
-    hvps: int
-    relative_residual: float
-    normal_residual: float
-    converged: bool
-    seconds: float
-    damping: float = 0.0
-    """The absolute ``λ`` solved with (0 for a solve without curvature)."""
-    sigma_max: float | None = None
-    """``σ_max(A)`` estimated for a relative damping or a path, else ``None``."""
-    residual_history: list[float] = field(default_factory=list)
-    normal_history: list[float] = field(default_factory=list)
-    message: str = ""
-    status: str = "converged"
-    """Why the solve stopped (``STATUSES``)."""
 
     @property
     def ok(self) -> bool:
