@@ -104,16 +104,20 @@ def _timed(run, repeats: int = 1) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def measure_rates(
-    model: nn.Module,
-    sample: Split,
-    *,
-    train: TrainConfig,
-    batch_size: int,
-    device: torch.device,
-    curvature: str = "hessian",
-    hvp_mode: str = "double-backward",
-) -> Rates:
+@dataclass(frozen=True)
+class Probe:
+    """How the rates are timed: the training settings (a training step's batch size, momentum,
+    learning rate and weight decay), the batch size of the gradient, forward pass and
+    curvature product, the device, and the curvature and HVP path of the product."""
+
+    train: TrainConfig
+    batch_size: int
+    device: torch.device
+    curvature: str = "hessian"
+    hvp_mode: str = "double-backward"
+
+
+def measure_rates(model: nn.Module, sample: Split, probe: Probe) -> Rates:
     """Time one gradient, one forward pass and one curvature product (by ``hvp_mode``, once
     its batch is cached, as a solve's later products run) over a batch of ``sample``
     (``batch_size``) and ``TIMED_TRAINING_STEPS`` training steps as ``gif train`` takes them
@@ -127,8 +131,9 @@ def measure_rates(
             "removal: no retained training sample is left to measure on or to take the "
             "Hessian sample from; remove fewer samples"
         )
+    train, device = probe.train, probe.device
     params = [p for p in model.parameters() if p.requires_grad]
-    x, y = _batch(sample, batch_size, device)
+    x, y = _batch(sample, probe.batch_size, device)
     train_x, train_y = _batch(sample, train.batch_size, device)
     momenta = [torch.zeros_like(p) for p in params]
 
@@ -140,7 +145,12 @@ def measure_rates(
             model(x)
 
     operator = CurvatureOperator(
-        model=model, x=x, y=y, batch_size=len(y), curvature=curvature, hvp_mode=hvp_mode
+        model=model,
+        x=x,
+        y=y,
+        batch_size=len(y),
+        curvature=probe.curvature,
+        hvp_mode=probe.hvp_mode,
     )
     direction = torch.ones(operator.dim, dtype=operator.dtype, device=operator.device)
 
@@ -180,42 +190,21 @@ def rates_cache() -> Path:
 
 
 def cached_rates(
-    cache: Path | None,
-    model: nn.Module,
-    sample: Split,
-    *,
-    train: TrainConfig,
-    batch_size: int,
-    device: torch.device,
-    curvature: str = "hessian",
-    hvp_mode: str = "double-backward",
+    cache: Path | None, model: nn.Module, sample: Split, probe: Probe
 ) -> tuple[Rates, bool]:
     """``measure_rates``, once per machine and model: the rates ``cache`` holds under this
     device, torch version, model (its class and every parameter's and buffer's shape), input
     shape, batch sizes, curvature and HVP path, else measured now and stored there. Returns
     the rates and whether they came from the cache; ``cache`` None: always measured, nothing
     stored. A cache that cannot be read or written is measured around, never an error."""
-
-    def measure() -> Rates:
-        return measure_rates(
-            model,
-            sample,
-            train=train,
-            batch_size=batch_size,
-            device=device,
-            curvature=curvature,
-            hvp_mode=hvp_mode,
-        )
-
     if cache is None:
-        return measure(), False
-    key = _rates_key(model, sample, train=train, batch_size=batch_size, device=device)
-    key += f"|{curvature}" + (f" {hvp_mode}" if curvature_kind(curvature).takes_hvp_mode else "")
+        return measure_rates(model, sample, probe), False
+    key = _rates_key(model, sample, probe)
     entries = _read_cache(cache)
     try:
         return Rates(**entries[key]), True
     except (KeyError, TypeError):
-        rates = measure()
+        rates = measure_rates(model, sample, probe)
     entries[key] = asdict(rates)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -236,10 +225,10 @@ def _read_cache(cache: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _rates_key(
-    model: nn.Module, sample: Split, *, train: TrainConfig, batch_size: int, device: torch.device
-) -> str:
-    """What the rates depend on: the machine, torch, the model's shape, the batches."""
+def _rates_key(model: nn.Module, sample: Split, probe: Probe) -> str:
+    """What the rates depend on: the machine, torch, the model's shape, the batches, the
+    curvature product."""
+    device = probe.device
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
@@ -251,9 +240,10 @@ def _rates_key(
     described = repr((type(model).__module__, type(model).__qualname__, shapes))
     model_hash = hashlib.sha256(described.encode()).hexdigest()[:16]
     inputs = tuple(sample.inputs.shape[1:])
+    mode = f" {probe.hvp_mode}" if curvature_kind(probe.curvature).takes_hvp_mode else ""
     return (
         f"{device.type}:{machine}|torch {torch.__version__}|{model_hash}|inputs {inputs}|"
-        f"batch {batch_size}|train batch {train.batch_size}"
+        f"batch {probe.batch_size}|train batch {probe.train.batch_size}|{probe.curvature}{mode}"
     )
 
 

@@ -37,6 +37,7 @@ from gifcli.config import (
 from gifcli.cost import (
     FORWARD_PASSES,
     STEP_PASSES,
+    Probe,
     Stages,
     cached_rates,
     cost_record,
@@ -149,10 +150,6 @@ EXTRAPOLATED = 3.0
 quadratic model the step comes from is then used far outside where it was taken."""
 
 
-def _quiet(message: str) -> None:
-    del message
-
-
 def edit(
     model: nn.Module,
     task: Task,
@@ -163,7 +160,7 @@ def edit(
     oracle: nn.Module | None = None,
     progress: ProgressFactory = silent,
     inplace: bool = False,
-    note: Callable[[str], None] = _quiet,
+    note: Callable[[str], None] = lambda message: None,
     rates_cache: Path | None = None,
 ) -> EditResult:
     """Make ``model`` forget ``task``'s removal set on ``data``; nothing is written.
@@ -214,11 +211,13 @@ def edit(
             rates_cache,
             model,
             removal.retained,
-            train=settings.train,
-            batch_size=settings.influence.batch_size,
-            device=device,
-            curvature=settings.influence.curvature,
-            hvp_mode=plan.hvp_mode,
+            Probe(
+                train=settings.train,
+                batch_size=settings.influence.batch_size,
+                device=device,
+                curvature=settings.influence.curvature,
+                hvp_mode=plan.hvp_mode,
+            ),
         )
     influence = settings.influence
     by_gradient = settings.selection.method.endswith("gradients")

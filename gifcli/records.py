@@ -226,13 +226,20 @@ class EditReport:
 
 
 @dataclass
-class EvaluateReport:
-    """``gif evaluate``: one checkpoint's metrics for a task."""
+class CheckpointJudged:
+    """What a report on one saved checkpoint begins with: the task it is judged for, the
+    checkpoint (path and sha256) and the removal set it is judged on."""
 
     task: str
     checkpoint: str
     sha256: str
     removal: str
+
+
+@dataclass
+class EvaluateReport(CheckpointJudged):
+    """``gif evaluate``: one checkpoint's metrics for a task."""
+
     metrics: Metrics
     notes: list[str] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
@@ -285,14 +292,10 @@ class ReferencesRecord:
 
 
 @dataclass
-class AuditReport:
+class AuditReport(CheckpointJudged):
     """``gif audit``: one checkpoint audited; ``retrained``: the same audit of the "out"
     references, each against the others (what retraining scores)."""
 
-    task: str
-    checkpoint: str
-    sha256: str
-    removal: str
     audit: AuditSummary
     retrained: AuditSummary
     references: ReferencesRecord

@@ -13,6 +13,7 @@ from gifcli.cost import (
     FORWARD_PASSES,
     HVP_PASSES,
     STEP_PASSES,
+    Probe,
     Rates,
     Stages,
     cached_rates,
@@ -140,9 +141,8 @@ def test_measuring_the_rates_leaves_the_model_as_it_was():
     ).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sample = TensorSplit(torch.randn(40, 1, 8, 8), torch.arange(40) % 10)
-    rates = measure_rates(
-        model, sample, train=TrainConfig(batch_size=16), batch_size=32, device=torch.device("cpu")
-    )
+    probe = Probe(train=TrainConfig(batch_size=16), batch_size=32, device=torch.device("cpu"))
+    rates = measure_rates(model, sample, probe)
     assert rates.gradient > 0 and rates.forward > 0 and rates.train > 0 and rates.hvp > 0
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -237,15 +237,15 @@ def test_a_broken_or_foreign_cache_is_measured_around(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
     sample = TensorSplit(torch.randn(40, 1, 8, 8), torch.arange(40) % 10)
-    options = {"train": TrainConfig(batch_size=16), "batch_size": 32, "device": torch.device("cpu")}
+    probe = Probe(train=TrainConfig(batch_size=16), batch_size=32, device=torch.device("cpu"))
     cache = tmp_path / "rates.json"
     cache.write_text("{not json")
-    rates, cached = cached_rates(cache, model, sample, **options)
+    rates, cached = cached_rates(cache, model, sample, probe)
     assert not cached and rates.gradient > 0
-    assert cached_rates(cache, model, sample, **options) == (rates, True)
+    assert cached_rates(cache, model, sample, probe) == (rates, True)
     wider = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12)).eval()
-    assert not cached_rates(cache, wider, sample, **options)[1]  # another model: its own
+    assert not cached_rates(cache, wider, sample, probe)[1]  # another model: its own
     assert len(json.loads(cache.read_text())) == 2
     blocked = tmp_path / "file"
     blocked.write_text("")
-    assert not cached_rates(blocked / "rates.json", model, sample, **options)[1]  # unwritable
+    assert not cached_rates(blocked / "rates.json", model, sample, probe)[1]  # unwritable
