@@ -2,8 +2,9 @@
 
 Every solver has the one signature
 
-    solver(matvec, rmatvec, b, *, damping, max_iter, tol, progress=None, **options)
-        -> (x, SolveResult)
+    solver(matvec, rmatvec, b, settings, **options) -> (x, SolveResult)
+
+(``settings``: a ``SolverSettings``, the damping, iteration limit, tolerance and progress hook)
 
 and returns an approximation of
 
@@ -37,10 +38,11 @@ bidiagonalisation (see docs/design.md, solvers).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -101,6 +103,34 @@ def _json_value(value: object) -> object:
     return value
 
 
+@dataclass(frozen=True)
+class SolverSettings:
+    """What every solver is asked: the damping ``λ`` of the least-squares problem, at most
+    ``max_iter`` iterations, the relative tolerance ``tol`` (module docstring) and
+    ``progress(iteration, relative normal residual)`` after each iteration. Checked when
+    made, before any product."""
+
+    damping: float = 0.0
+    max_iter: int = 100
+    tol: float = 1e-6
+    progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        if self.damping < 0 or not math.isfinite(self.damping):
+            raise ParameterError("damping", f"must be a finite number >= 0, got {self.damping}")
+        if self.max_iter < 1:
+            raise ParameterError("max_iter", f"must be >= 1, got {self.max_iter}")
+        if self.tol < 0:
+            raise ParameterError("tol", f"must be >= 0, got {self.tol}")
+
+    def values(self) -> tuple[float, int, float, Progress | None]:
+        """``(damping, max_iter, tol, progress)``."""
+        return self.damping, self.max_iter, self.tol, self.progress
+
+
+Solved = tuple[Tensor, "SolveResult"]
+
+
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -132,106 +162,122 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _check_inputs(b: Tensor, damping: float, max_iter: int, tol: float) -> None:
+def _check_b(b: Tensor) -> None:
     if b.ndim != 1:
         raise ValueError(f"b must be a flat vector, got shape {tuple(b.shape)}")
     if not torch.isfinite(b).all():
         raise GifError("removal gradient: contains NaN or Inf; check the checkpoint and data")
-    if damping < 0 or not math.isfinite(damping):
-        raise ParameterError("damping", f"must be a finite number >= 0, got {damping}")
-    if max_iter < 1:
-        raise ParameterError("max_iter", f"must be >= 1, got {max_iter}")
-    if tol < 0:
-        raise ParameterError("tol", f"must be >= 0, got {tol}")
 
 
-def _finish(
-    name: str,
-    op: _Counted,
-    b: Tensor,
-    x: Tensor,
-    *,
-    damping: float,
-    tol: float,
-    iterations: int,
-    exhausted: bool,
-    started: float,
-    history: tuple[list[float], list[float]],
-    stop: str | None,
-    atb_norm: float,
-    normal_tol: float = 0.0,
-) -> SolveResult:
-    """Evaluate the true residuals of the returned ``x`` (2 products) and fill the result.
+class _Run:
+    """One solve in progress: its products counted (``op``), its clock, its settings and the
+    residual histories its iterations record."""
 
-    ``stop`` is the reason the iteration stopped early (NaN/Inf, divergence), if it did;
-    ``normal_tol`` an absolute bound on the normal residual that also counts as converged.
-    """
-    r = b - op.A(x)
-    normal = _norm(op.At(r) - damping**2 * x)
-    relative = _ratio(_norm(r), _norm(b))
-    if not _finite(relative, normal):
-        stop = stop or f"{name}: the residual of the returned solution is NaN or Inf; {_TRY}"
-    converged = stop is None and (
-        relative <= tol or normal <= tol * atb_norm or normal <= normal_tol
-    )
-    status = (
-        "breakdown"
-        if stop is not None
-        else "converged"
-        if converged
-        else "float-floor"
-        if not exhausted
-        else "iteration-limit"
-    )
-    if stop is not None:
-        message = stop
-    elif converged:
-        message = f"{name}: converged in {iterations} iterations"
-    elif not exhausted:
-        message = (
-            f"{name}: its recurrences reached tol {tol:.1e} after {iterations} iterations, but "
-            f"the returned solution has relative residual {relative:.2e} and relative normal "
-            f"residual {_ratio(normal, atb_norm):.2e}: rounding (a float32 model) limits the "
-            "accuracy; the solution is usable, or use a float64 model or a larger influence.tol"
+    def __init__(
+        self, name: str, matvec: Operator, rmatvec: Operator, b: Tensor, settings: SolverSettings
+    ) -> None:
+        _check_b(b)
+        self.name, self.b, self.settings = name, b, settings
+        self.op = _Counted(matvec, rmatvec)
+        self.started = time.perf_counter()
+        self.history: tuple[list[float], list[float]] = ([], [])
+
+    def at(self, damping: float, history: tuple[list[float], list[float]]) -> _Run:
+        """The same run read at another damping, with that damping's histories (a path's)."""
+        other = copy.copy(self)
+        other.settings, other.history = replace(self.settings, damping=damping), history
+        return other
+
+    def record(self, relative: float, normal_rel: float) -> None:
+        """An iteration's relative residual and relative normal residual, and the progress
+        hook told."""
+        self.history[0].append(relative)
+        self.history[1].append(normal_rel)
+        _report(self.settings.progress, len(self.history[0]), normal_rel)
+
+    def trivial(self, atb: Tensor) -> Solved:
+        """``Aᵀ b = 0``: ``x = 0`` is the (minimum-norm) solution."""
+        return torch.zeros_like(atb), SolveResult(
+            solver=self.name,
+            iterations=0,
+            hvps=self.op.calls,
+            relative_residual=1.0 if _norm(self.b) else 0.0,
+            normal_residual=_norm(atb),
+            converged=True,
+            seconds=time.perf_counter() - self.started,
+            damping=self.settings.damping,
+            message=f"{self.name}: Aᵀb = 0, so x = 0 solves the least-squares problem",
         )
-    else:
-        message = (
-            f"{name}: stopped at max_iter={iterations} with relative residual {relative:.2e} and "
-            f"relative normal residual {_ratio(normal, atb_norm):.2e} (tol {tol:.1e}); "
-            "the iteration limit regularises the update, raise influence.max_iter for a closer "
-            "solve"
+
+    def finish(
+        self,
+        x: Tensor,
+        *,
+        iterations: int,
+        stop: str | None,
+        atb_norm: float,
+        exhausted: bool | None = None,
+        normal_tol: float = 0.0,
+    ) -> Solved:
+        """Evaluate the true residuals of the returned ``x`` (2 products) and fill the result.
+
+        ``stop`` is the reason the iteration stopped early (NaN/Inf, divergence), if it did;
+        ``exhausted``: the iteration limit was reached (default: ``iterations == max_iter``);
+        ``normal_tol`` an absolute bound on the normal residual that also counts as converged.
+        """
+        name, b, op = self.name, self.b, self.op
+        damping, max_iter, tol, _ = self.settings.values()
+        exhausted = iterations == max_iter if exhausted is None else exhausted
+        r = b - op.A(x)
+        normal = _norm(op.At(r) - damping**2 * x)
+        relative = _ratio(_norm(r), _norm(b))
+        if not _finite(relative, normal):
+            stop = stop or f"{name}: the residual of the returned solution is NaN or Inf; {_TRY}"
+        converged = stop is None and (
+            relative <= tol or normal <= tol * atb_norm or normal <= normal_tol
         )
-    return SolveResult(
-        solver=name,
-        iterations=iterations,
-        hvps=op.calls,
-        relative_residual=relative,
-        normal_residual=normal,
-        converged=converged,
-        seconds=time.perf_counter() - started,
-        damping=damping,
-        residual_history=history[0],
-        normal_history=history[1],
-        message=message,
-        status=status,
-    )
-
-
-def _trivial(
-    name: str, b: Tensor, atb: Tensor, op: _Counted, started: float, damping: float
-) -> SolveResult:
-    """``Aᵀ b = 0``: ``x = 0`` is the (minimum-norm) solution."""
-    return SolveResult(
-        solver=name,
-        iterations=0,
-        hvps=op.calls,
-        relative_residual=1.0 if _norm(b) else 0.0,
-        normal_residual=_norm(atb),
-        converged=True,
-        seconds=time.perf_counter() - started,
-        damping=damping,
-        message=f"{name}: Aᵀb = 0, so x = 0 solves the least-squares problem",
-    )
+        status = (
+            "breakdown"
+            if stop is not None
+            else "converged"
+            if converged
+            else "float-floor"
+            if not exhausted
+            else "iteration-limit"
+        )
+        if stop is not None:
+            message = stop
+        elif converged:
+            message = f"{name}: converged in {iterations} iterations"
+        elif not exhausted:
+            message = (
+                f"{name}: its recurrences reached tol {tol:.1e} after {iterations} iterations, "
+                f"but the returned solution has relative residual {relative:.2e} and relative "
+                f"normal residual {_ratio(normal, atb_norm):.2e}: rounding (a float32 model) "
+                "limits the accuracy; the solution is usable, or use a float64 model or a "
+                "larger influence.tol"
+            )
+        else:
+            message = (
+                f"{name}: stopped at max_iter={iterations} with relative residual "
+                f"{relative:.2e} and relative normal residual {_ratio(normal, atb_norm):.2e} "
+                f"(tol {tol:.1e}); the iteration limit regularises the update, raise "
+                "influence.max_iter for a closer solve"
+            )
+        return x, SolveResult(
+            solver=name,
+            iterations=iterations,
+            hvps=op.calls,
+            relative_residual=relative,
+            normal_residual=normal,
+            converged=converged,
+            seconds=time.perf_counter() - self.started,
+            damping=damping,
+            residual_history=self.history[0],
+            normal_history=self.history[1],
+            message=message,
+            status=status,
+        )
 
 
 def _breakdown(name: str, iteration: int, what: str) -> str:
@@ -347,16 +393,7 @@ class _Bidiagonal:
 # --------------------------------------------------------------------------- LSQR
 
 
-def lsqr(
-    matvec: Operator,
-    rmatvec: Operator,
-    b: Tensor,
-    *,
-    damping: float = 0.0,
-    max_iter: int = 100,
-    tol: float = 1e-6,
-    progress: Progress | None = None,
-) -> tuple[Tensor, SolveResult]:
+def lsqr(matvec: Operator, rmatvec: Operator, b: Tensor, settings: SolverSettings) -> Solved:
     """LSQR (Paige & Saunders 1982) for ``min ‖A x − b‖² + λ² ‖x‖²``.
 
     On the Golub-Kahan bidiagonalisation (``_GolubKahan``), ``x_k`` is the damped least-squares
@@ -366,16 +403,14 @@ def lsqr(
     behaviour. The recurrences give ``‖r̄_k‖² = ‖A x_k − b‖² + λ²‖x_k‖²`` and
     ``‖Aᵀr_k − λ²x_k‖ = α|τ|``.
     """
-    _check_inputs(b, damping, max_iter, tol)
-    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
-    bidiagonal = _GolubKahan(op, b)
+    run = _Run("lsqr", matvec, rmatvec, b, settings)
+    damping, max_iter, tol, _ = settings.values()
+    bidiagonal = _GolubKahan(run.op, b)
     atb_norm = bidiagonal.alpha * bidiagonal.beta
     if atb_norm == 0:
-        v = bidiagonal.v
-        return torch.zeros_like(v), _trivial("lsqr", b, v * bidiagonal.beta, op, started, damping)
+        return run.trivial(bidiagonal.v * bidiagonal.beta)
     w, x = bidiagonal.v.clone(), torch.zeros_like(bidiagonal.v)
     phibar, rhobar, damped_res2 = bidiagonal.beta, bidiagonal.alpha, 0.0
-    history: tuple[list[float], list[float]] = ([], [])
     stop, iteration = None, 0
     for iteration in range(1, max_iter + 1):
         beta, alpha = bidiagonal.step()
@@ -396,27 +431,11 @@ def lsqr(
         residual = math.sqrt(max(phibar**2 + damped_res2 - damping**2 * _norm(x) ** 2, 0.0))
         normal = alpha * abs(sn * phi)
         relative, normal_rel = _ratio(residual, _norm(b)), normal / atb_norm
-        history[0].append(relative)
-        history[1].append(normal_rel)
-        _report(progress, iteration, normal_rel)
+        run.record(relative, normal_rel)
         stop = _step_check("lsqr", iteration, relative, normal_rel)
         if stop or relative <= tol or normal_rel <= tol or beta == 0 or alpha == 0:
             break
-    result = _finish(
-        "lsqr",
-        op,
-        b,
-        x,
-        damping=damping,
-        tol=tol,
-        iterations=iteration,
-        exhausted=iteration == max_iter,
-        started=started,
-        history=history,
-        stop=stop,
-        atb_norm=atb_norm,
-    )
-    return x, result
+    return run.finish(x, iterations=iteration, stop=stop, atb_norm=atb_norm)
 
 
 # --------------------------------------------------------------------------- LSQR path
@@ -557,11 +576,12 @@ def lsqr_path(
     Each record's ``residual_history``/``normal_history`` are LSQR's at that ``λ`` after each
     iteration, from the small problems ``B_1..B_k``.
     """
-    _check_inputs(b, 0.0, max_iter, tol)
+    settings = SolverSettings(max_iter=max_iter, tol=tol)  # checked before any product
     values = list(damping_grid(*DAMPING_GRID) if grid is None else grid)
     if not values or any(v < 0 or not math.isfinite(v) for v in values):
         raise GifError(f"damping grid: needs finite values >= 0, got {values}")
-    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
+    solve = _Run("lsqr", matvec, rmatvec, b, settings)
+    started, op = solve.started, solve.op
     run = _GolubKahan(op, b)
     atb_norm, n = run.alpha * run.beta, run.v.numel()
     steps = _basis_steps(max_iter, max_basis_bytes, n, b.dtype)
@@ -605,20 +625,8 @@ def lsqr_path(
     capped = steps < max_iter and k == steps
     for i, record in enumerate(records):
         if verify and atb_norm:
-            checked = _finish(
-                "lsqr",
-                op,
-                b,
-                path.solution(i),
-                damping=record.damping,
-                tol=tol,
-                iterations=k,
-                exhausted=k == max_iter,
-                started=started,
-                history=(record.residual_history, record.normal_history),
-                stop=stop,
-                atb_norm=atb_norm,
-            )
+            at = solve.at(record.damping, (record.residual_history, record.normal_history))
+            _, checked = at.finish(path.solution(i), iterations=k, stop=stop, atb_norm=atb_norm)
             checked.sigma_max, records[i] = record.sigma_max, checked
         else:
             record.message = _path_message(record, stop, k, max_iter, tol, atb_norm, capped)
@@ -764,7 +772,7 @@ def solve(
     tol: float,
     progress: Progress | None = None,
     **options: object,
-) -> tuple[Tensor, SolveResult]:
+) -> Solved:
     """Solve with ``SOLVERS[name]``; ``relative=True``: ``damping`` is ``λ / σ_max(A)``.
 
     A relative damping takes ``σ_max`` from the bidiagonalisation of the solve itself with
@@ -774,18 +782,29 @@ def solve(
     """
     if name not in SOLVERS:
         raise ParameterError("solver", f"unknown {name!r}; use one of {', '.join(SOLVERS)}")
-    settings = {"max_iter": max_iter, "tol": tol, "progress": progress}
+    settings = SolverSettings(
+        damping=0.0 if relative else damping, max_iter=max_iter, tol=tol, progress=progress
+    )
     if not relative:
-        return SOLVERS[name](matvec, rmatvec, b, damping=damping, **settings, **options)
+        return SOLVERS[name](matvec, rmatvec, b, settings, **options)
     relative_damping(damping, 0.0)  # validates the value before any product
     if name == "lsqr":
-        path = lsqr_path(matvec, rmatvec, b, grid=[damping], verify=True, **settings)
+        path = lsqr_path(
+            matvec,
+            rmatvec,
+            b,
+            grid=[damping],
+            verify=True,
+            max_iter=max_iter,
+            tol=tol,
+            progress=progress,
+        )
         return path.solution(0), path.records[0]
-    _check_inputs(b, damping, max_iter, tol)
+    _check_b(b)
     started = time.perf_counter()
     sigma_max, products = estimate_sigma_max(matvec, rmatvec, b)
     lam = relative_damping(damping, sigma_max)
-    x, result = SOLVERS[name](matvec, rmatvec, b, damping=lam, **settings, **options)
+    x, result = SOLVERS[name](matvec, rmatvec, b, replace(settings, damping=lam), **options)
     result.hvps += products
     result.seconds = time.perf_counter() - started
     result.sigma_max = sigma_max
@@ -799,31 +818,21 @@ def solve(
 # --------------------------------------------------------------------------- CG (CGLS)
 
 
-def cg(
-    matvec: Operator,
-    rmatvec: Operator,
-    b: Tensor,
-    *,
-    damping: float = 0.0,
-    max_iter: int = 100,
-    tol: float = 1e-6,
-    progress: Progress | None = None,
-) -> tuple[Tensor, SolveResult]:
+def cg(matvec: Operator, rmatvec: Operator, b: Tensor, settings: SolverSettings) -> Solved:
     """Conjugate gradients on the normal equations ``(AᵀA + λ²I) x = Aᵀ b`` (CGLS).
 
     Keeps ``r = b − A x`` and ``s = Aᵀ r − λ² x`` by recurrence instead of forming ``AᵀA``:
     ``q = A p``, ``α = ‖s‖² / (‖q‖² + λ²‖p‖²)``, ``x += α p``, ``r −= α q``,
     ``s = Aᵀ r − λ² x``, ``p = s + (‖s_new‖²/‖s‖²) p``. Two products per iteration, one to start.
     """
-    _check_inputs(b, damping, max_iter, tol)
-    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
-    r = b.clone()
+    run = _Run("cg", matvec, rmatvec, b, settings)
+    damping, max_iter, tol, _ = settings.values()
+    op, r = run.op, b.clone()
     s = op.At(r)
     atb_norm, b_norm = _norm(s), _norm(b)
     if atb_norm == 0:
-        return torch.zeros_like(s), _trivial("cg", b, s, op, started, damping)
+        return run.trivial(s)
     x, p, gamma = torch.zeros_like(s), s.clone(), atb_norm**2
-    history: tuple[list[float], list[float]] = ([], [])
     stop, iteration = None, 0
     for iteration in range(1, max_iter + 1):
         q = op.A(p)
@@ -835,28 +844,12 @@ def cg(
         s = op.At(r) - damping**2 * x
         gamma_next = _norm(s) ** 2
         relative, normal_rel = _ratio(_norm(r), b_norm), math.sqrt(gamma_next) / atb_norm
-        history[0].append(relative)
-        history[1].append(normal_rel)
-        _report(progress, iteration, normal_rel)
+        run.record(relative, normal_rel)
         stop = _step_check("cg", iteration, relative, normal_rel)
         if stop or relative <= tol or normal_rel <= tol:
             break
         p, gamma = s + (gamma_next / gamma) * p, gamma_next
-    result = _finish(
-        "cg",
-        op,
-        b,
-        x,
-        damping=damping,
-        tol=tol,
-        iterations=iteration,
-        exhausted=iteration == max_iter,
-        started=started,
-        history=history,
-        stop=stop,
-        atb_norm=atb_norm,
-    )
-    return x, result
+    return run.finish(x, iterations=iteration, stop=stop, atb_norm=atb_norm)
 
 
 # --------------------------------------------------------------------------- Neumann
@@ -866,11 +859,8 @@ def neumann(
     matvec: Operator,
     rmatvec: Operator,
     b: Tensor,
+    settings: SolverSettings,
     *,
-    damping: float = 0.0,
-    max_iter: int = 200,
-    tol: float = 1e-6,
-    progress: Progress | None = None,
     scale: float = 1.0,
     scale_step: float = 0.5,
     max_restarts: int = 1000,
@@ -892,17 +882,17 @@ def neumann(
     The iterate difference is the normal residual: ``x_{k+1} − x_k = (Aᵀ(b − A x_k) − λ²x_k)/c²``,
     so the diagnostics cost nothing extra. ``max_iter`` bounds the iterations of each attempt
     (the paper's ``max_iter``), ``max_restarts`` the attempts; ``iterations``, ``hvps`` and the
-    histories count all attempts. Defaults ``scale=1``,
-    ``scale_step=0.5`` and ``max_iter=200`` are the defaults of the paper's code (its
-    ``normalizer``, ``step`` and ``max_iter``). Two products per iteration, one to start; a
-    restart reuses ``Aᵀ b``.
+    histories count all attempts. The defaults ``scale=1`` and ``scale_step=0.5`` are the
+    paper's code's (its ``normalizer`` and ``step``; its ``max_iter`` is 200). Two products per
+    iteration, one to start; a restart reuses ``Aᵀ b``.
 
     Besides ``tol`` (relative), ``absolute_tol`` is the paper's stopping rule: stop, converged,
     once ``‖x_{k+1} − x_k‖ ≤ absolute_tol · √k`` (``k = len(x)``: a root-mean-square change per
     coordinate below ``absolute_tol``; the paper's ``tol · √|t|``). Being absolute, it depends
     on the scale of the loss and on ``c``; None (the default) leaves it off.
     """
-    _check_inputs(b, damping, max_iter, tol)
+    run = _Run("neumann", matvec, rmatvec, b, settings)
+    damping, max_iter, tol, _ = settings.values()
     if not (_finite(scale, scale_step) and scale > 0 and scale_step > 0):
         raise ParameterError("neumann", "scale and scale_step must be finite numbers > 0")
     if max_restarts < 0:
@@ -911,14 +901,13 @@ def neumann(
         raise ParameterError(
             "neumann.absolute_tol", f"must be a finite number > 0 or null, got {absolute_tol}"
         )
-    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
+    op, history = run.op, run.history
     atb = op.At(b)
     atb_norm, b_norm = _norm(atb), _norm(b)
     if atb_norm == 0:
-        return torch.zeros_like(atb), _trivial("neumann", b, atb, op, started, damping)
+        return run.trivial(atb)
     noise = math.sqrt(torch.finfo(b.dtype).eps)
     small_step = 0.0 if absolute_tol is None else absolute_tol * math.sqrt(atb.numel())
-    history: tuple[list[float], list[float]] = ([], [])
 
     def attempt(c: float) -> tuple[Tensor, str | None, bool]:
         """One attempt at scale ``c``: ``(x, stop reason, grew)``; ``grew`` asks for a restart."""
@@ -930,9 +919,7 @@ def neumann(
             step = (op.At(r) - damping**2 * x) / c**2  # x_{k+1} − x_k
             diff = _norm(step)
             relative, normal_rel = _ratio(_norm(r), b_norm), diff * c**2 / atb_norm
-            history[0].append(relative)
-            history[1].append(normal_rel)
-            _report(progress, len(history[0]), normal_rel)
+            run.record(relative, normal_rel)
             if not _finite(relative, normal_rel):
                 return x, _breakdown("neumann", len(history[0]), "NaN/Inf in the products"), False
             if relative <= tol or normal_rel <= tol or diff <= small_step:
@@ -957,19 +944,12 @@ def neumann(
             break
         c += scale_step
     iterations = len(history[0])
-    result = _finish(
-        "neumann",
-        op,
-        b,
+    x, result = run.finish(
         x,
-        damping=damping,
-        tol=tol,
         iterations=iterations,
-        exhausted=iterations - before >= max_iter,
-        started=started,
-        history=history,
         stop=stop,
         atb_norm=atb_norm,
+        exhausted=iterations - before >= max_iter,
         normal_tol=small_step * c**2,  # the iterate difference is the normal residual / c²
     )
     if stop is None:
@@ -980,16 +960,7 @@ def neumann(
 # --------------------------------------------------------------------------- exact
 
 
-def exact(
-    matvec: Operator,
-    rmatvec: Operator,
-    b: Tensor,
-    *,
-    damping: float = 0.0,
-    max_iter: int = 1,
-    tol: float = 1e-6,
-    progress: Progress | None = None,
-) -> tuple[Tensor, SolveResult]:
+def exact(matvec: Operator, rmatvec: Operator, b: Tensor, settings: SolverSettings) -> Solved:
     """Dense float64 solve through the explicitly built matrix, for tiny models and tests.
 
     ``A`` (``[n, k]``) is built column by column as ``A e_j`` (``k`` products in ``b``'s dtype,
@@ -1000,11 +971,12 @@ def exact(
 
     where for ``λ = 0`` the singular values ``σ ≤ max(n, k) · eps · σ_max`` (eps of ``b``'s
     dtype) count as zero: the minimum-norm least-squares solution, as ``torch.linalg.pinv``.
-    ``max_iter`` and ``tol`` are unused (the signature is shared); ``progress`` is called once
-    per column. Refuses matrices over ``MAX_DENSE_ENTRIES`` entries.
+    ``settings.max_iter`` is unused (the signature is shared); ``progress`` is called once per
+    column. Refuses matrices over ``MAX_DENSE_ENTRIES`` entries.
     """
-    _check_inputs(b, damping, 1, tol)
-    started, op = time.perf_counter(), _Counted(matvec, rmatvec)
+    run = _Run("exact", matvec, rmatvec, b, settings)
+    damping, _, _, progress = settings.values()
+    started, op = run.started, run.op
     atb = op.At(b)
     n, k = b.numel(), atb.numel()
     if n * k > MAX_DENSE_ENTRIES:
@@ -1084,7 +1056,7 @@ def _svd_gains(sigma: Tensor, dampings: Tensor, cutoff: float) -> Tensor:
     return torch.where(lam > 0, sigma / (sigma**2 + lam**2), inverse)
 
 
-SOLVERS: dict[str, Callable[..., tuple[Tensor, SolveResult]]] = {
+SOLVERS: dict[str, Callable[..., Solved]] = {
     "lsqr": lsqr,
     "cg": cg,
     "neumann": neumann,

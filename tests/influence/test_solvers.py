@@ -7,7 +7,7 @@ import torch
 
 from gifcli.errors import GifError
 from gifcli.influence import solvers
-from gifcli.influence.solvers import SOLVERS, SolveResult
+from gifcli.influence.solvers import SOLVERS, SolveResult, SolverSettings
 
 TOLERANCE = {"exact": 1e-8, "lsqr": 1e-4, "cg": 1e-4, "neumann": 1e-3}
 
@@ -23,8 +23,12 @@ def _system(seed=0, rows=30, cols=12, rank=8):
 
 
 def _solve(name, a, b, **kwargs):
-    options = {"damping": 0.0, "max_iter": 500, "tol": 1e-10} | kwargs
-    return SOLVERS[name](lambda x: a @ x, lambda y: a.T @ y, b, **options)
+    """``SOLVERS[name]`` on the matrix ``a``: the shared settings from ``kwargs``, the rest as
+    the solver's own options."""
+    shared = {"max_iter": 500, "tol": 1e-10} | {
+        key: kwargs.pop(key) for key in ("damping", "max_iter", "tol", "progress") if key in kwargs
+    }
+    return SOLVERS[name](lambda x: a @ x, lambda y: a.T @ y, b, SolverSettings(**shared), **kwargs)
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.3])
@@ -52,7 +56,8 @@ def test_iterative_solvers_count_two_products_per_iteration(name):
         calls.append("At")
         return a.T @ y
 
-    _, result = SOLVERS[name](matvec, rmatvec, b, damping=0.1, max_iter=5, tol=0.0)
+    settings = SolverSettings(damping=0.1, max_iter=5, tol=0.0)
+    _, result = SOLVERS[name](matvec, rmatvec, b, settings)
     assert result.hvps == len(calls) == 1 + 2 * result.iterations + 2  # start, iterations, check
     assert len(result.residual_history) == len(result.normal_history) == result.iterations
 
@@ -74,7 +79,8 @@ def test_nan_products_stop_the_solve_with_advice(name):
         calls["n"] += 1
         return a @ x if calls["n"] < 3 else torch.full((a.shape[0],), float("nan"))
 
-    x, result = SOLVERS[name](poisoned, lambda y: a.T @ y, b, damping=0.1, max_iter=50, tol=1e-8)
+    settings = SolverSettings(damping=0.1, max_iter=50, tol=1e-8)
+    x, result = SOLVERS[name](poisoned, lambda y: a.T @ y, b, settings)
     assert not result.converged
     assert "NaN" in result.message and "damping" in result.message
     assert json.dumps(result.to_dict(), allow_nan=False)
