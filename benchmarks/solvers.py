@@ -190,7 +190,7 @@ def gif(
         max_iter=max_iter,
         tol=tol,
         solver_options=options or None,
-    )
+    ).fixed()
 
 
 # --------------------------------------------------------------------------- 1. solvers
