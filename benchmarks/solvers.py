@@ -521,9 +521,9 @@ def reorthogonalized_path(ctx: dict, operator: CurvatureOperator, max_iter: int)
     """GIF's regularisation path as ``estimate_path`` runs it (default grid, ``tol`` 0), with
     the Krylov basis kept orthonormal (``lsqr_path(reorthogonalize=True)``)."""
     kind = estimator("gif")
-    matvec, rmatvec, b, to_update = kind.system(operator, ctx["gradient"], ctx["target"], None)
-    path = lsqr_path(matvec, rmatvec, b, max_iter=max_iter, tol=0.0, reorthogonalize=True)
-    return UpdatePath.along("gif", path, to_update)
+    system = kind.system(operator, ctx["gradient"], ctx["target"], None)
+    path = lsqr_path(*system.products, max_iter=max_iter, tol=0.0, reorthogonalize=True)
+    return UpdatePath.along("gif", path, system.to_update)
 
 
 def bench_path(ctx: dict, args: argparse.Namespace, operator: CurvatureOperator) -> dict:

@@ -76,8 +76,23 @@ from gifcli.influence.solvers import (
 )
 
 Progress = Callable[[int, float], None]
-_System = tuple[Callable, Callable, Tensor, Callable[[Tensor], Tensor]]
-"""``(A x, Aᵀ y, b, x ↦ Δ)`` of one linear system."""
+
+
+@dataclass(frozen=True)
+class System:
+    """One linear system ``A x ≈ b`` of an estimator: ``A`` by its products (``matvec``:
+    ``x ↦ A x``, ``rmatvec``: ``y ↦ Aᵀ y``), the right-hand side ``b``, and ``to_update``, the
+    map of a solution ``x`` to the full-size ``Δ``."""
+
+    matvec: Callable[[Tensor], Tensor]
+    rmatvec: Callable[[Tensor], Tensor]
+    b: Tensor
+    to_update: Callable[[Tensor], Tensor]
+
+    @property
+    def products(self) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], Tensor]:
+        """``(matvec, rmatvec, b)``, a solver's first three arguments."""
+        return self.matvec, self.rmatvec, self.b
 
 
 class Estimator:
@@ -99,11 +114,12 @@ class Estimator:
 
     def system(
         self, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
-    ) -> _System:
+    ) -> System:
         """The square system ``H[s, s] x = g_s`` over the free coordinates ``s``."""
         free_index = self.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
         restricted = _restrict(operator, free_index).matvec
-        return restricted, restricted, g[free_index], self._placed(free_index, target, operator)
+        placed = self._placed(free_index, target, operator)
+        return System(restricted, restricted, g[free_index], placed)
 
     def _placed(
         self, index: Tensor, target: Tensor, operator: LinearOperator
@@ -158,11 +174,11 @@ class GIF(Estimator):
 
     def system(
         self, operator: LinearOperator, g: Tensor, target: Tensor, scope_flat: Tensor | None
-    ) -> _System:
+    ) -> System:
         h, dim = operator.matvec, operator.dim
         index = target.nonzero().squeeze(1)
         place = lambda x: scatter(x, index, dim)  # noqa: E731 - the map back to Δ
-        return lambda x: h(place(x)), lambda y: h(y)[index], g, place
+        return System(lambda x: h(place(x)), lambda y: h(y)[index], g, place)
 
 
 class FIF(Estimator):
@@ -404,7 +420,7 @@ def estimate_update(
         )
     fixed = [chosen]
 
-    def damped(system: Callable[[float], _System]) -> tuple[Tensor, SolveResult]:
+    def damped(system: Callable[[float], System]) -> tuple[Tensor, SolveResult]:
         x, result = _damped_solve(
             system,
             weight_decay=weight_decay,
@@ -419,11 +435,11 @@ def estimate_update(
 
     if kind.solves == 1:
 
-        def system(shift: float) -> _System:
+        def system(shift: float) -> System:
             return kind.system(shifted(operator, shift), g, target, scope_flat)
 
         x, result = damped(system)
-        return UpdatePath.of(method, system(weight_decay)[3](x), result)
+        return UpdatePath.of(method, system(weight_decay).to_update(x), result)
     if removal_operator is None:
         raise ParameterError("method", "'sif' needs the removal set's curvature H_U")
     free_index = kind.free(scope_flat, target, operator.dim).nonzero().squeeze(1)
@@ -438,7 +454,7 @@ def estimate_update(
 
 
 def _damped_solve(
-    system: Callable[[float], _System],
+    system: Callable[[float], System],
     *,
     weight_decay: float,
     damping: FixedDamping,
@@ -452,17 +468,13 @@ def _damped_solve(
     arguments."""
     value = damping.value
     if not damping.shift:
-        matvec, rmatvec, b, _ = system(weight_decay)
-        return solve(
-            solver, matvec, rmatvec, b, damping=value, relative=damping.relative, **settings
-        )
+        products = system(weight_decay).products
+        return solve(solver, *products, damping=value, relative=damping.relative, **settings)
     started, sigma_max, extra, lam = time.perf_counter(), None, 0, value
     if damping.relative and value > 0:
-        matvec, rmatvec, b, _ = system(weight_decay)
-        sigma_max, extra = estimate_sigma_max(matvec, rmatvec, b)
+        sigma_max, extra = estimate_sigma_max(*system(weight_decay).products)
         lam = relative_damping(value, sigma_max)
-    matvec, rmatvec, b, _ = system(weight_decay + lam)
-    x, result = solve(solver, matvec, rmatvec, b, damping=0.0, **settings)
+    x, result = solve(solver, *system(weight_decay + lam).products, damping=0.0, **settings)
     result.damping, result.sigma_max = lam, sigma_max
     result.hvps += extra
     result.seconds = time.perf_counter() - started
@@ -560,18 +572,16 @@ def estimate_path(
     g = gradient.to(operator.device, operator.dtype)
     target = target_flat.to(g.device)
     curvature = shifted(operator, weight_decay)
-    matvec, rmatvec, b, to_update = kind.system(curvature, g, target, scope_flat)
+    system = kind.system(curvature, g, target, scope_flat)
     path = lsqr_path(
-        matvec,
-        rmatvec,
-        b,
+        *system.products,
         grid=grid,
         relative=relative,
         max_iter=max_iter,
         tol=tol,
         progress=progress,
     )
-    return UpdatePath.along(method, path, to_update)
+    return UpdatePath.along(method, path, system.to_update)
 
 
 def _scope(
@@ -609,7 +619,7 @@ def _second_order(
     removal: LinearOperator,
     g: Tensor,
     p: float | None,
-    damped: Callable[[Callable[[float], _System]], tuple[Tensor, SolveResult]],
+    damped: Callable[[Callable[[float], System]], tuple[Tensor, SolveResult]],
 ) -> tuple[Tensor, SolveResult]:
     """``sif``, the second-order group influence of Basu et al. (ICML 2020):
 
@@ -632,10 +642,10 @@ def _second_order(
     started = time.perf_counter()
     full_risk = Combination([(1 - p, operator), (p, removal)])
 
-    def system(b: Tensor) -> Callable[[float], _System]:
-        def of(shift: float) -> _System:
+    def system(b: Tensor) -> Callable[[float], System]:
+        def of(shift: float) -> System:
             h_s = shifted(full_risk, shift).matvec  # symmetric: its own transpose
-            return h_s, h_s, b, lambda x: x
+            return System(h_s, h_s, b, lambda x: x)
 
         return of
 

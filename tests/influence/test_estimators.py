@@ -549,8 +549,8 @@ def _reorthogonalized_path(problem, method, target, operators, max_iter):
     ``reorthogonalize``), on the estimator's own system."""
     hessian, _ = operators
     system = estimator(method).system(hessian, problem.removal_gradient, target, None)
-    path = lsqr_path(*system[:3], max_iter=max_iter, tol=0.0, reorthogonalize=True)
-    return UpdatePath.along(method, path, system[3])
+    path = lsqr_path(*system.products, max_iter=max_iter, tol=0.0, reorthogonalize=True)
+    return UpdatePath.along(method, path, system.to_update)
 
 
 @pytest.mark.parametrize("method", PATH_METHODS)
