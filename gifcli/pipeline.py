@@ -239,17 +239,7 @@ def edit(
         path = solve_path(model, removal, sample, gradient, target, settings, plan, progress)
     stages.passes["solve"] = path.record(0).hvps * len(sample) * rates.hvp_passes
 
-    if settings.update.recalibrate_batchnorm and tracks_batch_statistics(model):
-        # every edited model is scored with its own statistics
-        calibrate = functools.partial(
-            recalibrate_batchnorm, x=sample.x, batch_size=influence.batch_size
-        )
-        removal = replace(
-            removal,
-            objective=recalibrating(removal.objective, sample.x, batch_size=influence.batch_size),
-        )
-    else:
-        calibrate = None
+    removal, calibrate = recalibrated(model, removal, sample, settings)
     theta = flatten_params(model)
     target_norm = float(theta[target].norm())
     with stages.timed("step_search", model=model, forward_passes=rates.forward_passes):
@@ -272,7 +262,6 @@ def edit(
     check_edited_outputs(model, data.test, device, scale=scale, searched=bool(sweep))
 
     changed = int((new_theta != theta).sum())
-    delta_norm = float(delta.norm())
     report = EditReport(
         task=task.name,
         method=influence.method,
@@ -292,13 +281,12 @@ def edit(
         ),
         params=ParamsRecord(total=theta.numel(), changed=changed, fraction=changed / theta.numel()),
         solver=solver_record(solve, influence, settings.weight_decay),
-        update=UpdateRecord(
-            scale=scale,
+        update=update_record(
+            delta,
+            scale,
+            sweep,
+            target_norm=target_norm,
             chosen_by="validation" if sweep else "config" if given_scale else "task",
-            norm=scale * delta_norm,
-            raw_norm=delta_norm,
-            relative_norm=scale * delta_norm / target_norm if target_norm else None,
-            sweep=[point.to_dict() for point in sweep],
         ),
         metrics=metrics,
         cost=cost_record(
@@ -321,6 +309,42 @@ def edit(
         solve=solve,
         sweep=sweep,
         report=report,
+    )
+
+
+def recalibrated(
+    model: nn.Module, removal: RemovalSet, sample: Split, settings: Settings
+) -> tuple[RemovalSet, Callable[[nn.Module], None] | None]:
+    """With ``update.recalibrate_batchnorm`` and a model whose BatchNorm tracks statistics:
+    the removal set whose validation objective scores each edited model with its statistics
+    re-estimated on the Hessian sample, and the recalibration of the final model; else both
+    as they are (and None)."""
+    if not (settings.update.recalibrate_batchnorm and tracks_batch_statistics(model)):
+        return removal, None
+    batch_size = settings.influence.batch_size
+    objective = recalibrating(removal.objective, sample.x, batch_size=batch_size)
+    calibrate = functools.partial(recalibrate_batchnorm, x=sample.x, batch_size=batch_size)
+    return replace(removal, objective=objective), calibrate
+
+
+def update_record(
+    delta: torch.Tensor,
+    scale: float,
+    sweep: list[SweepPoint],
+    *,
+    target_norm: float,
+    chosen_by: str,
+) -> UpdateRecord:
+    """The step taken: its scale and who chose it, its length (raw, scaled and relative to
+    ``|θ̂_t|``) and the validation sweep."""
+    delta_norm = float(delta.norm())
+    return UpdateRecord(
+        scale=scale,
+        chosen_by=chosen_by,
+        norm=scale * delta_norm,
+        raw_norm=delta_norm,
+        relative_norm=scale * delta_norm / target_norm if target_norm else None,
+        sweep=[point.to_dict() for point in sweep],
     )
 
 
