@@ -68,14 +68,13 @@ from gifcli.influence.solvers import (
     SIGMA_STEPS,
     SOLVERS,
     PathResult,
+    Progress,
     SolveResult,
     estimate_sigma_max,
     lsqr_path,
     relative_damping,
     solve,
 )
-
-Progress = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
