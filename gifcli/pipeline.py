@@ -236,7 +236,7 @@ def edit(
     stages.passes["removal_gradient"] = _gradient_passes(settings, removal, retained)
     sample = hessian_sample(removal.retained, size=influence.hessian_samples, seed=settings.seed)
     with stages.timed("solve"):
-        path = solve_path(model, removal, sample, gradient, target, settings, plan, progress)
+        path = solve_path(model, removal, sample, gradient, target, plan, progress)
     stages.passes["solve"] = path.record(0).hvps * len(sample) * rates.hvp_passes
 
     removal, calibrate = recalibrated(model, removal, sample, settings)
@@ -548,7 +548,6 @@ def solve_path(
     sample: Split,
     gradient: torch.Tensor,
     target: torch.Tensor,
-    settings: Settings,
     plan: Plan,
     progress: ProgressFactory,
 ) -> UpdatePath:
@@ -559,6 +558,7 @@ def solve_path(
     Each rank streams its share of the Hessian sample and of the removal set; the engine
     all-reduces every product.
     """
+    settings = plan.settings
     influence = settings.influence
     mine = distributed.shard(len(removal.x))
     local = sample.subset(distributed.shard(len(sample)))

@@ -566,6 +566,8 @@ def estimate_path(
     length (``|t|`` for gif and fif, ``|s|`` for pif and if), 4 bytes each in float32.
     """
     kind = estimator(method)
+    if not kind.solves:
+        raise ParameterError("damping", f"{method!r} makes no solve, so it has no damping path")
     _check_path(method, "lsqr")
     _check(kind, operator, gradient, target_flat, "lsqr")
     g = gradient.to(operator.device, operator.dtype)

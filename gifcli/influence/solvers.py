@@ -580,8 +580,8 @@ def lsqr_path(
     values = list(damping_grid(*DAMPING_GRID) if grid is None else grid)
     if not values or any(v < 0 or not math.isfinite(v) for v in values):
         raise GifError(f"damping grid: needs finite values >= 0, got {values}")
-    solve = _Run("lsqr", matvec, rmatvec, b, settings)
-    started, op = solve.started, solve.op
+    tracked = _Run("lsqr", matvec, rmatvec, b, settings)
+    started, op = tracked.started, tracked.op
     run = _GolubKahan(op, b)
     atb_norm, n = run.alpha * run.beta, run.v.numel()
     steps = _basis_steps(max_iter, max_basis_bytes, n, b.dtype)
@@ -625,7 +625,7 @@ def lsqr_path(
     capped = steps < max_iter and k == steps
     for i, record in enumerate(records):
         if verify and atb_norm:
-            at = solve.at(record.damping, (record.residual_history, record.normal_history))
+            at = tracked.at(record.damping, (record.residual_history, record.normal_history))
             _, checked = at.finish(path.solution(i), iterations=k, stop=stop, atb_norm=atb_norm)
             checked.sigma_max, records[i] = record.sigma_max, checked
         else:

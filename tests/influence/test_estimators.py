@@ -637,6 +637,8 @@ def test_auto_damping_returns_the_path_and_needs_lsqr(mlp, mlp_operators):
     with pytest.raises(GifError, match="'auto' or a number"):
         estimate_update(method="gif", solver="lsqr", **common | {"damping": "fast"})
     first_order, _ = estimate_update(method="first-order", solver="lsqr", **common).fixed()
+    with pytest.raises(GifError, match="no damping path"):
+        estimate_path(method="first-order", **{k: common[k] for k in common if k != "damping"})
     assert torch.is_tensor(first_order)
 
 
